@@ -1,0 +1,692 @@
+"""Public functions: validation, namespace inference and dispatch.
+
+Each function flattens the tree, checks every leaf (naming the offending one
+by its pytree path), picks the implementation, and rebuilds the tree. The
+arithmetic lives in :mod:`gradclip._core` (the generic array-API reference)
+or in a backend fast path registered in ``_FAST_PATHS``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import _compat, _core
+from ._norms import parse_ord
+from ._stats import ClipStats
+from ._tree import Flat, flatten
+
+__all__ = [
+    "clip_by_block_rms",
+    "clip_by_global_norm",
+    "clip_by_global_norm_",
+    "clip_by_norm",
+    "clip_by_norm_",
+    "clip_by_value",
+    "clip_by_value_",
+    "global_norm",
+    "leaf_norms",
+]
+
+NONFINITE = ("propagate", "raise", "zero", "skip")
+
+# backend name -> module implementing the functions of ``_core`` faster.
+# Later work registers the NumPy, JAX and CuPy fast paths here; a module is
+# imported only when a tree of that backend is clipped.
+_FAST_PATHS: dict[str, str] = {}
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    flat: Flat
+    xp: Any  # None for a tree with no array leaves
+    backend: str
+
+
+def _describe(x: Any) -> str:
+    return type(x).__module__.split(".")[0] + "." + type(x).__qualname__
+
+
+def _prepare(tree: Any, fn: str, *, inplace: bool = False) -> _Prepared:
+    """Flatten ``tree`` and check every leaf before anything is computed or written."""
+    flat = flatten(tree)
+    xp: Any = None
+    backend = ""
+    first = ""
+    where: Any = None
+    for path, x in zip(flat.paths, flat.leaves, strict=True):
+        if not _compat.is_array(x):
+            raise TypeError(f"{fn}: leaf {path} is a {_describe(x)}, not an array")
+        leaf_xp = _compat.namespace(x)
+        name = _compat.backend_name(leaf_xp)
+        if xp is None:
+            xp, backend, first, where = leaf_xp, name, path, _compat.device_key(x)
+        elif name != backend:
+            raise TypeError(
+                f"{fn}: leaf {path} is a {name} array but leaf {first} is a {backend} array; "
+                "one call clips arrays of one library"
+            )
+        if _compat.dtype_info(leaf_xp, x.dtype) is None:
+            raise TypeError(
+                f"{fn}: leaf {path} has dtype {x.dtype}; gradients must be floating point "
+                "(float16, bfloat16, float32, float64 or complex)"
+            )
+        key = _compat.device_key(x)
+        if key is not None and where is not None and key != where:
+            raise ValueError(
+                f"{fn}: leaf {path} is on {_fmt_device(key)} but leaf {first} is on "
+                f"{_fmt_device(where)}; move them to one device first"
+            )
+        if inplace:
+            if name in _compat.IMMUTABLE_BACKENDS:
+                raise TypeError(
+                    f"{fn}: leaf {path} is a {name} array, which cannot be modified in place; "
+                    f"use the functional form {fn.rstrip('_')}, which returns new arrays"
+                )
+            problem = _compat.writable_problem(x)
+            if problem is not None:
+                raise ValueError(f"{fn}: leaf {path} {problem}; it cannot be clipped in place")
+    return _Prepared(flat, xp, backend)
+
+
+def _fmt_device(key: Any) -> str:
+    if isinstance(key, frozenset):
+        return ", ".join(sorted(str(d) for d in key))
+    return str(key)
+
+
+def _impl(prep: _Prepared, fused: bool | None) -> Any:
+    """The module that computes: a registered fast path, or the generic core."""
+    if fused not in (None, True, False):
+        raise TypeError(f"fused must be None, True or False; got {fused!r}")
+    module = _FAST_PATHS.get(prep.backend)
+    if fused is False or (module is None and fused is None):
+        return _core
+    if module is None:
+        raise ValueError(
+            f"fused=True, but there is no fast path for {prep.backend} arrays; "
+            "use fused=None (fast path when there is one) or fused=False (generic path)"
+        )
+    return importlib.import_module(module, __package__)
+
+
+def _check_nonfinite(nonfinite: str, allowed: tuple[str, ...] = NONFINITE) -> str:
+    if nonfinite not in allowed:
+        raise ValueError(f"nonfinite must be one of {', '.join(map(repr, allowed))}; got {nonfinite!r}")
+    return nonfinite
+
+
+def _check_bound(value: Any, name: str, *, allow_array: bool = True) -> Any:
+    """A non-negative, non-NaN number; device arrays pass unchecked (checking would sync)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number; got {value!r}")
+    if isinstance(value, int | float | np.floating | np.integer) or (
+        isinstance(value, np.ndarray) and value.ndim == 0
+    ):
+        v = float(value)
+        if math.isnan(v) or v < 0:
+            raise ValueError(f"{name} must be a number >= 0; got {value!r}")
+        return v
+    if allow_array and _compat.is_array(value):
+        return value
+    raise TypeError(f"{name} must be a number >= 0; got {type(value).__name__}")
+
+
+def _check_eps(eps: Any) -> float:
+    e = _check_bound(eps, "eps", allow_array=False)
+    if math.isinf(e):
+        raise ValueError(f"eps must be finite; got {eps!r}")
+    return float(e)
+
+
+def _empty_stats(per_leaf: bool) -> ClipStats:
+    shape = (0,) if per_leaf else ()
+    return ClipStats(
+        norm=np.zeros(shape, np.float32),
+        scale=np.ones(shape, np.float32),
+        clipped=np.zeros(shape, bool),
+        finite=np.ones(shape, bool),
+    )
+
+
+# ---------------------------------------------------------------------------- norms
+
+
+def global_norm(
+    tree: Any, ord: float = 2.0, *, nonfinite: str = "propagate", fused: bool | None = None
+) -> Any:
+    """The norm of all leaves of ``tree`` taken as one vector.
+
+    Parameters
+    ----------
+    tree : pytree of arrays
+        NumPy, CuPy, JAX, PyTorch, dask or array-API-strict arrays, all of one
+        library and on one device. ``None`` leaves are skipped; an iterator
+        (such as a generator of gradients) is consumed once.
+    ord : float, default 2.0
+        Any ``p > 0``, ``inf``, ``-inf`` or ``0``, with the results of
+        ``torch.nn.utils.get_total_norm``: the ``ord``-norm of the vector of
+        per-leaf norms. For ``ord=0`` that is the number of leaves holding any
+        nonzero entry, as in torch.
+    nonfinite : {"propagate", "raise", "zero"}, default "propagate"
+        ``"propagate"`` lets NaN/inf through the arithmetic; ``"raise"`` raises
+        :class:`~gradclip.NonFiniteError` naming the leaf (one host sync);
+        ``"zero"`` treats NaN/inf entries as 0.
+    fused : bool or None, default None
+        ``None`` uses a backend fast path when there is one, ``True`` requires
+        one, ``False`` uses the generic array-API path.
+
+    Returns
+    -------
+    array
+        0-d, in the leaves' namespace and on their device: float32 for
+        float16/bfloat16/float32 trees, float64 when any leaf is float64 or
+        complex128. It does not overflow or underflow while the true norm is
+        representable (torch and optax return inf or 0 for float32 leaves of
+        1e30 or 1e-30). An empty tree has norm 0.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import gradclip as gc
+    >>> grads = {"w": np.array([3.0, 4.0], np.float32), "b": None}
+    >>> gc.global_norm(grads)
+    array(5., dtype=float32)
+    >>> gc.global_norm([np.full(4, 1e30, np.float32)])  # float32 overflows at ~3e38
+    array(2.e+30, dtype=float32)
+    >>> gc.global_norm(grads, ord=float("inf"))
+    array(4., dtype=float32)
+    """
+    p = parse_ord(ord)
+    _check_nonfinite(nonfinite, ("propagate", "raise", "zero"))
+    prep = _prepare(tree, "global_norm")
+    if prep.xp is None:
+        return _empty_stats(False).norm
+    return _impl(prep, fused).global_norm(
+        prep.xp, prep.flat.leaves, prep.flat.paths, p=p, nonfinite=nonfinite
+    )
+
+
+def leaf_norms(
+    tree: Any, ord: float = 2.0, *, nonfinite: str = "propagate", fused: bool | None = None
+) -> Any:
+    """The norm of each leaf, as a 1-d array in flattening order.
+
+    Parameters
+    ----------
+    tree : pytree of arrays
+        As for :func:`global_norm`.
+    ord : float, default 2.0
+        As for :func:`global_norm`; ``ord=0`` counts each leaf's nonzeros.
+    nonfinite : {"propagate", "raise", "zero"}, default "propagate"
+        As for :func:`global_norm`.
+    fused : bool or None, default None
+        As for :func:`global_norm`.
+
+    Returns
+    -------
+    array
+        Shape ``(n_leaves,)``, same dtype rule as :func:`global_norm` (one
+        dtype for all entries).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import gradclip as gc
+    >>> gc.leaf_norms({"a": np.array([3.0, 4.0]), "b": np.array([-2.0])})
+    array([5., 2.])
+    """
+    p = parse_ord(ord)
+    _check_nonfinite(nonfinite, ("propagate", "raise", "zero"))
+    prep = _prepare(tree, "leaf_norms")
+    if prep.xp is None:
+        return _empty_stats(True).norm
+    return _impl(prep, fused).leaf_norms(
+        prep.xp, prep.flat.leaves, prep.flat.paths, p=p, nonfinite=nonfinite
+    )
+
+
+# ------------------------------------------------------------------ norm clipping
+
+
+def _clip_norm(
+    fn: str,
+    tree: Any,
+    max_norm: Any,
+    *,
+    ord: float,
+    eps: float,
+    nonfinite: str,
+    norm: Any,
+    fused: bool | None,
+    inplace: bool,
+    per_leaf: bool,
+) -> tuple[Any, ClipStats]:
+    p = parse_ord(ord)
+    max_norm = _check_bound(max_norm, "max_norm")
+    eps = _check_eps(eps)
+    _check_nonfinite(nonfinite)
+    prep = _prepare(tree, fn, inplace=inplace)
+    if prep.xp is None:
+        return prep.flat.unflatten([]), _empty_stats(per_leaf)
+    impl = _impl(prep, fused)
+    run = impl.clip_by_norm if per_leaf else impl.clip_by_global_norm
+    leaves, stats = run(
+        prep.xp,
+        prep.flat.leaves,
+        prep.flat.paths,
+        max_norm=max_norm,
+        p=p,
+        eps=eps,
+        nonfinite=nonfinite,
+        norm=norm,
+        inplace=inplace,
+    )
+    return prep.flat.unflatten(leaves), stats
+
+
+_NORM_CLIP_PARAMS = """
+    Parameters
+    ----------
+    tree : pytree of arrays
+        As for :func:`global_norm`.
+    max_norm : float or 0-d array
+        The largest norm allowed, ``>= 0``. A Python or NumPy number is
+        checked (negative or NaN raises ``ValueError``); a device array is
+        used as is, since checking it would need a host sync.
+    ord : float, default 2.0
+        As for :func:`global_norm`.
+    eps : float, default 1e-6
+        Added to the norm before dividing, as torch does. optax's
+        ``clip_by_global_norm`` has no eps: pass ``eps=0`` to match it.
+    nonfinite : {"propagate", "raise", "zero", "skip"}, default "propagate"
+        ``"propagate"``: torch's arithmetic (a NaN norm makes NaN gradients).
+        ``"raise"``: raise :class:`~gradclip.NonFiniteError` naming the leaf
+        before anything is modified (one host sync). ``"zero"``: NaN/inf
+        entries become 0 before the norm. ``"skip"``: if anything is
+        non-finite, leaves are left unchanged and ``stats.finite`` is False;
+        no sync.
+    norm : array or float, optional
+        A norm computed elsewhere (for example already all-reduced across
+        processes); the leaves are then only scaled, not reduced.
+    fused : bool or None, default None
+        As for :func:`global_norm`."""
+
+
+def clip_by_global_norm(
+    tree: Any,
+    max_norm: Any,
+    *,
+    ord: float = 2.0,
+    eps: float = 1e-6,
+    nonfinite: str = "propagate",
+    norm: Any = None,
+    fused: bool | None = None,
+) -> tuple[Any, ClipStats]:
+    """Scale all leaves together so that their global norm is at most ``max_norm``.
+
+    Every leaf is multiplied, in its own dtype, by
+    ``scale = min(1, max_norm / (norm + eps))``; there is no Python branch on
+    the value, so this runs under ``jax.jit`` and forces no host sync. This is
+    ``torch.nn.utils.clip_grad_norm_`` (same result within 1e-6) and
+    ``optax.clip_by_global_norm`` (which has no ``eps``), with a norm that does
+    not overflow in float16/bfloat16/float32.
+    {params}
+
+    Returns
+    -------
+    tree : pytree
+        New arrays, same structure as ``tree``.
+    stats : ClipStats
+        ``norm`` (before clipping), ``scale``, ``clipped`` and ``finite``.
+
+    See Also
+    --------
+    clip_by_global_norm_ : the in-place form for NumPy, CuPy and torch.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import gradclip as gc
+    >>> grads = {{"w": np.array([3.0, 4.0]), "b": np.array([0.0])}}
+    >>> clipped, stats = gc.clip_by_global_norm(grads, max_norm=1.0)
+    >>> clipped["w"]
+    array([0.6, 0.8])
+    >>> float(stats.norm), bool(stats.clipped)
+    (5.0, True)
+    """
+    return _clip_norm(
+        "clip_by_global_norm",
+        tree,
+        max_norm,
+        ord=ord,
+        eps=eps,
+        nonfinite=nonfinite,
+        norm=norm,
+        fused=fused,
+        inplace=False,
+        per_leaf=False,
+    )
+
+
+def clip_by_global_norm_(
+    tree: Any,
+    max_norm: Any,
+    *,
+    ord: float = 2.0,
+    eps: float = 1e-6,
+    nonfinite: str = "propagate",
+    norm: Any = None,
+    fused: bool | None = None,
+) -> ClipStats:
+    """In-place :func:`clip_by_global_norm` for NumPy, CuPy and torch arrays.
+
+    Every leaf is checked before any is written: read-only or overlapping
+    buffers, JAX or dask arrays, and any invalid argument raise with nothing
+    modified. NumPy leaves are processed in blocks, so clipping 1 GB of
+    gradients allocates only a few MB of temporaries.
+    {params}
+
+    Returns
+    -------
+    ClipStats
+        ``norm`` (before clipping), ``scale``, ``clipped`` and ``finite``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import gradclip as gc
+    >>> grads = [np.array([3.0, 4.0]), np.array([12.0])]
+    >>> stats = gc.clip_by_global_norm_(grads, max_norm=6.5)
+    >>> grads[1], float(stats.norm)
+    (array([6.]), 13.0)
+    """
+    return _clip_norm(
+        "clip_by_global_norm_",
+        tree,
+        max_norm,
+        ord=ord,
+        eps=eps,
+        nonfinite=nonfinite,
+        norm=norm,
+        fused=fused,
+        inplace=True,
+        per_leaf=False,
+    )[1]
+
+
+def clip_by_norm(
+    tree: Any,
+    max_norm: Any,
+    *,
+    ord: float = 2.0,
+    eps: float = 1e-6,
+    nonfinite: str = "propagate",
+    norm: Any = None,
+    fused: bool | None = None,
+) -> tuple[Any, ClipStats]:
+    """Scale each leaf on its own so that its norm is at most ``max_norm``.
+
+    Like ``tf.clip_by_norm`` applied to every leaf: leaf ``i`` is multiplied
+    by ``min(1, max_norm / (norm_i + eps))``. TensorFlow computes
+    ``t * max_norm / max(norm, max_norm)``, which has no eps.
+    {params}
+
+    Returns
+    -------
+    tree : pytree
+        New arrays, same structure as ``tree``.
+    stats : ClipStats
+        Per-leaf 1-d arrays: each leaf's ``norm``, ``scale``, ``clipped``
+        and ``finite``. With ``norm=``, give one norm per leaf.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import gradclip as gc
+    >>> clipped, stats = gc.clip_by_norm([np.array([3.0, 4.0]), np.array([0.5])], 1.0)
+    >>> clipped
+    [array([0.6, 0.8]), array([0.5])]
+    >>> stats.clipped
+    array([ True, False])
+    """
+    return _clip_norm(
+        "clip_by_norm",
+        tree,
+        max_norm,
+        ord=ord,
+        eps=eps,
+        nonfinite=nonfinite,
+        norm=norm,
+        fused=fused,
+        inplace=False,
+        per_leaf=True,
+    )
+
+
+def clip_by_norm_(
+    tree: Any,
+    max_norm: Any,
+    *,
+    ord: float = 2.0,
+    eps: float = 1e-6,
+    nonfinite: str = "propagate",
+    norm: Any = None,
+    fused: bool | None = None,
+) -> ClipStats:
+    """In-place :func:`clip_by_norm` for NumPy, CuPy and torch arrays.
+    {params}
+
+    Returns
+    -------
+    ClipStats
+        Per-leaf 1-d arrays, as for :func:`clip_by_norm`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import gradclip as gc
+    >>> grads = [np.array([3.0, 4.0]), np.array([0.5])]
+    >>> stats = gc.clip_by_norm_(grads, 1.0)
+    >>> grads[0]
+    array([0.6, 0.8])
+    """
+    return _clip_norm(
+        "clip_by_norm_",
+        tree,
+        max_norm,
+        ord=ord,
+        eps=eps,
+        nonfinite=nonfinite,
+        norm=norm,
+        fused=fused,
+        inplace=True,
+        per_leaf=True,
+    )[1]
+
+
+for _f in (clip_by_global_norm, clip_by_global_norm_, clip_by_norm, clip_by_norm_):
+    _f.__doc__ = (_f.__doc__ or "").format(params=_NORM_CLIP_PARAMS)
+
+
+def clip_by_block_rms(
+    tree: Any, threshold: float, *, nonfinite: str = "propagate", fused: bool | None = None
+) -> Any:
+    """optax's ``clip_by_block_rms``: divide each leaf by ``max(1, rms / threshold)``.
+
+    ``rms`` is each leaf's root mean square, computed with the overflow-safe
+    norm, so float32 leaves of 1e30 are clipped correctly (optax's
+    ``sqrt(mean(x**2))`` overflows there). An empty leaf has rms 0 (optax
+    takes the mean of nothing, NaN).
+
+    Parameters
+    ----------
+    tree : pytree of arrays
+        As for :func:`global_norm`.
+    threshold : float
+        The largest rms allowed, ``>= 0``.
+    nonfinite : {"propagate", "raise", "zero", "skip"}, default "propagate"
+        As for :func:`clip_by_global_norm`, decided per leaf for ``"skip"``.
+    fused : bool or None, default None
+        As for :func:`global_norm`.
+
+    Returns
+    -------
+    pytree
+        New arrays, same structure as ``tree``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import gradclip as gc
+    >>> gc.clip_by_block_rms({"w": np.array([2.0, -2.0]), "b": np.array([0.5])}, 1.0)
+    {'w': array([ 1., -1.]), 'b': array([0.5])}
+    """
+    threshold = _check_bound(threshold, "threshold", allow_array=False)
+    _check_nonfinite(nonfinite)
+    prep = _prepare(tree, "clip_by_block_rms")
+    if prep.xp is None:
+        return prep.flat.unflatten([])
+    leaves = _impl(prep, fused).clip_by_block_rms(
+        prep.xp, prep.flat.leaves, prep.flat.paths, threshold=threshold, nonfinite=nonfinite
+    )
+    return prep.flat.unflatten(leaves)
+
+
+# ---------------------------------------------------------------------- value clipping
+
+
+def _value_bounds(
+    clip_value: Any, lo: Any, hi: Any
+) -> tuple[float | None, float | None]:
+    if clip_value is not None:
+        if lo is not None or hi is not None:
+            raise TypeError("give either clip_value or lo=/hi=, not both")
+        c = _check_bound(clip_value, "clip_value", allow_array=False)
+        return -c, c
+    if lo is None and hi is None:
+        raise TypeError("give clip_value, or at least one of lo= and hi=")
+    bounds = []
+    for name, v in (("lo", lo), ("hi", hi)):
+        if v is None:
+            bounds.append(None)
+            continue
+        if isinstance(v, bool) or not isinstance(v, int | float | np.floating | np.integer):
+            raise TypeError(f"{name} must be a number; got {type(v).__name__}")
+        if math.isnan(float(v)):
+            raise ValueError(f"{name} must not be NaN")
+        bounds.append(float(v))
+    if bounds[0] is not None and bounds[1] is not None and bounds[0] > bounds[1]:
+        raise ValueError(f"lo must be <= hi; got lo={lo!r}, hi={hi!r}")
+    return bounds[0], bounds[1]
+
+
+def _clip_value(
+    fn: str,
+    tree: Any,
+    clip_value: Any,
+    lo: Any,
+    hi: Any,
+    nonfinite: str,
+    fused: bool | None,
+    inplace: bool,
+) -> Any:
+    low, high = _value_bounds(clip_value, lo, hi)
+    _check_nonfinite(nonfinite)
+    prep = _prepare(tree, fn, inplace=inplace)
+    if prep.xp is None:
+        return prep.flat.unflatten([])
+    xp = prep.xp
+    for path, x in zip(prep.flat.paths, prep.flat.leaves, strict=True):
+        info = _compat.dtype_info(xp, x.dtype)
+        if info is not None and info.complex:
+            raise TypeError(f"{fn}: leaf {path} is complex; complex values have no order to clip by")
+    leaves = _impl(prep, fused).clip_by_value(
+        xp, prep.flat.leaves, prep.flat.paths, lo=low, hi=high, nonfinite=nonfinite, inplace=inplace
+    )
+    return prep.flat.unflatten(leaves)
+
+
+def clip_by_value(
+    tree: Any,
+    clip_value: float | None = None,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    nonfinite: str = "propagate",
+    fused: bool | None = None,
+) -> Any:
+    """Clamp every entry to ``[-clip_value, clip_value]``, or to ``[lo, hi]``.
+
+    ``torch.nn.utils.clip_grad_value_`` and ``optax.clip`` semantics: NaN
+    stays NaN and ``±inf`` goes to the bound under ``"propagate"``.
+
+    Parameters
+    ----------
+    tree : pytree of real floating arrays
+        As for :func:`global_norm`; complex leaves raise ``TypeError``.
+    clip_value : float, optional
+        Symmetric bound, ``>= 0``.
+    lo, hi : float, optional
+        One-sided or asymmetric bounds, instead of ``clip_value``.
+    nonfinite : {"propagate", "raise", "zero", "skip"}, default "propagate"
+        As for :func:`clip_by_global_norm`; ``"skip"`` leaves the whole tree
+        unchanged when any entry is non-finite.
+    fused : bool or None, default None
+        As for :func:`global_norm`.
+
+    Returns
+    -------
+    pytree
+        New arrays, same structure as ``tree``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import gradclip as gc
+    >>> gc.clip_by_value([np.array([-3.0, 0.2, 7.0])], 0.5)
+    [array([-0.5,  0.2,  0.5])]
+    >>> gc.clip_by_value([np.array([-3.0, 0.2, 7.0])], lo=0.0)
+    [array([0. , 0.2, 7. ])]
+    """
+    return _clip_value("clip_by_value", tree, clip_value, lo, hi, nonfinite, fused, False)
+
+
+def clip_by_value_(
+    tree: Any,
+    clip_value: float | None = None,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    nonfinite: str = "propagate",
+    fused: bool | None = None,
+) -> None:
+    """In-place :func:`clip_by_value` for NumPy, CuPy and torch arrays.
+
+    Parameters
+    ----------
+    tree : pytree of real floating arrays
+        Mutable arrays; every leaf is checked before any is written.
+    clip_value : float, optional
+        Symmetric bound, ``>= 0``.
+    lo, hi : float, optional
+        One-sided or asymmetric bounds, instead of ``clip_value``.
+    nonfinite : {"propagate", "raise", "zero", "skip"}, default "propagate"
+        As for :func:`clip_by_value`.
+    fused : bool or None, default None
+        As for :func:`global_norm`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import gradclip as gc
+    >>> g = np.array([-3.0, 0.2, 7.0])
+    >>> gc.clip_by_value_([g], 1.0)
+    >>> g
+    array([-1. ,  0.2,  1. ])
+    """
+    _clip_value("clip_by_value_", tree, clip_value, lo, hi, nonfinite, fused, True)

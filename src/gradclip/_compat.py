@@ -1,0 +1,250 @@
+"""The one place that imports ``array_api_compat`` and knows backend quirks.
+
+Nothing here imports torch, jax, cupy or dask: backends are detected from the
+arrays we are given (``array_api_compat`` looks at ``sys.modules``), never
+imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import array_api_compat as aac
+import numpy as np
+
+__all__ = [
+    "IMMUTABLE_BACKENDS",
+    "Block",
+    "as_array",
+    "backend_name",
+    "blocks",
+    "chunk_elems",
+    "device_key",
+    "device_of",
+    "dtype_info",
+    "has_float64",
+    "inplace_guard",
+    "is_array",
+    "namespace",
+    "writable_problem",
+]
+
+# Backends whose arrays cannot be written in place: JAX arrays are immutable,
+# and dask arrays are lazy graphs, not buffers a caller holds.
+IMMUTABLE_BACKENDS = frozenset({"jax", "dask"})
+
+# Elements per block when a backend evaluates eagerly: each block's float64
+# temporaries stay at a few MB, so clipping a 1 GB tree in place allocates far
+# less than the 64 MB the contract allows.
+_CHUNK = 1 << 20
+
+
+def is_array(x: Any) -> bool:
+    """Whether ``x`` is an array of a library we can dispatch on."""
+    return bool(aac.is_array_api_obj(x))
+
+
+def namespace(x: Any) -> Any:
+    """The array-API namespace of one array."""
+    return aac.array_namespace(x)
+
+
+def backend_name(xp: Any) -> str:
+    """A short name for ``xp``: numpy, torch, jax, cupy, dask, array_api_strict."""
+    checks = (
+        ("numpy", aac.is_numpy_namespace),
+        ("torch", aac.is_torch_namespace),
+        ("jax", aac.is_jax_namespace),
+        ("cupy", aac.is_cupy_namespace),
+        ("dask", aac.is_dask_namespace),
+        ("array_api_strict", aac.is_array_api_strict_namespace),
+    )
+    for name, check in checks:
+        if check(xp):
+            return name
+    return str(getattr(xp, "__name__", repr(xp)))
+
+
+def as_array(xp: Any, value: Any) -> Any:
+    """``value`` as an array: NumPy reductions return scalars, not 0-d arrays."""
+    return np.asarray(value) if isinstance(value, np.generic) else value
+
+
+def device_of(x: Any) -> Any:
+    """The device to create constants on, or ``None`` to let the library choose."""
+    # JAX places constants itself and a sharded array has no single device;
+    # under jit ``x`` is a tracer with no device at all.
+    if aac.is_jax_array(x):
+        return None
+    return aac.device(x)
+
+
+def device_key(x: Any) -> Any:
+    """A hashable description of where ``x`` lives, or ``None`` if unknowable."""
+    if aac.is_jax_array(x):
+        jax = sys.modules["jax"]
+        if isinstance(x, jax.core.Tracer):
+            return None
+        return frozenset(x.devices())
+    return str(aac.device(x))
+
+
+class DtypeInfo:
+    """What the norm code needs to know about one floating dtype."""
+
+    __slots__ = ("complex", "float64", "max_exp2", "normal_exp2", "tiny_exp2")
+
+    def __init__(
+        self,
+        *,
+        complex: bool,
+        float64: bool,
+        max_exp2: float,
+        normal_exp2: float,
+        tiny_exp2: float,
+    ):
+        self.complex = complex
+        self.float64 = float64
+        self.max_exp2 = max_exp2  # log2 of the largest finite value
+        self.normal_exp2 = normal_exp2  # log2 of the smallest normal value
+        self.tiny_exp2 = tiny_exp2  # log2 of the smallest subnormal value
+
+
+def _ml_dtypes_finfo(dtype: Any) -> Any:
+    # NumPy has no bfloat16; ml_dtypes adds it (and float8 types) as kind "V"
+    # dtypes that numpy's isdtype and finfo reject.
+    ml_dtypes = sys.modules.get("ml_dtypes")
+    if ml_dtypes is None or getattr(dtype, "kind", None) != "V":
+        return None
+    try:
+        return ml_dtypes.finfo(dtype)
+    except (TypeError, ValueError):
+        return None
+
+
+def dtype_info(xp: Any, dtype: Any) -> DtypeInfo | None:
+    """Describe a floating or complex dtype; ``None`` for anything else."""
+    fi = _ml_dtypes_finfo(dtype)
+    if fi is not None:
+        is_complex = False
+    else:
+        try:
+            if xp.isdtype(dtype, "real floating"):
+                is_complex = False
+            elif xp.isdtype(dtype, "complex floating"):
+                is_complex = True
+            else:
+                return None
+        except TypeError:
+            return None
+        fi = xp.finfo(dtype)
+    max_v = float(fi.max)
+    normal = float(fi.smallest_normal)
+    return DtypeInfo(
+        complex=is_complex,
+        float64=max_v > 1e300,
+        max_exp2=math.log2(max_v),
+        normal_exp2=math.log2(normal),
+        tiny_exp2=math.log2(normal * float(fi.eps)),
+    )
+
+
+def has_float64(xp: Any, device: Any) -> bool:
+    """Whether float64 arithmetic is available for this namespace and device."""
+    name = backend_name(xp)
+    if name == "jax":
+        # JAX disables float64 unless ``jax_enable_x64`` is set.
+        return "float64" in xp.__array_namespace_info__().dtypes(kind="real floating")
+    if name == "torch" and getattr(device, "type", None) == "mps":
+        return False  # Apple's MPS backend has no float64.
+    return True
+
+
+def chunk_elems(xp: Any) -> int | None:
+    """Block size for eager backends; ``None`` where the compiler fuses (JAX, dask)."""
+    return None if backend_name(xp) in IMMUTABLE_BACKENDS else _CHUNK
+
+
+def _flat_view(xp: Any, x: Any) -> Any | None:
+    """A 1-D view that aliases ``x``'s memory, or ``None`` if there is none."""
+    name = backend_name(xp)
+    try:
+        if name == "torch":
+            return x.view(-1)  # raises when the strides do not allow a view
+        return xp.reshape(x, (-1,), copy=False)
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError, TypeError):
+        return None
+
+
+class Block(NamedTuple):
+    """A bounded piece of a leaf: ``target[index]``, also given flattened."""
+
+    target: Any
+    index: Any
+    shape: tuple[int, ...]
+    flat: Any
+
+    def write(self, xp: Any, new_flat: Any) -> None:
+        """Store ``new_flat`` (1-D, the block's size) back into the leaf."""
+        self.target[self.index] = xp.reshape(new_flat, self.shape)
+
+
+def blocks(xp: Any, x: Any, chunk: int | None) -> Iterator[Block]:
+    """Split ``x`` into blocks of at most ``chunk`` elements (``None``: one block).
+
+    Writing a block back with :meth:`Block.write` updates ``x`` in place on
+    mutable backends. Contiguous arrays are walked through a flat view;
+    strided ones fall back to slices along axis 0.
+    """
+    shape = tuple(x.shape)
+    size = math.prod(shape)
+    if size == 0:
+        return
+    if chunk is None or size <= chunk:
+        yield Block(x, ..., shape, xp.reshape(x, (-1,)))
+        return
+    flat = _flat_view(xp, x)
+    if flat is not None:
+        for start in range(0, size, chunk):
+            stop = min(start + chunk, size)
+            yield Block(flat, slice(start, stop), (stop - start,), flat[start:stop])
+        return
+    row = size // shape[0]
+    rows = max(1, chunk // row)
+    for start in range(0, shape[0], rows):
+        stop = min(start + rows, shape[0])
+        piece = x[start:stop, ...]
+        yield Block(x, slice(start, stop), (stop - start, *shape[1:]), xp.reshape(piece, (-1,)))
+
+
+def writable_problem(x: Any) -> str | None:
+    """Why ``x`` cannot be written in place, or ``None`` if it can."""
+    if isinstance(x, np.generic):
+        return "is a NumPy scalar, which is immutable"
+    if type(x).__module__.startswith("array_api_strict"):
+        x = x._array  # the wrapped NumPy array carries the writeable flag
+    if not aac.is_writeable_array(x):
+        return "is read-only (flags.writeable is False)"
+    if aac.is_torch_array(x) and x.is_inference():
+        torch = sys.modules["torch"]
+        if not torch.is_inference_mode_enabled():
+            return "is an inference tensor, which cannot be modified outside inference mode"
+    shape = tuple(x.shape)
+    strides = tuple(x.stride()) if aac.is_torch_array(x) else getattr(x, "strides", ())
+    if any(s == 0 and n > 1 for s, n in zip(strides, shape, strict=False)):
+        return "has overlapping memory (a zero stride, e.g. from broadcasting or expand)"
+    return None
+
+
+@contextlib.contextmanager
+def inplace_guard(xp: Any) -> Iterator[None]:
+    """Context for in-place writes: torch needs autograd off to write leaf tensors."""
+    if backend_name(xp) == "torch":
+        with sys.modules["torch"].no_grad():
+            yield
+    else:
+        yield

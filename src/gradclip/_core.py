@@ -1,0 +1,228 @@
+"""The generic implementation: plain array-API code that takes ``xp``.
+
+This is the reference every fast path is tested against. Functions here take
+already-flattened, already-validated leaves plus their printable paths (for
+error messages) and return new leaves; they never branch in Python on array
+values except where ``nonfinite="raise"`` must, by definition, look.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from . import _compat
+from ._norms import Partial, Plan
+from ._stats import ClipStats, NonFiniteError
+
+__all__ = [
+    "clip_by_block_rms",
+    "clip_by_global_norm",
+    "clip_by_norm",
+    "clip_by_value",
+    "global_norm",
+    "leaf_norms",
+]
+
+
+def _check_finite(xp: Any, flags: list[Any], names: Sequence[str]) -> None:
+    """Raise :class:`NonFiniteError` naming the first non-finite leaf (syncs once)."""
+    if not flags or bool(xp.all(xp.stack(flags))):
+        return
+    bad = [name for name, flag in zip(names, flags, strict=True) if not bool(flag)]
+    others = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    raise NonFiniteError(
+        f"non-finite gradient values in leaf {bad[0]}{others}; nothing was modified. "
+        'Use nonfinite="zero" to drop them or nonfinite="skip" to leave the step unchanged.'
+    )
+
+
+def _reduce(plan: Plan, names: Sequence[str], nonfinite: str) -> list[Partial]:
+    parts = plan.leaf_parts()
+    if nonfinite == "raise":
+        _check_finite(plan.xp, [plan.finite(q) for q in parts], names)
+    return parts
+
+
+def _stats(xp: Any, norm: Any, scale: Any, finite: Any) -> ClipStats:
+    fields = (norm, scale, scale < 1, finite)
+    return ClipStats(*(_compat.as_array(xp, f) for f in fields))
+
+
+def global_norm(
+    xp: Any, leaves: list[Any], names: Sequence[str], *, p: float, nonfinite: str
+) -> Any:
+    """The norm of all leaves taken together (0-d, result dtype)."""
+    plan = Plan(xp, p, leaves, zero_nonfinite=nonfinite == "zero")
+    return _compat.as_array(xp, plan.total(_reduce(plan, names, nonfinite))[0])
+
+
+def leaf_norms(
+    xp: Any, leaves: list[Any], names: Sequence[str], *, p: float, nonfinite: str
+) -> Any:
+    """One norm per leaf (1-d, result dtype)."""
+    plan = Plan(xp, p, leaves, zero_nonfinite=nonfinite == "zero")
+    return plan.leaf_norms(_reduce(plan, names, nonfinite))
+
+
+def _scale_from_norm(plan: Plan, norm: Any, max_norm: Any, eps: float) -> Any:
+    xp = plan.xp
+    if not isinstance(max_norm, int | float):
+        max_norm = xp.astype(max_norm, plan.res)
+    return xp.minimum(plan.const(1.0, plan.res), max_norm / (norm + eps))
+
+
+def _scaled(plan: Plan, index: int, block: Any, scale: Any, zero_nonfinite: bool) -> Any:
+    """``block * scale`` in the leaf's own dtype, NaN/inf entries zeroed if asked."""
+    xp = plan.xp
+    out = block * xp.astype(scale, plan.real_dtype(index))
+    if zero_nonfinite:
+        out = xp.where(xp.isfinite(block), out, xp.zeros_like(out))
+    return _compat.as_array(xp, out)
+
+
+def _apply(plan: Plan, scales: Any, *, per_leaf: bool, zero: bool, inplace: bool) -> list[Any]:
+    """Multiply every leaf by its scale, functionally or block by block in place."""
+    xp = plan.xp
+    out = []
+    with _compat.inplace_guard(xp) if inplace else contextlib.nullcontext():
+        for i, x in enumerate(plan.leaves):
+            s = scales[i] if per_leaf else scales
+            if not inplace:
+                out.append(_scaled(plan, i, x, s, zero))
+                continue
+            for block in _compat.blocks(xp, x, plan.chunk):
+                block.write(xp, _scaled(plan, i, block.flat, s, zero))
+            out.append(x)
+    return out
+
+
+def clip_by_global_norm(
+    xp: Any,
+    leaves: list[Any],
+    names: Sequence[str],
+    *,
+    max_norm: Any,
+    p: float,
+    eps: float,
+    nonfinite: str,
+    norm: Any,
+    inplace: bool,
+) -> tuple[list[Any], ClipStats]:
+    """Scale every leaf by ``min(1, max_norm / (norm + eps))``."""
+    zero = nonfinite == "zero"
+    plan = Plan(xp, p, leaves, zero_nonfinite=zero)
+    if norm is None:
+        norm, finite = plan.total(_reduce(plan, names, nonfinite))
+    else:
+        norm = xp.asarray(norm, dtype=plan.res, device=plan.device)
+        finite = xp.isfinite(norm)
+        if nonfinite == "raise" and not bool(finite):
+            raise NonFiniteError(f"the given norm is not finite ({norm}); nothing was modified")
+    scale = _scale_from_norm(plan, norm, max_norm, eps)
+    if nonfinite == "skip":
+        scale = xp.where(finite, scale, plan.const(1.0, plan.res))
+    new = _apply(plan, scale, per_leaf=False, zero=zero, inplace=inplace)
+    return new, _stats(xp, norm, scale, finite)
+
+
+def clip_by_norm(
+    xp: Any,
+    leaves: list[Any],
+    names: Sequence[str],
+    *,
+    max_norm: Any,
+    p: float,
+    eps: float,
+    nonfinite: str,
+    norm: Any,
+    inplace: bool,
+) -> tuple[list[Any], ClipStats]:
+    """Scale each leaf by ``min(1, max_norm / (its own norm + eps))``."""
+    zero = nonfinite == "zero"
+    plan = Plan(xp, p, leaves, zero_nonfinite=zero)
+    if norm is None:
+        parts = _reduce(plan, names, nonfinite)
+        norms = plan.leaf_norms(parts)
+        finite = (
+            xp.stack([plan.finite(q) for q in parts])
+            if parts
+            else xp.zeros((0,), dtype=xp.bool, device=plan.device)
+        )
+    else:
+        norms = xp.asarray(norm, dtype=plan.res, device=plan.device)
+        if tuple(norms.shape) != (len(leaves),):
+            raise ValueError(
+                f"norm= must hold one norm per leaf, shape ({len(leaves)},); got {tuple(norms.shape)}"
+            )
+        finite = xp.isfinite(norms)
+        if nonfinite == "raise":
+            _check_finite(xp, [finite[i] for i in range(len(leaves))], names)
+    scales = _scale_from_norm(plan, norms, max_norm, eps)
+    if nonfinite == "skip":
+        scales = xp.where(finite, scales, plan.const(1.0, plan.res))
+    new = _apply(plan, scales, per_leaf=True, zero=zero, inplace=inplace)
+    return new, _stats(xp, norms, scales, finite)
+
+
+def clip_by_block_rms(
+    xp: Any, leaves: list[Any], names: Sequence[str], *, threshold: float, nonfinite: str
+) -> list[Any]:
+    """optax's ``clip_by_block_rms``: divide each leaf by ``max(1, rms / threshold)``."""
+    zero = nonfinite == "zero"
+    plan = Plan(xp, 2.0, leaves, zero_nonfinite=zero)
+    parts = _reduce(plan, names, nonfinite)
+    out = []
+    for i, (x, part) in enumerate(zip(leaves, parts, strict=True)):
+        size = math.prod(x.shape)
+        rms = plan.norm(part, size) / math.sqrt(max(size, 1))
+        scale = 1.0 / xp.maximum(plan.const(1.0, plan.res), rms / threshold)
+        if nonfinite == "skip":
+            scale = xp.where(plan.finite(part), scale, plan.const(1.0, plan.res))
+        out.append(_scaled(plan, i, x, scale, zero))
+    return out
+
+
+def clip_by_value(
+    xp: Any,
+    leaves: list[Any],
+    names: Sequence[str],
+    *,
+    lo: float | None,
+    hi: float | None,
+    nonfinite: str,
+    inplace: bool,
+) -> list[Any]:
+    """Clamp every entry to ``[lo, hi]`` (either bound may be ``None``)."""
+    zero = nonfinite == "zero"
+    plan = Plan(xp, math.inf, leaves)
+    keep = None
+    if nonfinite in ("raise", "skip"):
+        flags = [plan.finite(q) for q in plan.leaf_parts()]
+        if nonfinite == "raise":
+            _check_finite(xp, flags, names)
+        elif flags:
+            keep = xp.logical_not(xp.all(xp.stack(flags)))
+
+    def clamp(block: Any) -> Any:
+        dtype = block.dtype
+        out = block
+        if zero:
+            out = xp.where(xp.isfinite(out), out, xp.zeros_like(out))
+        if lo is not None:
+            out = xp.maximum(out, xp.asarray(lo, dtype=dtype, device=plan.device))
+        if hi is not None:
+            out = xp.minimum(out, xp.asarray(hi, dtype=dtype, device=plan.device))
+        if keep is not None:
+            out = xp.where(keep, block, out)
+        return _compat.as_array(xp, out)
+
+    if not inplace:
+        return [clamp(x) for x in leaves]
+    with _compat.inplace_guard(xp):
+        for x in leaves:
+            for block in _compat.blocks(xp, x, plan.chunk):
+                block.write(xp, clamp(block.flat))
+    return list(leaves)
