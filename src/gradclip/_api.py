@@ -114,6 +114,13 @@ def _impl(prep: _Prepared, fused: bool | None) -> Any:
     return importlib.import_module(module, __package__)
 
 
+def _run(prep: _Prepared, fused: bool | None, fn: str, **kwargs: Any) -> Any:
+    """Call ``fn`` of the chosen implementation on the prepared leaves."""
+    impl = getattr(_impl(prep, fused), fn)
+    with _compat.quiet(prep.xp):
+        return impl(prep.xp, prep.flat.leaves, prep.flat.paths, **kwargs)
+
+
 def _check_nonfinite(nonfinite: str, allowed: tuple[str, ...] = NONFINITE) -> str:
     if nonfinite not in allowed:
         raise ValueError(f"nonfinite must be one of {', '.join(map(repr, allowed))}; got {nonfinite!r}")
@@ -206,15 +213,16 @@ def global_norm(
     prep = _prepare(tree, "global_norm")
     if prep.xp is None:
         return _empty_stats(False).norm
-    return _impl(prep, fused).global_norm(
-        prep.xp, prep.flat.leaves, prep.flat.paths, p=p, nonfinite=nonfinite
-    )
+    return _run(prep, fused, "global_norm", p=p, nonfinite=nonfinite)
 
 
 def leaf_norms(
     tree: Any, ord: float = 2.0, *, nonfinite: str = "propagate", fused: bool | None = None
 ) -> Any:
     """The norm of each leaf, as a 1-d array in flattening order.
+
+    Flattening order is optree's and ``jax.tree_util``'s: sequences in order,
+    dict keys sorted, ``None`` leaves skipped.
 
     Parameters
     ----------
@@ -245,9 +253,7 @@ def leaf_norms(
     prep = _prepare(tree, "leaf_norms")
     if prep.xp is None:
         return _empty_stats(True).norm
-    return _impl(prep, fused).leaf_norms(
-        prep.xp, prep.flat.leaves, prep.flat.paths, p=p, nonfinite=nonfinite
-    )
+    return _run(prep, fused, "leaf_norms", p=p, nonfinite=nonfinite)
 
 
 # ------------------------------------------------------------------ norm clipping
@@ -273,12 +279,10 @@ def _clip_norm(
     prep = _prepare(tree, fn, inplace=inplace)
     if prep.xp is None:
         return prep.flat.unflatten([]), _empty_stats(per_leaf)
-    impl = _impl(prep, fused)
-    run = impl.clip_by_norm if per_leaf else impl.clip_by_global_norm
-    leaves, stats = run(
-        prep.xp,
-        prep.flat.leaves,
-        prep.flat.paths,
+    leaves, stats = _run(
+        prep,
+        fused,
+        "clip_by_norm" if per_leaf else "clip_by_global_norm",
         max_norm=max_norm,
         p=p,
         eps=eps,
@@ -551,9 +555,7 @@ def clip_by_block_rms(
     prep = _prepare(tree, "clip_by_block_rms")
     if prep.xp is None:
         return prep.flat.unflatten([])
-    leaves = _impl(prep, fused).clip_by_block_rms(
-        prep.xp, prep.flat.leaves, prep.flat.paths, threshold=threshold, nonfinite=nonfinite
-    )
+    leaves = _run(prep, fused, "clip_by_block_rms", threshold=threshold, nonfinite=nonfinite)
     return prep.flat.unflatten(leaves)
 
 
@@ -605,8 +607,8 @@ def _clip_value(
         info = _compat.dtype_info(xp, x.dtype)
         if info is not None and info.complex:
             raise TypeError(f"{fn}: leaf {path} is complex; complex values have no order to clip by")
-    leaves = _impl(prep, fused).clip_by_value(
-        xp, prep.flat.leaves, prep.flat.paths, lo=low, hi=high, nonfinite=nonfinite, inplace=inplace
+    leaves = _run(
+        prep, fused, "clip_by_value", lo=low, hi=high, nonfinite=nonfinite, inplace=inplace
     )
     return prep.flat.unflatten(leaves)
 

@@ -30,6 +30,7 @@ __all__ = [
     "inplace_guard",
     "is_array",
     "namespace",
+    "quiet",
     "writable_problem",
 ]
 
@@ -238,6 +239,18 @@ def writable_problem(x: Any) -> str | None:
     if any(s == 0 and n > 1 for s, n in zip(strides, shape, strict=False)):
         return "has overlapping memory (a zero stride, e.g. from broadcasting or expand)"
     return None
+
+
+def quiet(xp: Any) -> contextlib.AbstractContextManager[Any]:
+    """Silence NumPy's floating-point warnings for NaN/inf arithmetic.
+
+    Non-finite values are part of the contract (``nonfinite=`` and
+    ``ClipStats.finite`` report them); NumPy-backed namespaces would otherwise
+    warn on ``inf * 0`` in ``"propagate"`` mode, as torch and JAX do not.
+    """
+    if backend_name(xp) in ("numpy", "array_api_strict"):
+        return np.errstate(all="ignore")
+    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager

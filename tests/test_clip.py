@@ -1,0 +1,308 @@
+"""Clipping functions, their in-place forms and the nonfinite policies, on every backend."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from conftest import FLOATS, need, ref_norm
+
+import gradclip as gc
+
+
+def _leaves(xp, dtype="float32", seed=0, scale=10.0):
+    rng = np.random.default_rng(seed)
+    host = [rng.standard_normal(s) * scale for s in [(4, 3), (5,), ()]]
+    if dtype.startswith("complex"):
+        host[0] = host[0] + 1j * host[0][::-1]
+    leaves = [xp.array(h, dtype) for h in host]
+    return leaves, [xp.numpy(x).astype(np.complex128 if "complex" in dtype else np.float64) for x in leaves]
+
+
+def _rtol(dtype):
+    return {"float16": 2e-3, "bfloat16": 1.6e-2}.get(dtype, 1e-6)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("ord", [2.0, 1.0, math.inf])
+def test_clip_by_global_norm(xp, dtype, ord):
+    need(xp, dtype)
+    leaves, ref = _leaves(xp, dtype)
+    tree = {"a": leaves[0], "b": [leaves[1], None, leaves[2]]}
+    out, stats = gc.clip_by_global_norm(tree, max_norm=2.0, ord=ord)
+    norm = ref_norm(ref, ord)
+    scale = min(1.0, 2.0 / (norm + 1e-6))
+    assert out["b"][1] is None
+    assert float(stats.norm) == pytest.approx(norm, rel=1e-6)
+    assert float(stats.scale) == pytest.approx(scale, rel=1e-6)
+    assert bool(stats.clipped) and bool(stats.finite)
+    for got, want, orig in zip([out["a"], out["b"][0], out["b"][2]], ref, leaves, strict=True):
+        assert got.dtype == orig.dtype
+        assert tuple(got.shape) == tuple(orig.shape)
+        np.testing.assert_allclose(xp.numpy(got), want * scale, rtol=_rtol(dtype), atol=1e-30)
+    # functional: inputs untouched
+    np.testing.assert_array_equal(xp.numpy(leaves[0]), xp.numpy(xp.array(ref[0], dtype)))
+
+
+def test_no_clip_when_under_max_norm(xp):
+    leaves, ref = _leaves(xp, scale=0.01)
+    out, stats = gc.clip_by_global_norm(leaves, max_norm=1.0)
+    assert float(stats.scale) == 1.0
+    assert not bool(stats.clipped)
+    for got, want in zip(out, ref, strict=True):
+        np.testing.assert_array_equal(xp.numpy(got), want.astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_inplace_equals_functional(mutable_xp, dtype):
+    xp = mutable_xp
+    need(xp, dtype)
+    leaves, _ = _leaves(xp, dtype)
+    expected, stats_f = gc.clip_by_global_norm(leaves, 1.0)
+    stats_i = gc.clip_by_global_norm_(leaves, 1.0)
+    for got, want in zip(leaves, expected, strict=True):
+        np.testing.assert_array_equal(xp.numpy(got), xp.numpy(want))
+    assert float(stats_i.norm) == float(stats_f.norm)
+
+
+def test_inplace_blocks_and_strided_leaves(mutable_xp):
+    """Leaves larger than one block, and non-contiguous views, are written in place."""
+    xp = mutable_xp
+    rng = np.random.default_rng(3)
+    big = xp.array(rng.standard_normal(3 * 2**20 + 5), "float32")
+    base = xp.array(rng.standard_normal((2**11, 2**10)), "float32")
+    strided = base[:, ::2]  # a view: 1M elements, not contiguous
+    ref = [xp.numpy(big).astype(np.float64), xp.numpy(strided).astype(np.float64)]
+    stats = gc.clip_by_global_norm_([big, strided], max_norm=3.0)
+    scale = 3.0 / (ref_norm(ref, 2.0) + 1e-6)
+    assert float(stats.scale) == pytest.approx(scale, rel=1e-6)
+    np.testing.assert_allclose(xp.numpy(big), ref[0] * scale, rtol=1e-6)
+    np.testing.assert_allclose(xp.numpy(strided), ref[1] * scale, rtol=1e-6)
+    np.testing.assert_allclose(xp.numpy(base)[:, 1::2], xp.numpy(base)[:, 1::2])  # untouched half
+
+
+def test_zero_d_and_single_array(xp):
+    x = xp.array(np.array(-8.0), "float32")
+    out, stats = gc.clip_by_global_norm(x, 2.0)
+    assert tuple(out.shape) == ()
+    assert float(out) == pytest.approx(-2.0, rel=1e-6)
+    assert float(stats.norm) == 8.0
+    if xp.mutable:
+        gc.clip_by_global_norm_(x, 2.0)
+        assert float(x) == pytest.approx(-2.0, rel=1e-6)
+
+
+def test_generator_is_consumed_once(xp):
+    leaves, _ = _leaves(xp)
+    gen = (x for x in leaves)
+    out, stats = gc.clip_by_global_norm(gen, 1.0)
+    assert isinstance(out, list) and len(out) == 3
+    assert list(gen) == []
+    if xp.mutable:
+        stats = gc.clip_by_global_norm_((x for x in leaves), 1.0)
+        assert float(gc.global_norm(leaves)) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_max_norm_zero_and_inf(xp):
+    leaves, ref = _leaves(xp)
+    out, _ = gc.clip_by_global_norm(leaves, 0.0)
+    assert all(np.all(xp.numpy(o) == 0) for o in out)
+    out, stats = gc.clip_by_global_norm(leaves, math.inf)
+    assert float(stats.scale) == 1.0
+    np.testing.assert_array_equal(xp.numpy(out[0]), ref[0].astype(np.float32))
+
+
+def test_max_norm_as_array(xp):
+    leaves, ref = _leaves(xp)
+    limit = xp.ns.asarray(2.0, dtype=xp.ns.float32)
+    _, stats = gc.clip_by_global_norm(leaves, limit)
+    assert float(stats.scale) == pytest.approx(2.0 / (ref_norm(ref, 2) + 1e-6), rel=1e-6)
+
+
+def test_precomputed_norm(xp):
+    leaves, ref = _leaves(xp)
+    out, stats = gc.clip_by_global_norm(leaves, 1.0, norm=100.0)
+    assert float(stats.norm) == 100.0
+    np.testing.assert_allclose(xp.numpy(out[1]), ref[1] / (100 + 1e-6), rtol=1e-6)
+    norm = gc.global_norm(leaves)
+    out2, _ = gc.clip_by_global_norm(leaves, 1.0, norm=norm)
+    out3, _ = gc.clip_by_global_norm(leaves, 1.0)
+    np.testing.assert_array_equal(xp.numpy(out2[0]), xp.numpy(out3[0]))
+
+
+@pytest.mark.parametrize("ord", [2.0, math.inf])
+def test_clip_by_norm_per_leaf(xp, ord):
+    leaves, ref = _leaves(xp)
+    leaves.append(xp.array(np.array([0.1, 0.2]), "float32"))
+    ref.append(np.array([0.1, 0.2], np.float32).astype(np.float64))
+    out, stats = gc.clip_by_norm(leaves, 1.5, ord=ord)
+    norms = [ref_norm([r], ord) for r in ref]
+    scales = [min(1.0, 1.5 / (n + 1e-6)) for n in norms]
+    np.testing.assert_allclose(xp.numpy(stats.norm), norms, rtol=1e-6)
+    np.testing.assert_allclose(xp.numpy(stats.scale), scales, rtol=1e-6)
+    assert xp.numpy(stats.clipped).tolist() == [True, True, True, False]
+    for got, want, s in zip(out, ref, scales, strict=True):
+        np.testing.assert_allclose(xp.numpy(got), want * s, rtol=1e-6)
+    if xp.mutable:
+        stats_i = gc.clip_by_norm_(leaves, 1.5, ord=ord)
+        for got, want in zip(leaves, out, strict=True):
+            np.testing.assert_array_equal(xp.numpy(got), xp.numpy(want))
+        np.testing.assert_array_equal(xp.numpy(stats_i.norm), xp.numpy(stats.norm))
+
+
+def test_clip_by_norm_precomputed(xp):
+    leaves, ref = _leaves(xp)
+    out, stats = gc.clip_by_norm(leaves, 1.0, norm=xp.ns.asarray([2.0, 0.5, 4.0]))
+    np.testing.assert_allclose(xp.numpy(out[0]), ref[0] / (2 + 1e-6), rtol=1e-6)
+    np.testing.assert_allclose(xp.numpy(out[1]), ref[1], rtol=1e-6)
+    with pytest.raises(ValueError, match="one norm per leaf"):
+        gc.clip_by_norm(leaves, 1.0, norm=xp.ns.asarray([1.0]))
+
+
+def test_clip_by_block_rms(xp):
+    leaves, ref = _leaves(xp)
+    out = gc.clip_by_block_rms({"x": leaves}, 2.0)["x"]
+    for got, want in zip(out, ref, strict=True):
+        rms = math.sqrt(np.mean(want**2))
+        np.testing.assert_allclose(xp.numpy(got), want / max(1.0, rms / 2.0), rtol=1e-6)
+
+
+def test_clip_by_block_rms_extreme(xp):
+    leaf = xp.array(np.full(8, 1e30), "float32")
+    np.testing.assert_allclose(xp.numpy(gc.clip_by_block_rms([leaf], 1.0)[0]), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_clip_by_value(xp, dtype):
+    need(xp, dtype)
+    host = np.array([-3.0, -0.25, 0.0, 0.5, 9.0])
+    x = xp.array(host, dtype)
+    np.testing.assert_array_equal(xp.numpy(gc.clip_by_value([x], 0.5)[0]), np.clip(host, -0.5, 0.5))
+    np.testing.assert_array_equal(xp.numpy(gc.clip_by_value([x], lo=0.0)[0]), np.clip(host, 0, None))
+    np.testing.assert_array_equal(xp.numpy(gc.clip_by_value([x], hi=1.0)[0]), np.clip(host, None, 1))
+    assert gc.clip_by_value([x], 0.5)[0].dtype == x.dtype
+    if xp.mutable:
+        gc.clip_by_value_([x], lo=-1.0, hi=2.0)
+        np.testing.assert_array_equal(xp.numpy(x), np.clip(host, -1, 2))
+
+
+# ----------------------------------------------------------------- nonfinite policies
+
+
+def _poisoned(xp, bad):
+    good = xp.array(np.array([3.0, 4.0]), "float32")
+    poisoned = xp.array(np.array([1.0, bad, 2.0]), "float32")
+    return {"good": good, "poisoned": poisoned}
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_propagate_is_torch_arithmetic(xp, bad):
+    tree = _poisoned(xp, bad)
+    out, stats = gc.clip_by_global_norm(tree, 1.0)
+    assert not bool(stats.finite)
+    good = xp.numpy(out["good"])
+    if math.isnan(bad):  # NaN norm -> NaN scale -> NaN everywhere
+        assert math.isnan(float(stats.norm)) and np.all(np.isnan(good))
+    else:  # inf norm -> scale 0 -> zeros, and inf * 0 = NaN
+        assert float(stats.norm) == math.inf and float(stats.scale) == 0.0
+        np.testing.assert_array_equal(good, [0.0, 0.0])
+        assert np.isnan(xp.numpy(out["poisoned"])[1])
+
+
+@pytest.mark.parametrize("bad", [math.nan, -math.inf])
+def test_raise_names_leaf_and_modifies_nothing(xp, bad):
+    tree = _poisoned(xp, bad)
+    with pytest.raises(gc.NonFiniteError, match=r"\['poisoned'\]"):
+        gc.clip_by_global_norm(tree, 1.0, nonfinite="raise")
+    with pytest.raises(gc.NonFiniteError, match=r"\['poisoned'\]"):
+        gc.global_norm(tree, nonfinite="raise")
+    with pytest.raises(gc.NonFiniteError, match=r"\['poisoned'\]"):
+        gc.clip_by_value(tree, 1.0, nonfinite="raise")
+    if xp.mutable:
+        with pytest.raises(gc.NonFiniteError):
+            gc.clip_by_global_norm_(tree, 1.0, nonfinite="raise")
+        with pytest.raises(gc.NonFiniteError):
+            gc.clip_by_norm_(tree, 1.0, nonfinite="raise")
+        with pytest.raises(gc.NonFiniteError):
+            gc.clip_by_value_(tree, 1.0, nonfinite="raise")
+        np.testing.assert_array_equal(xp.numpy(tree["good"]), [3.0, 4.0])
+        np.testing.assert_array_equal(xp.numpy(tree["poisoned"]), [1.0, bad, 2.0])
+
+
+def test_raise_passes_finite_trees(xp):
+    leaves, _ = _leaves(xp)
+    out, stats = gc.clip_by_global_norm(leaves, 1.0, nonfinite="raise")
+    assert bool(stats.finite)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_zero_drops_nonfinite_entries(xp, bad):
+    tree = _poisoned(xp, bad)
+    out, stats = gc.clip_by_global_norm(tree, 1.0, nonfinite="zero")
+    norm = math.sqrt(9 + 16 + 1 + 4)
+    assert float(stats.norm) == pytest.approx(norm, rel=1e-6)
+    assert not bool(stats.finite)  # reports what it found
+    np.testing.assert_allclose(xp.numpy(out["poisoned"]), np.array([1.0, 0.0, 2.0]) / norm, rtol=1e-6)
+    assert float(gc.global_norm(tree, nonfinite="zero")) == pytest.approx(norm, rel=1e-6)
+    assert xp.numpy(gc.clip_by_value(tree, 1.5, nonfinite="zero")["poisoned"]).tolist() == [1, 0, 1.5]
+    if xp.mutable:
+        gc.clip_by_global_norm_(tree, 1.0, nonfinite="zero")
+        np.testing.assert_allclose(xp.numpy(tree["poisoned"]), [1 / norm, 0, 2 / norm], rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_skip_leaves_everything_unchanged(xp, bad):
+    tree = _poisoned(xp, bad)
+    out, stats = gc.clip_by_global_norm(tree, 1.0, nonfinite="skip")
+    assert not bool(stats.finite)
+    assert float(stats.scale) == 1.0 and not bool(stats.clipped)
+    np.testing.assert_array_equal(xp.numpy(out["good"]), [3.0, 4.0])
+    np.testing.assert_array_equal(xp.numpy(out["poisoned"]), [1.0, bad, 2.0])
+    vals = gc.clip_by_value(tree, 0.5, nonfinite="skip")
+    np.testing.assert_array_equal(xp.numpy(vals["good"]), [3.0, 4.0])
+    _, per_leaf = gc.clip_by_norm(tree, 1.0, nonfinite="skip")
+    assert xp.numpy(per_leaf.finite).tolist() == [True, False]
+    assert xp.numpy(per_leaf.clipped).tolist() == [True, False]
+    if xp.mutable:
+        gc.clip_by_global_norm_(tree, 1.0, nonfinite="skip")
+        np.testing.assert_array_equal(xp.numpy(tree["good"]), [3.0, 4.0])
+
+
+def test_skip_still_clips_finite_trees(xp):
+    leaves, ref = _leaves(xp)
+    out, stats = gc.clip_by_global_norm(leaves, 1.0, nonfinite="skip")
+    assert bool(stats.finite) and bool(stats.clipped)
+    assert float(gc.global_norm(out)) == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("ord", [-math.inf, 0.0])
+def test_finite_flag_for_ords_that_hide_nonfinite(xp, ord):
+    tree = _poisoned(xp, math.inf)
+    _, stats = gc.clip_by_global_norm(tree, 1.0, ord=ord)
+    assert not bool(stats.finite)
+
+
+# ------------------------------------------------------------------------- fused
+
+
+def test_fused_false_is_the_reference(xp):
+    leaves, _ = _leaves(xp)
+    a, sa = gc.clip_by_global_norm(leaves, 1.0, fused=False)
+    b, sb = gc.clip_by_global_norm(leaves, 1.0)
+    assert xp.numpy(sa.norm).tobytes() == xp.numpy(sb.norm).tobytes()
+    for x, y in zip(a, b, strict=True):
+        assert xp.numpy(x).tobytes() == xp.numpy(y).tobytes()
+
+
+def test_fused_true_without_a_fast_path_raises(xp):
+    from gradclip import _api
+
+    leaves, _ = _leaves(xp)
+    backend = gc._compat.backend_name(xp.ns) if hasattr(gc, "_compat") else None
+    if backend in _api._FAST_PATHS:
+        pytest.skip(f"{backend} has a fast path")
+    with pytest.raises(ValueError, match="no fast path"):
+        gc.clip_by_global_norm(leaves, 1.0, fused=True)
+    with pytest.raises(TypeError, match="fused"):
+        gc.global_norm(leaves, fused="yes")

@@ -1,0 +1,181 @@
+"""global_norm and leaf_norms against a float64 NumPy reference, on every backend."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from conftest import FLOATS, need, ref_norm
+
+import gradclip as gc
+
+ORDS = [2.0, 1.0, 0.5, 3.0, 7.5, math.inf, -math.inf, 0.0]
+
+
+def _tree(xp, dtype="float32", seed=0):
+    rng = np.random.default_rng(seed)
+    shapes = {"embed": (7, 5), "layers": [(3, 4), (4,), ()], "head": (6,)}
+    leaves = {
+        "embed": rng.standard_normal(shapes["embed"]),
+        "layers": [rng.standard_normal(s) * 3 for s in shapes["layers"]],
+        "head": np.zeros(6),
+    }
+    leaves["head"][2] = -5.0
+    if dtype.startswith("complex"):
+        leaves["embed"] = leaves["embed"] + 1j * rng.standard_normal(shapes["embed"])
+    arr = lambda a: xp.array(a, dtype)  # noqa: E731
+    tree = {
+        "embed": arr(leaves["embed"]),
+        "skip": None,
+        "layers": [arr(a) for a in leaves["layers"]],
+        "head": arr(leaves["head"]),
+    }
+    # The reference sees exactly the values the backend holds (after rounding),
+    # in flattening order: dict keys sorted, as optree and jax.tree_util do.
+    ref = [xp.numpy(tree["embed"]), xp.numpy(tree["head"]), *(xp.numpy(a) for a in tree["layers"])]
+    return tree, ref
+
+
+def _tol(dtype):
+    return 1e-12 if dtype in ("float64", "complex128") else 1e-6
+
+
+@pytest.mark.parametrize("ord", ORDS)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_global_norm_matches_reference(xp, dtype, ord):
+    need(xp, dtype)
+    tree, ref = _tree(xp, dtype)
+    got = gc.global_norm(tree, ord=ord)
+    assert got.shape == ()
+    np.testing.assert_allclose(float(got), ref_norm(ref, ord), rtol=_tol(dtype))
+
+
+@pytest.mark.parametrize("ord", ORDS)
+def test_leaf_norms_matches_reference(xp, ord):
+    tree, ref = _tree(xp)
+    got = xp.numpy(gc.leaf_norms(tree, ord=ord))
+    want = [ref_norm([r], ord) if r.size else 0.0 for r in ref]
+    if ord == 0:  # per leaf, ord 0 counts nonzero entries (torch's vector_norm)
+        want = [float(np.count_nonzero(r)) for r in ref]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("dtypes", "expected"),
+    [
+        (("float16",), "float32"),
+        (("bfloat16",), "float32"),
+        (("float32",), "float32"),
+        (("float16", "bfloat16", "float32"), "float32"),
+        (("complex64",), "float32"),
+        (("float32", "float64"), "float64"),
+        (("float16", "complex128"), "float64"),
+    ],
+)
+def test_result_dtype(xp, dtypes, expected):
+    need(xp, *dtypes, expected)
+    tree = [xp.array(np.ones(3), d) for d in dtypes]
+    want = getattr(xp.ns, expected)
+    assert gc.global_norm(tree).dtype == want
+    assert gc.leaf_norms(tree).dtype == want
+    _, stats = gc.clip_by_global_norm(tree, 1.0)
+    assert stats.norm.dtype == want
+    assert stats.scale.dtype == want
+
+
+# float16 leaves of 300 overflow a float16 sum of squares; float32 leaves of
+# 1e30 overflow and of 1e-30 underflow a float32 one; bfloat16 has float32's
+# range. torch and optax return inf or 0 for all of these.
+EXTREMES = [("float16", 300.0), ("float32", 1e30), ("float32", 1e-30), ("bfloat16", 1e30)]
+
+
+@pytest.mark.parametrize("ord", [2.0, 1.0, 3.0, math.inf])
+@pytest.mark.parametrize(("dtype", "value"), EXTREMES)
+def test_norm_does_not_overflow_or_underflow(xp, dtype, value, ord):
+    need(xp, dtype)
+    leaves = [xp.array(np.full(1000, value), dtype), xp.array(np.full((10, 10), -value), dtype)]
+    held = float(xp.numpy(leaves[0])[0])  # the value after rounding to dtype
+    n = 1100
+    true = held * (n ** (1 / ord) if math.isfinite(ord) else 1.0)
+    norm = float(gc.global_norm(leaves, ord=ord))
+    assert norm == pytest.approx(true, rel=1e-5)
+    # eps=0: with torch's eps of 1e-6, a norm of 1e-29 would never clip.
+    clipped, stats = gc.clip_by_global_norm(leaves, max_norm=true / 4, ord=ord, eps=0.0)
+    assert bool(stats.clipped)
+    assert bool(stats.finite)
+    assert float(stats.scale) == pytest.approx(0.25, rel=1e-5)
+    scale = 0.25
+    rtol = 1e-2 if dtype in ("float16", "bfloat16") else 1e-5
+    for got in clipped:
+        np.testing.assert_allclose(np.abs(xp.numpy(got)).astype(np.float64), held * scale, rtol=rtol)
+
+
+def test_float64_leaves_do_not_overflow(xp):
+    need(xp, "float64")
+    leaves = [xp.array(np.full(4, 1e200)), xp.array(np.full(4, 1e-200))]
+    assert float(gc.global_norm(leaves)) == pytest.approx(2e200, rel=1e-12)
+    assert float(gc.global_norm([leaves[1]])) == pytest.approx(2e-200, rel=1e-12)
+
+
+def test_norm_of_subnormals(xp):
+    if xp.name.startswith("jax"):
+        pytest.skip("XLA on CPU flushes float32 subnormals to zero")
+    tiny = np.float32(1e-44)  # float32 subnormal
+    got = float(gc.global_norm([xp.array(np.full(4, tiny), "float32")]))
+    assert got == pytest.approx(2 * float(tiny), rel=0.1)  # subnormals carry few bits
+    assert got > 0
+
+
+def test_complex_uses_modulus(xp):
+    need(xp, "complex64")
+    z = xp.array(np.array([3 + 4j, 0, -6 - 8j]), "complex64")
+    assert float(gc.global_norm([z])) == pytest.approx(math.hypot(5, 10), rel=1e-6)
+    assert float(gc.global_norm([z], ord=math.inf)) == pytest.approx(10.0)
+
+
+def test_deterministic(xp):
+    rng = np.random.default_rng(1)
+    tree = [xp.array(rng.standard_normal(n), "float32") for n in (3_000_001, 17, 5000)]
+    first = gc.global_norm(tree)
+    norms = [xp.numpy(gc.global_norm(tree)) for _ in range(5)]
+    assert all(n.tobytes() == xp.numpy(first).tobytes() for n in norms)
+    outs = [xp.numpy(gc.clip_by_global_norm(tree, 1.0)[0][0]) for _ in range(3)]
+    assert all(o.tobytes() == outs[0].tobytes() for o in outs)
+
+
+@pytest.mark.parametrize("tree", [[], {}, (), [None], {"a": None, "b": [None]}])
+def test_empty_tree(tree):
+    assert float(gc.global_norm(tree)) == 0.0
+    assert gc.leaf_norms(tree).shape == (0,)
+    out, stats = gc.clip_by_global_norm(tree, 1.0)
+    assert out == tree
+    assert (float(stats.norm), float(stats.scale), bool(stats.clipped), bool(stats.finite)) == (
+        0.0,
+        1.0,
+        False,
+        True,
+    )
+    assert gc.clip_by_global_norm_(tree, 1.0).scale == 1.0
+    assert gc.clip_by_value(tree, 1.0) == tree
+
+
+def test_empty_and_zero_size_leaves(xp):
+    tree = [xp.array(np.zeros((0, 3)), "float32"), xp.array(np.array([2.0]), "float32")]
+    for ord in ORDS:
+        assert float(gc.global_norm(tree, ord=ord)) == pytest.approx(1.0 if ord == 0 else 2.0)
+    assert xp.numpy(gc.leaf_norms(tree, ord=-math.inf)).tolist() == [0.0, 2.0]
+    only_empty = [xp.array(np.zeros((0,)), "float32")]
+    assert float(gc.global_norm(only_empty, ord=-math.inf)) == 0.0
+
+
+@pytest.mark.slow
+def test_accuracy_64m_float32(xp):
+    """A 64M-element float32 N(0,1) leaf: relative error <= 1e-6 (np.dot is ~3e-4 off)."""
+    rng = np.random.default_rng(2)
+    host = rng.standard_normal(64 * 2**20, dtype=np.float32)
+    want = math.sqrt(float(np.dot(host.astype(np.float64), host.astype(np.float64))))
+    leaf = xp.array(host)
+    del host
+    got = float(gc.global_norm([leaf]))
+    assert abs(got - want) / want <= 1e-6
