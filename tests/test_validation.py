@@ -1,0 +1,182 @@
+"""Bad input: a clear exception naming the leaf, and nothing modified by a failed in-place call."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from conftest import importorskip
+
+import gradclip as gc
+
+INPLACE = [gc.clip_by_global_norm_, gc.clip_by_norm_]
+
+
+def _tree(xp):
+    return {"encoder": [xp.array(np.full(3, 2.0), "float32") for _ in range(4)], "head": None}
+
+
+@pytest.mark.parametrize("bad", [-1.0, math.nan, -math.inf])
+@pytest.mark.parametrize("fn", [gc.clip_by_global_norm, gc.clip_by_norm, *INPLACE])
+def test_bad_max_norm(xp, fn, bad):
+    with pytest.raises(ValueError, match="max_norm must be a number >= 0"):
+        fn(_tree(xp), bad)
+
+
+@pytest.mark.parametrize("bad", [True, "1.0", None, [1.0]])
+def test_max_norm_wrong_type(xp, bad):
+    with pytest.raises(TypeError, match="max_norm"):
+        gc.clip_by_global_norm(_tree(xp), bad)
+
+
+@pytest.mark.parametrize("bad", [-1e-6, math.nan, math.inf])
+def test_bad_eps(xp, bad):
+    with pytest.raises(ValueError, match="eps"):
+        gc.clip_by_global_norm(_tree(xp), 1.0, eps=bad)
+
+
+@pytest.mark.parametrize("bad", [-1, -0.5, math.nan, "fro", None, True])
+def test_unknown_ord(xp, bad):
+    with pytest.raises(ValueError, match="ord must be"):
+        gc.global_norm(_tree(xp), ord=bad)
+    with pytest.raises(ValueError, match="ord must be"):
+        gc.clip_by_global_norm(_tree(xp), 1.0, ord=bad)
+
+
+@pytest.mark.parametrize("bad", ["ignore", "Zero", None])
+def test_unknown_nonfinite(xp, bad):
+    with pytest.raises(ValueError, match="nonfinite must be one of"):
+        gc.clip_by_global_norm(_tree(xp), 1.0, nonfinite=bad)
+    with pytest.raises(ValueError, match="nonfinite must be one of"):
+        gc.global_norm(_tree(xp), nonfinite="skip")
+
+
+@pytest.mark.parametrize("dtype", ["int32", "int64", "bool", "uint8"])
+def test_integer_and_bool_leaves(xp, dtype):
+    tree = _tree(xp)
+    tree["encoder"][3] = xp._to(np.ones(3, dtype=dtype))
+    for fn in (gc.global_norm, gc.leaf_norms):
+        with pytest.raises(TypeError, match=r"leaf \['encoder'\]\[3\] has dtype .*floating point"):
+            fn(tree)
+    with pytest.raises(TypeError, match=r"\['encoder'\]\[3\]"):
+        gc.clip_by_global_norm(tree, 1.0)
+
+
+def test_non_array_leaf(xp):
+    tree = _tree(xp)
+    tree["encoder"][1] = 3.0
+    with pytest.raises(TypeError, match=r"leaf \['encoder'\]\[1\] is a builtins.float, not an array"):
+        gc.clip_by_global_norm(tree, 1.0)
+
+
+def test_two_array_libraries(xp):
+    if xp.name == "numpy":
+        pytest.skip("needs a second library; the numpy case is each other backend's test")
+    tree = _tree(xp)
+    tree["encoder"][2] = np.ones(3, np.float32)
+    with pytest.raises(TypeError, match=r"leaf \['encoder'\]\[2\] is a numpy array but leaf"):
+        gc.clip_by_global_norm(tree, 1.0)
+    if xp.mutable:
+        first = tree["encoder"][0]
+        with pytest.raises(TypeError):
+            gc.clip_by_global_norm_(tree, 0.1)
+        np.testing.assert_array_equal(xp.numpy(first), [2.0, 2.0, 2.0])
+
+
+def test_two_devices_torch():
+    torch = importorskip("torch")
+    tree = {"a": torch.ones(3), "b": torch.ones(3, device="meta")}
+    with pytest.raises(ValueError, match=r"leaf \['b'\] is on meta but leaf \['a'\] is on cpu"):
+        gc.clip_by_global_norm(tree, 1.0)
+    with pytest.raises(ValueError, match="one device"):
+        gc.clip_by_global_norm_(tree, 1.0)
+    assert tree["a"].tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("fn", [*INPLACE, lambda t, c: gc.clip_by_value_(t, c)])
+def test_read_only_last_leaf_modifies_nothing(fn):
+    leaves = [np.full(3, 5.0), np.full(2, 5.0), np.full(4, 5.0)]
+    leaves[-1].flags.writeable = False
+    with pytest.raises(ValueError, match=r"leaf \[2\] is read-only"):
+        fn(leaves, 1.0)
+    for x in leaves:
+        np.testing.assert_array_equal(x, 5.0)
+
+
+def test_read_only_numpy_scalar_and_broadcast():
+    with pytest.raises(ValueError, match="NumPy scalar"):
+        gc.clip_by_global_norm_([np.float32(3.0)], 1.0)
+    base = np.ones(3)
+    with pytest.raises(ValueError, match="read-only"):
+        gc.clip_by_global_norm_({"b": np.broadcast_to(base, (4, 3))}, 1.0)
+
+
+def test_read_only_array_api_strict():
+    strict = importorskip("array_api_strict")
+    host = np.full(3, 5.0)
+    host.flags.writeable = False
+    x = strict.asarray(host)
+    if x._array.flags.writeable:
+        pytest.skip("array_api_strict copied the buffer")
+    with pytest.raises(ValueError, match="read-only"):
+        gc.clip_by_global_norm_([strict.asarray(np.ones(2)), x], 1.0)
+
+
+def test_overlapping_torch_tensor():
+    torch = importorskip("torch")
+    ok = torch.full((3,), 5.0)
+    expanded = torch.ones(1, 3).expand(4, 3)
+    with pytest.raises(ValueError, match=r"leaf \['x'\] has overlapping memory"):
+        gc.clip_by_global_norm_({"ok": ok, "x": expanded}, 1.0)
+    assert ok.tolist() == [5.0, 5.0, 5.0]
+
+
+def test_torch_inplace_on_leaf_requiring_grad():
+    torch = importorskip("torch")
+    p = torch.full((4,), 3.0, requires_grad=True)
+    gc.clip_by_global_norm_([p], 1.0)  # writes under no_grad, as torch's clip_grad_norm_ does
+    assert p.detach().tolist() == pytest.approx([0.5] * 4, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["jax", "dask"])
+def test_immutable_arrays_rejected_in_place(name):
+    if name == "jax":
+        jnp = importorskip("jax.numpy")
+        leaf = jnp.ones(3)
+    else:
+        da = importorskip("dask.array")
+        leaf = da.ones(3)
+    ok = np.full(3, 5.0)
+    for fn in (gc.clip_by_global_norm_, gc.clip_by_norm_, lambda t, c: gc.clip_by_value_(t, c)):
+        with pytest.raises(TypeError, match=rf"leaf \['g'\]\[0\] is a {name} array, which cannot"):
+            fn({"g": [leaf, leaf]}, 1.0)
+    with pytest.raises(TypeError):
+        gc.clip_by_global_norm_({"a": ok, "b": leaf}, 1.0)
+    np.testing.assert_array_equal(ok, 5.0)
+
+
+def test_clip_by_value_arguments(xp):
+    tree = _tree(xp)
+    with pytest.raises(TypeError, match="not both"):
+        gc.clip_by_value(tree, 1.0, lo=0.0)
+    with pytest.raises(TypeError, match="give clip_value"):
+        gc.clip_by_value(tree)
+    with pytest.raises(ValueError, match="lo must be <= hi"):
+        gc.clip_by_value(tree, lo=1.0, hi=0.0)
+    with pytest.raises(ValueError, match="clip_value must be a number >= 0"):
+        gc.clip_by_value(tree, -1.0)
+    with pytest.raises(ValueError, match="NaN"):
+        gc.clip_by_value(tree, lo=math.nan)
+
+
+def test_clip_by_value_complex(xp):
+    if not xp.has("complex64"):
+        pytest.skip(f"{xp.name} has no complex64")
+    with pytest.raises(TypeError, match=r"leaf \[0\] is complex"):
+        gc.clip_by_value([xp.array(np.ones(2), "complex64")], 1.0)
+
+
+def test_bad_threshold(xp):
+    with pytest.raises(ValueError, match="threshold"):
+        gc.clip_by_block_rms(_tree(xp), -2.0)
