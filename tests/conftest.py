@@ -148,6 +148,7 @@ def _make_dask() -> Backend:
     import dask.array as da
 
     dtypes = ("float16", "float32", "float64", "complex64", "complex128")
+
     def back(a: Any) -> np.ndarray:
         # dask evaluates lazily, so NumPy's warnings for inf * 0 (which the
         # "propagate" policy performs on purpose) surface here, at compute time.
@@ -202,7 +203,9 @@ def xp(request: pytest.FixtureRequest) -> Any:
 def mutable_xp(xp: Backend) -> Backend:
     """Backends whose arrays can be clipped in place."""
     if not xp.mutable:
-        pytest.skip(f"{xp.name} arrays are immutable; in-place forms reject them (tested separately)")
+        pytest.skip(
+            f"{xp.name} arrays are immutable; in-place forms reject them (tested separately)"
+        )
     return xp
 
 
@@ -237,5 +240,5 @@ def ref_norm(leaves: list[np.ndarray], ord: float) -> float:
 def importorskip(name: str) -> Any:
     """Like pytest.importorskip, but checks the spec first (no warnings)."""
     if not _installed(name):
-        pytest.skip(f"{name} is not installed")
+        pytest.skip(f"{name} is not installed", allow_module_level=True)
     return importlib.import_module(name)

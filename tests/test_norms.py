@@ -6,9 +6,9 @@ import math
 
 import numpy as np
 import pytest
-from conftest import FLOATS, need, ref_norm
 
 import gradclip as gc
+from conftest import FLOATS, need, ref_norm
 
 ORDS = [2.0, 1.0, 0.5, 3.0, 7.5, math.inf, -math.inf, 0.0]
 
@@ -108,7 +108,9 @@ def test_norm_does_not_overflow_or_underflow(xp, dtype, value, ord):
     scale = 0.25
     rtol = 1e-2 if dtype in ("float16", "bfloat16") else 1e-5
     for got in clipped:
-        np.testing.assert_allclose(np.abs(xp.numpy(got)).astype(np.float64), held * scale, rtol=rtol)
+        np.testing.assert_allclose(
+            np.abs(xp.numpy(got)).astype(np.float64), held * scale, rtol=rtol
+        )
 
 
 def test_float64_leaves_do_not_overflow(xp):

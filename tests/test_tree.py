@@ -6,9 +6,9 @@ import collections
 
 import numpy as np
 import pytest
-from conftest import importorskip
 
 import gradclip as gc
+from conftest import importorskip
 from gradclip._tree import flatten
 
 Pair = collections.namedtuple("Pair", "w b")
@@ -30,7 +30,9 @@ def test_structure_preserved_exactly(xp):
 
 
 def test_paths_in_messages():
-    flat = flatten({"encoder": [np.ones(1), None, np.ones(1), np.ones(1)], "nt": Pair(np.ones(1), None)})
+    flat = flatten(
+        {"encoder": [np.ones(1), None, np.ones(1), np.ones(1)], "nt": Pair(np.ones(1), None)}
+    )
     assert flat.paths == ["['encoder'][0]", "['encoder'][2]", "['encoder'][3]", "['nt'].w"]
     assert flatten(np.ones(2)).paths == ["<root>"]
 

@@ -6,9 +6,9 @@ import math
 
 import numpy as np
 import pytest
-from conftest import importorskip
 
 import gradclip as gc
+from conftest import importorskip
 
 INPLACE = [gc.clip_by_global_norm_, gc.clip_by_norm_]
 
@@ -66,7 +66,9 @@ def test_integer_and_bool_leaves(xp, dtype):
 def test_non_array_leaf(xp):
     tree = _tree(xp)
     tree["encoder"][1] = 3.0
-    with pytest.raises(TypeError, match=r"leaf \['encoder'\]\[1\] is a builtins.float, not an array"):
+    with pytest.raises(
+        TypeError, match=r"leaf \['encoder'\]\[1\] is a builtins.float, not an array"
+    ):
         gc.clip_by_global_norm(tree, 1.0)
 
 

@@ -123,7 +123,9 @@ def _run(prep: _Prepared, fused: bool | None, fn: str, **kwargs: Any) -> Any:
 
 def _check_nonfinite(nonfinite: str, allowed: tuple[str, ...] = NONFINITE) -> str:
     if nonfinite not in allowed:
-        raise ValueError(f"nonfinite must be one of {', '.join(map(repr, allowed))}; got {nonfinite!r}")
+        raise ValueError(
+            f"nonfinite must be one of {', '.join(map(repr, allowed))}; got {nonfinite!r}"
+        )
     return nonfinite
 
 
@@ -483,6 +485,9 @@ def clip_by_norm_(
     fused: bool | None = None,
 ) -> ClipStats:
     """In-place :func:`clip_by_norm` for NumPy, CuPy and torch arrays.
+
+    Every leaf is checked before any is written, as for
+    :func:`clip_by_global_norm_`.
     {params}
 
     Returns
@@ -520,7 +525,7 @@ for _f in (clip_by_global_norm, clip_by_global_norm_, clip_by_norm, clip_by_norm
 def clip_by_block_rms(
     tree: Any, threshold: float, *, nonfinite: str = "propagate", fused: bool | None = None
 ) -> Any:
-    """optax's ``clip_by_block_rms``: divide each leaf by ``max(1, rms / threshold)``.
+    """Optax's ``clip_by_block_rms``: divide each leaf by ``max(1, rms / threshold)``.
 
     ``rms`` is each leaf's root mean square, computed with the overflow-safe
     norm, so float32 leaves of 1e30 are clipped correctly (optax's
@@ -562,9 +567,7 @@ def clip_by_block_rms(
 # ---------------------------------------------------------------------- value clipping
 
 
-def _value_bounds(
-    clip_value: Any, lo: Any, hi: Any
-) -> tuple[float | None, float | None]:
+def _value_bounds(clip_value: Any, lo: Any, hi: Any) -> tuple[float | None, float | None]:
     if clip_value is not None:
         if lo is not None or hi is not None:
             raise TypeError("give either clip_value or lo=/hi=, not both")
@@ -572,7 +575,7 @@ def _value_bounds(
         return -c, c
     if lo is None and hi is None:
         raise TypeError("give clip_value, or at least one of lo= and hi=")
-    bounds = []
+    bounds: list[float | None] = []
     for name, v in (("lo", lo), ("hi", hi)):
         if v is None:
             bounds.append(None)
@@ -606,7 +609,9 @@ def _clip_value(
     for path, x in zip(prep.flat.paths, prep.flat.leaves, strict=True):
         info = _compat.dtype_info(xp, x.dtype)
         if info is not None and info.complex:
-            raise TypeError(f"{fn}: leaf {path} is complex; complex values have no order to clip by")
+            raise TypeError(
+                f"{fn}: leaf {path} is complex; complex values have no order to clip by"
+            )
     leaves = _run(
         prep, fused, "clip_by_value", lo=low, hi=high, nonfinite=nonfinite, inplace=inplace
     )

@@ -160,9 +160,8 @@ def has_float64(xp: Any, device: Any) -> bool:
     if name == "jax":
         # JAX disables float64 unless ``jax_enable_x64`` is set.
         return "float64" in xp.__array_namespace_info__().dtypes(kind="real floating")
-    if name == "torch" and getattr(device, "type", None) == "mps":
-        return False  # Apple's MPS backend has no float64.
-    return True
+    # Apple's MPS backend has no float64.
+    return not (name == "torch" and getattr(device, "type", None) == "mps")
 
 
 def chunk_elems(xp: Any) -> int | None:

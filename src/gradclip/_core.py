@@ -71,7 +71,11 @@ def _scale_from_norm(plan: Plan, norm: Any, max_norm: Any, eps: float) -> Any:
     xp = plan.xp
     if not isinstance(max_norm, int | float):
         max_norm = xp.astype(max_norm, plan.res)
-    return xp.minimum(plan.const(1.0, plan.res), max_norm / (norm + eps))
+    # Dividing by at least the smallest normal number keeps a zero norm with
+    # eps=0 from dividing by zero (scale 1, or 0 when max_norm is 0); NaN
+    # still propagates through maximum and minimum.
+    denom = xp.maximum(norm + eps, plan.const(xp.finfo(plan.res).smallest_normal, plan.res))
+    return xp.minimum(plan.const(1.0, plan.res), max_norm / denom)
 
 
 def _scaled(plan: Plan, index: int, block: Any, scale: Any, zero_nonfinite: bool) -> Any:
@@ -154,8 +158,9 @@ def clip_by_norm(
     else:
         norms = xp.asarray(norm, dtype=plan.res, device=plan.device)
         if tuple(norms.shape) != (len(leaves),):
+            shape = tuple(norms.shape)
             raise ValueError(
-                f"norm= must hold one norm per leaf, shape ({len(leaves)},); got {tuple(norms.shape)}"
+                f"norm= must hold one norm per leaf, shape ({len(leaves)},); got {shape}"
             )
         finite = xp.isfinite(norms)
         if nonfinite == "raise":
@@ -170,7 +175,7 @@ def clip_by_norm(
 def clip_by_block_rms(
     xp: Any, leaves: list[Any], names: Sequence[str], *, threshold: float, nonfinite: str
 ) -> list[Any]:
-    """optax's ``clip_by_block_rms``: divide each leaf by ``max(1, rms / threshold)``."""
+    """Optax's ``clip_by_block_rms``: divide each leaf by ``max(1, rms / threshold)``."""
     zero = nonfinite == "zero"
     plan = Plan(xp, 2.0, leaves, zero_nonfinite=zero)
     parts = _reduce(plan, names, nonfinite)

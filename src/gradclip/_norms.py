@@ -113,10 +113,12 @@ class Plan:
 
     def const(self, value: float, dtype: Any = None) -> Any:
         """A 0-d array on the leaves' device."""
-        return self.xp.asarray(value, dtype=self.acc if dtype is None else dtype, device=self.device)
+        return self.xp.asarray(
+            value, dtype=self.acc if dtype is None else dtype, device=self.device
+        )
 
     def _wide_acc(self) -> bool:
-        return self.acc == self.xp.float64
+        return bool(self.acc == self.xp.float64)
 
     def _needs_scaling(self, index: int) -> bool:
         info, acc = self._infos[index], self._acc_info
@@ -124,7 +126,7 @@ class Plan:
             return False
         p = self.p
         top = p * (info.max_exp2 + (0.5 if info.complex else 0.0)) + _LOG2_MAX_ELEMS
-        return top >= acc.max_exp2 - 1 or p * info.tiny_exp2 < acc.normal_exp2
+        return bool(top >= acc.max_exp2 - 1 or p * info.tiny_exp2 < acc.normal_exp2)
 
     def _sum(self, v: Any) -> Any:
         xp = self.xp
@@ -149,10 +151,9 @@ class Plan:
     def _magnitude(self, block: Any, complex: bool) -> Any:
         """``|block|`` in the accumulator dtype (complex is widened before ``abs``)."""
         xp = self.xp
+        target = self.acc
         if complex:
             target = xp.complex128 if self._wide_acc() else xp.complex64
-        else:
-            target = self.acc
         return xp.abs(xp.astype(block, target, copy=False))
 
     def real_dtype(self, index: int) -> Any:
@@ -184,8 +185,10 @@ class Plan:
         m = xp.max(a)
         ok = xp.isfinite(m) & (m > 0)
         exp = xp.floor(xp.log2(xp.where(ok, m, self.const(1.0))))
-        # 2**-exp must stay finite; subnormal blocks are scaled as far as allowed.
-        exp = xp.maximum(exp, self.const(1.0 - math.floor(self._acc_info.max_exp2)))
+        # 2**-exp must be finite and normal (XLA on CPU flushes subnormals to
+        # zero): blocks at the ends of the range are scaled as far as allowed.
+        acc = self._acc_info
+        exp = xp.clip(exp, 1.0 - math.floor(acc.max_exp2), -acc.normal_exp2)
         exp = xp.where(ok, exp, self.const(0.0))
         y = a * xp.pow(self.const(2.0), -exp)
         return Partial(self._powsum(y), exp, finite)

@@ -33,7 +33,7 @@ def _materialise(tree: Any) -> Any:
     # ``model.parameters()``-style generators and dict views are consumed once
     # into a list; the caller gets a list back from functional calls.
     if isinstance(tree, Iterator | MappingView):
-        return list(tree)
+        return list(tree)  # type: ignore[arg-type]  # every MappingView is iterable
     return tree
 
 

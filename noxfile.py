@@ -1,0 +1,56 @@
+"""Developer sessions for gradclip.
+
+Plain ``nox`` runs ``lint`` and one ``tests`` session per backend, CPU only.
+``nox -l`` lists them; ``nox -s "tests(jax)"`` runs one; arguments after ``--``
+go to pytest, e.g. ``nox -s "tests(numpy)" -- -x -k global_norm``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.needs_version = ">=2025.2.9"  # nox.project.dependency_groups
+nox.options.sessions = ["lint", "tests"]  # "tests" runs every backend parametrisation
+# Reuse venvs between runs; every run still pip-installs, so a changed
+# pyproject.toml or pin is picked up (a fresh clone simply builds them).
+nox.options.reuse_venv = "yes"
+
+PYPROJECT = nox.project.load_toml("pyproject.toml")
+
+# Never let pip choose torch on its own: an unpinned torch resolves to the CUDA
+# build and downloads gigabytes of nvidia-* wheels. The pin matches the CPU
+# wheel the machines carry (pip prefers 2.13.0+cpu over 2.13.0 for ==2.13.0).
+# For the same reason the package's [torch] extra is never installed here.
+TORCH_VERSION = os.environ.get("GRADCLIP_TORCH_VERSION", "2.13.0")
+
+# session id -> (packages to install, value of GRADCLIP_TEST_BACKENDS that
+# tests/conftest.py reads to choose which backends its ``xp`` fixture covers).
+BACKENDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "numpy": ((), "numpy"),
+    "array-api-strict": (("array-api-strict>=2.2",), "array_api_strict"),
+    "torch": ((f"torch=={TORCH_VERSION}",), "torch"),
+    "jax": (("jax>=0.4.35", "optax>=0.2.4"), "jax,jax64"),
+    "dask": (("dask[array]>=2024.8",), "dask"),
+    # CuPy imports without a GPU; tests that need a device skip with a reason.
+    "cupy": (("cupy-cuda13x>=14.0", "nvidia-cuda-nvrtc>=13,<14"), "cupy"),
+}
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Ruff (lint + format check) and mypy --strict over src/."""
+    session.install(*nox.project.dependency_groups(PYPROJECT, "lint"), "-e", ".")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    session.run("mypy")  # files = ["src"] in pyproject.toml
+
+
+@nox.session
+@nox.parametrize("backend", list(BACKENDS), ids=list(BACKENDS))
+def tests(session: nox.Session, backend: str) -> None:
+    """The test suite on one array backend (CPU)."""
+    packages, selector = BACKENDS[backend]
+    session.install(*nox.project.dependency_groups(PYPROJECT, "test"), *packages, "-e", ".")
+    session.run("pytest", *session.posargs, env={"GRADCLIP_TEST_BACKENDS": selector})

@@ -1,0 +1,80 @@
+"""JAX: the functions run under jax.jit and jax.vmap, and jax.grad goes through global_norm."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import gradclip as gc
+from conftest import importorskip
+
+jax = importorskip("jax")
+jnp = jax.numpy
+
+
+def _tree():
+    rng = np.random.default_rng(0)
+    return {"w": jnp.asarray(rng.standard_normal((8, 4)), jnp.float32), "b": jnp.full(4, 3.0)}
+
+
+@pytest.mark.parametrize("nonfinite", ["propagate", "zero", "skip"])
+def test_clip_by_global_norm_under_jit(nonfinite):
+    tree = _tree()
+    fn = jax.jit(lambda t: gc.clip_by_global_norm(t, 1.0, nonfinite=nonfinite))
+    out, stats = fn(tree)
+    ref, ref_stats = gc.clip_by_global_norm(tree, 1.0, nonfinite=nonfinite)
+    assert isinstance(stats, gc.ClipStats)
+    np.testing.assert_allclose(np.asarray(stats.norm), np.asarray(ref_stats.norm), rtol=1e-6)
+    for k in tree:
+        np.testing.assert_allclose(np.asarray(out[k]), np.asarray(ref[k]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("ord", [2.0, 1.0, 3.0, math.inf, -math.inf, 0.0])
+def test_norms_under_jit(ord):
+    tree = _tree()
+    got = jax.jit(lambda t: gc.global_norm(t, ord=ord))(tree)
+    assert float(got) == pytest.approx(float(gc.global_norm(tree, ord=ord)), rel=1e-6)
+    per = jax.jit(lambda t: gc.leaf_norms(t, ord=ord))(tree)
+    np.testing.assert_allclose(np.asarray(per), np.asarray(gc.leaf_norms(tree, ord=ord)), rtol=1e-6)
+
+
+def test_other_functions_under_jit():
+    tree = _tree()
+    jax.jit(lambda t: gc.clip_by_norm(t, 1.0))(tree)
+    jax.jit(lambda t: gc.clip_by_value(t, 0.5, nonfinite="skip"))(tree)
+    jax.jit(lambda t: gc.clip_by_block_rms(t, 0.5))(tree)
+    out = jax.jit(lambda t, m: gc.clip_by_global_norm(t, m)[0])(tree, jnp.float32(2.0))
+    assert float(gc.global_norm(out)) == pytest.approx(2.0, rel=1e-5)
+
+
+def test_overflow_safe_under_jit():
+    tree = [jnp.full(100, 1e30, jnp.float32), jnp.full(3, 1.5e38, jnp.bfloat16)]
+    got = jax.jit(gc.global_norm)(tree)
+    assert float(got) == pytest.approx(float(np.linalg.norm([1e30] * 100 + [1.5e38] * 3)), rel=1e-2)
+
+
+def test_grad_through_global_norm():
+    x = jnp.asarray([3.0, -4.0, 12.0], jnp.float32)
+    g = jax.grad(lambda v: gc.global_norm({"v": v}))(x)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(x) / 13.0, rtol=1e-6)
+    big = x * 1e30  # the scaled path: gradient is still x / ||x||
+    g = jax.grad(lambda v: gc.global_norm([v]))(big)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(x) / 13.0, rtol=1e-6)
+
+
+def test_grad_through_clip():
+    x = jnp.asarray([3.0, 4.0], jnp.float32)
+    g = jax.grad(lambda v: jnp.sum(gc.clip_by_global_norm([v], 1.0, eps=0.0)[0][0]))(x)
+    # d/dx sum(x / |x|) = (1 - x * sum(x) / |x|^2) / |x|
+    want = (1 - np.asarray(x) * 7 / 25) / 5
+    np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5)
+
+
+def test_vmap_over_a_batch_of_trees():
+    batch = {"w": jnp.arange(12.0).reshape(3, 4)}
+    norms = jax.vmap(lambda t: gc.global_norm(t))(batch)
+    np.testing.assert_allclose(
+        np.asarray(norms), np.linalg.norm(np.arange(12.0).reshape(3, 4), axis=1), rtol=1e-6
+    )
