@@ -183,7 +183,8 @@ def global_norm(
         nonzero entry, as in torch.
     nonfinite : {"propagate", "raise", "zero"}, default "propagate"
         ``"propagate"`` lets NaN/inf through the arithmetic; ``"raise"`` raises
-        :class:`~gradclip.NonFiniteError` naming the leaf (one host sync);
+        :class:`~gradclip.NonFiniteError` naming the leaf (one host sync, so
+        not under ``jax.jit``);
         ``"zero"`` treats NaN/inf entries as 0.
     fused : bool or None, default None
         ``None`` uses a backend fast path when there is one, ``True`` requires
@@ -312,7 +313,7 @@ _NORM_CLIP_PARAMS = """
     nonfinite : {"propagate", "raise", "zero", "skip"}, default "propagate"
         ``"propagate"``: torch's arithmetic (a NaN norm makes NaN gradients).
         ``"raise"``: raise :class:`~gradclip.NonFiniteError` naming the leaf
-        before anything is modified (one host sync). ``"zero"``: NaN/inf
+        before anything is modified (one host sync, so not under ``jax.jit``). ``"zero"``: NaN/inf
         entries become 0 before the norm. ``"skip"``: if anything is
         non-finite, leaves are left unchanged and ``stats.finite`` is False;
         no sync.

@@ -83,16 +83,16 @@ class Plan:
     p: float
     leaves: list[Any]
     zero_nonfinite: bool = False
-    chunk: int | None = None
-    device: Any = None
+    chunk: int | None = field(init=False)
+    device: Any = field(init=False)
     acc: Any = field(init=False)
     res: Any = field(init=False)
     _acc_info: Any = field(init=False)
+    _infos: list[Any] = field(init=False)
 
     def __post_init__(self) -> None:
         xp = self.xp
-        if self.leaves:
-            self.device = _compat.device_of(self.leaves[0])
+        self.device = _compat.device_of(self.leaves[0]) if self.leaves else None
         self.chunk = _compat.chunk_elems(xp)
         infos = [_compat.dtype_info(xp, x.dtype) for x in self.leaves]
         wide = any(info is not None and info.float64 for info in infos)
