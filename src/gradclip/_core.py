@@ -8,7 +8,6 @@ values except where ``nonfinite="raise"`` must, by definition, look.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -52,18 +51,30 @@ def _stats(xp: Any, norm: Any, scale: Any, finite: Any) -> ClipStats:
 
 
 def global_norm(
-    xp: Any, leaves: list[Any], names: Sequence[str], *, p: float, nonfinite: str
+    xp: Any,
+    leaves: list[Any],
+    names: Sequence[str],
+    *,
+    p: float,
+    nonfinite: str,
+    plan_cls: type[Plan] = Plan,
 ) -> Any:
     """The norm of all leaves taken together (0-d, result dtype)."""
-    plan = Plan(xp, p, leaves, zero_nonfinite=nonfinite == "zero")
+    plan = plan_cls(xp, p, leaves, zero_nonfinite=nonfinite == "zero")
     return _compat.as_array(xp, plan.total(_reduce(plan, names, nonfinite))[0])
 
 
 def leaf_norms(
-    xp: Any, leaves: list[Any], names: Sequence[str], *, p: float, nonfinite: str
+    xp: Any,
+    leaves: list[Any],
+    names: Sequence[str],
+    *,
+    p: float,
+    nonfinite: str,
+    plan_cls: type[Plan] = Plan,
 ) -> Any:
     """One norm per leaf (1-d, result dtype)."""
-    plan = Plan(xp, p, leaves, zero_nonfinite=nonfinite == "zero")
+    plan = plan_cls(xp, p, leaves, zero_nonfinite=nonfinite == "zero")
     return plan.leaf_norms(_reduce(plan, names, nonfinite))
 
 
@@ -78,31 +89,6 @@ def _scale_from_norm(plan: Plan, norm: Any, max_norm: Any, eps: float) -> Any:
     return xp.minimum(plan.const(1.0, plan.res), max_norm / denom)
 
 
-def _scaled(plan: Plan, index: int, block: Any, scale: Any, zero_nonfinite: bool) -> Any:
-    """``block * scale`` in the leaf's own dtype, NaN/inf entries zeroed if asked."""
-    xp = plan.xp
-    out = block * xp.astype(scale, plan.real_dtype(index))
-    if zero_nonfinite:
-        out = xp.where(xp.isfinite(block), out, xp.zeros_like(out))
-    return _compat.as_array(xp, out)
-
-
-def _apply(plan: Plan, scales: Any, *, per_leaf: bool, zero: bool, inplace: bool) -> list[Any]:
-    """Multiply every leaf by its scale, functionally or block by block in place."""
-    xp = plan.xp
-    out = []
-    with _compat.inplace_guard(xp) if inplace else contextlib.nullcontext():
-        for i, x in enumerate(plan.leaves):
-            s = scales[i] if per_leaf else scales
-            if not inplace:
-                out.append(_scaled(plan, i, x, s, zero))
-                continue
-            for block in _compat.blocks(xp, x, plan.chunk):
-                block.write(xp, _scaled(plan, i, block.flat, s, zero))
-            out.append(x)
-    return out
-
-
 def clip_by_global_norm(
     xp: Any,
     leaves: list[Any],
@@ -114,10 +100,11 @@ def clip_by_global_norm(
     nonfinite: str,
     norm: Any,
     inplace: bool,
+    plan_cls: type[Plan] = Plan,
 ) -> tuple[list[Any], ClipStats]:
     """Scale every leaf by ``min(1, max_norm / (norm + eps))``."""
     zero = nonfinite == "zero"
-    plan = Plan(xp, p, leaves, zero_nonfinite=zero)
+    plan = plan_cls(xp, p, leaves, zero_nonfinite=zero)
     if norm is None:
         norm, finite = plan.total(_reduce(plan, names, nonfinite))
     else:
@@ -128,7 +115,7 @@ def clip_by_global_norm(
     scale = _scale_from_norm(plan, norm, max_norm, eps)
     if nonfinite == "skip":
         scale = xp.where(finite, scale, plan.const(1.0, plan.res))
-    new = _apply(plan, scale, per_leaf=False, zero=zero, inplace=inplace)
+    new = plan.scale_leaves(scale, per_leaf=False, zero=zero, inplace=inplace)
     return new, _stats(xp, norm, scale, finite)
 
 
@@ -143,10 +130,11 @@ def clip_by_norm(
     nonfinite: str,
     norm: Any,
     inplace: bool,
+    plan_cls: type[Plan] = Plan,
 ) -> tuple[list[Any], ClipStats]:
     """Scale each leaf by ``min(1, max_norm / (its own norm + eps))``."""
     zero = nonfinite == "zero"
-    plan = Plan(xp, p, leaves, zero_nonfinite=zero)
+    plan = plan_cls(xp, p, leaves, zero_nonfinite=zero)
     if norm is None:
         parts = _reduce(plan, names, nonfinite)
         norms = plan.leaf_norms(parts)
@@ -168,16 +156,22 @@ def clip_by_norm(
     scales = _scale_from_norm(plan, norms, max_norm, eps)
     if nonfinite == "skip":
         scales = xp.where(finite, scales, plan.const(1.0, plan.res))
-    new = _apply(plan, scales, per_leaf=True, zero=zero, inplace=inplace)
+    new = plan.scale_leaves(scales, per_leaf=True, zero=zero, inplace=inplace)
     return new, _stats(xp, norms, scales, finite)
 
 
 def clip_by_block_rms(
-    xp: Any, leaves: list[Any], names: Sequence[str], *, threshold: float, nonfinite: str
+    xp: Any,
+    leaves: list[Any],
+    names: Sequence[str],
+    *,
+    threshold: float,
+    nonfinite: str,
+    plan_cls: type[Plan] = Plan,
 ) -> list[Any]:
     """Optax's ``clip_by_block_rms``: divide each leaf by ``max(1, rms / threshold)``."""
     zero = nonfinite == "zero"
-    plan = Plan(xp, 2.0, leaves, zero_nonfinite=zero)
+    plan = plan_cls(xp, 2.0, leaves, zero_nonfinite=zero)
     parts = _reduce(plan, names, nonfinite)
     out = []
     for i, (x, part) in enumerate(zip(leaves, parts, strict=True)):
@@ -186,7 +180,7 @@ def clip_by_block_rms(
         scale = 1.0 / xp.maximum(plan.const(1.0, plan.res), rms / threshold)
         if nonfinite == "skip":
             scale = xp.where(plan.finite(part), scale, plan.const(1.0, plan.res))
-        out.append(_scaled(plan, i, x, scale, zero))
+        out.append(plan.scaled(i, x, scale, zero))
     return out
 
 
@@ -199,10 +193,11 @@ def clip_by_value(
     hi: float | None,
     nonfinite: str,
     inplace: bool,
+    plan_cls: type[Plan] = Plan,
 ) -> list[Any]:
     """Clamp every entry to ``[lo, hi]`` (either bound may be ``None``)."""
     zero = nonfinite == "zero"
-    plan = Plan(xp, math.inf, leaves)
+    plan = plan_cls(xp, math.inf, leaves)
     keep = None
     if nonfinite in ("raise", "skip"):
         flags = [plan.finite(q) for q in plan.leaf_parts()]

@@ -19,6 +19,7 @@ error grows with ``log n`` rather than ``n``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -277,6 +278,30 @@ class Plan:
         merged = self.merge(parts)
         size = sum(math.prod(x.shape) for x in self.leaves)
         return self.norm(merged, size), self.finite(merged)
+
+    # -- scaling -------------------------------------------------------------------
+    def scaled(self, index: int, block: Any, scale: Any, zero_nonfinite: bool) -> Any:
+        """``block * scale`` in leaf ``index``'s dtype, NaN/inf entries zeroed if asked."""
+        xp = self.xp
+        out = block * xp.astype(scale, self.real_dtype(index))
+        if zero_nonfinite:
+            out = xp.where(xp.isfinite(block), out, xp.zeros_like(out))
+        return _compat.as_array(xp, out)
+
+    def scale_leaves(self, scales: Any, *, per_leaf: bool, zero: bool, inplace: bool) -> list[Any]:
+        """Multiply every leaf by its scale: new arrays, or block by block in place."""
+        xp = self.xp
+        out = []
+        with _compat.inplace_guard(xp) if inplace else contextlib.nullcontext():
+            for i, x in enumerate(self.leaves):
+                s = scales[i] if per_leaf else scales
+                if not inplace:
+                    out.append(self.scaled(i, x, s, zero))
+                    continue
+                for block in _compat.blocks(xp, x, self.chunk):
+                    block.write(xp, self.scaled(i, block.flat, s, zero))
+                out.append(x)
+        return out
 
     def leaf_norms(self, parts: list[Partial]) -> Any:
         """1-d array of per-leaf norms (result dtype)."""
