@@ -37,7 +37,7 @@ NONFINITE = ("propagate", "raise", "zero", "skip")
 # backend name -> module implementing the functions of ``_core`` faster.
 # Later work registers the NumPy, JAX and CuPy fast paths here; a module is
 # imported only when a tree of that backend is clipped.
-_FAST_PATHS: dict[str, str] = {}
+_FAST_PATHS: dict[str, str] = {"numpy": "._numpy"}
 
 
 @dataclass(frozen=True)
@@ -54,42 +54,51 @@ def _describe(x: Any) -> str:
 def _prepare(tree: Any, fn: str, *, inplace: bool = False) -> _Prepared:
     """Flatten ``tree`` and check every leaf before anything is computed or written."""
     flat = flatten(tree)
+    paths = flat.paths  # computed only if an error message needs them
     xp: Any = None
     backend = ""
-    first = ""
+    first = 0
     where: Any = None
-    for path, x in zip(flat.paths, flat.leaves, strict=True):
-        if not _compat.is_array(x):
-            raise TypeError(f"{fn}: leaf {path} is a {_describe(x)}, not an array")
-        leaf_xp = _compat.namespace(x)
-        name = _compat.backend_name(leaf_xp)
-        if xp is None:
-            xp, backend, first, where = leaf_xp, name, path, _compat.device_key(x)
-        elif name != backend:
-            raise TypeError(
-                f"{fn}: leaf {path} is a {name} array but leaf {first} is a {backend} array; "
-                "one call clips arrays of one library"
-            )
-        if _compat.dtype_info(leaf_xp, x.dtype) is None:
-            raise TypeError(
-                f"{fn}: leaf {path} has dtype {x.dtype}; gradients must be floating point "
-                "(float16, bfloat16, float32, float64 or complex)"
-            )
-        key = _compat.device_key(x)
-        if key is not None and where is not None and key != where:
-            raise ValueError(
-                f"{fn}: leaf {path} is on {_fmt_device(key)} but leaf {first} is on "
-                f"{_fmt_device(where)}; move them to one device first"
-            )
-        if inplace:
-            if name in _compat.IMMUTABLE_BACKENDS:
+    checked: type | None = None  # trees hold thousands of leaves of one type
+    good_dtypes: set[Any] = set()
+    for i, x in enumerate(flat.leaves):
+        kind = type(x)
+        if kind is not checked:
+            if not _compat.is_array(x):
+                raise TypeError(f"{fn}: leaf {paths[i]} is a {_describe(x)}, not an array")
+            leaf_xp = _compat.namespace(x)
+            name = _compat.backend_name(leaf_xp)
+            if xp is None:
+                xp, backend, first, where = leaf_xp, name, i, _compat.device_key(x)
+            elif name != backend:
                 raise TypeError(
-                    f"{fn}: leaf {path} is a {name} array, which cannot be modified in place; "
+                    f"{fn}: leaf {paths[i]} is a {name} array but leaf {paths[first]} is a "
+                    f"{backend} array; one call clips arrays of one library"
+                )
+            if inplace and name in _compat.IMMUTABLE_BACKENDS:
+                raise TypeError(
+                    f"{fn}: leaf {paths[i]} is a {name} array, which cannot be modified in place; "
                     f"use the functional form {fn.rstrip('_')}, which returns new arrays"
                 )
+            checked = kind
+        if x.dtype not in good_dtypes:
+            if _compat.dtype_info(xp, x.dtype) is None:
+                raise TypeError(
+                    f"{fn}: leaf {paths[i]} has dtype {x.dtype}; gradients must be floating point "
+                    "(float16, bfloat16, float32, float64 or complex)"
+                )
+            good_dtypes.add(x.dtype)
+        if kind is not np.ndarray:  # NumPy arrays all live on the host
+            key = _compat.device_key(x)
+            if key is not None and where is not None and key != where:
+                raise ValueError(
+                    f"{fn}: leaf {paths[i]} is on {_fmt_device(key)} but leaf {paths[first]} is on "
+                    f"{_fmt_device(where)}; move them to one device first"
+                )
+        if inplace and not (kind is np.ndarray and x.flags.writeable and 0 not in x.strides):
             problem = _compat.writable_problem(x)
             if problem is not None:
-                raise ValueError(f"{fn}: leaf {path} {problem}; it cannot be clipped in place")
+                raise ValueError(f"{fn}: leaf {paths[i]} {problem}; it cannot be clipped in place")
     return _Prepared(flat, xp, backend)
 
 
@@ -607,9 +616,10 @@ def _clip_value(
     if prep.xp is None:
         return prep.flat.unflatten([])
     xp = prep.xp
-    for path, x in zip(prep.flat.paths, prep.flat.leaves, strict=True):
+    for i, x in enumerate(prep.flat.leaves):
         info = _compat.dtype_info(xp, x.dtype)
         if info is not None and info.complex:
+            path = prep.flat.paths[i]
             raise TypeError(
                 f"{fn}: leaf {path} is complex; complex values have no order to clip by"
             )

@@ -44,14 +44,24 @@ IMMUTABLE_BACKENDS = frozenset({"jax", "dask"})
 _CHUNK = 1 << 20
 
 
+# Trees hold thousands of leaves of a handful of types and dtypes: these
+# lookups are cached so the per-leaf cost of validation stays near a dict hit.
+_NAMESPACE_BY_TYPE: dict[type, Any] = {}
+_DTYPE_INFO: dict[tuple[int, Any], DtypeInfo | None] = {}
+
+
 def is_array(x: Any) -> bool:
     """Whether ``x`` is an array of a library we can dispatch on."""
-    return bool(aac.is_array_api_obj(x))
+    return type(x) in _NAMESPACE_BY_TYPE or bool(aac.is_array_api_obj(x))
 
 
 def namespace(x: Any) -> Any:
-    """The array-API namespace of one array."""
-    return aac.array_namespace(x)
+    """The array-API namespace of one array (it depends only on the type)."""
+    kind = type(x)
+    xp = _NAMESPACE_BY_TYPE.get(kind)
+    if xp is None:
+        xp = _NAMESPACE_BY_TYPE[kind] = aac.array_namespace(x)
+    return xp
 
 
 def backend_name(xp: Any) -> str:
@@ -86,6 +96,8 @@ def device_of(x: Any) -> Any:
 
 def device_key(x: Any) -> Any:
     """A hashable description of where ``x`` lives, or ``None`` if unknowable."""
+    if type(x) is np.ndarray:
+        return "cpu"
     if aac.is_jax_array(x):
         jax = sys.modules["jax"]
         if isinstance(x, jax.core.Tracer):
@@ -129,6 +141,17 @@ def _ml_dtypes_finfo(dtype: Any) -> Any:
 
 def dtype_info(xp: Any, dtype: Any) -> DtypeInfo | None:
     """Describe a floating or complex dtype; ``None`` for anything else."""
+    key = (id(xp), dtype)
+    try:
+        return _DTYPE_INFO[key]
+    except KeyError:
+        info = _DTYPE_INFO[key] = _dtype_info(xp, dtype)
+        return info
+    except TypeError:  # an unhashable dtype object
+        return _dtype_info(xp, dtype)
+
+
+def _dtype_info(xp: Any, dtype: Any) -> DtypeInfo | None:
     fi = _ml_dtypes_finfo(dtype)
     if fi is not None:
         is_complex = False
@@ -234,6 +257,8 @@ def writable_problem(x: Any) -> str | None:
         if not torch.is_inference_mode_enabled():
             return "is an inference tensor, which cannot be modified outside inference mode"
     shape = tuple(x.shape)
+    if math.prod(shape) == 0:
+        return None  # nothing to write (NumPy gives empty arrays zero strides)
     strides = tuple(x.stride()) if aac.is_torch_array(x) else getattr(x, "strides", ())
     if any(s == 0 and n > 1 for s, n in zip(strides, shape, strict=False)):
         return "has overlapping memory (a zero stride, e.g. from broadcasting or expand)"

@@ -38,7 +38,12 @@ def _check_finite(xp: Any, flags: list[Any], names: Sequence[str]) -> None:
     )
 
 
-def _reduce(plan: Plan, names: Sequence[str], nonfinite: str) -> list[Partial]:
+def _reduce(
+    plan: Plan, names: Sequence[str], nonfinite: str, *, per_leaf: bool = True
+) -> list[Partial]:
+    """Reduce the leaves; ``nonfinite="raise"`` needs one partial per leaf to name it."""
+    if not per_leaf and nonfinite != "raise":
+        return plan.global_parts()
     parts = plan.leaf_parts()
     if nonfinite == "raise":
         _check_finite(plan.xp, [plan.finite(q) for q in parts], names)
@@ -61,7 +66,8 @@ def global_norm(
 ) -> Any:
     """The norm of all leaves taken together (0-d, result dtype)."""
     plan = plan_cls(xp, p, leaves, zero_nonfinite=nonfinite == "zero")
-    return _compat.as_array(xp, plan.total(_reduce(plan, names, nonfinite))[0])
+    parts = _reduce(plan, names, nonfinite, per_leaf=False)
+    return _compat.as_array(xp, plan.total(parts)[0])
 
 
 def leaf_norms(
@@ -79,14 +85,21 @@ def leaf_norms(
 
 
 def _scale_from_norm(plan: Plan, norm: Any, max_norm: Any, eps: float) -> Any:
+    """``min(1, max_norm / (norm + eps))``, computed so that it cannot overflow.
+
+    Dividing only where ``norm + eps > max_norm`` (so the ratio is below 1)
+    keeps a zero or subnormal norm from overflowing the quotient, which lazy
+    backends (dask) would report as a warning in the user's code. A NaN norm
+    still gives a NaN scale: torch's arithmetic.
+    """
     xp = plan.xp
     if not isinstance(max_norm, int | float):
         max_norm = xp.astype(max_norm, plan.res)
-    # Dividing by at least the smallest normal number keeps a zero norm with
-    # eps=0 from dividing by zero (scale 1, or 0 when max_norm is 0); NaN
-    # still propagates through maximum and minimum.
-    denom = xp.maximum(norm + eps, plan.const(xp.finfo(plan.res).smallest_normal, plan.res))
-    return xp.minimum(plan.const(1.0, plan.res), max_norm / denom)
+    one = plan.const(1.0, plan.res)
+    denom = norm + eps
+    over = denom > max_norm
+    scale = xp.where(over, max_norm / xp.where(over, denom, one), one)
+    return xp.where(xp.isnan(denom), denom, scale)
 
 
 def clip_by_global_norm(
@@ -106,7 +119,7 @@ def clip_by_global_norm(
     zero = nonfinite == "zero"
     plan = plan_cls(xp, p, leaves, zero_nonfinite=zero)
     if norm is None:
-        norm, finite = plan.total(_reduce(plan, names, nonfinite))
+        norm, finite = plan.total(_reduce(plan, names, nonfinite, per_leaf=False))
     else:
         norm = xp.asarray(norm, dtype=plan.res, device=plan.device)
         finite = xp.isfinite(norm)

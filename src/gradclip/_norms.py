@@ -95,7 +95,13 @@ class Plan:
         xp = self.xp
         self.device = _compat.device_of(self.leaves[0]) if self.leaves else None
         self.chunk = _compat.chunk_elems(xp)
-        infos = [_compat.dtype_info(xp, x.dtype) for x in self.leaves]
+        by_dtype: dict[Any, Any] = {}  # a handful of dtypes over many leaves
+        infos = []
+        for x in self.leaves:
+            info = by_dtype.get(x.dtype, by_dtype)
+            if info is by_dtype:
+                info = by_dtype[x.dtype] = _compat.dtype_info(xp, x.dtype)
+            infos.append(info)
         wide = any(info is not None and info.float64 for info in infos)
         self.res = xp.float64 if wide else xp.float32
         self.acc = xp.float64 if wide or _compat.has_float64(xp, self.device) else xp.float32
@@ -262,6 +268,10 @@ class Plan:
     def leaf_parts(self) -> list[Partial]:
         """One partial per leaf."""
         return [self.leaf(i) for i in range(len(self.leaves))]
+
+    def global_parts(self) -> list[Partial]:
+        """Partials whose merge is the global reduction (a fast path may group leaves)."""
+        return self.leaf_parts()
 
     def total(self, parts: list[Partial]) -> tuple[Any, Any]:
         """The global norm (result dtype) and the finite flag from per-leaf partials."""

@@ -17,7 +17,36 @@ from typing import Any
 
 import optree
 
-__all__ = ["Flat", "flatten"]
+__all__ = ["Flat", "Paths", "flatten"]
+
+
+class Paths(Sequence[str]):
+    """Leaf paths, computed on first use: only error messages need them.
+
+    Walking a tree of thousands of leaves for their paths costs milliseconds,
+    more than clipping it, so flattening records how to get them instead.
+    """
+
+    def __init__(self, compute: Callable[[], list[str]]):
+        self._compute: Callable[[], list[str]] | None = compute
+        self._paths: list[str] = []
+
+    def _get(self) -> list[str]:
+        if self._compute is not None:
+            self._paths, self._compute = self._compute(), None
+        return self._paths
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._get()[index]
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __eq__(self, other: object) -> bool:
+        return list(self) == other if isinstance(other, list) else NotImplemented
+
+    def __repr__(self) -> str:
+        return repr(self._get())
 
 
 @dataclass(frozen=True)
@@ -25,7 +54,7 @@ class Flat:
     """A flattened tree: its leaves, their paths, and how to rebuild it."""
 
     leaves: list[Any]
-    paths: list[str]
+    paths: Paths
     unflatten: Callable[[Sequence[Any]], Any]
 
 
@@ -42,13 +71,16 @@ def _jax_flatten(tree: Any) -> Flat | None:
     if jax is None:
         return None
     tu = jax.tree_util
-    pairs, treedef = tu.tree_flatten_with_path(tree)
-    leaves = [leaf for _, leaf in pairs]
+    leaves, treedef = tu.tree_flatten(tree)
     if not any(isinstance(leaf, jax.Array) for leaf in leaves):
         return None
+
+    def paths() -> list[str]:
+        return [tu.keystr(path) or "<root>" for path, _ in tu.tree_flatten_with_path(tree)[0]]
+
     return Flat(
         leaves=leaves,
-        paths=[tu.keystr(path) or "<root>" for path, _ in pairs],
+        paths=Paths(paths),
         unflatten=lambda new: tu.tree_unflatten(treedef, list(new)),
     )
 
@@ -82,10 +114,14 @@ def flatten(tree: Any) -> Flat:
         flat = _jax_flatten(tree)
         if flat is not None:
             return flat
-    accessors, leaves, treedef = optree.tree_flatten_with_accessor(tree)
-    paths = [accessor.codify("") or "<root>" for accessor in accessors]
+    leaves, treedef = optree.tree_flatten(tree)
+
+    def paths() -> list[str]:
+        accessors = treedef.accessors()
+        return [accessor.codify("") or "<root>" for accessor in accessors]
+
     return Flat(
-        leaves=list(leaves),
-        paths=paths,
+        leaves=leaves,
+        paths=Paths(paths),
         unflatten=lambda new: optree.tree_unflatten(treedef, list(new)),
     )

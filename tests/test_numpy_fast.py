@@ -1,0 +1,166 @@
+"""The NumPy fast path (BLAS dots, threads, gathering) against the generic reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import gradclip as gc
+from conftest import importorskip, np_dtype, ref_norm
+from gradclip import _numpy
+
+TASK = _numpy._TASK
+
+
+def _tree(dtypes=("float32",), seed=0, scale=3.0):
+    rng = np.random.default_rng(seed)
+    tree = {
+        "big": rng.standard_normal(2 * TASK + 12345) * scale,  # several thread segments
+        "mid": rng.standard_normal((300, 70)) * scale,
+        "small": [rng.standard_normal(n) * scale for n in (1, 17, 900, 4000)],
+        "scalar": np.asarray(-2.5),
+        "strided": (rng.standard_normal((64, 90)) * scale)[:, ::3],
+        "empty": np.zeros((0, 4)),
+    }
+    leaves = []
+
+    def cast(a, i):
+        a = np.asarray(a).astype(np_dtype(dtypes[i % len(dtypes)]))
+        leaves.append(a)
+        return a
+
+    tree["big"] = cast(tree["big"], 0)
+    tree["mid"] = cast(tree["mid"], 1)
+    tree["small"] = [cast(a, i) for i, a in enumerate(tree["small"])]
+    tree["scalar"] = cast(tree["scalar"], 2)
+    tree["strided"] = tree["strided"].astype(np_dtype(dtypes[0]))[:, ::1]
+    return tree
+
+
+MIXES = [("float32",), ("float64",), ("float16", "float32"), ("bfloat16", "float32", "float64")]
+
+
+@pytest.fixture(autouse=True)
+def _needs_ml_dtypes():
+    importorskip("ml_dtypes")
+
+
+@pytest.mark.parametrize("dtypes", MIXES)
+@pytest.mark.parametrize("ord", [2.0, 1.0, math.inf])
+def test_norms_match_generic(dtypes, ord):
+    tree = _tree(dtypes)
+    fast = gc.global_norm(tree, ord=ord, fused=True)
+    slow = gc.global_norm(tree, ord=ord, fused=False)
+    assert fast.dtype == slow.dtype
+    assert float(fast) == pytest.approx(float(slow), rel=1e-6)
+    np.testing.assert_allclose(
+        gc.leaf_norms(tree, ord=ord, fused=True),
+        gc.leaf_norms(tree, ord=ord, fused=False),
+        rtol=1e-6,
+    )
+
+
+@pytest.mark.parametrize("dtypes", MIXES)
+@pytest.mark.parametrize("fn", ["clip_by_global_norm", "clip_by_norm"])
+def test_clipping_matches_generic(dtypes, fn):
+    tree = _tree(dtypes)
+    fast, fstats = getattr(gc, fn)(tree, 2.0, fused=True)
+    slow, sstats = getattr(gc, fn)(tree, 2.0, fused=False)
+    for a, b in zip(gc._tree.flatten(fast).leaves, gc._tree.flatten(slow).leaves, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        rtol = 1e-6 if a.dtype in (np.float32, np.float64) else 1e-2
+        np.testing.assert_allclose(a.astype(np.float64), b.astype(np.float64), rtol=rtol)
+    for f, s in zip(fstats, sstats, strict=True):
+        np.testing.assert_allclose(np.asarray(f, np.float64), np.asarray(s, np.float64), rtol=1e-6)
+    inplace = _tree(dtypes)
+    getattr(gc, fn + "_")(inplace, 2.0)
+    for a, b in zip(gc._tree.flatten(inplace).leaves, gc._tree.flatten(fast).leaves, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_block_rms_matches_generic():
+    tree = _tree(("float32", "float64"))
+    for a, b in zip(
+        gc._tree.flatten(gc.clip_by_block_rms(tree, 0.5, fused=True)).leaves,
+        gc._tree.flatten(gc.clip_by_block_rms(tree, 0.5, fused=False)).leaves,
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+@pytest.mark.parametrize("value", [1e30, 1e-30, 3e-39])
+@pytest.mark.parametrize("size", [5, 3 * 2**17 + 1])
+def test_float32_dot_overflow_and_underflow_fall_back(value, size):
+    """A float32 dot overflows at ~1e19 and loses entries below ~1e-19: those leaves are redone."""
+    leaves = [np.full(size, value, np.float32), np.full(7, value, np.float32)]
+    held = float(np.float32(value))
+    want = held * math.sqrt(size + 7)
+    assert float(gc.global_norm(leaves)) == pytest.approx(want, rel=1e-5)
+    np.testing.assert_allclose(
+        gc.leaf_norms(leaves), [held * math.sqrt(size), held * math.sqrt(7)], rtol=1e-5
+    )
+    stats = gc.clip_by_global_norm_(leaves, want / 2, eps=0.0)
+    assert float(stats.scale) == pytest.approx(0.5, rel=1e-5)
+    np.testing.assert_allclose(leaves[0], held / 2, rtol=1e-5)
+
+
+def test_float64_extremes_fall_back():
+    leaves = [np.full(3 * 2**17, 1e200), np.full(9, 1e-200)]
+    assert float(gc.global_norm(leaves)) == pytest.approx(1e200 * math.sqrt(3 * 2**17), rel=1e-12)
+    assert float(gc.global_norm(leaves[1:])) == pytest.approx(3e-200, rel=1e-12)
+
+
+def test_zero_leaves_and_zero_tree():
+    tree = [np.zeros(TASK + 3, np.float32), np.zeros(10, np.float32), np.full(4, 2.0, np.float32)]
+    assert float(gc.global_norm(tree)) == 4.0
+    assert float(gc.global_norm(tree[:2])) == 0.0
+    assert gc.leaf_norms(tree).tolist() == [0.0, 0.0, 4.0]
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nonfinite_in_large_and_small_leaves(bad):
+    for size in (TASK + 5, 30):
+        tree = {"a": np.ones(50, np.float32), "b": np.ones(size, np.float32)}
+        tree["b"][size // 2] = bad
+        fast = gc.global_norm(tree)
+        slow = gc.global_norm(tree, fused=False)
+        assert np.isnan(fast) if math.isnan(bad) else fast == np.inf
+        assert np.array_equal(fast, slow, equal_nan=True)
+        with pytest.raises(gc.NonFiniteError, match=r"\['b'\]"):
+            gc.clip_by_global_norm_(tree, 1.0, nonfinite="raise")
+        assert tree["a"][0] == 1.0
+        stats = gc.clip_by_global_norm_(tree, 1.0, nonfinite="skip")
+        assert not bool(stats.finite) and tree["a"][0] == 1.0
+
+
+def test_threads_are_deterministic():
+    rng = np.random.default_rng(5)
+    tree = [
+        rng.standard_normal(5 * TASK + 77, dtype=np.float32),
+        rng.standard_normal(999, dtype=np.float32),
+    ]
+    first = gc.global_norm(tree).tobytes()
+    assert all(gc.global_norm(tree).tobytes() == first for _ in range(10))
+
+
+def test_accuracy_matches_contract():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal(8 * 2**20, dtype=np.float32)
+    want = ref_norm([x], 2.0)
+    assert abs(float(gc.global_norm([x])) - want) / want <= 1e-6
+
+
+def test_no_write_when_scale_is_one():
+    x = np.full(TASK + 1, 0.5, np.float32)
+    before = x.copy()
+    stats = gc.clip_by_global_norm_([x], 1e9)
+    assert float(stats.scale) == 1.0
+    np.testing.assert_array_equal(x, before)
+
+
+def test_fused_true_uses_the_fast_path():
+    assert "numpy" in gc._api._FAST_PATHS
+    out, _ = gc.clip_by_global_norm([np.ones(3)], 1.0, fused=True)
+    np.testing.assert_allclose(out[0], 1 / math.sqrt(3), rtol=1e-6)
