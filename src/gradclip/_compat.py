@@ -80,7 +80,7 @@ def backend_name(xp: Any) -> str:
     return str(getattr(xp, "__name__", repr(xp)))
 
 
-def as_array(xp: Any, value: Any) -> Any:
+def as_array(value: Any) -> Any:
     """``value`` as an array: NumPy reductions return scalars, not 0-d arrays."""
     return np.asarray(value) if isinstance(value, np.generic) else value
 

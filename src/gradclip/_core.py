@@ -50,9 +50,9 @@ def _reduce(
     return parts
 
 
-def _stats(xp: Any, norm: Any, scale: Any, finite: Any) -> ClipStats:
+def _stats(norm: Any, scale: Any, finite: Any) -> ClipStats:
     fields = (norm, scale, scale < 1, finite)
-    return ClipStats(*(_compat.as_array(xp, f) for f in fields))
+    return ClipStats(*(_compat.as_array(f) for f in fields))
 
 
 def global_norm(
@@ -67,7 +67,7 @@ def global_norm(
     """The norm of all leaves taken together (0-d, result dtype)."""
     plan = plan_cls(xp, p, leaves, zero_nonfinite=nonfinite == "zero")
     parts = _reduce(plan, names, nonfinite, per_leaf=False)
-    return _compat.as_array(xp, plan.total(parts)[0])
+    return _compat.as_array(plan.total(parts)[0])
 
 
 def leaf_norms(
@@ -129,7 +129,7 @@ def clip_by_global_norm(
     if nonfinite == "skip":
         scale = xp.where(finite, scale, plan.const(1.0, plan.res))
     new = plan.scale_leaves(scale, per_leaf=False, zero=zero, inplace=inplace)
-    return new, _stats(xp, norm, scale, finite)
+    return new, _stats(norm, scale, finite)
 
 
 def clip_by_norm(
@@ -170,7 +170,7 @@ def clip_by_norm(
     if nonfinite == "skip":
         scales = xp.where(finite, scales, plan.const(1.0, plan.res))
     new = plan.scale_leaves(scales, per_leaf=True, zero=zero, inplace=inplace)
-    return new, _stats(xp, norms, scales, finite)
+    return new, _stats(norms, scales, finite)
 
 
 def clip_by_block_rms(
@@ -230,7 +230,7 @@ def clip_by_value(
             out = xp.minimum(out, xp.asarray(hi, dtype=dtype, device=plan.device))
         if keep is not None:
             out = xp.where(keep, block, out)
-        return _compat.as_array(xp, out)
+        return _compat.as_array(out)
 
     if not inplace:
         return [clamp(x) for x in leaves]

@@ -296,7 +296,7 @@ class Plan:
         out = block * xp.astype(scale, self.real_dtype(index))
         if zero_nonfinite:
             out = xp.where(xp.isfinite(block), out, xp.zeros_like(out))
-        return _compat.as_array(xp, out)
+        return _compat.as_array(out)
 
     def scale_leaves(self, scales: Any, *, per_leaf: bool, zero: bool, inplace: bool) -> list[Any]:
         """Multiply every leaf by its scale: new arrays, or block by block in place."""

@@ -74,11 +74,17 @@ def _quiet(task: Callable[[], Any]) -> Any:
         return task()
 
 
-def _run(tasks: list[Callable[[], Any]]) -> list[Any]:
-    """Run tasks on every core; results come back in task order."""
-    if len(tasks) <= 1 or _THREADS == 1:
-        return [task() for task in tasks]
-    return list(_executor().map(_quiet, tasks))
+def _run(tasks: list[Callable[[], Any]], local: Callable[[], None] | None = None) -> list[Any]:
+    """Run tasks on every core, results in task order; ``local`` runs here meanwhile."""
+    if _THREADS == 1 or (len(tasks) <= 1 and local is None):
+        results = [task() for task in tasks]
+        if local is not None:
+            local()
+        return results
+    futures = [_executor().submit(_quiet, task) for task in tasks]
+    if local is not None:
+        local()
+    return [future.result() for future in futures]
 
 
 _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
@@ -143,45 +149,45 @@ class NumpyPlan(Plan):
     def _fast(self) -> bool:
         return self.kind == "p" and self.p == 2 and not self.zero_nonfinite
 
-    def _flat(self, index: int) -> np.ndarray | None:
-        x: np.ndarray = self.leaves[index]
-        if _work_dtype(x.dtype) is None or not x.flags.c_contiguous:
-            return None
-        return x.reshape(-1)
+    def _checked(self, work: np.dtype, sumsq: float, indices: list[int]) -> list[Partial]:
+        """Keep a dot-based sum over ``indices``, or redo those leaves overflow-safely."""
+        if _trusted(work, sumsq, [self.leaves[i] for i in indices]):
+            return [Partial(np.float64(sumsq), None, None)]
+        return [self.leaf(i) for i in indices]
 
-    def _part(self, value: float) -> Partial:
-        return Partial(np.float64(value), None, None)
+    def _dot_parts(self, indices: list[int]) -> list[Partial]:
+        """One partial per leaf in ``indices``, from threaded BLAS dots where possible."""
+        works: dict[int, np.dtype] = {}
+        tasks: list[Callable[[], float]] = []
+        owner: list[int] = []
+        for i in indices:
+            x = self.leaves[i]
+            work = _work_dtype(x.dtype)
+            if work is None or not x.flags.c_contiguous:
+                continue  # complex or strided: the generic reduction below
+            works[i] = work
+            flat = x.reshape(-1)
+            for start, stop in _segments(flat.size):
+                tasks.append(functools.partial(_sumsq, flat[start:stop], work))
+                owner.append(i)
+        sums = dict.fromkeys(works, 0.0)
+        for i, value in zip(owner, _run(tasks), strict=True):
+            sums[i] += value  # segment order: deterministic
+        parts = []
+        for i in indices:
+            parts.extend(self._checked(works[i], sums[i], [i]) if i in works else [self.leaf(i)])
+        return parts
 
     def leaf_parts(self) -> list[Partial]:
         """Per-leaf partials, computed with threaded BLAS dots."""
         if not self._fast():
             return super().leaf_parts()
-        n = len(self.leaves)
-        flats = [self._flat(i) for i in range(n)]
-        tasks: list[Callable[[], float]] = []
-        owner: list[int] = []
-        for i, flat in enumerate(flats):
-            if flat is None:
-                continue
-            work = _work_dtype(flat.dtype)
-            assert work is not None
-            for start, stop in _segments(flat.size):
-                tasks.append(functools.partial(_sumsq, flat[start:stop], work))
-                owner.append(i)
-        sums = [0.0] * n
-        for i, value in zip(owner, _run(tasks), strict=True):
-            sums[i] += value  # segment order: deterministic
-        parts = []
-        for i, flat in enumerate(flats):
-            work = None if flat is None else _work_dtype(flat.dtype)
-            keep = work is not None and _trusted(work, sums[i], [self.leaves[i]])
-            parts.append(self._part(sums[i]) if keep else super().leaf(i))
-        return parts
+        return self._dot_parts(list(range(len(self.leaves))))
 
     def global_parts(self) -> list[Partial]:
         """Partials for the global norm only: small leaves are gathered per dtype."""
         if not self._fast():
-            return super().leaf_parts()
+            return super().global_parts()
         small: dict[np.dtype, list[int]] = {}
         big: list[int] = []
         for i, x in enumerate(self.leaves):
@@ -190,16 +196,10 @@ class NumpyPlan(Plan):
                 small.setdefault(work, []).append(i)
             else:
                 big.append(i)
-        parts = self._subset(big)
+        parts = self._dot_parts(big)
         for work, members in small.items():
             parts.extend(self._gathered(work, members))
         return parts
-
-    def _subset(self, indices: list[int]) -> list[Partial]:
-        if not indices:
-            return []
-        sub = NumpyPlan(self.xp, self.p, [self.leaves[i] for i in indices])
-        return sub.leaf_parts()
 
     def _gathered(self, work: np.dtype, members: list[int]) -> list[Partial]:
         """Reduce small leaves ``_TASK`` elements at a time through a scratch buffer."""
@@ -223,10 +223,7 @@ class NumpyPlan(Plan):
         sums = _run([functools.partial(reduce, g) for g in groups])
         parts = []
         for group, value in zip(groups, sums, strict=True):
-            if _trusted(work, value, [self.leaves[i] for i in group]):
-                parts.append(self._part(value))
-            else:
-                parts.extend([Plan.leaf(self, i) for i in group])  # the overflow-safe reduction
+            parts.extend(self._checked(work, value, group))
         return parts
 
     def scale_leaves(self, scales: Any, *, per_leaf: bool, zero: bool, inplace: bool) -> list[Any]:
@@ -260,13 +257,7 @@ class NumpyPlan(Plan):
                 )
         # Small leaves cost a Python call each, which threads cannot overlap
         # (the GIL): they run here while the pool streams the large ones.
-        futures = [_executor().submit(_quiet, task) for task in tasks] if _THREADS > 1 else []
-        if not futures:
-            for task in tasks:
-                task()
-        _multiply_all(small, inplace)
-        for future in futures:
-            future.result()
+        _run(tasks, local=functools.partial(_multiply_all, small, inplace))
         return outs
 
 
