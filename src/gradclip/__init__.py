@@ -16,12 +16,14 @@ from ._api import (
     global_norm,
     leaf_norms,
 )
+from ._flat import FlatTree
 from ._stats import ClipStats, NonFiniteError
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "ClipStats",
+    "FlatTree",
     "NonFiniteError",
     "__version__",
     "clip_by_block_rms",

@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 
 from . import _compat, _core
+from ._flat import unit
 from ._norms import parse_ord
 from ._stats import ClipStats
-from ._tree import Flat, flatten
+from ._tree import Flat
 
 __all__ = [
     "clip_by_block_rms",
@@ -51,9 +52,13 @@ def _describe(x: Any) -> str:
     return type(x).__module__.split(".")[0] + "." + type(x).__qualname__
 
 
-def _prepare(tree: Any, fn: str, *, inplace: bool = False) -> _Prepared:
-    """Flatten ``tree`` and check every leaf before anything is computed or written."""
-    flat = flatten(tree)
+def _prepare(tree: Any, fn: str, *, inplace: bool = False, whole: bool = False) -> _Prepared:
+    """Flatten ``tree`` and check every leaf before anything is computed or written.
+
+    ``whole``: the result does not depend on where one leaf ends and the next
+    begins, so a :class:`~gradclip.FlatTree` is processed as its buffers.
+    """
+    flat = unit(tree, whole=whole)
     paths = flat.paths  # computed only if an error message needs them
     xp: Any = None
     backend = ""
@@ -222,7 +227,7 @@ def global_norm(
     """
     p = parse_ord(ord)
     _check_nonfinite(nonfinite, ("propagate", "raise", "zero"))
-    prep = _prepare(tree, "global_norm")
+    prep = _prepare(tree, "global_norm", whole=p != 0 and nonfinite != "raise")
     if prep.xp is None:
         return _empty_stats(False).norm
     return _run(prep, fused, "global_norm", p=p, nonfinite=nonfinite)
@@ -288,7 +293,8 @@ def _clip_norm(
     max_norm = _check_bound(max_norm, "max_norm")
     eps = _check_eps(eps)
     _check_nonfinite(nonfinite)
-    prep = _prepare(tree, fn, inplace=inplace)
+    whole = not per_leaf and p != 0 and nonfinite != "raise"
+    prep = _prepare(tree, fn, inplace=inplace, whole=whole)
     if prep.xp is None:
         return prep.flat.unflatten([]), _empty_stats(per_leaf)
     leaves, stats = _run(
@@ -612,7 +618,7 @@ def _clip_value(
 ) -> Any:
     low, high = _value_bounds(clip_value, lo, hi)
     _check_nonfinite(nonfinite)
-    prep = _prepare(tree, fn, inplace=inplace)
+    prep = _prepare(tree, fn, inplace=inplace, whole=nonfinite != "raise")
     if prep.xp is None:
         return prep.flat.unflatten([])
     xp = prep.xp

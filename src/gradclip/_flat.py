@@ -1,0 +1,218 @@
+"""``FlatTree``: a gradient tree stored in one contiguous buffer per dtype.
+
+Sharded optimizers (apex, FSDP, ZeRO) keep their gradients in flat buffers so
+that a norm or a scale is one pass over one array instead of one call per
+leaf. A ``FlatTree`` does the same for any tree: its leaves are views into
+its buffers, so code that reads or writes ``flat.tree`` reads or writes the
+buffers, and gradclip's functions work on the buffers directly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import _compat
+from ._tree import Flat, Paths, flatten
+
+__all__ = ["FlatTree"]
+
+# Backends whose slices are views that can be written through. JAX and dask
+# arrays are immutable, and array-api-strict does not promise views.
+_BACKENDS = ("numpy", "cupy", "torch")
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where one leaf lives: buffer key, offset and shape."""
+
+    key: Any
+    start: int
+    shape: tuple[int, ...]
+
+    @property
+    def stop(self) -> int:
+        return self.start + math.prod(self.shape)
+
+
+class FlatTree:
+    """A tree of gradients stored in one contiguous 1-d buffer per dtype.
+
+    Build one with :meth:`from_tree` (copies the leaves in) or
+    :meth:`zeros_like`. ``.tree`` is the tree of views into the buffers (hand
+    it to the code that writes the gradients), and ``.buffers`` is the flat
+    storage. Every gradclip function accepts a ``FlatTree`` in place of a
+    tree: norms and scales run over the buffers, one pass each, and the
+    functional forms return a new ``FlatTree``. NumPy, CuPy and torch arrays.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import gradclip as gc
+    >>> grads = {"w": np.full((2, 2), 1.5, np.float32), "b": np.array([4.0], np.float32)}
+    >>> flat = gc.FlatTree.from_tree(grads)
+    >>> flat.buffers
+    {dtype('float32'): array([4. , 1.5, 1.5, 1.5, 1.5], dtype=float32)}
+    >>> stats = gc.clip_by_global_norm_(flat, max_norm=1.0)  # one pass over one buffer
+    >>> float(stats.norm)
+    5.0
+    >>> flat.tree["w"]  # the views see the clipped values
+    array([[0.29999995, 0.29999995],
+           [0.29999995, 0.29999995]], dtype=float32)
+    """
+
+    __slots__ = ("_buffers", "_flat", "_slots", "_xp")
+    _xp: Any  # the array namespace; None for a tree with no arrays
+    _buffers: dict[Any, Any]
+    _slots: list[_Slot]
+    _flat: Flat  # the views, with the original tree's paths and structure
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("use FlatTree.from_tree(tree) or FlatTree.zeros_like(tree)")
+
+    @classmethod
+    def from_tree(cls, tree: Any) -> FlatTree:
+        """Copy the leaves of ``tree`` into new flat buffers.
+
+        Parameters
+        ----------
+        tree : pytree of arrays
+            Floating-point NumPy, CuPy or torch arrays of one library on one
+            device; ``None`` leaves are kept as ``None``.
+
+        Returns
+        -------
+        FlatTree
+            Leaves are grouped by dtype, in flattening order.
+        """
+        return cls._build(tree, "FlatTree.from_tree", copy=True)
+
+    @classmethod
+    def zeros_like(cls, tree: Any) -> FlatTree:
+        """Zero-filled flat buffers laid out like ``tree`` (nothing is copied).
+
+        Parameters
+        ----------
+        tree : pytree of arrays
+            As for :meth:`from_tree`.
+
+        Returns
+        -------
+        FlatTree
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import gradclip as gc
+        >>> flat = gc.FlatTree.zeros_like([np.ones(2), np.ones(3, np.float32)])
+        >>> {str(k): b.shape for k, b in flat.buffers.items()}
+        {'float64': (2,), 'float32': (3,)}
+        """
+        return cls._build(tree, "FlatTree.zeros_like", copy=False)
+
+    @classmethod
+    def _build(cls, tree: Any, fn: str, *, copy: bool) -> FlatTree:
+        # The validation of gradclip's functions, with its leaf-naming errors.
+        from ._api import _prepare  # _api dispatches on FlatTree: import here
+
+        prep = _prepare(tree, fn)
+        if prep.xp is not None and prep.backend not in _BACKENDS:
+            raise TypeError(
+                f"{fn}: {prep.backend} arrays cannot be views into a shared buffer; "
+                "FlatTree holds NumPy, CuPy or torch arrays"
+            )
+        xp, leaves = prep.xp, prep.flat.leaves
+        sizes: dict[Any, int] = {}
+        slots = []
+        for x in leaves:
+            start = sizes.get(x.dtype, 0)
+            slots.append(_Slot(x.dtype, start, tuple(x.shape)))
+            sizes[x.dtype] = start + math.prod(x.shape)
+        device = _compat.device_of(leaves[0]) if leaves else None
+        buffers = {key: xp.zeros((n,), dtype=key, device=device) for key, n in sizes.items()}
+        self = cls._adopt(xp, buffers, slots, prep.flat)
+        if copy and leaves:
+            with _compat.inplace_guard(xp):
+                for view, x in zip(self._flat.leaves, leaves, strict=True):
+                    view[...] = x
+        return self
+
+    @classmethod
+    def _adopt(cls, xp: Any, buffers: dict[Any, Any], slots: list[_Slot], like: Flat) -> FlatTree:
+        """A FlatTree over ``buffers``, with the structure and paths of ``like``."""
+        self = object.__new__(cls)
+        self._xp, self._buffers, self._slots = xp, buffers, slots
+        views = [xp.reshape(buffers[s.key][s.start : s.stop], s.shape) for s in slots]
+        self._flat = Flat(views, like.paths, like.unflatten)
+        return self
+
+    # -- accessors ---------------------------------------------------------------
+    @property
+    def tree(self) -> Any:
+        """The tree, its leaves views into :attr:`buffers`."""
+        return self._flat.unflatten(self._flat.leaves)
+
+    @property
+    def buffers(self) -> dict[Any, Any]:
+        """The flat storage: one contiguous 1-d array per dtype, keyed by dtype."""
+        return dict(self._buffers)
+
+    def copy(self) -> FlatTree:
+        """A FlatTree with the same layout and copies of the buffers.
+
+        Returns
+        -------
+        FlatTree
+        """
+        buffers = {key: self._xp.asarray(b, copy=True) for key, b in self._buffers.items()}
+        return self._adopt(self._xp, buffers, self._slots, self._flat)
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{key}: {b.shape[0]}" for key, b in self._buffers.items())
+        return f"FlatTree({len(self._slots)} leaves; {sizes})"
+
+    # -- what gradclip's functions work on ------------------------------------------
+    def _unit(self, whole: bool) -> Flat:
+        """The arrays a gradclip function works on, and how to rebuild its result.
+
+        ``whole`` functions (global norms, global scaling, value clipping) run
+        over the buffers; the others, and any call that must name a leaf,
+        run over the views. Either way, a result holding the same arrays is
+        this FlatTree, and new arrays become a new FlatTree of this layout.
+        """
+        if not whole:
+            return Flat(self._flat.leaves, self._flat.paths, self._from_leaves)
+        keys = list(self._buffers)
+        return Flat(
+            [self._buffers[key] for key in keys],
+            Paths(lambda: [f"<FlatTree {key} buffer>" for key in keys]),
+            lambda new: self._from_buffers(dict(zip(keys, new, strict=True))),
+        )
+
+    def _from_buffers(self, buffers: dict[Any, Any]) -> FlatTree:
+        if all(b is self._buffers[key] for key, b in buffers.items()):
+            return self
+        return self._adopt(self._xp, buffers, self._slots, self._flat)
+
+    def _from_leaves(self, leaves: Sequence[Any]) -> FlatTree:
+        if all(new is old for new, old in zip(leaves, self._flat.leaves, strict=True)):
+            return self
+        out = self._adopt(
+            self._xp,
+            {key: self._xp.empty_like(b) for key, b in self._buffers.items()},
+            self._slots,
+            self._flat,
+        )
+        with _compat.inplace_guard(self._xp):
+            for view, x in zip(out._flat.leaves, leaves, strict=True):
+                view[...] = x
+        return out
+
+
+def unit(tree: Any, *, whole: bool) -> Flat:
+    """Flatten ``tree``; a :class:`FlatTree` gives its buffers or its views."""
+    if isinstance(tree, FlatTree):
+        return tree._unit(whole)
+    return flatten(tree)

@@ -1,0 +1,202 @@
+"""FlatTree: one buffer per dtype, views as the tree, every function on the buffers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import gradclip as gc
+from conftest import need, selected_backends
+from gradclip._flat import unit
+
+FLAT_BACKENDS = ("numpy", "torch", "cupy")
+# The backends whose slices are writable views, which FlatTree needs; the
+# others are tested to be rejected in test_rejections.
+flat_backends = pytest.mark.parametrize(
+    "xp", [b for b in selected_backends() if b in FLAT_BACKENDS], indirect=True
+)
+
+
+def _tree(xp, scale=3.0, mixed=False):
+    rng = np.random.default_rng(1)
+
+    def a(*shape, dtype="float32"):
+        return xp.array(rng.standard_normal(shape) * scale, dtype)
+
+    return {
+        "w": a(4, 3),
+        "b": [a(5), None, a()],
+        "h": a(2, 2, dtype="float64" if mixed else "float32"),
+        "e": a(0),
+    }
+
+
+def _leaves(tree):
+    return [tree["w"], tree["b"][0], tree["b"][2], tree["e"], tree["h"]]
+
+
+def _same_memory(xp, view, buffer):
+    """Whether writing ``view`` writes ``buffer``."""
+    before = xp.numpy(buffer).copy()
+    view[...] = 7
+    after = xp.numpy(buffer)
+    changed = not np.array_equal(before, after)
+    buffer[...] = xp.array(before)
+    return changed
+
+
+@flat_backends
+def test_from_tree_copies_into_one_buffer_per_dtype(xp):
+    tree = _tree(xp, mixed=True)
+    flat = gc.FlatTree.from_tree(tree)
+    buffers = flat.buffers
+    assert len(buffers) == 2
+    assert [b.shape for b in buffers.values()] == [(12 + 5 + 1 + 0,), (4,)]
+    view = flat.tree
+    assert view["b"][1] is None
+    for got, want in zip(_leaves(view), _leaves(tree), strict=True):
+        assert got.dtype == want.dtype and tuple(got.shape) == tuple(want.shape)
+        np.testing.assert_array_equal(xp.numpy(got), xp.numpy(want))
+    # a copy: writing the source does not reach the FlatTree
+    tree["w"][...] = 0
+    assert xp.numpy(view["w"]).any()
+    # the tree is views: writing a leaf writes the buffer, and the other way
+    assert _same_memory(xp, view["w"], buffers[tree["w"].dtype])
+    assert _same_memory(xp, view["h"], buffers[tree["h"].dtype])
+    buffers[tree["h"].dtype][...] = 2
+    np.testing.assert_array_equal(xp.numpy(flat.tree["h"]), np.full((2, 2), 2.0))
+
+
+@flat_backends
+def test_zeros_like(xp):
+    tree = _tree(xp, mixed=True)
+    flat = gc.FlatTree.zeros_like(tree)
+    for got, want in zip(_leaves(flat.tree), _leaves(tree), strict=True):
+        assert got.dtype == want.dtype and tuple(got.shape) == tuple(want.shape)
+        assert not xp.numpy(got).any()
+    assert "5 leaves" in repr(flat)
+
+
+@flat_backends
+def test_copy_has_its_own_buffers(xp):
+    flat = gc.FlatTree.from_tree(_tree(xp))
+    other = flat.copy()
+    gc.clip_by_global_norm_(other, 1e-3)
+    assert float(gc.global_norm(other)) == pytest.approx(1e-3, rel=1e-4)
+    assert float(gc.global_norm(flat)) > 1
+
+
+@flat_backends
+@pytest.mark.parametrize("ord", [2.0, 1.0, 3.0, math.inf, -math.inf, 0.0])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_norms_equal_the_plain_tree(xp, ord, mixed):
+    tree = _tree(xp, mixed=mixed)
+    tree["b"][0][...] = 0  # a zero leaf: ord=0 counts leaves, not buffers
+    flat = gc.FlatTree.from_tree(tree)
+    for fn in (gc.global_norm, gc.leaf_norms):
+        got, want = fn(flat, ord=ord), fn(tree, ord=ord)
+        assert got.dtype == want.dtype
+        np.testing.assert_allclose(xp.numpy(got), xp.numpy(want), rtol=1e-6)
+
+
+@flat_backends
+@pytest.mark.parametrize("mixed", [False, True])
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("clip_by_global_norm", {"max_norm": 1.0}),
+        ("clip_by_global_norm", {"max_norm": 1.0, "ord": 0.0}),
+        ("clip_by_global_norm", {"max_norm": 1.0, "nonfinite": "raise"}),
+        ("clip_by_norm", {"max_norm": 1.0}),
+        ("clip_by_value", {"clip_value": 0.5}),
+        ("clip_by_value", {"lo": -0.1, "nonfinite": "raise"}),
+    ],
+)
+def test_functions_equal_the_plain_tree(xp, mixed, name, kwargs):
+    """Functional forms return a new FlatTree; in-place forms write the buffers."""
+    tree = _tree(xp, mixed=mixed)
+    flat = gc.FlatTree.from_tree(tree)
+    want = getattr(gc, name)(tree, **kwargs)
+    got = getattr(gc, name)(flat, **kwargs)
+    inplace = getattr(gc, name + "_")(flat, **kwargs)
+    new = got[0] if isinstance(got, tuple) else got
+    assert isinstance(new, gc.FlatTree)
+    ref = want[0] if isinstance(want, tuple) else want
+    for a, b, c in zip(_leaves(new.tree), _leaves(ref), _leaves(flat.tree), strict=True):
+        np.testing.assert_allclose(xp.numpy(a), xp.numpy(b), rtol=1e-6)
+        np.testing.assert_allclose(xp.numpy(c), xp.numpy(b), rtol=1e-6)
+    leaf = new.tree["w"]  # the result's tree views its own buffers
+    assert _same_memory(xp, leaf, new.buffers[leaf.dtype])
+    if isinstance(got, tuple):
+        for s_flat, s_tree, s_inplace in zip(got[1], want[1], inplace, strict=True):
+            np.testing.assert_allclose(xp.numpy(s_flat), xp.numpy(s_tree), rtol=1e-6)
+            np.testing.assert_allclose(xp.numpy(s_inplace), xp.numpy(s_tree), rtol=1e-6)
+
+
+@flat_backends
+def test_functional_leaves_the_input_alone(xp):
+    flat = gc.FlatTree.from_tree(_tree(xp))
+    before = {k: xp.numpy(b).copy() for k, b in flat.buffers.items()}
+    new, _ = gc.clip_by_global_norm(flat, 1e-3)
+    new_b = gc.clip_by_block_rms(flat, 1e-3)
+    for k, b in flat.buffers.items():
+        np.testing.assert_array_equal(xp.numpy(b), before[k])
+    assert float(gc.global_norm(new)) == pytest.approx(1e-3, rel=1e-4)
+    plain = gc.clip_by_block_rms(flat.tree, 1e-3)
+    for a, b in zip(_leaves(new_b.tree), _leaves(plain), strict=True):
+        np.testing.assert_allclose(xp.numpy(a), xp.numpy(b), rtol=1e-6)
+
+
+@flat_backends
+def test_global_functions_run_on_the_buffers(xp):
+    flat = gc.FlatTree.from_tree(_tree(xp, mixed=True))
+    whole = unit(flat, whole=True)
+    assert len(whole.leaves) == 2
+    for got, buffer in zip(whole.leaves, flat.buffers.values(), strict=True):
+        assert got is buffer
+    assert len(unit(flat, whole=False).leaves) == 5
+
+
+@flat_backends
+def test_raise_names_the_leaf_not_the_buffer(xp):
+    tree = _tree(xp)
+    tree["b"][0][2] = float("nan")
+    flat = gc.FlatTree.from_tree(tree)
+    before = xp.numpy(next(iter(flat.buffers.values()))).copy()
+    with pytest.raises(gc.NonFiniteError, match=r"\['b'\]\[0\]"):
+        gc.clip_by_global_norm_(flat, 1.0, nonfinite="raise")
+    np.testing.assert_array_equal(xp.numpy(next(iter(flat.buffers.values()))), before)
+
+
+@flat_backends
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "complex64"])
+def test_other_dtypes(xp, dtype):
+    need(xp, dtype)
+    tree = [xp.array(np.arange(1.0, 7.0).reshape(2, 3), dtype), xp.array([2.0], "float32")]
+    flat = gc.FlatTree.from_tree(tree)
+    stats = gc.clip_by_global_norm_(flat, 1.0)
+    want = gc.clip_by_global_norm(tree, 1.0)[1]
+    assert float(stats.norm) == pytest.approx(float(want.norm), rel=1e-6)
+    assert flat.tree[0].dtype == tree[0].dtype
+
+
+def test_empty_tree():
+    flat = gc.FlatTree.from_tree([None])
+    assert flat.buffers == {}
+    assert flat.tree == [None]
+    assert float(gc.global_norm(flat)) == 0.0
+    assert gc.clip_by_global_norm(flat, 1.0)[0] is flat
+
+
+def test_rejections(xp):
+    tree = [xp.array([1.0, 2.0], "float32")]
+    if xp.name in FLAT_BACKENDS:
+        with pytest.raises(TypeError, match=r"leaf \[1\] has dtype"):
+            gc.FlatTree.from_tree([*tree, xp.array([1, 2], None)])
+    else:
+        with pytest.raises(TypeError, match="FlatTree holds NumPy, CuPy or torch"):
+            gc.FlatTree.from_tree(tree)
+    with pytest.raises(TypeError, match="from_tree"):
+        gc.FlatTree(tree)
