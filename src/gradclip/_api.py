@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +60,8 @@ def _prepare(tree: Any, fn: str, *, inplace: bool = False, whole: bool = False) 
     begins, so a :class:`~gradclip.FlatTree` is processed as its buffers.
     """
     flat = unit(tree, whole=whole)
+    if flat.leaves and _plain_numpy(flat.leaves, inplace):
+        return _Prepared(flat, _compat.namespace(flat.leaves[0]), "numpy")
     paths = flat.paths  # computed only if an error message needs them
     xp: Any = None
     backend = ""
@@ -105,6 +108,27 @@ def _prepare(tree: Any, fn: str, *, inplace: bool = False, whole: bool = False) 
             if problem is not None:
                 raise ValueError(f"{fn}: leaf {paths[i]} {problem}; it cannot be clipped in place")
     return _Prepared(flat, xp, backend)
+
+
+_dtype = operator.attrgetter("dtype")
+_writeable = operator.attrgetter("flags.writeable")
+_contiguous = operator.attrgetter("flags.c_contiguous")
+
+
+def _plain_numpy(leaves: list[Any], inplace: bool) -> bool:
+    """Whether every leaf is a valid NumPy array, checked without a Python loop.
+
+    Trees of thousands of small leaves are common and cheap to clip, so the
+    per-leaf checks below would cost more than the clipping. ``False`` sends
+    the tree through them, and they name the leaf at fault if there is one.
+    A C-contiguous array has no zero strides, so it can be written in place.
+    """
+    if set(map(type, leaves)) != {np.ndarray}:
+        return False
+    xp = _compat.namespace(leaves[0])
+    if not all(_compat.dtype_info(xp, d) is not None for d in set(map(_dtype, leaves))):
+        return False
+    return not inplace or (all(map(_writeable, leaves)) and all(map(_contiguous, leaves)))
 
 
 def _fmt_device(key: Any) -> str:

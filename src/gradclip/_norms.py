@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -33,6 +34,9 @@ __all__ = ["Partial", "Plan", "parse_ord"]
 _LOG2_MAX_ELEMS = 42.0
 # Below this many elements a float32 sum is taken directly.
 _PAIRWISE_LEAF = 4096
+
+_dtype = operator.attrgetter("dtype")
+_shape = operator.attrgetter("shape")
 
 
 def parse_ord(ord: Any) -> float:
@@ -90,23 +94,22 @@ class Plan:
     res: Any = field(init=False)
     _acc_info: Any = field(init=False)
     _infos: list[Any] = field(init=False)
+    _dtype_infos: dict[Any, Any] = field(init=False)
 
     def __post_init__(self) -> None:
         xp = self.xp
         self.device = _compat.device_of(self.leaves[0]) if self.leaves else None
         self.chunk = _compat.chunk_elems(xp)
-        by_dtype: dict[Any, Any] = {}  # a handful of dtypes over many leaves
-        infos = []
-        for x in self.leaves:
-            info = by_dtype.get(x.dtype, by_dtype)
-            if info is by_dtype:
-                info = by_dtype[x.dtype] = _compat.dtype_info(xp, x.dtype)
-            infos.append(info)
-        wide = any(info is not None and info.float64 for info in infos)
+        # A handful of dtypes over up to thousands of leaves: look each up once.
+        dtypes = list(map(_dtype, self.leaves))
+        by_dtype = {d: _compat.dtype_info(xp, d) for d in set(dtypes)}
+        infos = list(map(by_dtype.__getitem__, dtypes))
+        wide = any(info is not None and info.float64 for info in by_dtype.values())
         self.res = xp.float64 if wide else xp.float32
         self.acc = xp.float64 if wide or _compat.has_float64(xp, self.device) else xp.float32
         self._acc_info = _compat.dtype_info(xp, self.acc)
         self._infos = infos
+        self._dtype_infos = by_dtype
 
     # -- small helpers ---------------------------------------------------------
     @property
@@ -286,7 +289,7 @@ class Plan:
             nonzero = xp.astype(xp.count_nonzero(counts), self.res)
             return nonzero, xp.all(xp.stack(flags))
         merged = self.merge(parts)
-        size = sum(math.prod(x.shape) for x in self.leaves)
+        size = sum(map(math.prod, map(_shape, self.leaves)))
         return self.norm(merged, size), self.finite(merged)
 
     # -- scaling -------------------------------------------------------------------
