@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -143,6 +144,51 @@ def test_threads_are_deterministic():
     ]
     first = gc.global_norm(tree).tobytes()
     assert all(gc.global_norm(tree).tobytes() == first for _ in range(10))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_result_does_not_depend_on_the_thread_count(monkeypatch, threads):
+    """Pieces start at fixed offsets and are added exactly (fsum): any split gives the same bits."""
+    rng = np.random.default_rng(7)
+    tree = [rng.standard_normal(n, dtype=np.float32) for n in (3 * TASK + 5, 40_000, 900, 17)]
+    want = gc.global_norm(tree).tobytes(), gc.leaf_norms(tree).tobytes()
+    monkeypatch.setattr(_numpy, "_THREADS", threads)
+    monkeypatch.setattr(_numpy, "_pool", None)  # a pool sized for this thread count
+    assert (gc.global_norm(tree).tobytes(), gc.leaf_norms(tree).tobytes()) == want
+    out = [x.copy() for x in tree]
+    gc.clip_by_global_norm_(out, 1.0)
+    assert float(gc.global_norm(out)) == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "sizes", [[5 * TASK + 3], [3, 2**17, 2**17 + 1, TASK - 1, 7 * 2**17], [2**17 + 5] * 9]
+)
+def test_runs_cover_every_leaf_once_in_fixed_pieces(monkeypatch, sizes):
+    monkeypatch.setattr(_numpy, "_THREADS", 2)
+    runs = _numpy._runs(list(enumerate(sizes)))
+    covered = {i: [] for i in range(len(sizes))}
+    for run in runs:
+        for i, start, stop in run:
+            assert start % _numpy._CHUNK == 0 and start < stop <= sizes[i]
+            covered[i].append((start, stop))
+    for i, ranges in covered.items():
+        ranges.sort()
+        assert ranges[0][0] == 0 and ranges[-1][1] == sizes[i]
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+    totals = [sum(stop - start for _, start, stop in run) for run in runs]
+    if sum(sizes) >= 2 * _numpy._CHUNK:  # balanced to within a piece per leaf and run
+        slack = _numpy._CHUNK * (len(sizes) + len(runs))
+        assert len(runs) >= 2 and max(totals) - min(totals) <= slack
+
+
+def test_float64_sums_that_overflow_only_when_added():
+    """Each leaf's sum of squares is finite, their total is not: the leaves are redone scaled."""
+    leaves = [np.zeros(2 * _numpy._SMALL) for _ in range(2)]
+    for x in leaves:
+        x[:2] = 9e153  # 2 * 8.1e307 fits in float64; 4 * 8.1e307 does not
+    want = 9e153 * 2
+    assert float(gc.global_norm(leaves)) == pytest.approx(want, rel=1e-12)
+    assert float(gc.global_norm(leaves, fused=False)) == pytest.approx(want, rel=1e-12)
 
 
 def test_accuracy_matches_contract():
