@@ -1,6 +1,9 @@
 """Developer sessions for gradclip.
 
 Plain ``nox`` runs ``lint`` and one ``tests`` session per backend, CPU only.
+``nox -s bench`` (never run by plain ``nox``) times gradclip against its
+anchors and records ``benchmarks/results/bench-numpy-cpu.json``; arguments
+after ``--`` replace that default, e.g. ``nox -s bench -- --tree small``.
 ``nox -l`` lists them; ``nox -s "tests(jax)"`` runs one; arguments after ``--``
 go to pytest, e.g. ``nox -s "tests(numpy)" -- -x -k global_norm``.
 """
@@ -54,3 +57,18 @@ def tests(session: nox.Session, backend: str) -> None:
     packages, selector = BACKENDS[backend]
     session.install(*nox.project.dependency_groups(PYPROJECT, "test"), *packages, "-e", ".")
     session.run("pytest", *session.posargs, env={"GRADCLIP_TEST_BACKENDS": selector})
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """``python -m gradclip bench`` with torch, jax and optax as anchors (not in plain nox)."""
+    session.install(
+        *nox.project.dependency_groups(PYPROJECT, "bench"),
+        f"torch=={TORCH_VERSION}",
+        "jax>=0.4.35",
+        "optax>=0.2.4",
+        "-e",
+        ".",
+    )
+    args = session.posargs or ["--tree", "all", "--json", "benchmarks/results/bench-numpy-cpu.json"]
+    session.run("python", "-m", "gradclip", "bench", *args)

@@ -1,4 +1,4 @@
-"""Command-line entry point: ``python -m gradclip demo``.
+"""Command-line entry point: ``python -m gradclip demo`` and ``python -m gradclip bench``.
 
 The demo builds a small synthetic gradient pytree whose magnitude explodes
 geometrically over a dozen steps, with one step that holds a NaN, and clips it
@@ -7,12 +7,17 @@ always, PyTorch and JAX when importable, CuPy when importable and a GPU is
 visible. Each step prints the norm, the scale applied, and whether the step was
 clipped and finite.
 
+``bench`` times gradclip against torch, optax, a naive NumPy loop and a
+memory-bound floor on the same data and prints the ratios (see
+:mod:`gradclip._bench`).
+
 Examples
 --------
 Run it from a shell::
 
     python -m gradclip demo
     gradclip demo --steps 8
+    python -m gradclip bench --tree small --reps 5
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import numpy as np
 import optree
 
 import gradclip
+
+from . import _bench  # imports torch/jax/cupy/rich only inside its functions
 
 MAX_NORM = 1.0
 GROWTH = 2.5  # the gradient norm is multiplied by this every step
@@ -185,8 +192,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p_demo.add_argument("--steps", type=int, default=12, help="steps to simulate (default 12)")
     p_demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p_bench = commands.add_parser(
+        "bench",
+        help="time gradclip against torch, optax, a NumPy loop and a memory-bound floor",
+        description="Time gradclip against anchors side by side and print the ratios.",
+    )
+    _bench.add_arguments(p_bench)
     args = parser.parse_args(argv)
-    # "demo" is the only command so far; argparse has already rejected any other.
+    if args.command == "bench":
+        return _bench.run(args)
     return demo(steps=args.steps, seed=args.seed)
 
 

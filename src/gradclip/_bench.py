@@ -1,0 +1,1032 @@
+"""Benchmark harness: ``python -m gradclip bench``.
+
+Times gradclip against anchors side by side, on the same data in one run, and
+prints ratios: torch ``clip_grad_norm_(foreach=True)``, optax
+``clip_by_global_norm`` under ``jax.jit``, the naive NumPy loop a researcher
+writes, and a *floor*, the least a global-norm clip can cost: one dot and one
+in-place multiply over a single flat buffer of the same size. The case
+where nothing needs clipping (``scale == 1``) is timed on its own against one
+read pass over that buffer.
+
+Every timed call gets fresh gradients that need clipping, copied in untimed
+from a pristine source; after each row the harness checks, untimed, that the
+row really clipped (or, with nothing to clip, left the norm unchanged). JAX
+rows are compiled once per tree, untimed (XLA takes minutes on a CPU for the
+2000-leaf tree; jaxlib 0.10's persistent cache crashes loading that program).
+
+torch, jax, optax, cupy and rich are optional and imported only inside
+functions (through :func:`importlib.import_module`, so they are typed ``Any``
+and the lint environment needs none of them); rows whose library is missing
+are left out with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import tracemalloc
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import optree
+
+import gradclip as gc
+
+__all__ = [
+    "TREES",
+    "add_arguments",
+    "bench",
+    "format_report",
+    "main",
+    "make_tree",
+    "run",
+    "tree_sizes",
+]
+
+TREES = ("llm", "huge", "small")
+BACKENDS = ("numpy", "torch", "jax", "cupy")
+CASES = ("clip", "noclip")
+NO_CLIP = 1e30  # max_norm of the no-clip case: far above any norm here, so scale == 1
+EPS = 1e-6  # gradclip's and torch's default
+SEED = 0
+_MAX_REPS_FACTOR = 20  # fast rows run up to this many times --reps, within the budget
+_CHECK_CHUNK = 1 << 20  # elements widened to float64 at a time by the result check
+
+Tree = Any  # a nested dict/list of arrays (optree's stubs cannot type it more closely)
+
+
+def _load(name: str) -> Any:
+    """Import an optional library (typed ``Any``: it may be absent where mypy runs)."""
+    return importlib.import_module(name)
+
+
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a parent package broken, or None in sys.modules
+        return False
+
+
+def _torch() -> Any:
+    torch = _load("torch")
+    torch.set_num_threads(os.cpu_count() or 1)  # every torch row uses all the cores
+    return torch
+
+
+# ------------------------------------------------------------------------ trees
+
+
+def _build(name: str, make: Callable[[tuple[int, ...]], Any], size_factor: int) -> Tree:
+    """The tree ``name`` with ``make(shape)`` as each leaf, sizes divided by ``size_factor``."""
+    if name not in TREES:
+        raise ValueError(f"unknown tree {name!r}; choose from {', '.join(TREES)}")
+    if name == "llm":
+        # A 12-block transformer with d=512 and a 32000-token embedding.
+        d, vocab = max(1, 512 // size_factor), max(1, 32000 // size_factor)
+
+        def norm() -> dict[str, Any]:
+            return {"weight": make((d,)), "bias": make((d,))}
+
+        def block() -> dict[str, Any]:
+            return {
+                "attn": {
+                    "qkv_weight": make((d, 3 * d)),
+                    "qkv_bias": make((3 * d,)),
+                    "out_weight": make((d, d)),
+                    "out_bias": make((d,)),
+                },
+                "mlp": {
+                    "fc1_weight": make((d, 4 * d)),
+                    "fc1_bias": make((4 * d,)),
+                    "fc2_weight": make((4 * d, d)),
+                    "fc2_bias": make((d,)),
+                },
+                "ln1": norm(),
+                "ln2": norm(),
+            }
+
+        return {"embed": make((vocab, d)), "blocks": [block() for _ in range(12)]}
+    if name == "huge":
+        return {"weight": make((max(1, 2**26 // size_factor),))}
+    sizes = np.random.default_rng(SEED + 1).integers(16, 2048, size=2000, endpoint=True)
+    return [make((max(1, int(s) // size_factor),)) for s in sizes]
+
+
+def tree_sizes(name: str, size_factor: int = 1) -> Tree:
+    """The element count of every leaf of a benchmark tree, without allocating it.
+
+    Parameters
+    ----------
+    name : {"llm", "huge", "small"}
+        Which tree.
+    size_factor : int, default 1
+        Every dimension (``small``: every leaf size) is divided by this, at
+        least 1 remaining; the tests use it to shrink the trees.
+
+    Returns
+    -------
+    pytree of int
+        The tree's structure with each leaf's size in its place.
+    """
+    return _build(name, math.prod, size_factor)
+
+
+def make_tree(name: str, size_factor: int = 1, seed: int = SEED) -> Tree:
+    """A benchmark tree of float32 N(0, 1) values from a fixed-seed generator.
+
+    Parameters
+    ----------
+    name : {"llm", "huge", "small"}
+        ``llm``: 145 leaves, 54.2M elements shaped like a 12-block transformer;
+        ``huge``: one 2**26-element leaf; ``small``: 2000 leaves of 16 to 2048
+        elements.
+    size_factor : int, default 1
+        As for :func:`tree_sizes`.
+    seed : int, default 0
+        Seed of the NumPy generator.
+
+    Returns
+    -------
+    pytree of numpy.ndarray
+        Its global norm is about the square root of its size, far above 1.
+    """
+    rng = np.random.default_rng(seed)
+    return _build(name, lambda shape: rng.standard_normal(shape, dtype=np.float32), size_factor)
+
+
+def _norm(leaves: Iterable[np.ndarray]) -> float:
+    """The global 2-norm in float64, the reference a row's result is checked against."""
+    total = 0.0
+    for x in leaves:
+        flat = x.reshape(-1)
+        for start in range(0, flat.size, _CHECK_CHUNK):
+            piece = flat[start : start + _CHECK_CHUNK].astype(np.float64)
+            total += float(np.dot(piece, piece))
+    return math.sqrt(total)
+
+
+# ------------------------------------------------------------------------- rows
+
+
+@dataclass(frozen=True)
+class _Arrays:
+    """How one array library holds the benchmark's data on one device."""
+
+    pristine: Callable[[np.ndarray], Any]  # the read-only source (a view where possible)
+    new: Callable[[np.ndarray], Any]  # a writable copy
+    copy: Callable[[Any, Any], Any]  # copy(dst, src), in place
+    sync: Callable[[], Any]  # wait for the device
+    host: Callable[[Any], np.ndarray]  # back to NumPy, for the result check
+
+
+def _numpy_arrays() -> _Arrays:
+    return _Arrays(lambda h: h, np.copy, np.copyto, lambda: None, np.asarray)
+
+
+def _torch_arrays(device: str) -> _Arrays:
+    torch = _torch()
+    if device == "cpu":
+        return _Arrays(
+            torch.from_numpy,
+            lambda h: torch.from_numpy(h.copy()),
+            lambda dst, src: dst.copy_(src),
+            lambda: None,
+            lambda t: t.numpy(),
+        )
+    return _Arrays(
+        lambda h: torch.from_numpy(h).to(device),
+        lambda h: torch.from_numpy(h).to(device),
+        lambda dst, src: dst.copy_(src),
+        torch.cuda.synchronize,
+        lambda t: t.cpu().numpy(),
+    )
+
+
+def _cupy_arrays() -> _Arrays:
+    cp = _load("cupy")
+    return _Arrays(
+        cp.array, cp.array, cp.copyto, lambda: cp.cuda.Device().synchronize(), cp.asnumpy
+    )
+
+
+@dataclass
+class _Data:
+    """One benchmark tree: its pristine NumPy leaves and their norm."""
+
+    name: str
+    tree: Tree
+    leaves: list[np.ndarray]
+    norm: float
+
+    def flat(self) -> np.ndarray:
+        """All leaves in one contiguous buffer (for the floor and the read pass)."""
+        return np.concatenate([x.reshape(-1) for x in self.leaves])
+
+
+@dataclass(frozen=True)
+class _Timed:
+    """A row ready to time: ``fresh`` untimed, then ``call`` and ``done`` timed."""
+
+    fresh: Callable[[], None]  # fresh gradients into the buffers; the device idle after
+    call: Callable[[], Any]  # the work being timed
+    done: Callable[[Any], Any]  # wait for ``call``'s result (devices run asynchronously)
+    result: Callable[[Any], list[np.ndarray]]  # what ``call`` produced, on the host
+
+
+def _in_place(
+    arrays: _Arrays, sources: list[np.ndarray], setup: Callable[[list[Any]], Callable[[], Any]]
+) -> _Timed:
+    """A row that modifies its own copies of ``sources``.
+
+    ``setup(buffers)`` runs once, untimed, and returns the call to time.
+    """
+    src = [arrays.pristine(h) for h in sources]
+    bufs = [arrays.new(h) for h in sources]
+
+    def fresh() -> None:
+        for dst, s in zip(bufs, src, strict=True):
+            arrays.copy(dst, s)
+        arrays.sync()
+
+    return _Timed(
+        fresh, setup(bufs), lambda _: arrays.sync(), lambda _: [arrays.host(b) for b in bufs]
+    )
+
+
+def _gradclip_jax(grads: Tree, max_norm: Any) -> Any:
+    return gc.clip_by_global_norm(grads, max_norm)[0]
+
+
+def _optax_jax(grads: Tree, max_norm: Any) -> Any:
+    tx = _load("optax").clip_by_global_norm(max_norm)
+    return tx.update(grads, tx.init(grads))[0]
+
+
+@functools.cache
+def _jitted(fn: Callable[[Tree, Any], Any]) -> Any:
+    # One jitted function per row, shared by the clip and no-clip cases:
+    # max_norm is an argument, not a constant, so XLA compiles once per tree
+    # (on the CPU that takes minutes for the 2000-leaf tree).
+    return _load("jax").jit(fn, donate_argnums=0)
+
+
+def _jax_row(data: _Data, fn: Callable[[Tree, Any], Any], max_norm: float) -> _Timed:
+    """``fn(grads, max_norm)`` under ``jax.jit``, the grads donated and fresh every call."""
+    jax = _load("jax")
+    jitted = _jitted(fn)
+    pending: list[Tree] = [None]
+
+    def fresh() -> None:
+        # may_alias=False: a donated input must never share the pristine NumPy memory.
+        pending[0] = optree.tree_map(lambda h: jax.device_put(h, may_alias=False), data.tree)
+        jax.block_until_ready(pending[0])
+
+    def call() -> Any:
+        grads, pending[0] = pending[0], None  # donated: hold no reference to it
+        return jitted(grads, max_norm)
+
+    return _Timed(
+        fresh,
+        call,
+        jax.block_until_ready,
+        lambda out: [np.asarray(x) for x in optree.tree_leaves(out)],
+    )
+
+
+@dataclass(frozen=True)
+class _Context:
+    backend: str
+    arrays: _Arrays | None  # the backend's arrays; None for jax (immutable)
+    anchor: _Arrays | None  # where the torch rows run; None without a usable torch
+    gpu: bool
+
+
+def _gradclip_row(ctx: _Context, data: _Data, max_norm: float) -> _Timed:
+    if ctx.arrays is None:  # jax: functional, jitted, the input donated
+        return _jax_row(data, _gradclip_jax, max_norm)
+    structure = optree.tree_structure(data.tree)
+
+    def setup(bufs: list[Any]) -> Callable[[], Any]:
+        grads = optree.tree_unflatten(structure, bufs)  # the tree a user holds
+        return lambda: gc.clip_by_global_norm_(grads, max_norm)
+
+    return _in_place(ctx.arrays, data.leaves, setup)
+
+
+def _flattree_row(ctx: _Context, data: _Data, max_norm: float) -> _Timed:
+    arrays = ctx.arrays
+    assert arrays is not None  # planned for in-place backends only
+    pristine = optree.tree_map(arrays.pristine, data.tree)
+    flat, src = gc.FlatTree.from_tree(pristine), gc.FlatTree.from_tree(pristine)
+
+    def fresh() -> None:
+        for dtype, buf in flat.buffers.items():
+            arrays.copy(buf, src.buffers[dtype])
+        arrays.sync()
+
+    return _Timed(
+        fresh,
+        lambda: gc.clip_by_global_norm_(flat, max_norm),
+        lambda _: arrays.sync(),
+        lambda _: [arrays.host(b) for b in flat.buffers.values()],
+    )
+
+
+def _torch_row(ctx: _Context, data: _Data, max_norm: float) -> _Timed:
+    assert ctx.anchor is not None
+    torch = _torch()
+
+    def setup(grads: list[Any]) -> Callable[[], Any]:
+        # clip_grad_norm_ clips parameters' .grad and silently ignores plain
+        # tensors, so the fresh gradients become these parameters' .grad.
+        params = [torch.nn.Parameter(torch.empty_like(g)) for g in grads]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        return lambda: torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+
+    return _in_place(ctx.anchor, data.leaves, setup)
+
+
+def _optax_row(ctx: _Context, data: _Data, max_norm: float) -> _Timed:
+    return _jax_row(data, _optax_jax, max_norm)
+
+
+def _naive_row(ctx: _Context, data: _Data, max_norm: float) -> _Timed:
+    def naive(leaves: list[np.ndarray]) -> None:
+        # What a researcher writes: a sum of squares, then scale every leaf.
+        norm = np.sqrt(sum(np.sum(g * g) for g in leaves))
+        scale = min(1.0, max_norm / (norm + EPS))
+        for g in leaves:
+            g *= scale
+
+    return _in_place(_numpy_arrays(), data.leaves, lambda bufs: lambda: naive(bufs))
+
+
+def _flat_kernel(ctx: _Context, max_norm: float, write: bool) -> tuple[_Arrays, Callable[..., Any]]:
+    """The dot, and with ``write`` the in-place scaling, over one buffer on the anchor device."""
+    if ctx.gpu:
+        cp = _load("cupy")
+
+        def gpu(buf: Any) -> Any:
+            sq = cp.dot(buf, buf)
+            if write:
+                buf *= cp.minimum(max_norm / (cp.sqrt(sq) + EPS), 1.0)
+            return sq
+
+        return _cupy_arrays(), gpu
+    if ctx.anchor is not None:
+        torch = _torch()
+
+        def cpu(buf: Any) -> Any:
+            sq = torch.dot(buf, buf)
+            if write:  # the scale stays a tensor: no host sync
+                buf.mul_((max_norm / (sq.sqrt() + EPS)).clamp_(max=1.0))
+            return sq
+
+        return ctx.anchor, cpu
+
+    def host(buf: np.ndarray) -> Any:
+        sq = np.dot(buf, buf)
+        if write:
+            np.multiply(buf, min(1.0, max_norm / (math.sqrt(sq) + EPS)), out=buf)
+        return sq
+
+    return _numpy_arrays(), host
+
+
+def _flat_row(ctx: _Context, data: _Data, max_norm: float, *, write: bool) -> _Timed:
+    arrays, kernel = _flat_kernel(ctx, max_norm, write)
+    return _in_place(arrays, [data.flat()], lambda bufs: lambda: kernel(bufs[0]))
+
+
+def _floor_row(ctx: _Context, data: _Data, max_norm: float) -> _Timed:
+    return _flat_row(ctx, data, max_norm, write=True)
+
+
+def _read_row(ctx: _Context, data: _Data, max_norm: float) -> _Timed:
+    return _flat_row(ctx, data, max_norm, write=False)
+
+
+@dataclass(frozen=True)
+class _Row:
+    key: str  # stable id: gradclip, flattree, torch, optax, naive, floor, read
+    label: str
+    make: Callable[[_Context, _Data, float], _Timed]
+    cases: tuple[str, ...] = CASES
+    numpy_memory: bool = False  # tracemalloc sees NumPy's allocations only
+
+
+def _backend_arrays(backend: str) -> _Arrays | None:
+    if backend == "numpy":
+        return _numpy_arrays()
+    if backend == "torch":
+        return _torch_arrays("cpu")
+    if backend == "cupy":
+        return _cupy_arrays()
+    return None  # jax: no in-place buffers
+
+
+def _cuda_devices() -> int:
+    try:
+        return int(_load("cupy").cuda.runtime.getDeviceCount())
+    except Exception:  # no driver or no CUDA runtime: cupy raises its own error types
+        return 0
+
+
+def _plan(backend: str) -> tuple[_Context, list[_Row], list[str]]:
+    """The context, the rows that can run, and a note for each row left out."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if backend != "numpy" and not _installed(backend):
+        raise SystemExit(f"gradclip bench: --backend {backend} needs {backend}, not installed")
+    gpu = backend == "cupy"
+    if gpu and _cuda_devices() == 0:
+        raise SystemExit("gradclip bench: --backend cupy needs a CUDA device; none found")
+    notes: list[str] = []
+    anchor: _Arrays | None = None
+    if not _installed("torch"):
+        notes.append("torch clip_grad_norm_: torch not installed, row left out")
+    elif not gpu:
+        anchor = _torch_arrays("cpu")
+    elif _torch().cuda.is_available():
+        anchor = _torch_arrays("cuda")
+    else:
+        notes.append("torch clip_grad_norm_: torch sees no CUDA device, row left out")
+    ctx = _Context(backend, _backend_arrays(backend), anchor, gpu)
+
+    host = backend == "numpy"
+    rows = [_Row("gradclip", f"gradclip ({backend})", _gradclip_row, numpy_memory=host)]
+    if backend != "jax":  # a FlatTree's leaves are views: numpy, torch and cupy only
+        label = f"gradclip FlatTree ({backend})"
+        rows.append(_Row("flattree", label, _flattree_row, numpy_memory=host))
+    if anchor is not None:
+        rows.append(_Row("torch", "torch clip_grad_norm_(foreach=True)", _torch_row))
+    if not (_installed("jax") and _installed("optax")):
+        notes.append("optax clip_by_global_norm: jax or optax not installed, row left out")
+    elif gpu and _load("jax").default_backend() == "cpu":
+        notes.append("optax clip_by_global_norm: jax sees no GPU, row left out")
+    else:
+        rows.append(_Row("optax", "optax clip_by_global_norm (jit, donated)", _optax_row))
+    if gpu:
+        notes.append("naive NumPy loop: runs on the CPU, not comparable on a GPU, row left out")
+    else:
+        rows.append(_Row("naive", "naive NumPy loop", _naive_row, numpy_memory=True))
+    where = "cupy" if gpu else "torch" if anchor is not None else "NumPy: torch not installed"
+    rows.append(_Row("floor", f"floor: dot + in-place mul ({where})", _floor_row, ("clip",)))
+    rows.append(_Row("read", f"one read pass: dot ({where})", _read_row, ("noclip",)))
+    return ctx, rows, notes
+
+
+# -------------------------------------------------------------------- measuring
+
+
+def _peak_bytes(timed: _Timed) -> int:
+    """Peak temporary memory of one call, as tracemalloc sees it (NumPy allocations)."""
+    timed.fresh()
+    tracemalloc.start()
+    try:
+        timed.done(timed.call())
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def _time(timed: _Timed, reps: int, budget: float) -> tuple[list[float], Any]:
+    """Seconds per call: at least ``reps`` calls, more while within ``budget`` seconds."""
+    times: list[float] = []
+    out: Any = None
+    start = time.perf_counter()
+    while len(times) < reps * _MAX_REPS_FACTOR:
+        timed.fresh()
+        t0 = time.perf_counter()
+        out = timed.call()
+        timed.done(out)
+        times.append(time.perf_counter() - t0)
+        if len(times) >= reps and time.perf_counter() - start >= budget:
+            break
+    return times, out
+
+
+def _norm_error(after: float, before: float, max_norm: float) -> float:
+    """How far a row's result is from the norm a clip to ``max_norm`` must leave, relative."""
+    want = min(before, max_norm)
+    return (after - want) / want
+
+
+def _did_the_work(error: float) -> bool:
+    """Whether a row clipped (or, with scale 1, left the gradients alone).
+
+    The bound is loose on purpose: float32 accumulation leaves torch's norm of
+    54M entries off by 2e-4 and a plain float32 dot by 5e-4, and those rows
+    still did the work. A row that skipped the clip is off by a factor of
+    thousands, one that zeroed the gradients by -1. The error itself is
+    reported.
+    """
+    return abs(error) <= 1e-2
+
+
+# ---------------------------------------------------------------------- targets
+
+
+@dataclass(frozen=True)
+class _Target:
+    tree: str
+    case: str
+    key: str
+    limit: float
+    per: str  # "anchor": a ratio to the section's anchor; "ms": milliseconds per call
+
+    def describe(self) -> str:
+        who = "gradclip FlatTree" if self.key == "flattree" else "gradclip"
+        case = "clip" if self.case == "clip" else "no-clip"
+        anchor = "floor" if self.case == "clip" else "one read pass"
+        bound = f"{self.limit:g} ms per call" if self.per == "ms" else f"{self.limit:g}x {anchor}"
+        return f"{self.tree} {case}: {who} <= {bound}"
+
+
+# Checked for the NumPy backend, the one the NumPy fast path serves.
+TARGETS = (
+    _Target("llm", "clip", "gradclip", 1.25, "anchor"),
+    _Target("huge", "clip", "gradclip", 1.25, "anchor"),
+    _Target("small", "clip", "gradclip", 2.5, "ms"),
+    _Target("small", "clip", "flattree", 1.3, "anchor"),
+    *(_Target(tree, "noclip", "gradclip", 1.2, "anchor") for tree in TREES),
+)
+
+
+def _targets(rows: list[dict[str, Any]], backend: str) -> list[dict[str, Any]]:
+    found = {(r["tree"], r["case"], r["key"]): r for r in rows}
+    out = []
+    for t in TARGETS:
+        row = found.get((t.tree, t.case, t.key)) if backend == "numpy" else None
+        value = None if row is None else row["median_ms" if t.per == "ms" else "ratio_anchor"]
+        out.append(
+            {
+                "target": t.describe(),
+                "tree": t.tree,
+                "case": t.case,
+                "row": t.key,
+                "limit": t.limit,
+                "unit": "ms" if t.per == "ms" else "ratio",
+                "value": value,
+                "met": None if value is None else bool(value <= t.limit),
+                "ratio_torch": None if row is None else row["ratio_torch"],
+            }
+        )
+    return out
+
+
+# ------------------------------------------------------------------- the report
+
+
+def _versions() -> dict[str, str | None]:
+    """Installed versions, read from package metadata (nothing is imported)."""
+    dists = importlib.metadata.packages_distributions()
+    found: dict[str, str | None] = {"gradclip": gc.__version__}
+    for module in ("numpy", "torch", "jax", "jaxlib", "optax", "cupy", "rich"):
+        names = dists.get(module, [])
+        found[module] = importlib.metadata.version(names[0]) if names else None
+    return found
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        return None
+
+
+def _gpu_name() -> str | None:
+    if _installed("torch") and _torch().cuda.is_available():
+        return str(_torch().cuda.get_device_name(0))
+    if _installed("cupy"):
+        with warnings.catch_warnings():  # cupy warns at import about a missing CUDA toolkit
+            warnings.simplefilter("ignore")
+            if _cuda_devices() > 0:
+                name = _load("cupy").cuda.runtime.getDeviceProperties(0)["name"]
+                return name.decode() if isinstance(name, bytes) else str(name)
+    return None
+
+
+def _machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "memory_bytes": _memory_bytes(),
+        "gpu": _gpu_name(),
+        "python": platform.python_version(),
+        "hostname": platform.node(),
+        "versions": _versions(),
+    }
+
+
+class _Progress:
+    """rich's progress bar on stderr when rich is installed, else a line per row."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.count = total, enabled, 0
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled and _installed("rich"):
+            progress = _load("rich.progress")
+            console = _load("rich.console").Console(stderr=True)
+            # Tables go to stdout after the bar is gone: no redirection needed.
+            self._bar = progress.Progress(
+                *progress.Progress.get_default_columns(),
+                progress.TimeElapsedColumn(),
+                console=console,
+                transient=True,
+                redirect_stdout=False,
+                redirect_stderr=False,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("bench", total=self.total)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def start(self, what: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, description=what)
+
+    def done(self, what: str, summary: str) -> None:
+        self.count += 1
+        if self._bar is not None:
+            self._bar.advance(self._task)
+        elif self.enabled:
+            width = len(str(self.total))
+            print(f"[{self.count:>{width}}/{self.total}] {what}: {summary}", file=sys.stderr)
+
+
+def _ratio(value: float, base: dict[str, Any] | None) -> float | None:
+    return None if base is None else value / base["median_ms"]
+
+
+def bench(
+    backend: str = "numpy",
+    trees: Sequence[str] = TREES,
+    *,
+    reps: int = 15,
+    budget: float = 1.0,
+    max_norm: float = 1.0,
+    size_factor: int = 1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the benchmark and return its report.
+
+    Parameters
+    ----------
+    backend : {"numpy", "torch", "jax", "cupy"}, default "numpy"
+        The arrays gradclip clips; the anchors run on the same device.
+    trees : sequence of {"llm", "huge", "small"}
+        The trees to time, in order.
+    reps : int, default 15
+        Timed calls per row, at least.
+    budget : float, default 1.0
+        Seconds per row: after ``reps`` calls a row stops once it has run
+        this long, and a fast row runs up to ``20 * reps`` calls within it.
+    max_norm : float, default 1.0
+        ``max_norm`` of the clip case.
+    size_factor : int, default 1
+        Divide every tree's dimensions by this (for tests).
+    progress : bool, default True
+        Show progress on stderr.
+
+    Returns
+    -------
+    dict
+        JSON-ready: ``machine``, ``date``, ``settings``, ``notes`` (rows left
+        out), ``trees``, ``rows`` (figures and ratios) and ``targets``.
+    """
+    ctx, plan, notes = _plan(backend)
+    total = len(trees) * sum(len(row.cases) for row in plan)
+    rows: list[dict[str, Any]] = []
+    tree_info: dict[str, Any] = {}
+    started = time.perf_counter()
+    with _Progress(total, progress) as bar:
+        for name in trees:
+            tree = make_tree(name, size_factor)
+            leaves: list[np.ndarray] = optree.tree_leaves(tree)
+            data = _Data(name, tree, leaves, _norm(leaves))
+            sizes = [x.size for x in leaves]
+            tree_info[name] = {"leaves": len(sizes), "elements": sum(sizes), "norm": data.norm}
+            for case in CASES:
+                bound = max_norm if case == "clip" else NO_CLIP
+                section: list[dict[str, Any]] = []
+                for row in plan:
+                    if case not in row.cases:
+                        continue
+                    what = f"{name} {case}: {row.label}"
+                    bar.start(what)
+                    section.append(_run_row(ctx, data, row, case, bound, reps, budget))
+                    bar.done(what, f"{section[-1]['median_ms']:.3f} ms")
+                by_key = {r["key"]: r for r in section}
+                anchor = by_key.get("floor" if case == "clip" else "read")
+                for r in section:
+                    r["ratio_anchor"] = _ratio(r["median_ms"], anchor)
+                    r["ratio_torch"] = _ratio(r["median_ms"], by_key.get("torch"))
+                    r["ratio_optax"] = _ratio(r["median_ms"], by_key.get("optax"))
+                rows.extend(section)
+            del tree, leaves, data
+    return {
+        "gradclip": gc.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": _machine(),
+        "settings": {
+            "backend": backend,
+            "trees": list(trees),
+            "reps": reps,
+            "budget_s": budget,
+            "max_norm": max_norm,
+            "no_clip_max_norm": NO_CLIP,
+            "size_factor": size_factor,
+            "seed": SEED,
+            "dtype": "float32",
+        },
+        "notes": notes,
+        "trees": tree_info,
+        "rows": rows,
+        "targets": _targets(rows, backend),
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def _run_row(
+    ctx: _Context, data: _Data, row: _Row, case: str, max_norm: float, reps: int, budget: float
+) -> dict[str, Any]:
+    """Build one row's buffers, warm it up, measure it, and check its result."""
+    timed = row.make(ctx, data, max_norm)
+    start = time.perf_counter()
+    timed.fresh()
+    timed.done(timed.call())  # warm-up: compilation, first touches, thread pools
+    warmup = time.perf_counter() - start
+    peak = _peak_bytes(timed) if row.numpy_memory else None
+    times, out = _time(timed, reps, budget)
+    after = _norm(timed.result(out))
+    error = _norm_error(after, data.norm, max_norm)
+    ms = [t * 1e3 for t in times]
+    return {
+        "tree": data.name,
+        "case": case,
+        "key": row.key,
+        "row": row.label,
+        "max_norm": max_norm,
+        "median_ms": statistics.median(ms),
+        "min_ms": min(ms),
+        "reps": len(ms),
+        "peak_temp_bytes": peak,
+        "warmup_s": warmup,
+        "norm_before": data.norm,
+        "norm_after": after,
+        "norm_error": error,
+        "check_ok": _did_the_work(error),
+        "times_ms": ms,
+    }
+
+
+# ---------------------------------------------------------------------- output
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+_HEAD = (
+    "row",
+    "median ms",
+    "min ms",
+    "reps",
+    "x anchor",
+    "x torch",
+    "x optax",
+    "peak MB",
+    "norm err",
+    "",
+)
+
+
+def _table(section: list[dict[str, Any]]) -> list[str]:
+    """One section's rows as aligned text lines, a header first."""
+    table = [_HEAD]
+    for r in section:
+        peak = r["peak_temp_bytes"]
+        table.append(
+            (
+                r["row"],
+                f"{r['median_ms']:.3f}",
+                f"{r['min_ms']:.3f}",
+                str(r["reps"]),
+                _fmt(r["ratio_anchor"], ".2f", "x"),
+                _fmt(r["ratio_torch"], ".2f", "x"),
+                _fmt(r["ratio_optax"], ".2f", "x"),
+                _fmt(None if peak is None else peak / 2**20, ".1f"),
+                f"{r['norm_error']:+.0e}" if r["norm_error"] else "0",
+                "" if r["check_ok"] else "WRONG RESULT",
+            )
+        )
+    widths = [max(len(cells[i]) for cells in table) for i in range(len(_HEAD))]
+    return [
+        "  "
+        + "  ".join(
+            [
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            ]
+        ).rstrip()
+        for cells in table
+    ]
+
+
+def _target_line(t: dict[str, Any]) -> str:
+    verdict = {True: "PASS", False: "MISS", None: "n/a "}[t["met"]]
+    if t["value"] is None:
+        return f"  {verdict}  {t['target']}: not measured"
+    value = f"{t['value']:.3g}{' ms' if t['unit'] == 'ms' else 'x'}"
+    if t["unit"] == "ms" and t["ratio_torch"] is not None:
+        value += f" ({t['ratio_torch']:.2f}x torch foreach)"
+    return f"  {verdict}  {t['target']}: {value}"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as text: notes, one table per tree and case, then the targets.
+
+    Parameters
+    ----------
+    report : dict
+        What :func:`bench` returned.
+
+    Returns
+    -------
+    str
+        Lines ready to print.
+    """
+    s, machine = report["settings"], report["machine"]
+    lines = [
+        f"gradclip {report['gradclip']} bench: backend {s['backend']}, float32, "
+        f"at least {s['reps']} timed calls per row ({s['budget_s']:g} s budget); "
+        f"{machine['cpu_count']} CPUs ({machine['cpu']})"
+        + (f", GPU {machine['gpu']}" if machine["gpu"] else "")
+    ]
+    lines += [f"note: {n}" for n in report["notes"]]
+    for name in s["trees"]:
+        info = report["trees"][name]
+        for case in CASES:
+            if case == "clip":
+                what = f"clip (max_norm={s['max_norm']:g}); x anchor = x floor"
+            else:
+                what = f"no clip (max_norm={NO_CLIP:g}, scale 1); x anchor = x one read pass"
+            lines += [
+                "",
+                f"{name}: {info['leaves']} leaves, {info['elements'] / 1e6:.1f}M elements, "
+                f"norm {info['norm']:.4g} -- {what}",
+            ]
+            lines += _table([r for r in report["rows"] if r["tree"] == name and r["case"] == case])
+    if s["backend"] == "numpy":
+        lines += ["", "targets (gradclip rows):"]
+        lines += [_target_line(t) for t in report["targets"]]
+    else:
+        lines += ["", "targets: set for the numpy backend, not checked here"]
+    wrong = sum(not r["check_ok"] for r in report["rows"])
+    if wrong:
+        lines.append(f"WRONG RESULT: {wrong} rows left a norm that clipping to max_norm cannot")
+    lines.append(
+        "norm err: the norm after the call relative to min(norm, max_norm), minus 1 "
+        "(float32 accumulation shows here); peak MB: tracemalloc, NumPy rows only"
+    )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- the CLI
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``bench`` options to ``parser``.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The ``bench`` subcommand's parser, or a parser of its own.
+    """
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default="numpy", help="arrays to clip (default numpy)"
+    )
+    parser.add_argument(
+        "--tree", choices=(*TREES, "all"), default="all", help="tree to time (default all)"
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
+    parser.add_argument(
+        "--reps", type=_positive(int), default=15, help="timed calls per row, at least (default 15)"
+    )
+    parser.add_argument(
+        "--budget",
+        type=_positive(float),
+        default=1.0,
+        help="seconds per row after which it stops adding calls beyond --reps (default 1)",
+    )
+    parser.add_argument(
+        "--max-norm", type=_positive(float), default=1.0, help="max_norm when clipping (default 1)"
+    )
+    # Divides every dimension: lets the tests run the whole harness in a second.
+    parser.add_argument("--size-factor", type=_positive(int), default=1, help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark for parsed ``bench`` arguments, print it, and write the JSON.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        From a parser set up by :func:`add_arguments`.
+
+    Returns
+    -------
+    int
+        Exit status: 0, also when a target is missed (that is reported, not an error).
+    """
+    trees = TREES if args.tree == "all" else (args.tree,)
+    report = bench(
+        args.backend,
+        trees,
+        reps=args.reps,
+        budget=args.budget,
+        max_norm=args.max_norm,
+        size_factor=args.size_factor,
+    )
+    command = (
+        f"python -m gradclip bench --backend {args.backend} --tree {args.tree} "
+        f"--reps {args.reps} --budget {args.budget:g} --max-norm {args.max_norm:g}"
+    )
+    if args.size_factor != 1:
+        command += f" --size-factor {args.size_factor}"
+    report = {"command": command, "argv": sys.argv, **report}
+    print(format_report(report))
+    if args.json:
+        directory = os.path.dirname(args.json)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+            f.write("\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark from command-line arguments (``benchmarks/bench.py``).
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments without the program name; ``sys.argv[1:]`` when None.
+
+    Returns
+    -------
+    int
+        Exit status.
+    """
+    parser = argparse.ArgumentParser(
+        prog="gradclip bench", description="Time gradclip against anchors side by side."
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

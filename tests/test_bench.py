@@ -1,0 +1,263 @@
+"""The benchmark harness (``python -m gradclip bench``), run on shrunken trees.
+
+The harness is only worth its numbers if every timed call clips fresh data,
+so besides the report's shape these tests check what the timed calls leave
+behind. optax is hidden in the whole-harness runs: XLA compiles a jitted
+145- or 2000-leaf clip for seconds to minutes on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import optree
+import pytest
+
+import gradclip.__main__ as cli
+from conftest import importorskip
+from gradclip import _bench
+
+FACTOR = 16  # llm: d=32, vocab 2000; small: leaves of 1 to 128 elements; huge: 4M
+QUICK = ("--reps", "2", "--budget", "0.001", "--size-factor", str(FACTOR))
+
+
+@pytest.fixture
+def hide(monkeypatch: pytest.MonkeyPatch):
+    """Make the harness see the named libraries as not installed."""
+
+    def hide(*names: str) -> None:
+        installed = _bench._installed
+        monkeypatch.setattr(_bench, "_installed", lambda n: n not in names and installed(n))
+
+    return hide
+
+
+def _data(tree) -> _bench._Data:
+    leaves = optree.tree_leaves(tree)
+    return _bench._Data("test", tree, leaves, _bench._norm(leaves))
+
+
+# ----------------------------------------------------------------------- trees
+
+
+def test_llm_tree_shape():
+    sizes = _bench.tree_sizes("llm")  # ints in place of arrays: nothing is allocated
+    leaves = optree.tree_leaves(sizes)
+    assert len(leaves) == 145
+    assert sum(leaves) == 54_212_608  # 32000*512 + 12 * 3_152_384
+    assert sizes["embed"] == 32000 * 512
+    assert len(sizes["blocks"]) == 12
+    block = sizes["blocks"][0]
+    assert block["attn"]["qkv_weight"] == 512 * 1536
+    assert block["mlp"]["fc1_weight"] == block["mlp"]["fc2_weight"] == 512 * 2048
+    assert set(block) == {"attn", "mlp", "ln1", "ln2"}
+
+
+def test_small_and_huge_trees():
+    small = optree.tree_leaves(_bench.tree_sizes("small"))
+    assert len(small) == 2000
+    assert 16 <= min(small) < 50 and 2000 < max(small) <= 2048
+    assert small == optree.tree_leaves(_bench.tree_sizes("small"))  # fixed seed
+    assert optree.tree_leaves(_bench.tree_sizes("huge")) == [2**26]
+
+
+def test_make_tree_is_float32_normal_and_needs_clipping():
+    tree = _bench.make_tree("llm", size_factor=FACTOR)
+    leaves = optree.tree_leaves(tree)
+    assert [x.size for x in leaves] == optree.tree_leaves(_bench.tree_sizes("llm", FACTOR))
+    assert all(x.dtype == np.float32 for x in leaves)
+    flat = np.concatenate([x.ravel() for x in leaves])
+    assert abs(flat.mean()) < 0.01 and abs(flat.std() - 1) < 0.01
+    assert _bench._norm(leaves) > 100  # far above max_norm=1
+    again = optree.tree_leaves(_bench.make_tree("llm", size_factor=FACTOR))
+    assert all(np.array_equal(a, b) for a, b in zip(leaves, again, strict=True))
+
+
+def test_norm_reference_is_float64():
+    x = np.full(3 * _bench._CHECK_CHUNK + 5, 3.0, np.float32)
+    assert _bench._norm([x, np.array([4.0], np.float32)]) == math.sqrt(9.0 * (x.size) + 16.0)
+
+
+# ------------------------------------------------------------- the timed calls
+
+
+def test_result_check_rejects_rows_that_did_not_clip():
+    def ok(after: float, before: float, max_norm: float) -> bool:
+        return _bench._did_the_work(_bench._norm_error(after, before, max_norm))
+
+    assert _bench._norm_error(1.0002, 500.0, 1.0) == pytest.approx(2e-4)
+    assert ok(1.0, 500.0, 1.0) and ok(1.0005, 500.0, 1.0)  # float32 accumulation error
+    assert ok(500.0, 500.0, 1e30)  # no clip: the norm unchanged
+    assert not ok(500.0, 500.0, 1.0)  # not clipped
+    assert not ok(0.0, 500.0, 1.0)  # zeroed
+    assert not ok(250.0, 500.0, 1e30)  # scaled when it should not
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_every_timed_call_starts_fresh_and_clips(backend, hide):
+    if backend == "torch":
+        importorskip("torch")
+    hide("optax")
+    ctx, rows, _ = _bench._plan(backend)
+    data = _data(_bench.make_tree("small", size_factor=FACTOR))
+    for row in rows:
+        for max_norm in (1.0, _bench.NO_CLIP):
+            if ("clip" if max_norm == 1.0 else "noclip") not in row.cases:
+                continue
+            timed = row.make(ctx, data, max_norm)
+            for _ in range(2):
+                timed.fresh()  # untimed: the buffers hold the pristine gradients again
+                assert _bench._norm(timed.result(None)) == pytest.approx(data.norm, rel=1e-6)
+                out = timed.call()
+                timed.done(out)
+                after = _bench._norm(timed.result(out))
+                if row.key == "read" or max_norm != 1.0:
+                    assert after == pytest.approx(data.norm, rel=1e-6), row.label
+                elif row.key in ("gradclip", "flattree"):
+                    assert 1 - 1e-5 <= after <= 1 + 1e-5, row.label
+                else:  # anchors: their float32 norms are less accurate
+                    assert after == pytest.approx(1.0, rel=1e-3), row.label
+    # the pristine source is never touched
+    assert _bench._norm(data.leaves) == _bench._norm(
+        optree.tree_leaves(_bench.make_tree("small", size_factor=FACTOR))
+    )
+
+
+def test_jax_rows_donate_fresh_arrays_and_clip():
+    importorskip("jax")
+    importorskip("optax")
+    ctx, rows, _ = _bench._plan("jax")
+    rng = np.random.default_rng(3)
+    data = _data({"w": rng.standard_normal((8, 4), dtype=np.float32), "b": np.ones(4, np.float32)})
+    keys = {r.key for r in rows}
+    assert {"gradclip", "optax"} <= keys and "flattree" not in keys
+    for row in (r for r in rows if r.key in ("gradclip", "optax")):
+        for case, max_norm in (("clip", 1.0), ("noclip", _bench.NO_CLIP)):
+            result = _bench._run_row(ctx, data, row, case, max_norm, reps=3, budget=0.0)
+            assert result["check_ok"], result
+            assert result["reps"] == 3
+    assert data.tree["b"].tolist() == [1.0] * 4  # donation never reached the NumPy source
+
+
+def test_peak_memory_sees_numpy_temporaries(hide):
+    hide("torch", "optax")
+    ctx, rows, _ = _bench._plan("numpy")
+    naive = next(r for r in rows if r.key == "naive")
+    leaf = np.ones(1 << 20, np.float32)
+    timed = naive.make(ctx, _data([leaf]), 1.0)
+    assert _bench._peak_bytes(timed) >= leaf.nbytes  # g * g allocates a full copy
+
+
+# ------------------------------------------------------------------ the report
+
+
+def test_report_json_and_tables(tmp_path: Path, hide, capsys):
+    importorskip("torch")
+    hide("optax")
+    path = tmp_path / "out" / "bench.json"
+    assert cli.main(["bench", "--tree", "small", "--json", str(path), *QUICK]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(path.read_text())
+
+    assert report["command"].startswith("python -m gradclip bench --backend numpy --tree small")
+    assert set(report["machine"]) >= {"platform", "cpu", "cpu_count", "memory_bytes", "python"}
+    assert report["machine"]["versions"]["numpy"] == np.__version__
+    assert report["date"].endswith("+00:00")
+    assert report["settings"]["size_factor"] == FACTOR
+    assert report["trees"]["small"]["leaves"] == 2000
+    assert any("optax" in note for note in report["notes"])
+
+    rows = report["rows"]
+    clip = {r["key"]: r for r in rows if r["case"] == "clip"}
+    noclip = {r["key"]: r for r in rows if r["case"] == "noclip"}
+    assert set(clip) == {"gradclip", "flattree", "torch", "naive", "floor"}
+    assert set(noclip) == {"gradclip", "flattree", "torch", "naive", "read"}
+    for r in rows:
+        assert r["check_ok"], r
+        assert r["reps"] >= 2 and len(r["times_ms"]) == r["reps"]
+        assert 0 < r["min_ms"] <= r["median_ms"]
+        assert r["ratio_anchor"] == pytest.approx(r["median_ms"] / clip["floor"]["median_ms"]) or (
+            r["case"] == "noclip"
+        )
+        assert r["ratio_optax"] is None
+    assert clip["floor"]["ratio_anchor"] == 1.0 and noclip["read"]["ratio_anchor"] == 1.0
+    assert clip["torch"]["ratio_torch"] == 1.0
+    assert 1 - 1e-5 <= clip["gradclip"]["norm_after"] <= 1.0 * (1 + 1e-5)
+    assert abs(clip["gradclip"]["norm_error"]) <= 1e-5
+    assert noclip["gradclip"]["norm_after"] == pytest.approx(noclip["gradclip"]["norm_before"])
+    assert (
+        clip["gradclip"]["peak_temp_bytes"] is not None and clip["torch"]["peak_temp_bytes"] is None
+    )
+
+    targets = {t["target"]: t for t in report["targets"]}
+    assert len(targets) == 7
+    small_ms = targets["small clip: gradclip <= 2.5 ms per call"]
+    assert small_ms["value"] == clip["gradclip"]["median_ms"]
+    assert small_ms["met"] is (small_ms["value"] <= 2.5)
+    assert small_ms["ratio_torch"] == clip["gradclip"]["ratio_torch"]
+    assert targets["llm clip: gradclip <= 1.25x floor"]["met"] is None  # llm not run
+
+    assert "small: 2000 leaves" in out and "x anchor" in out
+    assert "not measured" in out and ("PASS" in out or "MISS" in out)
+    assert f"wrote {path}" in out
+
+
+def test_missing_libraries_are_left_out_with_a_note(hide, capsys):
+    hide("torch", "jax", "optax")
+    report = _bench.bench("numpy", ["llm"], reps=2, budget=0.0, size_factor=FACTOR, progress=True)
+    keys = {r["key"] for r in report["rows"]}
+    assert keys == {"gradclip", "flattree", "naive", "floor", "read"}
+    assert any("torch" in n for n in report["notes"]) and any("optax" in n for n in report["notes"])
+    floor = next(r for r in report["rows"] if r["key"] == "floor")
+    assert "NumPy" in floor["row"] and floor["check_ok"]
+    assert all(r["ratio_torch"] is None and r["ratio_optax"] is None for r in report["rows"])
+    assert report["trees"]["llm"] == {
+        "leaves": 145,
+        "elements": sum(optree.tree_leaves(_bench.tree_sizes("llm", FACTOR))),
+        "norm": pytest.approx(report["rows"][0]["norm_before"]),
+    }
+    err = capsys.readouterr().err  # rich's bar, or a line per row, goes to stderr
+    assert "Traceback" not in err
+
+
+def test_backends_that_cannot_run_exit_with_a_message(hide):
+    hide("torch")
+    with pytest.raises(SystemExit, match="needs torch"):
+        _bench._plan("torch")
+    with pytest.raises(ValueError, match="unknown backend"):
+        _bench._plan("tensorflow")
+    if _bench._installed("cupy") and _bench._cuda_devices() == 0:
+        with pytest.raises(SystemExit, match="needs a CUDA device"):
+            _bench._plan("cupy")
+
+
+def test_cli_rejects_bad_numbers(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--reps", "0"])
+    assert exc.value.code == 2
+    assert "must be > 0" in capsys.readouterr().err
+
+
+def test_import_loads_no_optional_library():
+    code = (
+        "import sys, gradclip, gradclip.__main__, gradclip._bench\n"
+        "heavy = ('torch', 'jax', 'jaxlib', 'optax', 'cupy', 'rich')\n"
+        "print(','.join(m for m in heavy if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_benchmarks_driver_has_the_same_arguments():
+    script = Path(__file__).parents[1] / "benchmarks" / "bench.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, check=True
+    )
+    for option in ("--backend", "--tree", "--json", "--reps", "--max-norm"):
+        assert option in out.stdout
+    assert "--size-factor" not in out.stdout  # for the tests only
