@@ -205,6 +205,7 @@ def test_report_json_and_tables(tmp_path: Path, hide, capsys):
     assert "small: 2000 leaves" in out and "x anchor" in out
     assert "not measured" in out and ("PASS" in out or "MISS" in out)
     assert f"wrote {path}" in out
+    assert "to warm up" not in out  # nothing here compiles for seconds
 
 
 def test_missing_libraries_are_left_out_with_a_note(hide, capsys):

@@ -916,6 +916,11 @@ def format_report(report: dict[str, Any]) -> str:
         lines += [_target_line(t) for t in report["targets"]]
     else:
         lines += ["", "targets: set for the numpy backend, not checked here"]
+    lines += [
+        f"note: {r['tree']}: {r['row']} took {r['warmup_s']:.0f} s to warm up (compile), untimed"
+        for r in report["rows"]
+        if r["warmup_s"] > 5
+    ]
     wrong = sum(not r["check_ok"] for r in report["rows"])
     if wrong:
         lines.append(f"WRONG RESULT: {wrong} rows left a norm that clipping to max_norm cannot")
@@ -923,6 +928,7 @@ def format_report(report: dict[str, Any]) -> str:
         "norm err: the norm after the call relative to min(norm, max_norm), minus 1 "
         "(float32 accumulation shows here); peak MB: tracemalloc, NumPy rows only"
     )
+    lines.append(f"{report['wall_s']:.0f} s in all")
     return "\n".join(lines)
 
 
