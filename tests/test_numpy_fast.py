@@ -176,7 +176,7 @@ def test_runs_cover_every_leaf_once_in_fixed_pieces(monkeypatch, sizes):
         assert ranges[0][0] == 0 and ranges[-1][1] == sizes[i]
         assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
     totals = [sum(stop - start for _, start, stop in run) for run in runs]
-    if sum(sizes) >= 2 * _numpy._CHUNK:  # balanced to within a piece per leaf and run
+    if sum(sizes) >= _numpy._PARALLEL:  # balanced to within a piece per leaf and run
         slack = _numpy._CHUNK * (len(sizes) + len(runs))
         assert len(runs) >= 2 and max(totals) - min(totals) <= slack
 

@@ -8,6 +8,7 @@ or in a backend fast path registered in ``_FAST_PATHS``.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import operator
@@ -149,6 +150,12 @@ def _impl(prep: _Prepared, fused: bool | None) -> Any:
             f"fused=True, but there is no fast path for {prep.backend} arrays; "
             "use fused=None (fast path when there is one) or fused=False (generic path)"
         )
+    return _load(module)
+
+
+@functools.cache
+def _load(module: str) -> Any:
+    # Cached: import_module's lookup costs more than clipping a small tree.
     return importlib.import_module(module, __package__)
 
 

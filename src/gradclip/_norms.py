@@ -289,8 +289,11 @@ class Plan:
             nonzero = xp.astype(xp.count_nonzero(counts), self.res)
             return nonzero, xp.all(xp.stack(flags))
         merged = self.merge(parts)
-        size = sum(map(math.prod, map(_shape, self.leaves)))
-        return self.norm(merged, size), self.finite(merged)
+        return self.norm(merged, self.size()), self.finite(merged)
+
+    def size(self) -> int:
+        """Elements in all leaves."""
+        return sum(map(math.prod, map(_shape, self.leaves)))
 
     # -- scaling -------------------------------------------------------------------
     def scaled(self, index: int, block: Any, scale: Any, zero_nonfinite: bool) -> Any:

@@ -53,8 +53,11 @@ __all__ = [
 
 _CHUNK = 1 << 17  # elements per BLAS call: fits in L2, error ~1e-8 on 64M
 _TASK = 1 << 21  # elements a thread task takes, at most
+# Below this many elements one thread does it all: waking another costs about
+# 80 us here, more than it saves on data that sits in the L3 cache.
+_PARALLEL = 1 << 22
 _SMALL = 1 << 14  # leaves below this many elements are gathered for the norm
-_GROUP = 1 << 16  # elements gathered per dot: the scratch stays in L2
+_GROUP = 1 << 18  # elements gathered per dot: the scratch stays in L2
 _THREADS = max(1, min(os.cpu_count() or 1, 8))
 
 # Squared sums below these may have lost entries to underflow in the leaf's
@@ -82,20 +85,28 @@ def _run(tasks: Sequence[Callable[[], Any]], local: Callable[[], None] | None = 
     ``local`` runs first on the calling thread: Python-bound work (one call
     per small leaf) that other threads could not overlap anyway because of
     the GIL, while the pool streams the large leaves. Then the calling thread
-    takes tasks from the same queue as the pool.
+    takes tasks from the same queue as the pool. A single task runs here.
     """
+    if local is not None:
+        if len(tasks) <= 1:  # nothing to overlap: no hand-off at all
+            local()
+            return [task() for task in tasks]
+    elif len(tasks) <= 1:
+        return [task() for task in tasks]
     results: list[Any] = [None] * len(tasks)
     queue = itertools.count()  # next() is atomic under the GIL
 
     def drain() -> None:
+        while (k := next(queue)) < len(tasks):
+            results[k] = tasks[k]()
+
+    def helper() -> None:
         # np.errstate is per thread: the caller's (see _compat.quiet) does
         # not reach the pool; NaN/inf arithmetic is reported through ClipStats.
         with np.errstate(all="ignore"):
-            while (k := next(queue)) < len(tasks):
-                results[k] = tasks[k]()
+            drain()
 
-    helpers = min(_THREADS - 1, len(tasks) - (local is None))
-    futures = [_executor().submit(drain) for _ in range(helpers)]
+    futures = [_executor().submit(helper) for _ in range(min(_THREADS - 1, len(tasks) - 1))]
     if local is not None:
         local()
     drain()
@@ -124,7 +135,7 @@ def _runs(spans: list[tuple[int, int]]) -> list[_Run]:
     total = sum(size for _, size in spans)
     if total == 0:
         return []
-    tasks = max(_THREADS, -(-total // _TASK)) if total >= 2 * _CHUNK else 1
+    tasks = max(_THREADS, -(-total // _TASK)) if total >= _PARALLEL else 1
     quota = -(-total // tasks)
     runs: list[_Run] = [[]]
     room = quota
@@ -205,13 +216,21 @@ class NumpyPlan(Plan):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._sizes = list(map(_size, self.leaves))
-        sizes = np.array(self._sizes, dtype=np.int64)
         # Leaves of fewer than _SMALL elements cost more in Python calls than
         # in memory traffic: they are gathered for the norm and scaled on the
-        # calling thread. Index lists made by NumPy, not a loop over leaves.
-        self._small = np.flatnonzero(sizes < _SMALL).tolist()
-        self._large = np.flatnonzero(sizes >= _SMALL).tolist()
+        # calling thread.
+        self._sizes = sizes = list(map(_size, self.leaves))
+        if len(sizes) < 256:
+            self._small = [i for i, n in enumerate(sizes) if n < _SMALL]
+            self._large = [i for i, n in enumerate(sizes) if n >= _SMALL]
+        else:  # thousands of leaves: index lists made by NumPy, not a loop
+            counts = np.array(sizes, dtype=np.int64)
+            self._small = np.flatnonzero(counts < _SMALL).tolist()
+            self._large = np.flatnonzero(counts >= _SMALL).tolist()
+
+    def size(self) -> int:
+        """Elements in all leaves (already counted)."""
+        return sum(self._sizes)
 
     def _fast(self) -> bool:
         return self.kind == "p" and self.p == 2 and not self.zero_nonfinite
@@ -253,27 +272,24 @@ class NumpyPlan(Plan):
         self, small: dict[np.dtype, list[int]], out: list[tuple[Any, float, list[int]]]
     ) -> None:
         """Sums of squares of small leaves, ``_GROUP`` elements per concatenate and dot."""
+        # axis=None flattens every leaf, whatever its shape or layout;
+        # "unsafe" only because ml_dtypes' bfloat16 has no "same_kind" cast:
+        # every cast here widens (or is the identity).
         for work, members in small.items():
-            sizes = np.array([self._sizes[i] for i in members])
+            arrays = [self.leaves[i] for i in members]
+            sizes = [self._sizes[i] for i in members]
+            if sum(sizes) <= _GROUP:  # one group: no cut points, no scratch
+                buf = np.concatenate(arrays, axis=None, dtype=work, casting="unsafe")
+                out.append((work, float(np.dot(buf, buf)), members))
+                continue
             ends = np.cumsum(sizes)
             cuts = np.searchsorted(ends, np.arange(_GROUP, ends[-1], _GROUP), side="right")
             bounds = [0, *np.unique(cuts).tolist(), len(members)]
-            starts = np.concatenate([[0], ends])
-            widest = int(np.max(starts[bounds[1:]] - starts[bounds[:-1]]))
-            scratch = np.empty(widest, work)
-            arrays = [self.leaves[i] for i in members]
-            for a, b in itertools.pairwise(bounds):
-                if a == b:
-                    continue
-                # axis=None flattens every leaf, whatever its shape or layout;
-                # "unsafe" only because ml_dtypes' bfloat16 has no "same_kind"
-                # cast: every cast here widens (or is the identity).
-                buf = np.concatenate(
-                    arrays[a:b],
-                    axis=None,
-                    out=scratch[: int(ends[b - 1] - starts[a])],
-                    casting="unsafe",
-                )
+            starts = [0, *ends.tolist()]  # starts[k]: offset of member k in the gather
+            groups = [(a, b, starts[b] - starts[a]) for a, b in itertools.pairwise(bounds) if a < b]
+            scratch = np.empty(max(n for _, _, n in groups), work)
+            for a, b, n in groups:
+                buf = np.concatenate(arrays[a:b], axis=None, out=scratch[:n], casting="unsafe")
                 out.append((work, float(np.dot(buf, buf)), members[a:b]))
 
     def global_parts(self) -> list[Partial]:
