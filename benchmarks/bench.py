@@ -1,6 +1,6 @@
 """Time gradclip against torch, optax, a naive NumPy loop and a memory-bound floor.
 
-The same harness as ``python -m gradclip bench`` (it lives in
+``python -m gradclip bench`` under another name (the harness lives in
 ``gradclip._bench``, so it also runs from an installed wheel), with the same
 arguments:
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 
-from gradclip._bench import main
+from gradclip.__main__ import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(["bench", *sys.argv[1:]]))

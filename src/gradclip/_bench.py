@@ -51,7 +51,6 @@ __all__ = [
     "add_arguments",
     "bench",
     "format_report",
-    "main",
     "make_tree",
     "run",
     "tree_sizes",
@@ -1016,23 +1015,3 @@ def run(args: argparse.Namespace) -> int:
             f.write("\n")
         print(f"\nwrote {args.json}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark from command-line arguments (``benchmarks/bench.py``).
-
-    Parameters
-    ----------
-    argv : sequence of str, optional
-        Arguments without the program name; ``sys.argv[1:]`` when None.
-
-    Returns
-    -------
-    int
-        Exit status.
-    """
-    parser = argparse.ArgumentParser(
-        prog="gradclip bench", description="Time gradclip against anchors side by side."
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
