@@ -510,6 +510,9 @@ def _time(timed: _Timed, reps: int, budget: float) -> tuple[list[float], Any]:
     out: Any = None
     start = time.perf_counter()
     while len(times) < reps * _MAX_REPS_FACTOR:
+        # Release the last result untimed: freeing a JAX row's 200 MB output
+        # costs milliseconds, and inside the timed call it would count.
+        out = None
         timed.fresh()
         t0 = time.perf_counter()
         out = timed.call()
