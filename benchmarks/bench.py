@@ -7,8 +7,10 @@ arguments:
     python benchmarks/bench.py [--backend numpy|torch|jax|cupy]
                                [--tree llm|huge|small|all] [--json PATH]
                                [--reps N] [--budget SECONDS] [--max-norm X]
+                               [--skip ROW[:TREE]]
 
-``nox -s bench`` records ``benchmarks/results/bench-numpy-cpu.json``.
+``nox -s bench`` records ``benchmarks/results/bench-numpy-cpu.json`` and
+``benchmarks/results/bench-jax-cpu.json``.
 """
 
 from __future__ import annotations
