@@ -1,6 +1,7 @@
 """Developer sessions for gradclip.
 
-Plain ``nox`` runs ``lint`` and one ``tests`` session per backend, CPU only.
+Plain ``nox`` runs ``lint``, one ``tests`` session per backend (CPU only) and
+``jax_sharded`` (sharded JAX arrays on 8 CPU host devices).
 ``nox -s bench`` (never run by plain ``nox``) times gradclip against its
 anchors and records ``benchmarks/results/bench-numpy-cpu.json``; arguments
 after ``--`` replace that default, e.g. ``nox -s bench -- --tree small``.
@@ -15,7 +16,9 @@ import os
 import nox
 
 nox.needs_version = ">=2025.2.9"  # nox.project.dependency_groups
-nox.options.sessions = ["lint", "tests"]  # "tests" runs every backend parametrisation
+# "tests" runs every backend parametrisation; jax_sharded needs a process of
+# its own, since XLA's device count is fixed when JAX starts.
+nox.options.sessions = ["lint", "tests", "jax_sharded"]
 # Reuse venvs between runs; every run still pip-installs, so a changed
 # pyproject.toml or pin is picked up (a fresh clone simply builds them).
 nox.options.reuse_venv = "yes"
@@ -57,6 +60,19 @@ def tests(session: nox.Session, backend: str) -> None:
     packages, selector = BACKENDS[backend]
     session.install(*nox.project.dependency_groups(PYPROJECT, "test"), *packages, "-e", ".")
     session.run("pytest", *session.posargs, env={"GRADCLIP_TEST_BACKENDS": selector})
+
+
+@nox.session
+def jax_sharded(session: nox.Session) -> None:
+    """Sharded JAX gradients on 8 CPU host devices: tests/test_jax_sharding.py."""
+    packages, _ = BACKENDS["jax"]
+    session.install(*nox.project.dependency_groups(PYPROJECT, "test"), *packages, "-e", ".")
+    env = {
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        # Fewer devices than that is a failure here, not a skip.
+        "GRADCLIP_REQUIRE_DEVICES": "8",
+    }
+    session.run("pytest", "tests/test_jax_sharding.py", *session.posargs, env=env)
 
 
 @nox.session

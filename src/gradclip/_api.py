@@ -38,9 +38,9 @@ __all__ = [
 NONFINITE = ("propagate", "raise", "zero", "skip")
 
 # backend name -> module implementing the functions of ``_core`` faster.
-# Later work registers the NumPy, JAX and CuPy fast paths here; a module is
-# imported only when a tree of that backend is clipped.
-_FAST_PATHS: dict[str, str] = {"numpy": "._numpy"}
+# A module is imported only when a tree of that backend is clipped; CuPy
+# registers its kernels here too.
+_FAST_PATHS: dict[str, str] = {"numpy": "._numpy", "jax": ".jax._fast"}
 
 
 @dataclass(frozen=True)
@@ -256,12 +256,19 @@ def global_norm(
     >>> gc.global_norm(grads, ord=float("inf"))
     array(4., dtype=float32)
     """
+    return _global_norm("global_norm", tree, ord, nonfinite=nonfinite, fused=fused)
+
+
+def _global_norm(
+    fn: str, tree: Any, ord: float, *, nonfinite: str, fused: bool | None, **extra: Any
+) -> Any:
+    """:func:`global_norm`; ``extra`` goes to the implementation (``axis_name`` for JAX)."""
     p = parse_ord(ord)
     _check_nonfinite(nonfinite, ("propagate", "raise", "zero"))
-    prep = _prepare(tree, "global_norm", whole=p != 0 and nonfinite != "raise")
+    prep = _prepare(tree, fn, whole=p != 0 and nonfinite != "raise")
     if prep.xp is None:
         return _empty_stats(False).norm
-    return _run(prep, fused, "global_norm", p=p, nonfinite=nonfinite)
+    return _run(prep, fused, "global_norm", p=p, nonfinite=nonfinite, **extra)
 
 
 def leaf_norms(
@@ -319,7 +326,9 @@ def _clip_norm(
     fused: bool | None,
     inplace: bool,
     per_leaf: bool,
+    **extra: Any,
 ) -> tuple[Any, ClipStats]:
+    """The norm-clipping functions; ``extra`` goes to the implementation."""
     p = parse_ord(ord)
     max_norm = _check_bound(max_norm, "max_norm")
     eps = _check_eps(eps)
@@ -338,6 +347,7 @@ def _clip_norm(
         nonfinite=nonfinite,
         norm=norm,
         inplace=inplace,
+        **extra,
     )
     return prep.flat.unflatten(leaves), stats
 

@@ -227,7 +227,12 @@ def blocks(xp: Any, x: Any, chunk: int | None) -> Iterator[Block]:
     size = math.prod(shape)
     if size == 0:
         return
-    if chunk is None or size <= chunk:
+    if chunk is None:
+        # Compiled backends reduce a leaf whole, in any shape: reshaping a JAX
+        # array sharded over an explicit mesh would need an output sharding.
+        yield Block(x, ..., shape, x)
+        return
+    if size <= chunk:
         yield Block(x, ..., shape, xp.reshape(x, (-1,)))
         return
     flat = _flat_view(xp, x)

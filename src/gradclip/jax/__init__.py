@@ -1,0 +1,365 @@
+"""gradclip's functions compiled with ``jax.jit``: pytree in, pytree out.
+
+Each function here is the top-level function of the same name compiled as one
+XLA program (cached per tree structure, shapes and static options), with two
+additions: ``donate=True`` lets XLA write the result into the gradients'
+buffers, and ``axis_name=`` (global norms only) reduces across the devices of
+a ``shard_map``. The top-level functions take the same path for JAX leaves.
+
+Any JAX-registered pytree works (dicts, flax ``FrozenDict``, equinox modules).
+Nothing branches in Python on a value and nothing syncs with the host, except
+``nonfinite="raise"``, which must look at the values to name the bad leaf and
+so runs uncompiled.
+
+Global norms take one pass over the gradients in float32 and fall back to a
+scaled two-pass reduction, on the device, only when the float32 sum overflows
+or underflows: float32 gradients of 1e30 or 1e-30 get the right norm, as
+everywhere in gradclip. Arrays sharded with a ``NamedSharding`` keep their
+sharding, and their norm costs one all-reduce of partial sums.
+
+Examples
+--------
+>>> import jax.numpy as jnp
+>>> import gradclip.jax as gcj
+>>> grads = {"w": jnp.array([3.0, 4.0]), "b": jnp.array([1e30, 0.0])}
+>>> clipped, stats = gcj.clip_by_global_norm(grads, 1.0)
+>>> stats.norm  # optax and torch return inf here and zero the gradients
+Array(1.e+30, dtype=float32)
+>>> clipped["b"]
+Array([1., 0.], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from .. import _api
+from .._norms import parse_ord
+from .._stats import ClipStats
+from . import _fast
+from ._fast import jax
+
+__all__ = [
+    "clip_by_block_rms",
+    "clip_by_global_norm",
+    "clip_by_norm",
+    "clip_by_value",
+    "global_norm",
+    "leaf_norms",
+]
+
+
+def _extra(**kw: Any) -> dict[str, Any]:
+    """The options only the JAX path takes, passed on only when set."""
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def _norm(tree: Any, *, ord: float, nonfinite: str, axis_name: Any, layout: Any) -> Any:
+    return _api._global_norm(
+        "gradclip.jax.global_norm",
+        tree,
+        ord,
+        nonfinite=nonfinite,
+        fused=True,
+        **_extra(axis_name=axis_name, layout=layout),
+    )
+
+
+def _clip(
+    tree: Any,
+    max_norm: Any,
+    norm: Any,
+    *,
+    per_leaf: bool,
+    axis_name: Any = None,
+    layout: Any = None,
+    **kw: Any,
+) -> Any:
+    fn = "gradclip.jax.clip_by_norm" if per_leaf else "gradclip.jax.clip_by_global_norm"
+    return _api._clip_norm(
+        fn,
+        tree,
+        max_norm,
+        norm=norm,
+        fused=True,
+        inplace=False,
+        per_leaf=per_leaf,
+        **kw,
+        **_extra(axis_name=axis_name, layout=layout),
+    )
+
+
+def _value(tree: Any, *, lo: Any, hi: Any, nonfinite: str) -> Any:
+    return _api.clip_by_value(tree, lo=lo, hi=hi, nonfinite=nonfinite, fused=True)
+
+
+def _block_rms(tree: Any, *, threshold: float, nonfinite: str) -> Any:
+    return _api.clip_by_block_rms(tree, threshold, nonfinite=nonfinite, fused=True)
+
+
+_BODIES: dict[str, Callable[..., Any]] = {
+    "norm": _norm,
+    "leaf_norms": lambda tree, **kw: _api.leaf_norms(tree, fused=True, **kw),
+    "clip": functools.partial(_clip, per_leaf=False),
+    "clip_per_leaf": functools.partial(_clip, per_leaf=True),
+    "value": _value,
+    "block_rms": _block_rms,
+}
+
+
+@functools.cache
+def _program(body: str, donate: bool, static: tuple[tuple[str, Any], ...]) -> Any:
+    fn = functools.partial(_BODIES[body], **dict(static))
+    return jax.jit(fn, donate_argnums=(0,) if donate else ())
+
+
+def _layout(tree: Any) -> Any:
+    """The mesh and specs of a tree of sharded arrays, seen before ``jit`` hides them."""
+    return _fast.mesh_layout(jax.tree_util.tree_leaves(tree))
+
+
+def _call(body: str, donate: bool, dynamic: tuple[Any, ...], **static: Any) -> Any:
+    tree, *rest = dynamic
+    if static.get("nonfinite") == "raise":
+        # Naming the leaf that holds a NaN needs its value on the host.
+        return functools.partial(_BODIES[body], **static)(tree, *rest)
+    return _program(body, donate, tuple(sorted(static.items())))(tree, *rest)
+
+
+def global_norm(
+    tree: Any, ord: float = 2.0, *, nonfinite: str = "propagate", axis_name: Any = None
+) -> Any:
+    """:func:`gradclip.global_norm`, compiled.
+
+    Parameters
+    ----------
+    tree : pytree of JAX arrays
+        Any JAX-registered pytree.
+    ord : float, default 2.0
+        As for :func:`gradclip.global_norm`.
+    nonfinite : {"propagate", "raise", "zero"}, default "propagate"
+        As for :func:`gradclip.global_norm`; ``"raise"`` runs uncompiled.
+    axis_name : hashable or tuple, optional
+        Inside ``shard_map``: the mesh axes the leaves are sharded over. Each
+        device passes its own shards and gets the norm of the whole tree,
+        through one ``psum`` of partial sums. Every shard is counted, so pass
+        leaves that are split, not replicated, over these axes. Needs a
+        finite ``ord > 0``.
+
+    Returns
+    -------
+    jax.Array
+        0-d, float32 (float64 when a leaf is float64).
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> import gradclip.jax as gcj
+    >>> gcj.global_norm([jnp.array([3.0, 4.0]), jnp.array([12.0])])
+    Array(13., dtype=float32)
+    """
+    parse_ord(ord)
+    return _call(
+        "norm",
+        False,
+        (tree,),
+        ord=ord,
+        nonfinite=nonfinite,
+        axis_name=axis_name,
+        layout=_layout(tree),
+    )
+
+
+def leaf_norms(tree: Any, ord: float = 2.0, *, nonfinite: str = "propagate") -> Any:
+    """:func:`gradclip.leaf_norms`, compiled.
+
+    Parameters
+    ----------
+    tree : pytree of JAX arrays
+        Any JAX-registered pytree.
+    ord : float, default 2.0
+        As for :func:`gradclip.leaf_norms`.
+    nonfinite : {"propagate", "raise", "zero"}, default "propagate"
+        As for :func:`gradclip.leaf_norms`.
+
+    Returns
+    -------
+    jax.Array
+        One norm per leaf, in ``jax.tree_util`` flattening order.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> import gradclip.jax as gcj
+    >>> gcj.leaf_norms({"a": jnp.array([3.0, 4.0]), "b": jnp.array([-2.0])})
+    Array([5., 2.], dtype=float32)
+    """
+    return _call("leaf_norms", False, (tree,), ord=ord, nonfinite=nonfinite)
+
+
+def clip_by_global_norm(
+    tree: Any,
+    max_norm: Any,
+    *,
+    ord: float = 2.0,
+    eps: float = 1e-6,
+    nonfinite: str = "propagate",
+    norm: Any = None,
+    axis_name: Any = None,
+    donate: bool = False,
+) -> tuple[Any, ClipStats]:
+    """:func:`gradclip.clip_by_global_norm`, compiled.
+
+    Parameters
+    ----------
+    tree : pytree of JAX arrays
+        Any JAX-registered pytree.
+    max_norm : float or 0-d array
+        As for :func:`gradclip.clip_by_global_norm`; an array is an argument
+        of the compiled program, so changing it does not recompile.
+    ord, eps, nonfinite, norm
+        As for :func:`gradclip.clip_by_global_norm`.
+    axis_name : hashable or tuple, optional
+        As for :func:`global_norm`: inside ``shard_map``, the norm of the
+        whole tree through one ``psum``.
+    donate : bool, default False
+        Donate ``tree``'s buffers: the clipped leaves are written into them
+        and ``tree`` must not be used afterwards (``jax.jit``'s
+        ``donate_argnums``). Ignored inside a caller's ``jit``.
+
+    Returns
+    -------
+    tree : pytree
+        Same structure and shardings as ``tree``.
+    stats : ClipStats
+        0-d arrays: ``norm`` before clipping, ``scale``, ``clipped``, ``finite``.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> import gradclip.jax as gcj
+    >>> grads = {"w": jnp.array([3.0, 4.0])}
+    >>> clipped, stats = gcj.clip_by_global_norm(grads, 1.0, donate=True)
+    >>> clipped["w"], bool(stats.clipped)
+    (Array([0.6, 0.8], dtype=float32), True)
+    """
+    max_norm = _api._check_bound(max_norm, "max_norm")
+    return _call(  # type: ignore[no-any-return]
+        "clip",
+        donate,
+        (tree, max_norm, norm),
+        ord=ord,
+        eps=eps,
+        nonfinite=nonfinite,
+        axis_name=axis_name,
+        layout=_layout(tree),
+    )
+
+
+def clip_by_norm(
+    tree: Any,
+    max_norm: Any,
+    *,
+    ord: float = 2.0,
+    eps: float = 1e-6,
+    nonfinite: str = "propagate",
+    norm: Any = None,
+    donate: bool = False,
+) -> tuple[Any, ClipStats]:
+    """:func:`gradclip.clip_by_norm` (each leaf on its own), compiled.
+
+    Parameters
+    ----------
+    tree : pytree of JAX arrays
+        Any JAX-registered pytree.
+    max_norm, ord, eps, nonfinite, norm
+        As for :func:`gradclip.clip_by_norm`.
+    donate : bool, default False
+        As for :func:`clip_by_global_norm`.
+
+    Returns
+    -------
+    tree : pytree
+        Same structure as ``tree``.
+    stats : ClipStats
+        Per-leaf 1-d arrays.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> import gradclip.jax as gcj
+    >>> clipped, stats = gcj.clip_by_norm([jnp.array([3.0, 4.0]), jnp.array([0.5])], 1.0)
+    >>> stats.clipped
+    Array([ True, False], dtype=bool)
+    """
+    max_norm = _api._check_bound(max_norm, "max_norm")
+    return _call(  # type: ignore[no-any-return]
+        "clip_per_leaf", donate, (tree, max_norm, norm), ord=ord, eps=eps, nonfinite=nonfinite
+    )
+
+
+def clip_by_value(
+    tree: Any,
+    clip_value: float | None = None,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    nonfinite: str = "propagate",
+    donate: bool = False,
+) -> Any:
+    """:func:`gradclip.clip_by_value`, compiled.
+
+    Parameters
+    ----------
+    tree : pytree of real floating JAX arrays
+        Any JAX-registered pytree.
+    clip_value, lo, hi, nonfinite
+        As for :func:`gradclip.clip_by_value`.
+    donate : bool, default False
+        As for :func:`clip_by_global_norm`.
+
+    Returns
+    -------
+    pytree
+        Same structure as ``tree``.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> import gradclip.jax as gcj
+    >>> gcj.clip_by_value([jnp.array([-3.0, 0.2, 9.0])], 1.0)
+    [Array([-1. ,  0.2,  1. ], dtype=float32)]
+    """
+    low, high = _api._value_bounds(clip_value, lo, hi)
+    return _call("value", donate, (tree,), lo=low, hi=high, nonfinite=nonfinite)
+
+
+def clip_by_block_rms(
+    tree: Any, threshold: float, *, nonfinite: str = "propagate", donate: bool = False
+) -> Any:
+    """:func:`gradclip.clip_by_block_rms` (``optax.clip_by_block_rms``), compiled.
+
+    Parameters
+    ----------
+    tree : pytree of JAX arrays
+        Any JAX-registered pytree.
+    threshold, nonfinite
+        As for :func:`gradclip.clip_by_block_rms`.
+    donate : bool, default False
+        As for :func:`clip_by_global_norm`.
+
+    Returns
+    -------
+    pytree
+        Same structure as ``tree``.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> import gradclip.jax as gcj
+    >>> gcj.clip_by_block_rms([jnp.array([3.0, 4.0])], 1.0)[0]
+    Array([0.8485281, 1.1313709], dtype=float32)
+    """
+    return _call("block_rms", donate, (tree,), threshold=threshold, nonfinite=nonfinite)

@@ -1,0 +1,454 @@
+"""The JAX fast path: one compiled program per call, overflow-safe at float32 cost.
+
+The top-level functions dispatch here for JAX leaves (``_api._FAST_PATHS``),
+and :mod:`gradclip.jax` calls these functions inside its own ``jax.jit``.
+Everything is traced ``jax.numpy``/``lax`` code, so it also runs inlined in a
+caller's ``jit``, ``vmap`` or ``shard_map``.
+
+Global p-norms (the common case) are taken in one pass: each leaf's
+``sum(|g|**p)`` in the accumulator dtype (float32 unless a leaf is float64),
+XLA's tree-shaped reduction keeping the rounding error near 1e-8. The sum is
+exact enough whenever it is finite and not so small that entries flushed to
+zero could matter; only otherwise (overflow, underflow, or a NaN/inf entry)
+does a ``lax.cond`` run the two-pass scaled reduction of :mod:`gradclip._norms`,
+so the overflow safety the contract promises costs one comparison on the
+common path. Small leaves are concatenated per dtype before reducing: XLA on
+the CPU spends microseconds per kernel at run time and milliseconds per
+distinct kernel at compile time, so a tree of 2000 biases costs one reduction,
+not 2000.
+
+The write is skipped on the device (``lax.cond``) when the scale is exactly 1.
+
+Leaves sharded with a ``NamedSharding`` are reduced inside ``shard_map``: each
+device sums its own shards (a replicated copy is counted on one device only)
+and one ``psum`` of the partial sums gives every device the global norm; the
+gradients themselves never move. Code already inside ``shard_map`` passes
+``axis_name`` for the same reduction.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .. import _core
+from .._norms import Partial, Plan
+from .._stats import ClipStats
+
+# Typed Any on purpose: mypy runs where JAX is not installed (the lint
+# session) as well as where it is, and must see the same types in both.
+jax: Any = importlib.import_module("jax")
+jnp: Any = importlib.import_module("jax.numpy")
+lax: Any = jax.lax
+
+__all__ = [
+    "clip_by_block_rms",
+    "clip_by_global_norm",
+    "clip_by_norm",
+    "clip_by_value",
+    "global_norm",
+    "leaf_norms",
+]
+
+# Leaves below this many elements are concatenated (per dtype) for the norm.
+# Copying them costs less than a kernel each; larger leaves are reduced where
+# they are, since copying them would cost a read and a write.
+GATHER = 1 << 16
+
+# Mantissa bits of the accumulators: a sum at least 2**(normal_exp2 + 42 +
+# bits) cannot have lost more than one rounding unit to entries flushed to
+# zero (at most 2**42 of them, each below the smallest normal).
+_MANTISSA = {jnp.dtype(jnp.float32): 24, jnp.dtype(jnp.float64): 53}
+
+Axes = tuple[str, ...] | None
+
+
+# ------------------------------------------------------------------ sharding
+
+
+def _axes(axis_name: Any) -> Axes:
+    if axis_name is None:
+        return None
+    return tuple(axis_name) if isinstance(axis_name, tuple | list) else (axis_name,)
+
+
+def _psum(x: Any, axes: Axes) -> Any:
+    return x if axes is None else lax.psum(x, axes)
+
+
+def _pmax(x: Any, axes: Axes) -> Any:
+    return x if axes is None else lax.pmax(x, axes)
+
+
+def _primary(replicated: tuple[str, ...]) -> Any:
+    """0-d bool: this device holds the copy of a replicated leaf that is counted."""
+    flag = jnp.asarray(True)
+    for name in replicated:
+        flag = flag & (lax.axis_index(name) == 0)
+    return flag
+
+
+def mesh_layout(leaves: Sequence[Any]) -> tuple[Any, tuple[Any, ...]] | None:
+    """``(mesh, specs)`` when every leaf is a concrete array sharded over one mesh.
+
+    ``None`` for tracers (inside a caller's ``jit`` shardings are XLA's to
+    propagate), single-device arrays, and mixed meshes.
+    """
+    mesh = None
+    specs = []
+    for x in leaves:
+        sharding = getattr(x, "sharding", None)
+        if isinstance(x, jax.core.Tracer) or not isinstance(sharding, jax.sharding.NamedSharding):
+            return None
+        if mesh is None:
+            mesh = sharding.mesh
+        elif sharding.mesh != mesh:
+            return None
+        specs.append(sharding.spec)
+    if mesh is None or mesh.size == 1:
+        return None
+    return mesh, tuple(specs)
+
+
+def _replicated(mesh: Any, spec: Any) -> tuple[str, ...]:
+    """The mesh axes a leaf with ``spec`` is replicated over."""
+    used: set[str] = set()
+    for entry in spec:
+        if entry is not None:
+            used.update(entry if isinstance(entry, tuple) else (entry,))
+    return tuple(name for name in mesh.axis_names if name not in used)
+
+
+# --------------------------------------------------------------------- norms
+
+
+def _buffers(leaves: Sequence[Any], groups: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+    """Leaves as 1-d buffers, small ones concatenated per ``(dtype, group)``.
+
+    ``groups[i]`` is hashable and separates leaves that may not be summed
+    together (different replication on a mesh). Returns the buffers and each
+    buffer's group, in a fixed order.
+    """
+    bufs: list[Any] = []
+    keys: list[Any] = []
+    small: dict[Any, list[Any]] = {}
+    for x, group in zip(leaves, groups, strict=True):
+        if x.size >= GATHER or _split(x):
+            bufs.append(x)  # reduced whole, in its own shape
+            keys.append(group)
+        elif x.size:
+            small.setdefault((x.dtype, group), []).append(jnp.ravel(x))
+    for (_, group), parts in small.items():
+        bufs.append(parts[0] if len(parts) == 1 else jnp.concatenate(parts))
+        keys.append(group)
+    return bufs, keys
+
+
+def _split(x: Any) -> bool:
+    """Whether ``x`` is split over an explicit mesh axis (it cannot be raveled as is)."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", ())
+    return any(entry is not None for entry in spec)
+
+
+def _masked_sum(values: list[Any], keys: list[Any], masks: dict[Any, Any]) -> Any:
+    total = None
+    for value, key in zip(values, keys, strict=True):
+        mask = masks.get(key)
+        term = value if mask is None else jnp.where(mask, value, jnp.zeros_like(value))
+        total = term if total is None else total + term
+    return total
+
+
+def _pnorm(leaves: Sequence[Any], p: float, zero: bool, axes: Axes, groups: Sequence[Any]) -> Any:
+    """Global ``p``-norm (finite ``p > 0``) and the finite flag, overflow-safe."""
+    bufs, keys = _buffers(leaves, groups)
+    plan = Plan(jnp, p, bufs, zero_nonfinite=zero)
+    masks = {key: _primary(key) for key in set(keys) if key}
+    acc = jnp.dtype(plan.acc)
+    info = plan._acc_info
+    tiny = 2.0 ** (info.normal_exp2 + 42 + _MANTISSA[acc])
+    size = sum(math.prod(x.shape) for x in leaves)
+    if not bufs:
+        return jnp.zeros((), plan.res), jnp.asarray(True)
+
+    def powsum(i: int, b: Any) -> Any:
+        a = plan._magnitude(b, plan._infos[i] is not None and plan._infos[i].complex)
+        if zero:
+            a = jnp.where(jnp.isfinite(a), a, jnp.zeros_like(a))
+        return jnp.sum(a * a if p == 2 else a if p == 1 else a**p)
+
+    total = _psum(_masked_sum([powsum(i, b) for i, b in enumerate(bufs)], keys, masks), axes)
+    if zero:
+        flags = [jnp.all(jnp.isfinite(b)) for b in bufs]
+        finite = _psum(_masked_sum([(~f).astype(jnp.int32) for f in flags], keys, masks), axes) == 0
+    else:
+        finite = jnp.asarray(True)
+
+    def fast() -> tuple[Any, Any]:
+        root = jnp.sqrt(total) if p == 2 else total if p == 1 else total ** (1.0 / p)
+        return root.astype(plan.res), finite
+
+    def scaled() -> tuple[Any, Any]:
+        # The two-pass reduction: each buffer scaled by a power of two near
+        # its largest entry, the pairs merged at the largest exponent.
+        parts = [plan.leaf(i) for i in range(len(bufs))]
+        zero_ = jnp.zeros((), acc)
+        exps = [zero_ if q.exp is None else q.exp for q in parts]
+        lowest = jnp.asarray(-jnp.inf, acc)
+        top = _pmax(
+            jnp.max(
+                jnp.stack(
+                    [
+                        e if k not in masks else jnp.where(masks[k], e, lowest)
+                        for e, k in zip(exps, keys, strict=True)
+                    ]
+                )
+            ),
+            axes,
+        )
+        terms = []
+        for q, e in zip(parts, exps, strict=True):
+            w = q.value * jnp.exp2(p * (e - top))
+            # Non-finite sums pass through unweighted: inf * 0 would make a NaN.
+            terms.append(jnp.where(jnp.isfinite(q.value), w, q.value))
+        s = _psum(_masked_sum(terms, keys, masks), axes)
+        norm = plan.norm(Partial(s, top, None), size)
+        flag = finite if zero else jnp.isfinite(s)
+        return norm, flag
+
+    ok = jnp.isfinite(total) & (total >= tiny)
+    return lax.cond(ok, fast, scaled)
+
+
+def _leaf_groups(leaves: Sequence[Any], layout: Any) -> list[Any]:
+    if layout is None:
+        return [()] * len(leaves)
+    mesh, specs = layout
+    return [_replicated(mesh, spec) for spec in specs]
+
+
+def _fast_ord(p: float, nonfinite: str) -> bool:
+    """Whether the one-pass path covers this call (else the generic core does)."""
+    return p > 0 and not math.isinf(p) and nonfinite != "raise"
+
+
+# -------------------------------------------------------------------- scaling
+
+
+def _scale_all(leaves: Sequence[Any], scale: Any, zero: bool) -> Any:
+    def mul(x: Any) -> Any:
+        real = jnp.real(x).dtype if jnp.iscomplexobj(x) else x.dtype
+        y = x * scale.astype(real)
+        return jnp.where(jnp.isfinite(x), y, jnp.zeros_like(y)) if zero else y
+
+    if zero:  # NaN/inf entries must become 0 even where the scale is 1
+        return [mul(x) for x in leaves]
+    # Skip the write on the device when nothing needs clipping. NaN != 1, so
+    # a NaN norm still reaches every leaf (torch's arithmetic).
+    return lax.cond(scale != 1, lambda ls: [mul(x) for x in ls], list, list(leaves))
+
+
+def _clip(
+    leaves: list[Any],
+    max_norm: Any,
+    norm: Any,
+    *,
+    p: float,
+    eps: float,
+    nonfinite: str,
+    axes: Axes,
+    groups: Sequence[Any],
+) -> tuple[list[Any], ClipStats]:
+    plan = Plan(jnp, p, leaves)  # the dtype rules: result dtype, constants
+    if norm is None:
+        norm, finite = _pnorm(leaves, p, nonfinite == "zero", axes, groups)
+    else:
+        norm = jnp.asarray(norm, plan.res)
+        finite = jnp.isfinite(norm)
+    scale = _core._scale_from_norm(plan, norm, max_norm, eps)
+    if nonfinite == "skip":
+        scale = jnp.where(finite, scale, jnp.ones_like(scale))
+    out = _scale_all(leaves, scale, nonfinite == "zero")
+    return out, ClipStats(norm, scale, scale < 1, finite)
+
+
+# ------------------------------------------------------------ compiled entry
+
+
+def _sharded(fn: Callable[..., Any], layout: Any, clips: bool) -> Callable[..., Any]:
+    """``fn(leaves, *args, axes=...)`` run per device under ``shard_map``."""
+    mesh, specs = layout
+    spec = jax.sharding.PartitionSpec
+    out_specs = (list(specs), spec()) if clips else spec()
+
+    def call(leaves: list[Any], *args: Any) -> Any:
+        return jax.shard_map(
+            lambda ls, *a: fn(ls, *a, axes=tuple(mesh.axis_names)),
+            mesh=mesh,
+            in_specs=(list(specs), *(spec() for _ in args)),
+            out_specs=out_specs,
+            # The body reduces with explicit psums over every mesh axis; the
+            # varying-axes type check would reject reshaping a shard.
+            check_vma=False,
+        )(leaves, *args)
+
+    return call
+
+
+@functools.cache
+def _compiled(clips: bool, statics: tuple[Any, ...], layout: Any) -> Any:
+    """A jitted global norm ``(leaves)`` or clip ``(leaves, max_norm, norm)``."""
+    p, eps, nonfinite, axes = statics
+
+    def norm(leaves: list[Any], *, axes: Axes = axes) -> Any:
+        return _pnorm(leaves, p, nonfinite == "zero", axes, _leaf_groups(leaves, layout))[0]
+
+    def clip(leaves: list[Any], max_norm: Any, norm: Any, *, axes: Axes = axes) -> Any:
+        groups = _leaf_groups(leaves, layout)
+        return _clip(
+            leaves, max_norm, norm, p=p, eps=eps, nonfinite=nonfinite, axes=axes, groups=groups
+        )
+
+    fn: Callable[..., Any] = clip if clips else norm
+    return jax.jit(fn if layout is None else _sharded(fn, layout, clips))
+
+
+@functools.cache
+def _generic(fn: str, statics: tuple[tuple[str, Any], ...]) -> Any:
+    """The generic reference ``_core.<fn>`` compiled as one program."""
+    impl = getattr(_core, fn)
+    return jax.jit(lambda leaves, dynamic: impl(jnp, leaves, (), **dict(statics), **dynamic))
+
+
+def _call_generic(
+    fn: str, leaves: list[Any], names: Sequence[str], dynamic: dict[str, Any], **statics: Any
+) -> Any:
+    if statics.get("nonfinite") == "raise":
+        # Naming the bad leaf needs its value on the host: not under jit.
+        return getattr(_core, fn)(jnp, leaves, names, **statics, **dynamic)
+    return _generic(fn, tuple(sorted(statics.items())))(list(leaves), dynamic)
+
+
+# ------------------------------------------------------- the _core interface
+
+
+def global_norm(
+    xp: Any,
+    leaves: list[Any],
+    names: Sequence[str],
+    *,
+    p: float,
+    nonfinite: str,
+    axis_name: Any = None,
+    layout: Any = None,
+) -> Any:
+    """:func:`gradclip._core.global_norm`, in one pass for finite ``p > 0``.
+
+    ``layout``: the ``(mesh, specs)`` of the caller's concrete leaves, when
+    they are tracers here (gradclip.jax compiles around this function).
+    """
+    axes = _axes(axis_name)
+    if not _fast_ord(p, nonfinite):
+        _no_axes(axes, p, nonfinite)
+        return _call_generic("global_norm", leaves, names, {}, p=p, nonfinite=nonfinite)
+    if axes is None and layout is None:
+        layout = mesh_layout(leaves)
+    return _compiled(False, (p, 0.0, nonfinite, axes), layout)(list(leaves))
+
+
+def clip_by_global_norm(
+    xp: Any,
+    leaves: list[Any],
+    names: Sequence[str],
+    *,
+    max_norm: Any,
+    p: float,
+    eps: float,
+    nonfinite: str,
+    norm: Any,
+    inplace: bool,
+    axis_name: Any = None,
+    layout: Any = None,
+) -> tuple[list[Any], ClipStats]:
+    """:func:`gradclip._core.clip_by_global_norm`, in one pass for finite ``p > 0``."""
+    axes = _axes(axis_name)
+    if not _fast_ord(p, nonfinite):
+        _no_axes(axes, p, nonfinite)
+        dynamic = {"max_norm": max_norm, "norm": norm}
+        return _call_generic(  # type: ignore[no-any-return]
+            "clip_by_global_norm",
+            leaves,
+            names,
+            dynamic,
+            p=p,
+            eps=eps,
+            nonfinite=nonfinite,
+            inplace=inplace,
+        )
+    if axes is not None or norm is not None:
+        layout = None  # already per device, or nothing to reduce
+    elif layout is None:
+        layout = mesh_layout(leaves)
+    return _compiled(True, (p, eps, nonfinite, axes), layout)(list(leaves), max_norm, norm)  # type: ignore[no-any-return]
+
+
+def _no_axes(axes: Axes, p: float, nonfinite: str) -> None:
+    if axes is not None:
+        raise ValueError(
+            f"axis_name= needs a finite ord > 0 and nonfinite other than 'raise'; "
+            f"got ord={p}, nonfinite={nonfinite!r}"
+        )
+
+
+def leaf_norms(
+    xp: Any, leaves: list[Any], names: Sequence[str], *, p: float, nonfinite: str
+) -> Any:
+    """:func:`gradclip._core.leaf_norms`, compiled."""
+    return _call_generic("leaf_norms", leaves, names, {}, p=p, nonfinite=nonfinite)
+
+
+def clip_by_norm(
+    xp: Any,
+    leaves: list[Any],
+    names: Sequence[str],
+    *,
+    max_norm: Any,
+    p: float,
+    eps: float,
+    nonfinite: str,
+    norm: Any,
+    inplace: bool,
+) -> tuple[list[Any], ClipStats]:
+    """:func:`gradclip._core.clip_by_norm`, compiled."""
+    dynamic = {"max_norm": max_norm, "norm": norm}
+    return _call_generic(  # type: ignore[no-any-return]
+        "clip_by_norm", leaves, names, dynamic, p=p, eps=eps, nonfinite=nonfinite, inplace=inplace
+    )
+
+
+def clip_by_block_rms(
+    xp: Any, leaves: list[Any], names: Sequence[str], *, threshold: float, nonfinite: str
+) -> list[Any]:
+    """:func:`gradclip._core.clip_by_block_rms`, compiled."""
+    return _call_generic(  # type: ignore[no-any-return]
+        "clip_by_block_rms", leaves, names, {}, threshold=threshold, nonfinite=nonfinite
+    )
+
+
+def clip_by_value(
+    xp: Any,
+    leaves: list[Any],
+    names: Sequence[str],
+    *,
+    lo: float | None,
+    hi: float | None,
+    nonfinite: str,
+    inplace: bool,
+) -> list[Any]:
+    """:func:`gradclip._core.clip_by_value`, compiled."""
+    return _call_generic(  # type: ignore[no-any-return]
+        "clip_by_value", leaves, names, {}, lo=lo, hi=hi, nonfinite=nonfinite, inplace=inplace
+    )

@@ -1,0 +1,231 @@
+"""The JAX fast path (gradclip.jax, and the top-level functions on JAX leaves).
+
+Each case is checked against the generic array-API path (``fused=False``) or a
+float64 NumPy reference. The sharded cases live in test_jax_sharding.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+import gradclip as gc
+from conftest import importorskip
+
+jax = importorskip("jax")
+jnp = jax.numpy
+gcj = importorskip("gradclip.jax")
+_fast = importorskip("gradclip.jax._fast")
+
+
+def ref_norm(leaves, p=2.0):
+    flat = np.concatenate([np.abs(np.asarray(x, np.float64)).ravel() for x in leaves])
+    if math.isinf(p):
+        return flat.max()
+    return float(np.sum(flat**p) ** (1 / p))
+
+
+def _tree(rng, dtype=jnp.float32, scale=1.0):
+    """A mix of leaves above and below the gather threshold, one empty."""
+    sizes = [(300, 300), (7,), (1,), (0,), (50, 40), (_fast.GATHER,), (3, 5, 2)]
+    return {
+        f"l{i}": jnp.asarray(rng.standard_normal(s) * scale, dtype) for i, s in enumerate(sizes)
+    }
+
+
+def _leaves(tree):
+    return jax.tree_util.tree_leaves(tree)
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0, 3.0, 0.5, math.inf])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_fast_matches_generic_and_float64(p, dtype):
+    tree = _tree(np.random.default_rng(1), jnp.dtype(dtype))
+    fast = gc.global_norm(tree, ord=p)
+    generic = gc.global_norm(tree, ord=p, fused=False)
+    want = ref_norm(_leaves(tree), p)
+    assert fast.dtype == jnp.float32
+    assert float(fast) == pytest.approx(want, rel=2e-6)
+    assert float(fast) == pytest.approx(float(generic), rel=2e-6)
+
+
+@pytest.mark.parametrize("nonfinite", ["propagate", "zero", "skip"])
+@pytest.mark.parametrize("max_norm", [0.5, 1e9])
+def test_clip_matches_generic(nonfinite, max_norm):
+    tree = _tree(np.random.default_rng(2))
+    tree["l1"] = tree["l1"].at[3].set(jnp.inf)
+    tree["l0"] = tree["l0"].at[0, 0].set(jnp.nan)
+    out, stats = gcj.clip_by_global_norm(tree, max_norm, nonfinite=nonfinite)
+    ref, ref_stats = gc.clip_by_global_norm(tree, max_norm, nonfinite=nonfinite, fused=False)
+    for field in ("norm", "scale", "clipped", "finite"):
+        np.testing.assert_allclose(
+            np.asarray(getattr(stats, field)), np.asarray(getattr(ref_stats, field)), rtol=1e-6
+        )
+    for k in tree:
+        np.testing.assert_allclose(np.asarray(out[k]), np.asarray(ref[k]), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("value", "dtype"),
+    [
+        (1e30, "float32"),  # squares overflow float32
+        (1e-30, "float32"),  # squares underflow (and XLA flushes subnormals)
+        (1e35, "bfloat16"),  # squares overflow the float32 accumulator
+        (300.0, "float16"),
+        (1e-6, "float16"),
+    ],
+)
+def test_overflow_and_underflow_take_the_scaled_branch(value, dtype):
+    leaves = [jnp.full((1000,), value, dtype), jnp.full((_fast.GATHER + 3,), value, dtype)]
+    want = ref_norm(leaves)
+    assert float(gcj.global_norm(leaves)) == pytest.approx(want, rel=1e-6)
+    out, stats = gcj.clip_by_global_norm(leaves, 1.0)
+    assert float(stats.norm) == pytest.approx(want, rel=1e-6)
+    assert ref_norm(out) == pytest.approx(min(want, 1.0), rel=1e-2)  # bfloat16 rounding
+
+
+def test_tiny_leaves_next_to_normal_ones_do_not_trigger_a_wrong_norm():
+    leaves = [jnp.full(10, 1e-30, jnp.float32), jnp.asarray([3.0, 4.0], jnp.float32)]
+    assert float(gcj.global_norm(leaves)) == pytest.approx(5.0, rel=1e-7)
+    leaves = [jnp.full(10, 1e-30, jnp.float32)]  # alone, the tiny leaf is the whole norm
+    assert float(gcj.global_norm(leaves)) == pytest.approx(math.sqrt(10) * 1e-30, rel=1e-6)
+
+
+def test_float32_sum_of_many_entries_is_accurate():
+    # A sequential float32 sum stalls at 2**24; the norm must still be exact.
+    x = jnp.ones((1 << 25,), jnp.float32)
+    assert float(gcj.global_norm([x])) == pytest.approx(2**12.5, rel=1e-6)
+
+
+def test_complex_leaves():
+    z = jnp.asarray([3 + 4j, 1e30 + 0j], jnp.complex64)
+    assert float(gcj.global_norm([z])) == pytest.approx(1e30, rel=1e-6)
+    out, _ = gcj.clip_by_global_norm([jnp.asarray([3 + 4j], jnp.complex64)], 1.0)
+    np.testing.assert_allclose(np.asarray(out[0]), [0.6 + 0.8j], rtol=1e-6)
+
+
+def test_all_zero_and_empty_trees():
+    assert float(gcj.global_norm([jnp.zeros(5)])) == 0.0
+    _, stats = gcj.clip_by_global_norm([jnp.zeros(5), jnp.zeros(0)], 1.0)
+    assert float(stats.norm) == 0.0
+    assert float(stats.scale) == 1.0
+
+
+def test_donate_writes_into_the_input_buffers():
+    x = jnp.arange(1.0, 100_001.0, dtype=jnp.float32)
+    pointer = x.unsafe_buffer_pointer()
+    (out,), stats = gcj.clip_by_global_norm([x], 1.0, donate=True)
+    assert x.is_deleted()
+    assert out.unsafe_buffer_pointer() == pointer
+    assert ref_norm([out]) == pytest.approx(1.0, rel=1e-5)
+    # With nothing to clip the leaves come back unchanged, and still in place.
+    y = jnp.asarray([0.3, 0.4], jnp.float32)
+    (same,), stats = gcj.clip_by_global_norm([y], 1.0, donate=True)
+    np.testing.assert_array_equal(np.asarray(same), np.float32([0.3, 0.4]))
+    assert not bool(stats.clipped)
+
+
+def test_nan_norm_reaches_every_leaf():
+    # The skip-the-write branch must not swallow a NaN scale (torch's arithmetic).
+    out, stats = gcj.clip_by_global_norm([jnp.asarray([1.0, jnp.nan]), jnp.ones(3)], 1.0)
+    assert math.isnan(float(stats.scale))
+    assert np.isnan(np.asarray(out[1])).all()
+
+
+def test_under_vmap_each_example_gets_its_own_scale():
+    batch = {"w": jnp.asarray([[3.0, 4.0], [0.3, 0.4], [30.0, 40.0]])}
+    out, stats = jax.vmap(lambda t: gcj.clip_by_global_norm(t, 1.0))(batch)
+    np.testing.assert_allclose(np.asarray(stats.norm), [5.0, 0.5, 50.0], rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(out["w"]), [[0.6, 0.8], [0.3, 0.4], [0.6, 0.8]], rtol=1e-5
+    )
+
+
+def test_inside_jit_and_grad():
+    tree = _tree(np.random.default_rng(3))
+    jitted = jax.jit(lambda t, m: gcj.clip_by_global_norm(t, m)[1].norm)
+    assert float(jitted(tree, 1.0)) == pytest.approx(ref_norm(_leaves(tree)), rel=1e-6)
+    x = jnp.asarray([3.0, -4.0, 12.0])
+    g = jax.grad(lambda v: gcj.global_norm([v]))(x)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(x) / 13.0, rtol=1e-6)
+    g = jax.grad(lambda v: gcj.global_norm([v * 1e30]))(x)  # through the scaled branch
+    np.testing.assert_allclose(np.asarray(g), np.asarray(x) / 13.0 * 1e30, rtol=1e-5)
+
+
+def test_registered_pytree_nodes():
+    @jax.tree_util.register_dataclass
+    @dataclasses.dataclass
+    class Params:
+        w: jax.Array
+        b: jax.Array
+
+    params = Params(jnp.asarray([3.0, 4.0]), jnp.asarray([12.0]))
+    out, stats = gcj.clip_by_global_norm(params, 1.0)
+    assert isinstance(out, Params)
+    assert float(stats.norm) == pytest.approx(13.0)
+
+
+def test_max_norm_array_does_not_recompile():
+    tree = [jnp.asarray([3.0, 4.0])]
+    _fast._compiled.cache_clear()
+    for m in (1.0, 2.0, jnp.float32(3.0)):
+        gcj.clip_by_global_norm(tree, m)
+    assert _fast._compiled.cache_info().currsize == 1
+
+
+def test_many_small_leaves_are_reduced_together():
+    # 500 leaves below the gather threshold: one concatenation and a handful
+    # of reductions in the compiled program, not one per leaf.
+    rng = np.random.default_rng(4)
+    leaves = [
+        jnp.asarray(rng.standard_normal(int(n)), jnp.float32) for n in rng.integers(16, 2048, 500)
+    ]
+    hlo = jax.jit(gc.global_norm).lower(leaves).compile().as_text()
+    assert hlo.count(" reduce(") + hlo.count("reduce_fusion") < 20
+    assert float(gcj.global_norm(leaves)) == pytest.approx(ref_norm(leaves), rel=1e-6)
+
+
+def test_errors_name_the_leaf():
+    with pytest.raises(TypeError, match=r"\['b'\].*int32"):
+        gcj.clip_by_global_norm({"a": jnp.ones(2), "b": jnp.ones(2, jnp.int32)}, 1.0)
+    with pytest.raises(ValueError, match="max_norm"):
+        gcj.clip_by_global_norm([jnp.ones(2)], -1.0)
+    with pytest.raises(gc.NonFiniteError, match=r"\['b'\]"):
+        gcj.global_norm({"a": jnp.ones(2), "b": jnp.asarray([jnp.nan])}, nonfinite="raise")
+
+
+def test_axis_name_inside_shard_map_on_one_device():
+    mesh = jax.make_mesh((1,), ("d",))
+    spec = jax.sharding.PartitionSpec("d")
+    x = jax.device_put(jnp.asarray([3.0, 4.0, 12.0]), jax.sharding.NamedSharding(mesh, spec))
+
+    def local(v):
+        out, stats = gcj.clip_by_global_norm([v], 1.0, axis_name="d")
+        return out[0], stats.norm
+
+    _out, norm = jax.shard_map(
+        local, mesh=mesh, in_specs=spec, out_specs=(spec, jax.sharding.PartitionSpec())
+    )(x)
+    assert float(norm) == pytest.approx(13.0)
+    with pytest.raises(ValueError, match="axis_name"):
+        gcj.global_norm([x], ord=math.inf, axis_name="d")
+
+
+@pytest.mark.parametrize(
+    ("fn", "args"),
+    [
+        (gcj.leaf_norms, ()),
+        (gcj.clip_by_norm, (1.0,)),
+        (gcj.clip_by_value, (0.5,)),
+        (gcj.clip_by_block_rms, (0.5,)),
+    ],
+)
+def test_per_leaf_functions_match_the_top_level(fn, args):
+    tree = _tree(np.random.default_rng(5))
+    got = fn(tree, *args)
+    want = getattr(gc, fn.__name__)(tree, *args, fused=False)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)

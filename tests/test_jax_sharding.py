@@ -1,0 +1,167 @@
+"""Gradients sharded over a device mesh: same results, same shardings, one all-reduce.
+
+Needs 8 devices. ``nox -s jax_sharded`` runs this file on 8 CPU host devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=8``) and sets
+``GRADCLIP_REQUIRE_DEVICES=8``, which turns a shortfall into a failure rather
+than a skip; elsewhere (one device) the module skips with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+
+import gradclip as gc
+from conftest import importorskip
+
+jax = importorskip("jax")
+jnp = jax.numpy
+gcj = importorskip("gradclip.jax")
+_fast = importorskip("gradclip.jax._fast")
+
+P = jax.sharding.PartitionSpec
+NEEDED = 8
+
+if jax.device_count() < NEEDED:
+    reason = f"needs {NEEDED} devices, JAX sees {jax.device_count()} (run nox -s jax_sharded)"
+    if os.environ.get("GRADCLIP_REQUIRE_DEVICES"):
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return jax.make_mesh((4, 2), ("data", "model"))
+
+
+SPECS = {
+    "both": ((64, 32), P("data", "model")),
+    "rows": ((48, 6), P("data", None)),  # replicated over "model"
+    "cols": ((5, 16), P(None, "model")),  # replicated over "data"
+    "replicated": ((7, 3), P()),  # every device holds it whole
+    "flat": ((4096,), P(("data", "model"))),
+    "big": ((_fast.GATHER * 2,), P("data")),  # above the gather threshold
+}
+
+
+def _trees(mesh, scale=1.0, dtype=jnp.float32):
+    """The same values sharded over the mesh and on one device."""
+    rng = np.random.default_rng(0)
+    host = {
+        k: (rng.standard_normal(shape) * scale).astype(np.float32)
+        for k, (shape, _) in SPECS.items()
+    }
+    sharded = {
+        k: jax.device_put(jnp.asarray(v, dtype), jax.sharding.NamedSharding(mesh, SPECS[k][1]))
+        for k, v in host.items()
+    }
+    single = {k: jax.device_put(jnp.asarray(v, dtype), jax.devices()[0]) for k, v in host.items()}
+    return sharded, single
+
+
+def _ref(single):
+    flat = np.concatenate([np.asarray(v, np.float64).ravel() for v in single.values()])
+    return float(np.sqrt(np.sum(flat**2)))
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e30, 1e-30])
+def test_global_norm_matches_unsharded(mesh, scale):
+    sharded, single = _trees(mesh, scale)
+    got = gcj.global_norm(sharded)
+    assert float(got) == pytest.approx(float(gcj.global_norm(single)), rel=1e-6)
+    assert float(got) == pytest.approx(_ref(single), rel=1e-6)
+    assert float(gc.global_norm(sharded)) == pytest.approx(_ref(single), rel=1e-6)
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 1e9])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_clip_matches_unsharded_and_keeps_shardings(mesh, max_norm, dtype):
+    sharded, single = _trees(mesh, dtype=jnp.dtype(dtype))
+    out, stats = gcj.clip_by_global_norm(sharded, max_norm)
+    ref, ref_stats = gcj.clip_by_global_norm(single, max_norm)
+    np.testing.assert_allclose(float(stats.norm), float(ref_stats.norm), rtol=1e-6)
+    for k in sharded:
+        assert out[k].sharding.is_equivalent_to(sharded[k].sharding, sharded[k].ndim), k
+        np.testing.assert_allclose(
+            np.asarray(out[k], np.float32),
+            np.asarray(ref[k], np.float32),
+            rtol=1e-2 if dtype == "bfloat16" else 1e-6,
+        )
+
+
+def test_donated_sharded_clip(mesh):
+    sharded, _single = _trees(mesh)
+    shardings = {k: v.sharding for k, v in sharded.items()}
+    out, _ = gcj.clip_by_global_norm(sharded, 1.0, donate=True)
+    assert all(v.is_deleted() for v in sharded.values())
+    for k, v in out.items():
+        assert v.sharding.is_equivalent_to(shardings[k], v.ndim), k
+    assert _ref(out) == pytest.approx(1.0, rel=1e-5)
+
+
+def _program_hlo(sharded):
+    leaves = jax.tree_util.tree_leaves(sharded)
+    layout = _fast.mesh_layout(leaves)
+    assert layout is not None
+    fn = _fast._compiled(True, (2.0, 1e-6, "propagate", None), layout)
+    return fn.lower(leaves, 1.0, None).compile().as_text()
+
+
+def _entry(hlo):
+    """The ENTRY computation's text (the fallback branch lives in its own)."""
+    start = hlo.index("ENTRY")
+    return hlo[start : hlo.index("\n}", start)]
+
+
+def test_one_all_reduce_and_no_gather(mesh):
+    sharded, _ = _trees(mesh)
+    hlo = _program_hlo(sharded)
+    assert "all-gather" not in hlo
+    assert "all-to-all" not in hlo
+    assert _entry(hlo).count("all-reduce(") == 1, _entry(hlo)
+
+
+def test_axis_name_inside_shard_map(mesh):
+    host = np.random.default_rng(1).standard_normal((64, 32)).astype(np.float32)
+    spec = P("data", "model")
+    x = jax.device_put(jnp.asarray(host), jax.sharding.NamedSharding(mesh, spec))
+
+    def local(v):
+        (out,), stats = gcj.clip_by_global_norm([v], 1.0, axis_name=("data", "model"))
+        return out, stats.norm, gcj.global_norm([v], axis_name=("data", "model"))
+
+    fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=(spec, P(), P())))
+    out, norm, norm2 = fn(x)
+    want = float(np.linalg.norm(host.astype(np.float64)))
+    assert float(norm) == pytest.approx(want, rel=1e-6)
+    assert float(norm2) == pytest.approx(want, rel=1e-6)
+    assert float(np.linalg.norm(np.asarray(out, np.float64))) == pytest.approx(1.0, rel=1e-5)
+    entry = _entry(fn.lower(x).compile().as_text())
+    assert entry.count("all-reduce(") <= 2  # one per call: the clip and the norm
+    assert "all-gather" not in entry
+
+
+def test_axis_name_overflow_goes_through_the_scaled_branch(mesh):
+    host = np.full((64, 32), 1e30, np.float32)
+    spec = P("data", "model")
+    x = jax.device_put(jnp.asarray(host), jax.sharding.NamedSharding(mesh, spec))
+    fn = jax.shard_map(
+        lambda v: gcj.global_norm([v], axis_name=("data", "model")),
+        mesh=mesh,
+        in_specs=spec,
+        out_specs=P(),
+    )
+    assert float(fn(x)) == pytest.approx(1e30 * math.sqrt(64 * 32), rel=1e-6)
+
+
+def test_sharded_inside_a_callers_jit(mesh):
+    # Inside jit the arrays are tracers: XLA's partitioner places the
+    # reductions. The results are still the unsharded ones.
+    sharded, single = _trees(mesh)
+    out, stats = jax.jit(lambda t: gc.clip_by_global_norm(t, 1.0))(sharded)
+    assert float(stats.norm) == pytest.approx(_ref(single), rel=1e-6)
+    for k in sharded:
+        assert out[k].sharding.is_equivalent_to(sharded[k].sharding, sharded[k].ndim), k
