@@ -869,8 +869,8 @@ def bench(
         JSON-ready: ``machine``, ``date``, ``settings``, ``notes`` (rows left
         out), ``trees``, ``rows`` (figures and ratios) and ``targets``.
     """
-    ctx, plan, notes = _plan(backend)
     skipped = {_skip_entry(entry) for entry in skip}
+    ctx, plan, notes = _plan(backend)
 
     def runs(row: _Row, tree: str) -> bool:
         return (row.key, None) not in skipped and (row.key, tree) not in skipped
@@ -1155,10 +1155,10 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
 
 def _skip_entry(text: str) -> tuple[str, str | None]:
     """``ROW`` or ``ROW:TREE`` (see :func:`bench`'s ``skip``) as (row, tree or None)."""
-    key, _, tree = text.partition(":")
+    key, colon, tree = text.partition(":")
     if key not in SKIPPABLE:
         raise ValueError(f"--skip {text}: the row must be one of {', '.join(SKIPPABLE)}")
-    if tree and tree not in TREES:
+    if colon and tree not in TREES:
         raise ValueError(f"--skip {text}: the tree must be one of {', '.join(TREES)}")
     return key, tree or None
 
