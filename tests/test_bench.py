@@ -8,6 +8,7 @@ behind. optax is hidden in the whole-harness runs: XLA compiles a jitted
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import subprocess
@@ -144,6 +145,99 @@ def test_jax_rows_donate_fresh_arrays_and_clip():
     assert data.tree["b"].tolist() == [1.0] * 4  # donation never reached the NumPy source
 
 
+def test_jax_compile_is_measured_on_its_own_and_reused_by_the_calls():
+    importorskip("jax")
+    importorskip("optax")
+    ctx, rows, _ = _bench._plan("jax")
+    rng = np.random.default_rng(4)
+    data = _data([rng.standard_normal(n, dtype=np.float32) for n in (5, 7, 9)])
+    jax_rows = [r for r in rows if r.jax]
+    assert {r.key for r in jax_rows} == {"gradclip", "optax"}
+    assert not any(r.jax for r in rows if r.key not in ("gradclip", "optax"))
+    for row in jax_rows:
+        clip = _bench._run_row(ctx, data, row, "clip", 1.0, reps=2, budget=0.0, compile=True)
+        assert clip["check_ok"], clip
+        assert clip["xla_compiles"] >= 1  # XLA really compiled inside the measurement
+        assert 0 < clip["lower_s"] < clip["compile_s"]
+        assert 0 < clip["xla_compile_s"] <= clip["compile_s"]
+        assert clip["warmup_compiles"] == 0  # the first call ran the executable measured
+        # The other case reuses it: nothing measured, nothing compiled.
+        noclip = _bench._run_row(ctx, data, row, "noclip", _bench.NO_CLIP, reps=2, budget=0.0)
+        assert noclip["check_ok"] and noclip["warmup_compiles"] == 0
+        assert all(noclip[f] is None for f in ("compile_s", "lower_s", "xla_compiles"))
+        # Measured again without clearing JAX's caches, the "compile" is a cache
+        # hit, and the count says so: this is why bench() clears them per tree.
+        again = _bench._run_row(ctx, data, row, "clip", 1.0, reps=2, budget=0.0, compile=True)
+        assert again["xla_compiles"] == 0
+
+
+def _target_row(tree, case, key, median_ms, **fields):
+    row = {
+        "tree": tree,
+        "case": case,
+        "key": key,
+        "median_ms": median_ms,
+        "ratio_anchor": None,
+        "ratio_torch": None,
+        "ratio_optax": None,
+        "compile_s": None,
+        "xla_compiles": None,
+        "check_ok": True,
+    }
+    return {**row, **fields}
+
+
+def test_jax_targets_are_issue_4s():
+    rows = [
+        _target_row("llm", "clip", "gradclip", 10.0, ratio_anchor=1.2, ratio_optax=0.9),
+        _target_row("llm", "clip", "optax", 11.0, compile_s=2.0, xla_compiles=1),
+        _target_row("small", "clip", "gradclip", 9.0, ratio_anchor=3.0, ratio_optax=0.31),
+        _target_row("small", "clip", "optax", 29.0, compile_s=110.0, xla_compiles=1),
+        _target_row("huge", "clip", "gradclip", 50.0, ratio_anchor=1.3, check_ok=False),
+        _target_row("llm", "noclip", "gradclip", 5.0, ratio_anchor=1.1),
+        _target_row("small", "noclip", "gradclip", 5.0, ratio_anchor=1.25),
+    ]
+    small = rows[2]
+    for compile_s, xla_compiles, value, met in (
+        (4.0, 1, 4.0, True),
+        (12.0, 2, 12.0, False),
+        (0.01, 0, None, None),  # a cache hit measures nothing
+    ):
+        small.update(compile_s=compile_s, xla_compiles=xla_compiles)
+        targets = {t["target"]: t for t in _bench._targets(rows, "jax")}
+        assert len(targets) == 8
+        compiled = targets["small: gradclip compile <= 10 s"]
+        assert (compiled["value"], compiled["met"], compiled["unit"]) == (value, met, "s")
+        assert compiled["optax_compile_s"] == 110.0
+    met = {name: t["met"] for name, t in targets.items()}
+    assert met == {
+        "llm clip: gradclip <= 1x optax clip_by_global_norm": True,
+        "llm clip: gradclip <= 1.25x floor": True,
+        "huge clip: gradclip <= 1.25x floor": False,
+        "small clip: gradclip <= 0.3x optax clip_by_global_norm": False,  # 0.31x
+        "small: gradclip compile <= 10 s": None,
+        "llm no-clip: gradclip <= 1.2x one read pass": True,
+        "huge no-clip: gradclip <= 1.2x one read pass": None,  # not run
+        "small no-clip: gradclip <= 1.2x one read pass": False,
+    }
+    assert targets["small clip: gradclip <= 0.3x optax clip_by_global_norm"]["value"] == 0.31
+    rows[4]["ratio_anchor"] = 1.0  # within the bound, but the result was wrong
+    huge = {t["target"]: t for t in _bench._targets(rows, "jax")}
+    assert huge["huge clip: gradclip <= 1.25x floor"]["met"] is False
+    # optax skipped: the targets relative to it are not measured, the others are
+    alone = [{**r, "ratio_optax": None} for r in rows if r["key"] != "optax"]
+    unmeasured = {t["target"] for t in _bench._targets(alone, "jax") if t["value"] is None}
+    assert unmeasured == {
+        "llm clip: gradclip <= 1x optax clip_by_global_norm",
+        "small clip: gradclip <= 0.3x optax clip_by_global_norm",
+        "small: gradclip compile <= 10 s",  # still a cache hit from above
+        "huge no-clip: gradclip <= 1.2x one read pass",
+    }
+    assert _bench._targets(rows, "torch") == []
+    line = _bench._target_line({**compiled, "value": 4.0, "met": True})
+    assert line == "  PASS  small: gradclip compile <= 10 s: 4 s (optax 110 s)"
+
+
 def test_peak_memory_sees_numpy_temporaries(hide):
     hide("torch", "optax")
     ctx, rows, _ = _bench._plan("numpy")
@@ -224,6 +318,110 @@ def test_missing_libraries_are_left_out_with_a_note(hide, capsys):
     }
     err = capsys.readouterr().err  # rich's bar, or a line per row, goes to stderr
     assert "Traceback" not in err
+
+
+def test_jax_report_has_compile_times_floor_rows_and_targets():
+    importorskip("jax")
+    importorskip("optax")
+    importorskip("torch")
+    quick = {"reps": 2, "budget": 0.0, "size_factor": FACTOR, "progress": False}
+    report = _bench.bench("jax", ["llm"], skip=["naive"], **quick)
+    clip = {r["key"]: r for r in report["rows"] if r["case"] == "clip"}
+    noclip = {r["key"]: r for r in report["rows"] if r["case"] == "noclip"}
+    # the same torch floor and read pass as the numpy backend's
+    assert set(clip) == {"gradclip", "torch", "optax", "floor"}
+    assert set(noclip) == {"gradclip", "torch", "optax", "read"}
+    assert "(torch)" in clip["floor"]["row"] and "(torch)" in noclip["read"]["row"]
+    for r in report["rows"]:
+        assert r["check_ok"], r
+    for key in ("gradclip", "optax"):
+        assert clip[key]["compile_s"] > 0 and clip[key]["xla_compiles"] >= 1, clip[key]
+        assert clip[key]["warmup_compiles"] == noclip[key]["warmup_compiles"] == 0
+        assert noclip[key]["compile_s"] is None
+    assert clip["torch"]["compile_s"] is None and clip["torch"]["warmup_compiles"] is None
+
+    targets = {t["target"]: t for t in report["targets"]}
+    vs_optax = targets["llm clip: gradclip <= 1x optax clip_by_global_norm"]
+    assert vs_optax["value"] == clip["gradclip"]["ratio_optax"]
+    assert vs_optax["value"] == pytest.approx(
+        clip["gradclip"]["median_ms"] / clip["optax"]["median_ms"]
+    )
+    assert vs_optax["met"] is (vs_optax["value"] <= 1.0)
+    floor = targets["llm clip: gradclip <= 1.25x floor"]
+    assert floor["value"] == clip["gradclip"]["ratio_anchor"]
+    read = targets["llm no-clip: gradclip <= 1.2x one read pass"]
+    assert read["value"] == noclip["gradclip"]["ratio_anchor"]
+    assert targets["small: gradclip compile <= 10 s"]["met"] is None  # small not run
+
+    text = _bench.format_report({"command": "test", **report})
+    assert "compile s" in text and "targets (gradclip rows):" in text
+    assert "llm clip: gradclip <= 1x optax clip_by_global_norm: " in text
+    assert "compiled again" not in text and "cache hit" not in text
+
+    # Another run in the same process compiles again: caches are cleared per tree.
+    again = _bench.bench("jax", ["llm"], skip=["optax", "torch", "naive"], **quick)
+    assert {r["key"] for r in again["rows"]} == {"gradclip", "floor", "read"}
+    gradclip = next(r for r in again["rows"] if r["key"] == "gradclip" and r["case"] == "clip")
+    assert gradclip["xla_compiles"] >= 1 and gradclip["compile_s"] > 0
+    assert (
+        "optax clip_by_global_norm (jit, donated): skipped on every tree (--skip)"
+        in (again["notes"])
+    )
+    assert again["settings"]["skip"] == ["optax", "torch", "naive"]
+
+
+def test_skip_leaves_anchors_out_on_the_trees_named(hide):
+    importorskip("jax")
+    importorskip("optax")
+    hide("torch")
+    report = _bench.bench(
+        "numpy",
+        ["llm", "huge"],
+        skip=["optax:llm", "naive"],
+        reps=2,
+        budget=0.0,
+        size_factor=FACTOR,
+        progress=False,
+    )
+    keys = {
+        tree: {r["key"] for r in report["rows"] if r["tree"] == tree} for tree in ("llm", "huge")
+    }
+    assert keys["llm"] == {"gradclip", "flattree", "floor", "read"}
+    assert keys["huge"] == keys["llm"] | {"optax"}
+    assert "optax clip_by_global_norm (jit, donated): skipped on llm (--skip)" in report["notes"]
+    assert "naive NumPy loop: skipped on every tree (--skip)" in report["notes"]
+    optax = next(r for r in report["rows"] if r["key"] == "optax" and r["case"] == "clip")
+    assert optax["compile_s"] > 0  # measured on the numpy backend's JAX anchor too
+    assert len(report["targets"]) == 7  # numpy's, unaffected
+
+
+def test_skip_option(tmp_path: Path, hide, capsys):
+    assert _bench._skip_entry("optax") == ("optax", None)
+    assert _bench._skip_entry("optax:small") == ("optax", "small")
+    parser = argparse.ArgumentParser()
+    _bench.add_arguments(parser)  # parsed only: a bad entry accepted would not run anything
+    assert parser.parse_args(["--skip", "torch", "--skip", "naive:huge"]).skip == [
+        "torch",
+        "naive:huge",
+    ]
+    assert parser.parse_args([]).skip == []
+    for bad in ("gradclip", "floor", "optax:medium", "optax:", ":small"):
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args(["--skip", bad])
+        assert exc.value.code == 2
+        with pytest.raises(ValueError, match="--skip"):
+            _bench.bench("numpy", [], skip=[bad], progress=False)
+    err = capsys.readouterr().err
+    assert "the row must be one of torch, optax, naive" in err
+    assert "the tree must be one of llm, huge, small" in err
+    hide("torch")
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--tree", "llm", "--skip", "optax", "--skip", "naive:llm"]
+    assert cli.main([*argv, "--json", str(path), *QUICK]) == 0
+    report = json.loads(path.read_text())
+    assert " --skip optax --skip naive:llm" in report["command"]
+    assert report["settings"]["skip"] == ["optax", "naive:llm"]
+    assert {r["key"] for r in report["rows"]} == {"gradclip", "flattree", "floor", "read"}
 
 
 def test_backends_that_cannot_run_exit_with_a_message(hide):
