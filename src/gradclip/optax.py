@@ -1,0 +1,629 @@
+"""optax gradient transformations whose state records what they did.
+
+Each transform here wraps the top-level gradclip function of the same name
+(:func:`gradclip.clip_by_global_norm` and friends, so it gets their
+overflow-safe norms and whatever fast path they dispatch to) and keeps the
+last :class:`~gradclip.ClipStats` in its state, next to counters of
+non-finite steps. :func:`find_stats` digs the stats out of any optimizer
+state built around one (``optax.chain``, ``optax.named_chain``,
+``optax.MultiSteps``, ``optax.inject_hyperparams``, ...), so the norm before
+clipping can be logged from outside the chain (optax issue #326).
+
+The state is a :class:`ClipState` of arrays only, with no Python branch on a
+value and no host sync in ``update``: it can be carried through ``jax.jit``,
+``jax.lax.scan`` and ``jax.vmap``, and ``init`` returns the same structure,
+shapes and dtypes as ``update``.
+
+Unlike ``import gradclip``, importing this module imports jax and optax.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import gradclip as gc
+
+from ._stats import ClipStats
+
+__all__ = [
+    "ClipState",
+    "clip_by_block_rms",
+    "clip_by_global_norm",
+    "clip_by_norm",
+    "clip_by_value",
+    "find_all_states",
+    "find_state",
+    "find_stats",
+]
+
+_DEFAULT_ORD = 2.0
+_DEFAULT_EPS = 1e-6
+
+
+class ClipState(NamedTuple):
+    """The state of every transform in :mod:`gradclip.optax`.
+
+    Attributes
+    ----------
+    stats : ClipStats
+        What the last ``update`` saw and did (before ``init``'s first update:
+        norm 0, scale 1, not clipped, finite). 0-d arrays for
+        :func:`clip_by_global_norm` and :func:`clip_by_value`, 1-d arrays with
+        one entry per leaf for :func:`clip_by_norm` and
+        :func:`clip_by_block_rms`; each transform's docstring says what
+        ``norm`` holds. With ``nonfinite="skip"``, ``stats.finite`` False
+        means the update was replaced by zeros.
+    notfinite_count : array
+        int32, 0-d: consecutive steps whose gradients held a NaN or an
+        infinity (0 after a finite step), as in ``optax.apply_if_finite``.
+        Counted under every ``nonfinite`` policy.
+    last_finite : array
+        bool, 0-d: whether the last step's gradients were all finite.
+    total_notfinite : array
+        int32, 0-d: all steps so far whose gradients were not finite.
+    """
+
+    stats: ClipStats
+    notfinite_count: Any
+    last_finite: Any
+    total_notfinite: Any
+
+
+# --------------------------------------------------------------------- validation
+
+
+def _no_array(value: Any, name: str, what: str) -> None:
+    """Reject a JAX array where gradclip needs a Python number, saying why."""
+    if isinstance(value, jax.Array):
+        raise TypeError(
+            f"{name} must be a Python number, not a JAX array: {what}. Under "
+            f"optax.inject_hyperparams, pass static_args=({name!r},) so that it stays one"
+        )
+
+
+def _check_max_norm(max_norm: Any) -> None:
+    if isinstance(max_norm, jax.Array) and max_norm.ndim != 0:
+        raise ValueError(f"max_norm must be a scalar; got an array of shape {max_norm.shape}")
+
+
+def _check_static(ord: Any, eps: Any) -> tuple[Any, Any]:
+    """Fill in the defaults (``None`` keeps ``inject_hyperparams`` from making arrays)."""
+    ord = _DEFAULT_ORD if ord is None else ord
+    eps = _DEFAULT_EPS if eps is None else eps
+    _no_array(ord, "ord", "it chooses the norm at trace time")
+    _no_array(eps, "eps", "gradclip takes eps as a Python float")
+    return ord, eps
+
+
+_RAISE_UNDER_TRACE = (
+    'nonfinite="raise" must look at the gradient values on the host, which is impossible '
+    "while JAX traces the update (jax.jit, jax.vmap, jax.lax.scan, optax.MultiSteps). "
+    'Use nonfinite="skip" (the update becomes zeros and the step is counted in the state) '
+    'or nonfinite="zero", or call update outside jit'
+)
+
+
+# ---------------------------------------------------------------------- machinery
+
+# (updates, nonfinite policy) -> (new updates, ClipStats)
+_Apply = Callable[[Any, str], tuple[Any, ClipStats]]
+
+
+def _initial_stats(shapes: ClipStats) -> ClipStats:
+    return ClipStats(
+        norm=jnp.zeros(shapes.norm.shape, shapes.norm.dtype),
+        scale=jnp.ones(shapes.scale.shape, shapes.scale.dtype),
+        clipped=jnp.zeros(shapes.clipped.shape, bool),
+        finite=jnp.ones(shapes.finite.shape, bool),
+    )
+
+
+def _like(stats: ClipStats, ref: ClipStats) -> ClipStats:
+    """``stats`` as arrays of ``ref``'s dtypes, so update's state matches init's."""
+    out = []
+    for field, value, want in zip(ClipStats._fields, stats, ref, strict=True):
+        value = jnp.asarray(value)
+        if value.shape != want.shape:
+            raise ValueError(
+                f"the updates give stats.{field} of shape {value.shape}, but the state was "
+                f"initialised with shape {want.shape}: init and update must see trees with "
+                "the same leaves"
+            )
+        out.append(value.astype(want.dtype))
+    return ClipStats(*out)
+
+
+def _transform(apply: _Apply, nonfinite: str) -> Any:
+    """A GradientTransformation running ``apply`` and keeping its stats in a ClipState."""
+    skip = nonfinite == "skip"
+
+    def init(params: Any) -> ClipState:
+        # The stats' shapes and dtypes follow gradclip's rules (float64 when a
+        # leaf is float64, one entry per leaf, ...): trace once to learn them.
+        # "propagate" here: "raise" cannot be traced.
+        shapes = jax.eval_shape(lambda p: apply(p, "propagate")[1], params)
+        return ClipState(
+            stats=_initial_stats(shapes),
+            notfinite_count=jnp.zeros([], jnp.int32),
+            last_finite=jnp.array(True),
+            total_notfinite=jnp.zeros([], jnp.int32),
+        )
+
+    def update(updates: Any, state: ClipState, params: Any = None) -> tuple[Any, ClipState]:
+        del params
+        try:
+            new, stats = apply(updates, nonfinite)
+        except jax.errors.ConcretizationTypeError as exc:
+            if nonfinite == "raise":
+                raise TypeError(_RAISE_UNDER_TRACE) from exc
+            raise
+        stats = _like(stats, state.stats)
+        finite = jnp.all(stats.finite)
+        if skip:
+            # gradclip's "skip" leaves the leaves unchanged; optax.apply_if_finite
+            # (which this mirrors) makes the update zeros instead.
+            new = jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), new)
+        bad = jnp.logical_not(finite)
+        return new, ClipState(
+            stats=stats,
+            notfinite_count=jnp.where(
+                bad, optax.safe_increment(state.notfinite_count), jnp.zeros([], jnp.int32)
+            ),
+            last_finite=finite,
+            total_notfinite=jnp.where(
+                bad, optax.safe_increment(state.total_notfinite), state.total_notfinite
+            ),
+        )
+
+    return optax.GradientTransformation(init, update)
+
+
+def _result_dtype(leaves: list[Any]) -> Any:
+    """The result dtype by gradclip's rule: float64 when a leaf is float64, else float32."""
+    wide = any(jnp.dtype(x.dtype) == jnp.float64 for x in leaves)
+    return jnp.float64 if wide else jnp.float32
+
+
+def _all_finite(leaves: list[Any]) -> Any:
+    """1-d bool, one entry per leaf: every entry of the leaf is finite."""
+    if not leaves:
+        return jnp.zeros((0,), bool)
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+# --------------------------------------------------------------------- transforms
+
+_NONFINITE_DOC = """nonfinite : {"propagate", "raise", "zero", "skip"}, default "propagate"
+        ``"skip"``: if any gradient entry is NaN or infinite, the update
+        becomes zeros (as ``optax.apply_if_finite`` does) and the step is
+        counted in the state. A stateful optimizer later in the chain still
+        takes the step with those zeros (adam's moments decay and its update is
+        not zero); wrap the whole chain in ``optax.apply_if_finite`` to leave
+        it untouched. ``"propagate"`` and ``"zero"`` are passed to gradclip.
+        ``"raise"`` raises :class:`~gradclip.NonFiniteError` from ``update``;
+        it needs a host sync, so it works only when ``update`` is not traced
+        (not under ``jax.jit``, ``jax.vmap`` or ``optax.MultiSteps``, where it
+        raises ``TypeError``)."""
+
+
+def clip_by_global_norm(
+    max_norm: Any,
+    *,
+    ord: float | None = None,
+    eps: float | None = None,
+    nonfinite: str = "propagate",
+) -> Any:
+    """``optax.clip_by_global_norm`` with an overflow-safe norm and stats in its state.
+
+    Every leaf of the update is multiplied by ``min(1, max_norm / (norm +
+    eps))``, where ``norm`` is the norm of all leaves together
+    (:func:`gradclip.clip_by_global_norm`). ``optax.clip_by_global_norm`` has
+    no eps (pass ``eps=0`` to match it) and overflows to a zero update for
+    float32 gradients of 1e30; this transform clips them.
+
+    Parameters
+    ----------
+    max_norm : float or 0-d JAX array
+        The largest global norm allowed. A Python number is checked here
+        (negative or NaN raises ``ValueError``); an array (for example from
+        ``optax.inject_hyperparams``) is used as is.
+    ord : float, optional
+        The norm, as for :func:`gradclip.global_norm`; ``None`` means 2.0.
+        ``None`` rather than 2.0 is the default so that
+        ``optax.inject_hyperparams``, which turns every numeric argument into
+        an array, leaves it alone.
+    eps : float, optional
+        Added to the norm before dividing; ``None`` means 1e-6.
+    {nonfinite}
+
+    Returns
+    -------
+    optax.GradientTransformation
+        Its state is a :class:`ClipState` whose ``stats`` hold 0-d arrays:
+        the global norm before clipping, the scale, ``clipped`` and
+        ``finite``.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import gradclip.optax as gco
+    >>> params = {{"w": jnp.zeros(2)}}
+    >>> tx = optax.chain(gco.clip_by_global_norm(1.0), optax.sgd(0.1))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({{"w": jnp.array([30.0, 40.0])}}, state, params)
+    >>> updates["w"]
+    Array([-0.06, -0.08], dtype=float32)
+    >>> stats = gco.find_stats(state)
+    >>> float(stats.norm), bool(stats.clipped)
+    (50.0, True)
+    """
+    _check_max_norm(max_norm)
+    ord, eps = _check_static(ord, eps)
+    gc.clip_by_global_norm([], max_norm, ord=ord, eps=eps, nonfinite=nonfinite)  # validates
+
+    def apply(updates: Any, policy: str) -> tuple[Any, ClipStats]:
+        out: tuple[Any, ClipStats] = gc.clip_by_global_norm(
+            updates, max_norm, ord=ord, eps=eps, nonfinite=policy
+        )
+        return out
+
+    return _transform(apply, nonfinite)
+
+
+def clip_by_norm(
+    max_norm: Any,
+    *,
+    ord: float | None = None,
+    eps: float | None = None,
+    nonfinite: str = "propagate",
+) -> Any:
+    """Clip each leaf of the update on its own to norm ``max_norm``.
+
+    Leaf ``i`` is multiplied by ``min(1, max_norm / (norm_i + eps))``
+    (:func:`gradclip.clip_by_norm`, ``tf.clip_by_norm`` on every leaf).
+
+    Parameters
+    ----------
+    max_norm : float or 0-d JAX array
+        The largest norm allowed for each leaf, as for
+        :func:`clip_by_global_norm`.
+    ord : float, optional
+        As for :func:`clip_by_global_norm`; ``None`` means 2.0.
+    eps : float, optional
+        As for :func:`clip_by_global_norm`; ``None`` means 1e-6.
+    {nonfinite}
+        With ``"skip"``, one non-finite leaf makes the whole update zeros.
+
+    Returns
+    -------
+    optax.GradientTransformation
+        Its state is a :class:`ClipState` whose ``stats`` hold 1-d arrays,
+        one entry per leaf in ``jax.tree.leaves`` order: each leaf's norm
+        before clipping, its scale, ``clipped`` and ``finite``.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> import gradclip.optax as gco
+    >>> tx = gco.clip_by_norm(1.0, eps=0.0)
+    >>> grads = {{"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.5])}}
+    >>> updates, state = tx.update(grads, tx.init(grads))
+    >>> updates["a"]
+    Array([0.6, 0.8], dtype=float32)
+    >>> state.stats.norm
+    Array([5. , 0.5], dtype=float32)
+    """
+    _check_max_norm(max_norm)
+    ord, eps = _check_static(ord, eps)
+    gc.clip_by_norm([], max_norm, ord=ord, eps=eps, nonfinite=nonfinite)  # validates
+
+    def apply(updates: Any, policy: str) -> tuple[Any, ClipStats]:
+        out: tuple[Any, ClipStats] = gc.clip_by_norm(
+            updates, max_norm, ord=ord, eps=eps, nonfinite=policy
+        )
+        return out
+
+    return _transform(apply, nonfinite)
+
+
+def clip_by_block_rms(threshold: float, *, nonfinite: str = "propagate") -> Any:
+    """``optax.clip_by_block_rms``: divide each leaf by ``max(1, rms / threshold)``.
+
+    The clipping is :func:`gradclip.clip_by_block_rms` (an overflow-safe rms,
+    so float32 leaves of 1e30 are clipped rather than zeroed). The stats come
+    from :func:`gradclip.leaf_norms`, one more read of the update unless XLA
+    fuses the two reductions.
+
+    Parameters
+    ----------
+    threshold : float
+        The largest rms allowed for each leaf, ``>= 0``. A Python number:
+        gradclip takes no array threshold, so under
+        ``optax.inject_hyperparams`` pass ``static_args=("threshold",)``.
+    {nonfinite}
+        With ``"skip"``, one non-finite leaf makes the whole update zeros.
+
+    Returns
+    -------
+    optax.GradientTransformation
+        Its state is a :class:`ClipState` whose ``stats`` hold 1-d arrays,
+        one entry per leaf in ``jax.tree.leaves`` order: ``norm`` is the
+        leaf's **rms** before clipping (0 for an empty leaf), ``scale`` the
+        factor ``1 / max(1, rms / threshold)`` (1 for a non-finite leaf under
+        ``"skip"``), ``clipped`` is ``scale < 1`` and ``finite`` says whether
+        every entry of the leaf was finite.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> import gradclip.optax as gco
+    >>> tx = gco.clip_by_block_rms(1.0)
+    >>> grads = {{"w": jnp.array([2.0, -2.0]), "b": jnp.array([0.5])}}
+    >>> updates, state = tx.update(grads, tx.init(grads))
+    >>> updates["w"]
+    Array([ 1., -1.], dtype=float32)
+    >>> state.stats.norm  # rms of "b", then of "w"
+    Array([0.5, 2. ], dtype=float32)
+    """
+    _no_array(threshold, "threshold", "gradclip.clip_by_block_rms takes no array threshold")
+    gc.clip_by_block_rms([], threshold, nonfinite=nonfinite)  # validates
+    t = float(threshold)
+
+    def apply(updates: Any, policy: str) -> tuple[Any, ClipStats]:
+        new = gc.clip_by_block_rms(updates, t, nonfinite=policy)
+        leaves = jax.tree.leaves(updates)
+        norms = gc.leaf_norms(updates, nonfinite="zero" if policy == "zero" else "propagate")
+        norms = jnp.asarray(norms)
+        roots = np.sqrt(np.maximum([math.prod(x.shape) for x in leaves], 1))
+        rms = norms / jnp.asarray(roots, norms.dtype)
+        # gradclip's generic arithmetic, so stats.scale is the factor it applied.
+        scale = 1.0 / jnp.maximum(jnp.ones((), rms.dtype), rms / t)
+        finite = _all_finite(leaves)
+        if policy == "skip":
+            scale = jnp.where(finite, scale, jnp.ones((), scale.dtype))
+        return new, ClipStats(rms, scale, scale < 1, finite)
+
+    return _transform(apply, nonfinite)
+
+
+def clip_by_value(
+    clip_value: float | None = None,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    nonfinite: str = "propagate",
+) -> Any:
+    """``optax.clip``: clamp every entry to ``[-clip_value, clip_value]`` or ``[lo, hi]``.
+
+    The clamping is :func:`gradclip.clip_by_value` (NaN stays NaN and
+    ``±inf`` goes to the bound under ``"propagate"``).
+
+    Parameters
+    ----------
+    clip_value : float, optional
+        Symmetric bound, ``>= 0``.
+    lo, hi : float, optional
+        One-sided or asymmetric bounds, instead of ``clip_value``. The bounds
+        are Python numbers: gradclip takes no array bounds, so under
+        ``optax.inject_hyperparams`` list them in ``static_args``.
+    {nonfinite}
+
+    Returns
+    -------
+    optax.GradientTransformation
+        Its state is a :class:`ClipState` whose ``stats`` hold 0-d arrays:
+        ``norm`` is the largest magnitude ``max |g|`` before clamping (the
+        global inf-norm; NaN if an entry is NaN, except under ``"zero"``,
+        where non-finite entries count as 0), ``scale`` the ratio of that
+        inf-norm after clamping to before (``min(1, clip_value / norm)`` for a
+        symmetric bound; 1 for a zero update), ``clipped`` whether any entry
+        lay outside the bounds, ``finite`` whether every entry was finite.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> import gradclip.optax as gco
+    >>> tx = gco.clip_by_value(0.5)
+    >>> grads = [jnp.array([-3.0, 0.2, 1.0])]
+    >>> updates, state = tx.update(grads, tx.init(grads))
+    >>> updates
+    [Array([-0.5,  0.2,  0.5], dtype=float32)]
+    >>> float(state.stats.norm), float(state.stats.scale), bool(state.stats.clipped)
+    (3.0, 0.1666666716337204, True)
+    """
+    for name, v in (("clip_value", clip_value), ("lo", lo), ("hi", hi)):
+        _no_array(v, name, "gradclip.clip_by_value takes no array bounds")
+    gc.clip_by_value([], clip_value, lo=lo, hi=hi, nonfinite=nonfinite)  # validates
+    if clip_value is not None:
+        low: float | None = -float(clip_value)
+        high: float | None = float(clip_value)
+    else:
+        low = None if lo is None else float(lo)
+        high = None if hi is None else float(hi)
+
+    def apply(updates: Any, policy: str) -> tuple[Any, ClipStats]:
+        new = gc.clip_by_value(updates, clip_value, lo=lo, hi=hi, nonfinite=policy)
+        return new, _value_stats(jax.tree.leaves(updates), low, high, policy)
+
+    return _transform(apply, nonfinite)
+
+
+def _value_stats(leaves: list[Any], lo: float | None, hi: float | None, policy: str) -> ClipStats:
+    """ClipStats for value clipping, from the signed extremes of the input.
+
+    Clamping is monotonic, so the extremes after clamping are the clamped
+    extremes: no second pass over the clamped update is needed.
+    """
+    res = _result_dtype(leaves)
+    finite = jnp.all(_all_finite(leaves))
+    if sum(math.prod(x.shape) for x in leaves) == 0:
+        one = jnp.ones((), res)
+        return ClipStats(jnp.zeros((), res), one, jnp.array(False), finite)
+    if policy == "zero":
+        leaves = [jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x)) for x in leaves]
+    nan = jnp.any(jnp.stack([jnp.any(jnp.isnan(x)) for x in leaves]))
+    # NaN-free extremes, so that one NaN does not hide entries outside the bounds.
+    top = jnp.max(
+        jnp.stack([jnp.max(x, where=~jnp.isnan(x), initial=-jnp.inf).astype(res) for x in leaves])
+    )
+    bot = jnp.min(
+        jnp.stack([jnp.min(x, where=~jnp.isnan(x), initial=jnp.inf).astype(res) for x in leaves])
+    )
+    clipped = jnp.array(False)
+    top_after, bot_after = top, bot
+    if hi is not None:
+        clipped = clipped | (top > hi)
+        top_after, bot_after = jnp.minimum(top_after, hi), jnp.minimum(bot_after, hi)
+    if lo is not None:
+        clipped = clipped | (bot < lo)
+        top_after, bot_after = jnp.maximum(top_after, lo), jnp.maximum(bot_after, lo)
+    # All-NaN input leaves top = -inf, bot = inf: no magnitude seen, norm NaN below.
+    seen = top >= bot
+    before = jnp.where(seen, jnp.maximum(jnp.abs(top), jnp.abs(bot)), jnp.zeros((), res))
+    after = jnp.where(seen, jnp.maximum(jnp.abs(top_after), jnp.abs(bot_after)), jnp.zeros((), res))
+    one = jnp.ones((), res)
+    scale = jnp.where(before > 0, after / jnp.where(before > 0, before, one), one)
+    norm = jnp.where(nan, jnp.array(jnp.nan, res), before)
+    if policy == "skip":
+        # gradclip leaves a non-finite tree unchanged: nothing was clamped.
+        scale = jnp.where(finite, scale, one)
+        clipped = clipped & finite
+    return ClipStats(norm, scale, clipped, finite)
+
+
+for _f in (clip_by_global_norm, clip_by_norm, clip_by_block_rms, clip_by_value):
+    _f.__doc__ = (_f.__doc__ or "").format(nonfinite=_NONFINITE_DOC)
+
+
+# ----------------------------------------------------------------------- finding
+
+
+def find_all_states(opt_state: Any) -> dict[str, ClipState]:
+    """Every :class:`ClipState` in a nested optimizer state, keyed by its path.
+
+    The state is walked as a JAX pytree, so anything optax builds is searched:
+    ``optax.chain`` tuples, ``optax.named_chain`` dicts, ``optax.MultiSteps``
+    (``inner_opt_state``), ``optax.inject_hyperparams`` (``inner_state``),
+    ``optax.masked``, ``optax.apply_if_finite`` and their nestings.
+
+    Parameters
+    ----------
+    opt_state : pytree
+        The state returned by an optimizer's ``init`` or ``update``.
+
+    Returns
+    -------
+    dict of str to ClipState
+        In pytree flattening order; the keys are ``jax.tree_util.keystr``
+        paths such as ``"[0]"`` or ``".inner_opt_state[1]"`` (``""`` when
+        ``opt_state`` is itself a ``ClipState``). Empty when there is none.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import gradclip.optax as gco
+    >>> tx = optax.chain(gco.clip_by_value(1.0), optax.adam(1e-3), gco.clip_by_norm(1.0))
+    >>> list(gco.find_all_states(tx.init([jnp.zeros(3)])))
+    ['[0]', '[2]']
+    """
+    found = jax.tree_util.tree_flatten_with_path(
+        opt_state, is_leaf=lambda x: isinstance(x, ClipState)
+    )[0]
+    return {jax.tree_util.keystr(path): leaf for path, leaf in found if isinstance(leaf, ClipState)}
+
+
+def find_state(opt_state: Any) -> ClipState:
+    """The one :class:`ClipState` in a nested optimizer state.
+
+    Parameters
+    ----------
+    opt_state : pytree
+        The state returned by an optimizer's ``init`` or ``update``.
+
+    Returns
+    -------
+    ClipState
+        The stats and non-finite counters of the one gradclip transform.
+
+    Raises
+    ------
+    LookupError
+        If the state holds no gradclip transform's state.
+    ValueError
+        If it holds several; :func:`find_all_states` returns them all, by path.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import gradclip.optax as gco
+    >>> tx = optax.MultiSteps(
+    ...     optax.chain(gco.clip_by_global_norm(1.0, nonfinite="skip"), optax.sgd(0.1)), 2
+    ... )
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> int(gco.find_state(state).total_notfinite)
+    0
+    """
+    found = find_all_states(opt_state)
+    if not found:
+        raise LookupError(
+            f"no gradclip.optax state in this optimizer state (a {type(opt_state).__name__}); "
+            "build the optimizer with a gradclip.optax transform, e.g. optax.chain("
+            "gradclip.optax.clip_by_global_norm(1.0), optax.adam(1e-3))"
+        )
+    if len(found) > 1:
+        paths = ", ".join(repr(p) for p in found)
+        raise ValueError(
+            f"{len(found)} gradclip.optax states in this optimizer state, at {paths}; "
+            "find_all_states(opt_state) returns them all, keyed by these paths"
+        )
+    return next(iter(found.values()))
+
+
+def find_stats(opt_state: Any) -> ClipStats:
+    """The :class:`~gradclip.ClipStats` of the one gradclip transform in an optimizer state.
+
+    ``find_state(opt_state).stats``: the norm before clipping, the scale,
+    ``clipped`` and ``finite`` of the last update, for logging from outside
+    an ``optax.chain`` (optax issue #326).
+
+    Parameters
+    ----------
+    opt_state : pytree
+        The state returned by an optimizer's ``init`` or ``update``.
+
+    Returns
+    -------
+    ClipStats
+        Arrays on the device; nothing is synced until you read a value.
+
+    Raises
+    ------
+    LookupError
+        If the state holds no gradclip transform's state.
+    ValueError
+        If it holds several (see :func:`find_all_states`).
+
+    Examples
+    --------
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import gradclip.optax as gco
+    >>> tx = optax.named_chain(("clip", gco.clip_by_global_norm(1.0)), ("adam", optax.adam(1e-3)))
+    >>> params = {"w": jnp.zeros(3)}
+    >>> state = tx.init(params)
+    >>> _, state = jax.jit(tx.update)({"w": jnp.full(3, 4.0)}, state, params)
+    >>> float(gco.find_stats(state).norm)
+    6.928203...
+    """
+    return find_state(opt_state).stats
