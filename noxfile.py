@@ -3,8 +3,8 @@
 Plain ``nox`` runs ``lint``, one ``tests`` session per backend (CPU only) and
 ``jax_sharded`` (sharded JAX arrays on 8 CPU host devices).
 ``nox -s bench`` (never run by plain ``nox``) times gradclip against its
-anchors and records ``benchmarks/results/bench-numpy-cpu.json``; arguments
-after ``--`` replace that default, e.g. ``nox -s bench -- --tree small``.
+anchors and records ``benchmarks/results/bench-{numpy,jax}-cpu.json``;
+arguments after ``--`` replace that default, e.g. ``nox -s bench -- --tree small``.
 ``nox -l`` lists them; ``nox -s "tests(jax)"`` runs one; arguments after ``--``
 go to pytest, e.g. ``nox -s "tests(numpy)" -- -x -k global_norm``.
 """
@@ -86,5 +86,12 @@ def bench(session: nox.Session) -> None:
         "-e",
         ".",
     )
-    args = session.posargs or ["--tree", "all", "--json", "benchmarks/results/bench-numpy-cpu.json"]
-    session.run("python", "-m", "gradclip", "bench", *args)
+    if session.posargs:
+        session.run("python", "-m", "gradclip", "bench", *session.posargs)
+        return
+    for backend in ("numpy", "jax"):
+        json_path = f"benchmarks/results/bench-{backend}-cpu.json"
+        session.run(
+            "python", "-m", "gradclip", "bench", "--backend", backend, "--tree", "all",
+            "--json", json_path,
+        )  # fmt: skip
