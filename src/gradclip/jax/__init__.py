@@ -241,7 +241,7 @@ def clip_by_global_norm(
     >>> import jax.numpy as jnp
     >>> import gradclip.jax as gcj
     >>> grads = {"w": jnp.array([3.0, 4.0])}
-    >>> clipped, stats = gcj.clip_by_global_norm(grads, 1.0, donate=True)
+    >>> clipped, stats = gcj.clip_by_global_norm(grads, 1.0, eps=0.0, donate=True)
     >>> clipped["w"], bool(stats.clipped)
     (Array([0.6, 0.8], dtype=float32), True)
     """
@@ -359,7 +359,8 @@ def clip_by_block_rms(
     --------
     >>> import jax.numpy as jnp
     >>> import gradclip.jax as gcj
-    >>> gcj.clip_by_block_rms([jnp.array([3.0, 4.0])], 1.0)[0]
-    Array([0.8485281, 1.1313709], dtype=float32)
+    >>> out = gcj.clip_by_block_rms([jnp.array([3.0, 4.0])], 1.0)  # rms 3.54 -> 1
+    >>> float(jnp.sqrt(jnp.mean(out[0] ** 2)))
+    1.0
     """
     return _call("block_rms", donate, (tree,), threshold=threshold, nonfinite=nonfinite)
