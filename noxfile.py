@@ -37,7 +37,7 @@ BACKENDS: dict[str, tuple[tuple[str, ...], str]] = {
     "numpy": ((), "numpy"),
     "array-api-strict": (("array-api-strict>=2.2",), "array_api_strict"),
     "torch": ((f"torch=={TORCH_VERSION}",), "torch"),
-    "jax": (("jax>=0.4.35", "optax>=0.2.4"), "jax,jax64"),
+    "jax": (("jax>=0.7", "optax>=0.2.4"), "jax,jax64"),
     "dask": (("dask[array]>=2024.8",), "dask"),
     # CuPy imports without a GPU; tests that need a device skip with a reason.
     "cupy": (("cupy-cuda13x>=14.0", "nvidia-cuda-nvrtc>=13,<14"), "cupy"),
@@ -81,7 +81,7 @@ def bench(session: nox.Session) -> None:
     session.install(
         *nox.project.dependency_groups(PYPROJECT, "bench"),
         f"torch=={TORCH_VERSION}",
-        "jax>=0.4.35",
+        "jax>=0.7",
         "optax>=0.2.4",
         "-e",
         ".",

@@ -126,7 +126,9 @@ def _replicated(mesh: Any, spec: Any) -> tuple[str, ...]:
 
 
 def _buffers(leaves: Sequence[Any], groups: Sequence[Any]) -> tuple[list[Any], list[Any]]:
-    """Leaves as 1-d buffers, small ones concatenated per ``(dtype, group)``.
+    """The arrays to reduce: large or sharded leaves whole, small ones concatenated.
+
+    Small leaves are raveled and concatenated per ``(dtype, group)``.
 
     ``groups[i]`` is hashable and separates leaves that may not be summed
     together (different replication on a mesh). Returns the buffers and each
