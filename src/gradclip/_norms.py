@@ -143,7 +143,8 @@ class Plan:
         if self._wide_acc():
             return xp.sum(v)
         # float32 accumulator: pairwise halving keeps the error O(log n).
-        n = v.shape[0]
+        # Compiled backends pass leaves unraveled, 0-d ones included.
+        n = v.shape[0] if v.ndim else 0
         while n > _PAIRWISE_LEAF:
             half = n // 2
             head = v[:half] + v[half : 2 * half]
