@@ -325,13 +325,17 @@ def _generic(fn: str, statics: tuple[tuple[str, Any], ...]) -> Any:
     return jax.jit(lambda leaves, dynamic: impl(jnp, leaves, (), **dict(statics), **dynamic))
 
 
-def _call_generic(
-    fn: str, leaves: list[Any], names: Sequence[str], dynamic: dict[str, Any], **statics: Any
-) -> Any:
-    if statics.get("nonfinite") == "raise":
+# Arguments that may be arrays: passed to the compiled program, not baked into it.
+_DYNAMIC = ("max_norm", "norm")
+
+
+def _call_generic(fn: str, leaves: list[Any], names: Sequence[str], **kwargs: Any) -> Any:
+    """``_core.<fn>`` on the leaves, compiled (uncompiled for ``nonfinite="raise"``)."""
+    if kwargs.get("nonfinite") == "raise":
         # Naming the bad leaf needs its value on the host: not under jit.
-        return getattr(_core, fn)(jnp, leaves, names, **statics, **dynamic)
-    return _generic(fn, tuple(sorted(statics.items())))(list(leaves), dynamic)
+        return getattr(_core, fn)(jnp, leaves, names, **kwargs)
+    dynamic = {k: kwargs.pop(k) for k in _DYNAMIC if k in kwargs}
+    return _generic(fn, tuple(sorted(kwargs.items())))(list(leaves), dynamic)
 
 
 # ------------------------------------------------------- the _core interface
@@ -355,7 +359,7 @@ def global_norm(
     axes = _axes(axis_name)
     if not _fast_ord(p, nonfinite):
         _no_axes(axes, p, nonfinite)
-        return _call_generic("global_norm", leaves, names, {}, p=p, nonfinite=nonfinite)
+        return _call_generic("global_norm", leaves, names, p=p, nonfinite=nonfinite)
     if axes is None and layout is None:
         layout = mesh_layout(leaves)
     return _compiled(False, (p, 0.0, nonfinite, axes), layout)(list(leaves))
@@ -379,15 +383,15 @@ def clip_by_global_norm(
     axes = _axes(axis_name)
     if not _fast_ord(p, nonfinite):
         _no_axes(axes, p, nonfinite)
-        dynamic = {"max_norm": max_norm, "norm": norm}
         return _call_generic(  # type: ignore[no-any-return]
             "clip_by_global_norm",
             leaves,
             names,
-            dynamic,
+            max_norm=max_norm,
             p=p,
             eps=eps,
             nonfinite=nonfinite,
+            norm=norm,
             inplace=inplace,
         )
     if axes is not None or norm is not None:
@@ -405,52 +409,17 @@ def _no_axes(axes: Axes, p: float, nonfinite: str) -> None:
         )
 
 
-def leaf_norms(
-    xp: Any, leaves: list[Any], names: Sequence[str], *, p: float, nonfinite: str
-) -> Any:
-    """:func:`gradclip._core.leaf_norms`, compiled."""
-    return _call_generic("leaf_norms", leaves, names, {}, p=p, nonfinite=nonfinite)
+def _generic_entry(fn: str) -> Callable[..., Any]:
+    def call(xp: Any, leaves: list[Any], names: Sequence[str], **kwargs: Any) -> Any:
+        return _call_generic(fn, leaves, names, **kwargs)
+
+    call.__name__ = fn
+    call.__doc__ = f":func:`gradclip._core.{fn}`, compiled as one program."
+    return call
 
 
-def clip_by_norm(
-    xp: Any,
-    leaves: list[Any],
-    names: Sequence[str],
-    *,
-    max_norm: Any,
-    p: float,
-    eps: float,
-    nonfinite: str,
-    norm: Any,
-    inplace: bool,
-) -> tuple[list[Any], ClipStats]:
-    """:func:`gradclip._core.clip_by_norm`, compiled."""
-    dynamic = {"max_norm": max_norm, "norm": norm}
-    return _call_generic(  # type: ignore[no-any-return]
-        "clip_by_norm", leaves, names, dynamic, p=p, eps=eps, nonfinite=nonfinite, inplace=inplace
-    )
-
-
-def clip_by_block_rms(
-    xp: Any, leaves: list[Any], names: Sequence[str], *, threshold: float, nonfinite: str
-) -> list[Any]:
-    """:func:`gradclip._core.clip_by_block_rms`, compiled."""
-    return _call_generic(  # type: ignore[no-any-return]
-        "clip_by_block_rms", leaves, names, {}, threshold=threshold, nonfinite=nonfinite
-    )
-
-
-def clip_by_value(
-    xp: Any,
-    leaves: list[Any],
-    names: Sequence[str],
-    *,
-    lo: float | None,
-    hi: float | None,
-    nonfinite: str,
-    inplace: bool,
-) -> list[Any]:
-    """:func:`gradclip._core.clip_by_value`, compiled."""
-    return _call_generic(  # type: ignore[no-any-return]
-        "clip_by_value", leaves, names, {}, lo=lo, hi=hi, nonfinite=nonfinite, inplace=inplace
-    )
+# The per-leaf functions: the generic reference, compiled.
+leaf_norms = _generic_entry("leaf_norms")
+clip_by_norm = _generic_entry("clip_by_norm")
+clip_by_block_rms = _generic_entry("clip_by_block_rms")
+clip_by_value = _generic_entry("clip_by_value")
