@@ -38,9 +38,8 @@ __all__ = [
 NONFINITE = ("propagate", "raise", "zero", "skip")
 
 # backend name -> module implementing the functions of ``_core`` faster.
-# A module is imported only when a tree of that backend is clipped; CuPy
-# registers its kernels here too.
-_FAST_PATHS: dict[str, str] = {"numpy": "._numpy", "jax": ".jax._fast"}
+# A module is imported only when a tree of that backend is clipped.
+_FAST_PATHS: dict[str, str] = {"numpy": "._numpy", "jax": ".jax._fast", "cupy": ".cupy._fast"}
 
 
 @dataclass(frozen=True)

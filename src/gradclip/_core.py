@@ -30,10 +30,16 @@ def _check_finite(xp: Any, flags: list[Any], names: Sequence[str]) -> None:
     """Raise :class:`NonFiniteError` naming the first non-finite leaf (syncs once)."""
     if not flags or bool(xp.all(xp.stack(flags))):
         return
-    bad = [name for name, flag in zip(names, flags, strict=True) if not bool(flag)]
+    raise_nonfinite(names, [i for i, flag in enumerate(flags) if not bool(flag)])
+
+
+def raise_nonfinite(names: Sequence[str], bad: Sequence[int]) -> None:
+    """Raise :class:`NonFiniteError` naming leaf ``bad[0]``, if there is one."""
+    if not bad:
+        return
     others = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
     raise NonFiniteError(
-        f"non-finite gradient values in leaf {bad[0]}{others}; nothing was modified. "
+        f"non-finite gradient values in leaf {names[bad[0]]}{others}; nothing was modified. "
         'Use nonfinite="zero" to drop them or nonfinite="skip" to leave the step unchanged.'
     )
 

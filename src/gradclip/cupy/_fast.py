@@ -1,0 +1,285 @@
+"""The CuPy fast path: gradclip's functions on the raw kernels of ``_kernels.cu``.
+
+Registered in ``gradclip._api._FAST_PATHS`` for CuPy leaves. A global clip is
+two launches whatever the number of leaves: the norm kernel (per-leaf and
+global norms, the scale, the finite flag, all in device memory) and the scale
+kernel, which leaves a block untouched when the scale is 1. No host sync
+except for ``nonfinite="raise"``, which must look.
+
+Leaves the kernels do not take (non-contiguous ones) send the call to the
+generic path, which gives the same results. Every function takes
+``device=``, where the tests pass a CPU emulation of the kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .. import _core
+from .._stats import ClipStats, NonFiniteError
+from . import _launch
+from ._launch import Device
+
+__all__ = [
+    "clip_by_block_rms",
+    "clip_by_global_norm",
+    "clip_by_norm",
+    "clip_by_value",
+    "global_norm",
+    "leaf_norms",
+]
+
+
+def _device(leaves: Sequence[Any], device: Device | None) -> Device | None:
+    """The device to run on, or None when the kernels cannot take these leaves."""
+    if not _launch.supported(leaves):
+        return None
+    if device is not None:
+        return device
+    return _launch.CupyDevice(leaves[0].device.id)
+
+
+def _kind(p: float) -> str:
+    if p == 0:
+        return "zero"
+    if math.isinf(p):
+        return "inf" if p > 0 else "-inf"
+    return "p"
+
+
+def _res(leaves: Sequence[Any]) -> Any:
+    """float64 when any leaf is float64 or complex128, else float32 (the contract)."""
+    wide = any(x.dtype.name in ("float64", "complex128") for x in leaves)
+    return np.float64 if wide else np.float32
+
+
+def _check(dev: Device, out: _launch.Outputs, names: Sequence[str]) -> None:
+    """``nonfinite="raise"``: the one host sync, naming the first non-finite leaf."""
+    flags = np.asarray(_host(out.leaf(dev, 3)))
+    _core.raise_nonfinite(names, np.flatnonzero(~flags).tolist())
+
+
+def _host(x: Any) -> Any:
+    get = getattr(x, "get", None)  # cupy.ndarray.get; NumPy arrays (the emulator) are there
+    return x if get is None else get()
+
+
+def _reduce(
+    dev: Device,
+    leaves: Sequence[Any],
+    names: Sequence[str],
+    *,
+    p: float,
+    nonfinite: str,
+    **bound: Any,
+) -> tuple[_launch.Layout, _launch.Outputs]:
+    """Launch the norm kernel; with ``nonfinite="raise"``, raise before anything is written."""
+    lay = _launch.layout(dev, leaves)
+    out = _launch.outputs(dev, len(leaves), _res(leaves))
+    _launch.norm(dev, lay, out, kind=_kind(p), p=p, zero=nonfinite == "zero", **bound)
+    if nonfinite == "raise":
+        _check(dev, out, names)
+    return lay, out
+
+
+def _max_norm(xp: Any, max_norm: Any, res: Any) -> Any:
+    """A Python bound as is; an array bound in the result dtype, on the device."""
+    return max_norm if isinstance(max_norm, int | float) else xp.astype(max_norm, res)
+
+
+def _new_leaves(dev: Device, lay: _launch.Layout, leaves: Sequence[Any]) -> tuple[Any, list[Any]]:
+    """One buffer for a functional call's outputs, and the leaves as views into it."""
+    buf = dev.empty(lay.out_bytes)
+    views = [
+        dev.view(buf, offset, tuple(x.shape), x.dtype)
+        for offset, x in zip(lay.out_offsets, leaves, strict=True)
+    ]
+    return buf, views
+
+
+def _scaled(
+    dev: Device,
+    lay: _launch.Layout,
+    out: _launch.Outputs,
+    leaves: Sequence[Any],
+    *,
+    per_leaf: bool,
+    zero: bool,
+    inplace: bool,
+) -> list[Any]:
+    """Launch the scale kernel with the scales the norm kernel left in ``out``."""
+    scales = out.leaf(dev, 1) if per_leaf else out.scale(dev)
+    buf, new = (None, list(leaves)) if inplace else _new_leaves(dev, lay, leaves)
+    _launch.scale(dev, lay, scales, per_leaf=per_leaf, res=out.res, zero=zero, dst=buf)
+    return new
+
+
+def global_norm(
+    xp: Any,
+    leaves: list[Any],
+    names: Sequence[str],
+    *,
+    p: float,
+    nonfinite: str,
+    device: Device | None = None,
+) -> Any:
+    """The norm of all leaves (0-d, result dtype), one launch."""
+    dev = _device(leaves, device)
+    if dev is None:
+        return _core.global_norm(xp, leaves, names, p=p, nonfinite=nonfinite)
+    _, out = _reduce(dev, leaves, names, p=p, nonfinite=nonfinite)
+    return out.norm(dev)
+
+
+def leaf_norms(
+    xp: Any,
+    leaves: list[Any],
+    names: Sequence[str],
+    *,
+    p: float,
+    nonfinite: str,
+    device: Device | None = None,
+) -> Any:
+    """One norm per leaf (1-d, result dtype), one launch."""
+    dev = _device(leaves, device)
+    if dev is None:
+        return _core.leaf_norms(xp, leaves, names, p=p, nonfinite=nonfinite)
+    _, out = _reduce(dev, leaves, names, p=p, nonfinite=nonfinite)
+    return out.leaf(dev, 0)
+
+
+def _clip(
+    xp: Any,
+    leaves: list[Any],
+    names: Sequence[str],
+    *,
+    mode: str,
+    max_norm: Any,
+    p: float,
+    eps: float,
+    nonfinite: str,
+    norm: Any,
+    inplace: bool,
+    dev: Device,
+) -> tuple[list[Any], ClipStats]:
+    """clip_by_global_norm (mode "global") and clip_by_norm (mode "leaf")."""
+    per_leaf = mode == "leaf"
+    res = _res(leaves)
+    bound = {
+        "mode": mode,
+        "skip": nonfinite == "skip",
+        "max_norm": _max_norm(xp, max_norm, res),
+        "eps": eps,
+    }
+    if norm is None:
+        lay, out = _reduce(dev, leaves, names, p=p, nonfinite=nonfinite, **bound)
+    else:
+        lay = _launch.layout(dev, leaves)
+        out = _launch.outputs(dev, len(leaves), res)
+        given = xp.asarray(norm, dtype=res)
+        shape = (len(leaves),) if per_leaf else ()
+        if tuple(given.shape) != shape:
+            raise ValueError(
+                f"norm= must hold one norm per leaf, shape {shape}; got {tuple(given.shape)}"
+                if per_leaf
+                else f"norm= must be a single number (0-d); got shape {tuple(given.shape)}"
+            )
+        _launch.given(dev, lay, out, given, **bound)
+        if nonfinite == "raise":
+            if per_leaf:
+                _check(dev, out, names)
+            elif not bool(_host(out.finite(dev))):
+                raise NonFiniteError(
+                    f"the given norm is not finite ({_host(given)}); nothing was modified"
+                )
+    zero = nonfinite == "zero"
+    new = _scaled(dev, lay, out, leaves, per_leaf=per_leaf, zero=zero, inplace=inplace)
+    if per_leaf:
+        stats = ClipStats(*(out.leaf(dev, k) for k in (0, 1, 2, 3)))
+    else:
+        stats = ClipStats(out.norm(dev), out.scale(dev), out.clipped(dev), out.finite(dev))
+    return new, stats
+
+
+def clip_by_global_norm(
+    xp: Any,
+    leaves: list[Any],
+    names: Sequence[str],
+    *,
+    device: Device | None = None,
+    **kwargs: Any,
+) -> tuple[list[Any], ClipStats]:
+    """Scale every leaf by ``min(1, max_norm / (norm + eps))``: two launches."""
+    dev = _device(leaves, device)
+    if dev is None:
+        return _core.clip_by_global_norm(xp, leaves, names, **kwargs)
+    return _clip(xp, leaves, names, mode="global", dev=dev, **kwargs)
+
+
+def clip_by_norm(
+    xp: Any,
+    leaves: list[Any],
+    names: Sequence[str],
+    *,
+    device: Device | None = None,
+    **kwargs: Any,
+) -> tuple[list[Any], ClipStats]:
+    """Scale each leaf by ``min(1, max_norm / (its norm + eps))``: two launches."""
+    dev = _device(leaves, device)
+    if dev is None:
+        return _core.clip_by_norm(xp, leaves, names, **kwargs)
+    return _clip(xp, leaves, names, mode="leaf", dev=dev, **kwargs)
+
+
+def clip_by_block_rms(
+    xp: Any,
+    leaves: list[Any],
+    names: Sequence[str],
+    *,
+    threshold: float,
+    nonfinite: str,
+    device: Device | None = None,
+) -> list[Any]:
+    """The ``clip_by_block_rms`` of optax: two launches, new arrays."""
+    dev = _device(leaves, device)
+    if dev is None:
+        return _core.clip_by_block_rms(xp, leaves, names, threshold=threshold, nonfinite=nonfinite)
+    skip = nonfinite == "skip"
+    lay, out = _reduce(
+        dev, leaves, names, p=2.0, nonfinite=nonfinite, mode="rms", skip=skip, max_norm=threshold
+    )
+    return _scaled(dev, lay, out, leaves, per_leaf=True, zero=nonfinite == "zero", inplace=False)
+
+
+def clip_by_value(
+    xp: Any,
+    leaves: list[Any],
+    names: Sequence[str],
+    *,
+    lo: float | None,
+    hi: float | None,
+    nonfinite: str,
+    inplace: bool,
+    device: Device | None = None,
+) -> list[Any]:
+    """Clamp every entry to ``[lo, hi]``: one launch (two for "raise" and "skip")."""
+    dev = _device(leaves, device)
+    if dev is None:
+        return _core.clip_by_value(
+            xp, leaves, names, lo=lo, hi=hi, nonfinite=nonfinite, inplace=inplace
+        )
+    lay = _launch.layout(dev, leaves)
+    finite = None
+    if nonfinite in ("raise", "skip"):  # the finite flags come with an inf-norm pass
+        _, out = _reduce(dev, leaves, names, p=math.inf, nonfinite=nonfinite)
+        finite = out.finite(dev) if nonfinite == "skip" else None
+    buf, new = (None, list(leaves)) if inplace else _new_leaves(dev, lay, leaves)
+    bf16 = next((x.dtype for x in leaves if x.dtype.name == "bfloat16"), None)
+    _launch.clamp(
+        dev, lay, lo=lo, hi=hi, zero=nonfinite == "zero", finite=finite, dst=buf, bf16=bf16
+    )
+    return new

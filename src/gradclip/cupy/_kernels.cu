@@ -1,0 +1,687 @@
+// gradclip's CUDA kernels: a multi-tensor norm, scale and clamp over any number
+// of leaves of mixed dtypes.
+//
+// Compiled at run time by NVRTC through cupy.RawModule (gradclip/cupy/_launch.py).
+// The tests compile it for sm_80 and sm_90 with NVRTC, and also run it on the
+// CPU (tests/cuda_emulator/): so it uses no CUDA headers, no warp intrinsics and
+// no dynamic shared memory, only what that emulator provides.
+//
+// Every kernel works from one int64 table built on the host (see _launch.Table):
+//   ptr[n] size[n] code[n] first_chunk[n + 1] chunk_leaf[C] chunk_start[C]
+//   big[nbig] out_offset[n]
+// A block handles one chunk: up to `chunk` elements of one leaf. No launch is
+// made per leaf.
+//
+// The norm is deterministic: each block reduces its chunk in a fixed tree
+// order and writes a partial; the last block to finish (an integer ticket,
+// no float atomics) merges the partials in a fixed order, per leaf and then
+// over the leaves. Accumulators are float64, and a p-norm is kept as
+// (exponent e, sum s) with norm**p = 2**(p*e) * s, rescaled by powers of two
+// (exact) whenever a larger element arrives, so no sum can overflow or lose
+// small entries to underflow, for float64 leaves too.
+
+#ifndef GC_THREADS
+#define GC_THREADS 256  // threads per block; the launcher passes the same value
+#endif
+
+typedef long long i64;
+typedef unsigned long long u64;
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+// dtype codes (_launch.CODES)
+#define GC_F16 0
+#define GC_BF16 1
+#define GC_F32 2
+#define GC_F64 3
+#define GC_C64 4
+#define GC_C128 5
+
+// norm kinds (_launch.KINDS)
+#define GC_P 0
+#define GC_INF 1
+#define GC_NEGINF 2
+#define GC_ZERO 3
+
+// what the last block computes scales for (_launch.MODES)
+#define GC_GLOBAL 0  // one scale from the global norm: clip_by_global_norm
+#define GC_LEAF 1    // a scale per leaf from its norm: clip_by_norm
+#define GC_RMS 2     // a scale per leaf from its RMS: clip_by_block_rms
+
+// flags of a partial: a NaN or an infinity was seen
+#define GC_NANF 1u
+#define GC_INFF 2u
+
+#define GC_DBL_MAX 1.7976931348623157e308
+#define GC_FLT_MAX 3.4028234663852886e38f
+#define GC_TWO_1023 8.98846567431158e307       // 2**1023
+#define GC_TWO_M1022 2.2250738585072014e-308  // 2**-1022
+#define GC_E0 (-1023)  // exponent of an empty p-norm partial
+
+__device__ __forceinline__ double gc_inf() { return __longlong_as_double(0x7ff0000000000000LL); }
+__device__ __forceinline__ double gc_nan() { return __longlong_as_double(0x7ff8000000000000LL); }
+
+// ---------------------------------------------------------------- half floats
+// Bit conversions written out (no cuda_fp16.h): exact, round to nearest even.
+
+__device__ __forceinline__ float gc_half_to_float(u32 h) {
+    u32 sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    if (e == 0) {  // zero or subnormal: m * 2**-24, exact in float
+        float f = (float)m * 5.9604644775390625e-08f;
+        return sign ? -f : f;
+    }
+    if (e == 31) return __uint_as_float(sign | 0x7f800000u | (m << 13));
+    return __uint_as_float(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+__device__ __forceinline__ u16 gc_float_to_half(float f) {
+    u32 x = __float_as_uint(f);
+    u32 sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return (u16)(sign | 0x7e00u);  // NaN
+    if (ax >= 0x477ff000u) return (u16)(sign | 0x7c00u);  // rounds to inf (>= 65520)
+    if (ax < 0x38800000u) {  // below 2**-14: a subnormal half, m * 2**-24
+        float m = __uint_as_float(ax) * 16777216.0f;  // exact
+        return (u16)(sign | (u32)rintf(m));  // rintf rounds half to even; 1024 is the smallest normal
+    }
+    u32 r = ax - 0x38000000u;  // rebias 127 -> 15
+    r = (r + 0x0fffu + ((r >> 13) & 1u)) >> 13;
+    return (u16)(sign | r);
+}
+
+__device__ __forceinline__ float gc_bf16_to_float(u32 b) { return __uint_as_float(b << 16); }
+
+__device__ __forceinline__ u16 gc_float_to_bf16(float f) {
+    u32 x = __float_as_uint(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return (u16)((x >> 16) | 0x40u);  // quiet NaN
+    x += 0x7fffu + ((x >> 16) & 1u);
+    return (u16)(x >> 16);
+}
+
+// float64 -> float32 rounded to odd: a second rounding to half or bfloat16
+// (13 and 16 fewer bits) then equals one correct rounding from float64.
+__device__ __forceinline__ float gc_round_odd(double d) {
+    float f = (float)d;
+    if (f != 0.0f && fabs((double)f) > fabs(d)) f = __uint_as_float(__float_as_uint(f) - 1u);
+    if ((double)f != d && d == d) f = __uint_as_float(__float_as_uint(f) | 1u);
+    return f;
+}
+
+// ------------------------------------------------------------- element types
+
+struct gc_c64 { float re, im; };
+struct gc_c128 { double re, im; };
+
+template <int C> struct Elem;
+template <> struct Elem<GC_F16> {
+    typedef u16 T;
+    static __device__ __forceinline__ double mag(T x) { return fabs((double)gc_half_to_float(x)); }
+};
+template <> struct Elem<GC_BF16> {
+    typedef u16 T;
+    static __device__ __forceinline__ double mag(T x) { return fabs((double)gc_bf16_to_float(x)); }
+};
+template <> struct Elem<GC_F32> {
+    typedef float T;
+    static __device__ __forceinline__ double mag(T x) { return fabs((double)x); }
+};
+template <> struct Elem<GC_F64> {
+    typedef double T;
+    static __device__ __forceinline__ double mag(T x) { return fabs(x); }
+};
+template <> struct Elem<GC_C64> {
+    typedef gc_c64 T;
+    static __device__ __forceinline__ double mag(T x) { return hypot((double)x.re, (double)x.im); }
+};
+template <> struct Elem<GC_C128> {
+    typedef gc_c128 T;
+    static __device__ __forceinline__ double mag(T x) { return hypot(x.re, x.im); }
+};
+
+// ------------------------------------------------------------------- partials
+
+struct Acc {
+    double v;  // GC_P: scaled sum; GC_INF: max; GC_NEGINF: min; GC_ZERO: count
+    int e;     // GC_P: power-of-two exponent of the scale
+    u32 f;     // GC_NANF | GC_INFF
+};
+
+template <int KIND> __device__ __forceinline__ Acc gc_identity() {
+    Acc a;
+    a.v = KIND == GC_NEGINF ? gc_inf() : 0.0;
+    a.e = GC_E0;
+    a.f = 0u;
+    return a;
+}
+
+// 2**(p*d) for an exponent difference d <= 0; PK is 1 or 2 for those p, else 0.
+template <int PK> __device__ __forceinline__ double gc_pow2p(int d, double p) {
+    if (PK == 2) return ldexp(1.0, 2 * d);
+    if (PK == 1) return ldexp(1.0, d);
+    return exp2(p * (double)d);
+}
+
+template <int PK> __device__ __forceinline__ double gc_powp(double y, double p) {
+    if (PK == 2) return y * y;
+    if (PK == 1) return y;
+    return pow(y, p);
+}
+
+// Running state of one thread's p-norm: 1 / 2**e and 2**(e + 1).
+struct Scale {
+    double inv, hi;
+};
+
+template <int KIND, int PK>
+__device__ __forceinline__ void gc_add(Acc& a, Scale& s, double m, double p, bool zero) {
+    if (!(m <= GC_DBL_MAX)) {  // NaN or inf: flagged; the policy decides at the end
+        a.f |= m != m ? GC_NANF : GC_INFF;
+        if (KIND == GC_NEGINF && zero) a.v = 0.0;   // nonfinite="zero": the entry is 0
+        if (KIND == GC_ZERO && !zero) a.v += 1.0;  // NaN and inf are nonzero
+        return;
+    }
+    if (KIND == GC_INF) {
+        a.v = m > a.v ? m : a.v;
+    } else if (KIND == GC_NEGINF) {
+        a.v = m < a.v ? m : a.v;
+    } else if (KIND == GC_ZERO) {
+        a.v += m != 0.0 ? 1.0 : 0.0;
+    } else {
+        if (m >= s.hi) {  // a new largest element: rescale the sum (exactly)
+            int e = ilogb(m);
+            a.v *= gc_pow2p<PK>(a.e - e, p);
+            a.e = e;
+            s.inv = ldexp(1.0, -e);
+            s.hi = ldexp(1.0, e + 1);
+        }
+        a.v += gc_powp<PK>(m * s.inv, p);
+    }
+}
+
+template <int KIND, int PK> __device__ __forceinline__ Acc gc_merge(Acc a, Acc b, double p) {
+    Acc r;
+    r.f = a.f | b.f;
+    r.e = GC_E0;
+    if (KIND == GC_INF) {
+        r.v = a.v > b.v ? a.v : b.v;
+    } else if (KIND == GC_NEGINF) {
+        r.v = a.v < b.v ? a.v : b.v;
+    } else if (KIND == GC_ZERO) {
+        r.v = a.v + b.v;
+    } else {
+        r.e = a.e > b.e ? a.e : b.e;
+        r.v = a.v * gc_pow2p<PK>(a.e - r.e, p) + b.v * gc_pow2p<PK>(b.e - r.e, p);
+    }
+    return r;
+}
+
+// The norm a partial stands for (float64); `zero`: NaN/inf entries counted as 0.
+template <int KIND, int PK> __device__ double gc_value(Acc a, double p, bool zero) {
+    bool nan = !zero && (a.f & GC_NANF), inf = !zero && (a.f & GC_INFF);
+    if (KIND == GC_ZERO) return a.v;
+    if (nan) return gc_nan();
+    if (KIND == GC_P) {
+        if (inf) return gc_inf();
+        double r = PK == 2 ? sqrt(a.v) : PK == 1 ? a.v : pow(a.v, 1.0 / p);
+        return ldexp(r, a.e);
+    }
+    if (KIND == GC_INF && inf) return gc_inf();
+    return a.v;
+}
+
+// Reduce one Acc per thread in a fixed tree order; the result is returned to every thread.
+template <int KIND, int PK> __device__ Acc gc_block_reduce(Acc a, double p) {
+    __shared__ double sv[GC_THREADS];
+    __shared__ int se[GC_THREADS];
+    __shared__ u32 sf[GC_THREADS];
+    int t = threadIdx.x;
+    sv[t] = a.v;
+    se[t] = a.e;
+    sf[t] = a.f;
+    __syncthreads();
+    for (int half = GC_THREADS / 2; half > 0; half >>= 1) {
+        if (t < half) {
+            Acc x, y;
+            x.v = sv[t]; x.e = se[t]; x.f = sf[t];
+            y.v = sv[t + half]; y.e = se[t + half]; y.f = sf[t + half];
+            Acc r = gc_merge<KIND, PK>(x, y, p);
+            sv[t] = r.v; se[t] = r.e; sf[t] = r.f;
+        }
+        __syncthreads();
+    }
+    Acc r;
+    r.v = sv[0]; r.e = se[0]; r.f = sf[0];
+    __syncthreads();  // every thread has read slot 0 before the arrays are reused
+    return r;
+}
+
+// One thread's share of a chunk: elements t, t + T, t + 2T, ... Loads are
+// issued 8 at a time so that enough memory requests are in flight.
+template <int C, int KIND, int PK>
+__device__ void gc_chunk(Acc& a, const void* base, i64 start, i64 n, double p, bool zero) {
+    typedef typename Elem<C>::T T;
+    const T* x = (const T*)base + start;
+    Scale s;
+    s.inv = GC_TWO_1023;
+    s.hi = GC_TWO_M1022;
+    const int U = 8;
+    i64 i = threadIdx.x;
+    for (; i + (i64)(U - 1) * GC_THREADS < n; i += (i64)U * GC_THREADS) {
+        T v[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) v[u] = x[i + (i64)u * GC_THREADS];
+#pragma unroll
+        for (int u = 0; u < U; ++u) gc_add<KIND, PK>(a, s, Elem<C>::mag(v[u]), p, zero);
+    }
+    for (; i < n; i += GC_THREADS) gc_add<KIND, PK>(a, s, Elem<C>::mag(x[i]), p, zero);
+}
+
+// ----------------------------------------------------------------- the table
+
+struct Table {
+    const i64 *ptr, *size, *code, *first, *chunk_leaf, *chunk_start, *big, *out;
+    int n, chunks, nbig;
+};
+
+__device__ __forceinline__ Table gc_table(const i64* tab, int n, int chunks, int nbig) {
+    Table t;
+    t.ptr = tab;
+    t.size = tab + n;
+    t.code = tab + 2 * (i64)n;
+    t.first = tab + 3 * (i64)n;
+    t.chunk_leaf = t.first + n + 1;
+    t.chunk_start = t.chunk_leaf + chunks;
+    t.big = t.chunk_start + chunks;
+    t.out = t.big + nbig;
+    t.n = n;
+    t.chunks = chunks;
+    t.nbig = nbig;
+    return t;
+}
+
+// The workspace: float64 [C + 1 chunk partials][n leaf partials], int32
+// [C + 1 exponents][C + 1 flags][n exponents][n flags][ticket]. Written by one
+// launch and read back by its last block; the ticket is left at 0.
+struct Work {
+    double *cv, *lv;
+    int *ce, *le;
+    u32 *cf, *lf, *ticket;
+};
+
+__device__ __forceinline__ Work gc_work(double* wv, int* wi, int n, int chunks) {
+    Work w;
+    i64 c1 = (i64)chunks + 1;
+    w.cv = wv;
+    w.lv = wv + c1;
+    w.ce = wi;
+    w.cf = (u32*)(wi + c1);
+    w.le = wi + 2 * c1;
+    w.lf = (u32*)(wi + 2 * c1 + n);
+    w.ticket = (u32*)(wi + 2 * c1 + 2 * (i64)n);
+    return w;
+}
+
+// Partials written by other blocks are read through volatile pointers: past
+// the L1 cache, which is not coherent across blocks.
+__device__ __forceinline__ Acc gc_load(const double* v, const int* e, const u32* f, i64 k) {
+    Acc a;
+    a.v = ((const volatile double*)v)[k];
+    a.e = ((const volatile int*)e)[k];
+    a.f = ((const volatile u32*)f)[k];
+    return a;
+}
+
+__device__ __forceinline__ void gc_store(double* v, int* e, u32* f, i64 k, Acc a) {
+    v[k] = a.v;
+    e[k] = a.e;
+    f[k] = a.f;
+}
+
+// ------------------------------------------------------------------- outputs
+
+// The per-call output buffer, 8-byte aligned:
+//   [0, 16): norm, scale (result dtype: float32 or float64)
+//   [16, 18): clipped, finite (bool)
+//   [32, 32 + 8n): per-leaf norms; then 8n: per-leaf scales; then n: per-leaf
+//   clipped; then n: per-leaf finite.
+struct Out {
+    char* base;
+    int n, res64;
+    __device__ __forceinline__ void put(i64 byte, i64 k, double x) const {
+        if (res64) ((double*)(base + byte))[k] = x;
+        else ((float*)(base + byte))[k] = (float)x;
+    }
+    __device__ __forceinline__ void flag(i64 byte, bool x) const { ((bool*)base)[byte] = x; }
+};
+
+// min(1, max_norm / (norm + eps)) in the result dtype R, operation for
+// operation as the generic path (gradclip._core._scale_from_norm), so that
+// the two agree bit for bit. A NaN norm gives a NaN scale, like torch.
+template <typename R> __device__ R gc_clip_scale(R norm, R max_norm, R eps) {
+    R denom = norm + eps;
+    R s = denom > max_norm ? max_norm / denom : (R)1;
+    return denom != denom ? denom : s;
+}
+
+// optax's clip_by_block_rms: 1 / max(1, (norm / sqrt(size)) / threshold).
+template <typename R> __device__ R gc_rms_scale(R norm, i64 size, R threshold) {
+    R rms = norm / (R)sqrt((double)(size > 1 ? size : 1));
+    R q = rms / threshold;
+    R m = q != q ? q : (q > (R)1 ? q : (R)1);  // maximum() propagates NaN
+    return (R)1 / m;
+}
+
+struct Bound {
+    int mode, skip;
+    double max_norm, eps;  // mode GLOBAL/LEAF: the bound; RMS: max_norm is the threshold
+    const void* max_norm_at;  // or a 0-d device array in the result dtype
+};
+
+template <typename R> __device__ R gc_scale_of(const Bound& b, R norm, bool finite, i64 size) {
+    R bound = b.max_norm_at ? *(const R*)b.max_norm_at : (R)b.max_norm;
+    R s = b.mode == GC_RMS ? gc_rms_scale<R>(norm, size, bound)
+                           : gc_clip_scale<R>(norm, bound, (R)b.eps);
+    return b.skip && !finite ? (R)1 : s;
+}
+
+// Write a norm, its finite flag and, if asked, its scale and clipped flag.
+__device__ void gc_emit(const Out& o, const Bound& b, bool scaled, double value, bool finite,
+                        i64 size, i64 norm_byte, i64 scale_byte, i64 clipped_byte,
+                        i64 finite_byte, i64 k) {
+    o.put(norm_byte, k, value);
+    o.flag(finite_byte + k, finite);
+    if (!scaled) return;
+    double s;
+    if (o.res64) s = gc_scale_of<double>(b, value, finite, size);
+    else s = (double)gc_scale_of<float>(b, (float)value, finite, size);
+    o.put(scale_byte, k, s);
+    o.flag(clipped_byte + k, s < 1.0);
+}
+
+// ---------------------------------------------------------------------- norm
+
+// The last block: merge chunk partials per leaf, then the leaves, and write
+// the outputs.
+template <int KIND, int PK>
+__device__ void gc_finalize(const Table& t, const Work& w, double p, bool zero, int smallk,
+                            i64 total, const Out& o, const Bound& b) {
+    int tid = threadIdx.x;
+    // Leaves of few chunks: one thread each, chunks merged in order.
+    for (int l = tid; l < t.n; l += GC_THREADS) {
+        i64 k0 = t.first[l], k1 = t.first[l + 1];
+        if (k1 - k0 > smallk) continue;
+        Acc r = gc_identity<KIND>();
+        for (i64 k = k0; k < k1; ++k) r = gc_merge<KIND, PK>(r, gc_load(w.cv, w.ce, w.cf, k), p);
+        gc_store(w.lv, w.le, w.lf, l, r);
+    }
+    // Leaves of many chunks (listed in the table): the whole block on each.
+    for (int j = 0; j < t.nbig; ++j) {
+        int l = (int)t.big[j];
+        i64 k0 = t.first[l], k1 = t.first[l + 1];
+        Acc r = gc_identity<KIND>();
+        for (i64 k = k0 + tid; k < k1; k += GC_THREADS)
+            r = gc_merge<KIND, PK>(r, gc_load(w.cv, w.ce, w.cf, k), p);
+        r = gc_block_reduce<KIND, PK>(r, p);
+        if (tid == 0) gc_store(w.lv, w.le, w.lf, l, r);
+    }
+    __syncthreads();
+    __threadfence_block();
+    // Per-leaf outputs, and this thread's share of the global merge.
+    i64 n8 = 8 * (i64)t.n;
+    bool per_leaf = b.mode != GC_GLOBAL;
+    Acc g = gc_identity<KIND>();
+    for (int l = tid; l < t.n; l += GC_THREADS) {
+        Acc r = gc_load(w.lv, w.le, w.lf, l);
+        i64 size = t.size[l];
+        double value = size == 0 ? 0.0 : gc_value<KIND, PK>(r, p, zero);
+        gc_emit(o, b, per_leaf, value, r.f == 0u, size, 32, 32 + n8, 32 + 2 * n8,
+                32 + 2 * n8 + t.n, l);
+        if (KIND == GC_ZERO) {
+            // torch's get_total_norm(ord=0): the number of leaves with a nonzero entry
+            Acc one = gc_identity<KIND>();
+            one.v = r.v != 0.0 ? 1.0 : 0.0;
+            one.f = r.f;
+            r = one;
+        }
+        g = gc_merge<KIND, PK>(g, r, p);
+    }
+    g = gc_block_reduce<KIND, PK>(g, p);
+    if (tid == 0) {
+        double value = total == 0 ? 0.0 : gc_value<KIND, PK>(g, p, zero);
+        gc_emit(o, b, !per_leaf, value, g.f == 0u, total, 0, 8, 16, 17, 0);
+    }
+}
+
+template <int KIND, int PK>
+__device__ void gc_norm_body(const Table& t, const Work& w, i64 chunk, double p, bool zero,
+                             int smallk, i64 total, const Out& o, const Bound& b) {
+    __shared__ bool last;
+    int c = blockIdx.x;
+    Acc a = gc_identity<KIND>();
+    if (c < t.chunks) {
+        int l = (int)t.chunk_leaf[c];
+        i64 start = t.chunk_start[c], left = t.size[l] - start;
+        i64 n = left < chunk ? left : chunk;
+        const void* base = (const void*)t.ptr[l];
+        switch ((int)t.code[l]) {
+            case GC_F16: gc_chunk<GC_F16, KIND, PK>(a, base, start, n, p, zero); break;
+            case GC_BF16: gc_chunk<GC_BF16, KIND, PK>(a, base, start, n, p, zero); break;
+            case GC_F32: gc_chunk<GC_F32, KIND, PK>(a, base, start, n, p, zero); break;
+            case GC_F64: gc_chunk<GC_F64, KIND, PK>(a, base, start, n, p, zero); break;
+            case GC_C64: gc_chunk<GC_C64, KIND, PK>(a, base, start, n, p, zero); break;
+            default: gc_chunk<GC_C128, KIND, PK>(a, base, start, n, p, zero); break;
+        }
+    }
+    a = gc_block_reduce<KIND, PK>(a, p);
+    if (threadIdx.x == 0) {
+        gc_store(w.cv, w.ce, w.cf, c, a);
+        __threadfence();  // the partial is visible to every block before the ticket is taken
+        u32 ticket = atomicAdd(w.ticket, 1u);
+        last = ticket == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!last) return;  // uniform across the block
+    __threadfence();
+    gc_finalize<KIND, PK>(t, w, p, zero, smallk, total, o, b);
+    if (threadIdx.x == 0) *w.ticket = 0u;  // ready for the next launch on this stream
+}
+
+// Grid: max(chunks, 1) blocks of GC_THREADS threads.
+extern "C" __global__ void gc_norm(const i64* tab, int n, int chunks, int nbig, i64 chunk,
+                                   int kind, double p, int zero, int smallk, i64 total,
+                                   double* wv, int* wi, char* out, int res64, int mode, int skip,
+                                   double max_norm, double eps, const void* max_norm_at) {
+    Table t = gc_table(tab, n, chunks, nbig);
+    Work w = gc_work(wv, wi, n, chunks);
+    Out o;
+    o.base = out;
+    o.n = n;
+    o.res64 = res64;
+    Bound b;
+    b.mode = mode;
+    b.skip = skip;
+    b.max_norm = max_norm;
+    b.eps = eps;
+    b.max_norm_at = max_norm_at;
+    bool z = zero != 0;
+    if (kind == GC_INF) gc_norm_body<GC_INF, 0>(t, w, chunk, p, z, smallk, total, o, b);
+    else if (kind == GC_NEGINF) gc_norm_body<GC_NEGINF, 0>(t, w, chunk, p, z, smallk, total, o, b);
+    else if (kind == GC_ZERO) gc_norm_body<GC_ZERO, 0>(t, w, chunk, p, z, smallk, total, o, b);
+    else if (p == 2.0) gc_norm_body<GC_P, 2>(t, w, chunk, p, z, smallk, total, o, b);
+    else if (p == 1.0) gc_norm_body<GC_P, 1>(t, w, chunk, p, z, smallk, total, o, b);
+    else gc_norm_body<GC_P, 0>(t, w, chunk, p, z, smallk, total, o, b);
+}
+
+// Scales from norms given by the caller (norm=...): one thread per entry.
+// Grid: enough blocks for `count` entries (1 for a global norm).
+extern "C" __global__ void gc_given(const void* norms, int count, const i64* sizes, char* out,
+                                    int res64, int mode, int skip, double max_norm, double eps,
+                                    const void* max_norm_at) {
+    i64 k = (i64)blockIdx.x * GC_THREADS + threadIdx.x;
+    if (k >= count) return;
+    Out o;
+    o.base = out;
+    o.n = count;
+    o.res64 = res64;
+    Bound b;
+    b.mode = mode;
+    b.skip = skip;
+    b.max_norm = max_norm;
+    b.eps = eps;
+    b.max_norm_at = max_norm_at;
+    double value = res64 ? ((const double*)norms)[k] : (double)((const float*)norms)[k];
+    bool finite = value <= GC_DBL_MAX && value >= -GC_DBL_MAX;
+    i64 n8 = 8 * (i64)count;
+    if (mode == GC_GLOBAL) gc_emit(o, b, true, value, finite, 0, 0, 8, 16, 17, 0);
+    else gc_emit(o, b, true, value, finite, sizes[k], 32, 32 + n8, 32 + 2 * n8, 32 + 2 * n8 + count, k);
+}
+
+// --------------------------------------------------------------------- scale
+
+__device__ __forceinline__ bool gc_finite(float x) { return fabsf(x) <= GC_FLT_MAX; }
+__device__ __forceinline__ bool gc_finite(double x) { return fabs(x) <= GC_DBL_MAX; }
+
+// Multiply one chunk by s; `zero`: NaN/inf entries become 0.
+template <int C>
+__device__ void gc_scale_chunk(const void* src, void* dst, i64 start, i64 n, double s, bool res64,
+                               bool zero) {
+    typedef typename Elem<C>::T T;
+    const T* x = (const T*)src + start;
+    T* y = (T*)dst + start;
+    // The scale in the leaf's (real) dtype, rounded once, as the generic path's astype.
+    float sf = (float)s;
+    if (C == GC_F16) sf = gc_half_to_float(gc_float_to_half(res64 ? gc_round_odd(s) : (float)s));
+    if (C == GC_BF16) sf = gc_bf16_to_float(gc_float_to_bf16(res64 ? gc_round_odd(s) : (float)s));
+    for (i64 i = threadIdx.x; i < n; i += GC_THREADS) {
+        if (C == GC_F16 || C == GC_BF16) {
+            u16 bits = ((const u16*)x)[i];
+            float v = C == GC_F16 ? gc_half_to_float(bits) : gc_bf16_to_float(bits);
+            float r = zero && !gc_finite(v) ? 0.0f : v * sf;
+            ((u16*)y)[i] = C == GC_F16 ? gc_float_to_half(r) : gc_float_to_bf16(r);
+        } else if (C == GC_F32) {
+            float v = ((const float*)x)[i];
+            ((float*)y)[i] = zero && !gc_finite(v) ? 0.0f : v * sf;
+        } else if (C == GC_F64) {
+            double v = ((const double*)x)[i];
+            ((double*)y)[i] = zero && !gc_finite(v) ? 0.0 : v * s;
+        } else if (C == GC_C64) {
+            gc_c64 v = ((const gc_c64*)x)[i];
+            bool bad = zero && !(gc_finite(v.re) && gc_finite(v.im));
+            gc_c64 r;
+            r.re = bad ? 0.0f : v.re * sf;
+            r.im = bad ? 0.0f : v.im * sf;
+            ((gc_c64*)y)[i] = r;
+        } else {
+            gc_c128 v = ((const gc_c128*)x)[i];
+            bool bad = zero && !(gc_finite(v.re) && gc_finite(v.im));
+            gc_c128 r;
+            r.re = bad ? 0.0 : v.re * s;
+            r.im = bad ? 0.0 : v.im * s;
+            ((gc_c128*)y)[i] = r;
+        }
+    }
+}
+
+// Where chunk c's leaf is written: in place, or at out_base + out_offset[leaf].
+__device__ __forceinline__ void* gc_dst(const Table& t, int l, u64 out_base) {
+    return out_base ? (void*)(out_base + (u64)t.out[l]) : (void*)t.ptr[l];
+}
+
+// Grid: chunks blocks. `scales`: one (global) or one per leaf, result dtype.
+// In place, a block whose scale is 1 exits at once (unless zeroing NaN/inf).
+extern "C" __global__ void gc_scale(const i64* tab, int n, int chunks, int nbig, i64 chunk,
+                                    const void* scales, int per_leaf, int res64, int zero,
+                                    u64 out_base) {
+    Table t = gc_table(tab, n, chunks, nbig);
+    int c = blockIdx.x;
+    int l = (int)t.chunk_leaf[c];
+    i64 k = per_leaf ? l : 0;
+    double s = res64 ? ((const double*)scales)[k] : (double)((const float*)scales)[k];
+    if (!out_base && !zero && s == 1.0) return;
+    i64 start = t.chunk_start[c], left = t.size[l] - start;
+    i64 len = left < chunk ? left : chunk;
+    const void* src = (const void*)t.ptr[l];
+    void* dst = gc_dst(t, l, out_base);
+    bool z = zero != 0, r64 = res64 != 0;
+    switch ((int)t.code[l]) {
+        case GC_F16: gc_scale_chunk<GC_F16>(src, dst, start, len, s, r64, z); break;
+        case GC_BF16: gc_scale_chunk<GC_BF16>(src, dst, start, len, s, r64, z); break;
+        case GC_F32: gc_scale_chunk<GC_F32>(src, dst, start, len, s, r64, z); break;
+        case GC_F64: gc_scale_chunk<GC_F64>(src, dst, start, len, s, r64, z); break;
+        case GC_C64: gc_scale_chunk<GC_C64>(src, dst, start, len, s, r64, z); break;
+        default: gc_scale_chunk<GC_C128>(src, dst, start, len, s, r64, z); break;
+    }
+}
+
+// --------------------------------------------------------------------- clamp
+
+// The bounds in each real dtype, converted on the host exactly as the
+// generic path's asarray(lo, dtype=...) does: half and bfloat16 as bits.
+struct Bounds {
+    u32 lo16, hi16, lob, hib;
+    float lof, hif;
+    double lod, hid;
+    int has_lo, has_hi;
+};
+
+template <typename V> __device__ __forceinline__ V gc_clamp(V v, V lo, V hi, const Bounds& b, bool zero) {
+    if (zero && !gc_finite(v)) v = (V)0;
+    if (b.has_lo && v == v) v = v < lo ? lo : v;  // maximum()/minimum() propagate NaN
+    if (b.has_hi && v == v) v = v > hi ? hi : v;
+    return v;
+}
+
+template <int C>
+__device__ void gc_clamp_chunk(const void* src, void* dst, i64 start, i64 n, const Bounds& b,
+                               bool zero, bool keep) {
+    typedef typename Elem<C>::T T;
+    const T* x = (const T*)src + start;
+    T* y = (T*)dst + start;
+    for (i64 i = threadIdx.x; i < n; i += GC_THREADS) {
+        if (keep) {  // nonfinite="skip" found NaN/inf: the leaves are returned unchanged
+            y[i] = x[i];
+        } else if (C == GC_F16 || C == GC_BF16) {
+            u16 bits = ((const u16*)x)[i];
+            bool h = C == GC_F16;
+            float v = h ? gc_half_to_float(bits) : gc_bf16_to_float(bits);
+            float lo = h ? gc_half_to_float(b.lo16) : gc_bf16_to_float(b.lob);
+            float hi = h ? gc_half_to_float(b.hi16) : gc_bf16_to_float(b.hib);
+            float r = gc_clamp<float>(v, lo, hi, b, zero);
+            // Unchanged entries keep their bits (a NaN's payload, say).
+            ((u16*)y)[i] = r == v || r != r ? bits : (h ? gc_float_to_half(r) : gc_float_to_bf16(r));
+        } else if (C == GC_F32) {
+            ((float*)y)[i] = gc_clamp<float>(((const float*)x)[i], b.lof, b.hif, b, zero);
+        } else {
+            ((double*)y)[i] = gc_clamp<double>(((const double*)x)[i], b.lod, b.hid, b, zero);
+        }
+    }
+}
+
+// Grid: chunks blocks. Complex leaves are not clamped here (the launcher
+// sends them to the generic path). `finite`: the tree's finite flag for
+// nonfinite="skip", or null.
+extern "C" __global__ void gc_clamp_kernel(const i64* tab, int n, int chunks, int nbig, i64 chunk,
+                                           u32 lo16, u32 hi16, u32 lob, u32 hib, float lof,
+                                           float hif, double lod, double hid, int has_lo,
+                                           int has_hi, int zero, const bool* finite,
+                                           u64 out_base) {
+    Table t = gc_table(tab, n, chunks, nbig);
+    int c = blockIdx.x;
+    int l = (int)t.chunk_leaf[c];
+    bool keep = finite != 0 && !*finite;
+    if (keep && !out_base) return;  // in place and skipped: nothing to write
+    Bounds b;
+    b.lo16 = lo16; b.hi16 = hi16; b.lob = lob; b.hib = hib;
+    b.lof = lof; b.hif = hif; b.lod = lod; b.hid = hid;
+    b.has_lo = has_lo; b.has_hi = has_hi;
+    i64 start = t.chunk_start[c], left = t.size[l] - start;
+    i64 len = left < chunk ? left : chunk;
+    const void* src = (const void*)t.ptr[l];
+    void* dst = gc_dst(t, l, out_base);
+    bool z = zero != 0;
+    switch ((int)t.code[l]) {
+        case GC_F16: gc_clamp_chunk<GC_F16>(src, dst, start, len, b, z, keep); break;
+        case GC_BF16: gc_clamp_chunk<GC_BF16>(src, dst, start, len, b, z, keep); break;
+        case GC_F32: gc_clamp_chunk<GC_F32>(src, dst, start, len, b, z, keep); break;
+        default: gc_clamp_chunk<GC_F64>(src, dst, start, len, b, z, keep); break;
+    }
+}
