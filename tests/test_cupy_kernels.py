@@ -1,0 +1,442 @@
+"""The CuPy raw kernels where there is no GPU.
+
+- The CUDA source compiles with NVRTC for sm_80 and sm_90, with warnings as
+  errors (the ``cupy`` nox session installs NVRTC, and there this must run).
+- The kernels, built for the CPU by ``tests/cuda_emulator``, run under the real
+  launcher and fast path (``gradclip.cupy._fast`` with ``device=``) over NumPy
+  leaves, and must agree with the generic path: bit for bit where the
+  arithmetic is exact, else within 1e-6 (the contract). Small chunks make
+  leaves span many blocks and send long leaves down the whole-block merge.
+
+The same comparisons on a real GPU are in ``tests/test_cupy_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import array_api_compat.numpy as xp
+import numpy as np
+import pytest
+
+import cuda_emulator
+from conftest import ref_norm
+from gradclip import NonFiniteError, _core
+from gradclip.cupy import _fast, _launch
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+REAL = ("float16", "bfloat16", "float32", "float64")
+DTYPES = (*REAL, "complex64", "complex128")
+ORDS = (2.0, 1.0, 3.5, math.inf, -math.inf, 0.0)
+SIZES = (5, 0, 1, 96, 97, 700, 300)  # 700: 8 chunks, merged by the whole block
+THREADS, CHUNK, SMALLK = 16, 96, 2
+
+
+def _dtype(name: str) -> np.dtype:
+    return BF16 if name == "bfloat16" else np.dtype(name)
+
+
+def _exact(ord: float, dtypes: tuple[str, ...]) -> bool:
+    """Whether the norms must agree bit for bit: counts, and max/min of real magnitudes.
+
+    A complex magnitude is a hypot, which libraries round differently (1 ulp).
+    """
+    return ord == 0 or (math.isinf(ord) and not any(d.startswith("complex") for d in dtypes))
+
+
+def _required() -> bool:
+    """The cupy session must run the compile check, not skip it."""
+    return "cupy" in os.environ.get("GRADCLIP_TEST_BACKENDS", "").split(",")
+
+
+# ------------------------------------------------------------- compile check
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_nvrtc_compiles_without_warnings(arch: str) -> None:
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+
+        nvrtc.getVersion()
+    except Exception as exc:  # no cupy, or no NVRTC library to load
+        if _required():
+            pytest.fail(f"the cupy session needs NVRTC for the compile check: {exc!r}")
+        pytest.skip(f"NVRTC not available: {exc!r}")
+    program = nvrtc.createProgram(_launch.source(), "_kernels.cu", [], [])
+    options = [*_launch.OPTIONS, f"--gpu-architecture={arch}", "-Werror=all-warnings"]
+    try:
+        nvrtc.compileProgram(program, options)
+    except nvrtc.NVRTCError:
+        pytest.fail(f"_kernels.cu does not compile for {arch}:\n{nvrtc.getProgramLog(program)}")
+    assert nvrtc.getProgramLog(program).strip() == ""
+    cubin = nvrtc.getCUBIN(program)
+    for kernel in ("gc_norm", "gc_given", "gc_scale", "gc_clamp_kernel"):
+        assert kernel.encode() in cubin
+
+
+# ------------------------------------------------------------------ emulation
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory: pytest.TempPathFactory) -> cuda_emulator.EmuDevice:
+    problem = cuda_emulator.compiler_problem()
+    if problem:
+        pytest.skip(problem)
+    library = cuda_emulator.build(tmp_path_factory.mktemp("emulator"), THREADS)
+    return cuda_emulator.EmuDevice(library, THREADS, CHUNK, SMALLK)
+
+
+def _tree(dtype: str, sizes: tuple[int, ...] = SIZES, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in sizes:
+        x = rng.standard_normal(n) * 3
+        if dtype.startswith("complex"):
+            x = x + 1j * rng.standard_normal(n)
+        out.append(x.astype(_dtype(dtype)))
+    return out
+
+
+def _names(leaves: list[np.ndarray]) -> list[str]:
+    return [f"[{i}]" for i in range(len(leaves))]
+
+
+def _copy(leaves: list[np.ndarray]) -> list[np.ndarray]:
+    return [x.copy() for x in leaves]
+
+
+def _both(
+    dev: cuda_emulator.EmuDevice, fn: str, leaves: list[np.ndarray], **kwargs: object
+) -> tuple[object, object]:
+    """``fn`` through the emulated kernels and through the generic path, on copies.
+
+    Non-contiguous leaves are passed as they are. NumPy's NaN warnings are
+    silenced as the public functions silence them.
+    """
+
+    def copies() -> list[np.ndarray]:
+        return [x.copy() if x.flags.c_contiguous else x for x in leaves]
+
+    with np.errstate(all="ignore"):
+        fast = getattr(_fast, fn)(xp, copies(), _names(leaves), device=dev, **kwargs)
+        ref = getattr(_core, fn)(xp, copies(), _names(leaves), **kwargs)
+    return fast, ref
+
+
+def _close(a: object, b: object, exact: bool = False) -> None:
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype
+    assert a.shape == b.shape
+    if exact:
+        np.testing.assert_array_equal(a, b)
+    else:
+        np.testing.assert_allclose(a.astype(np.float64), b.astype(np.float64), rtol=1e-6)
+
+
+def _leaves_close(fast: list[np.ndarray], ref: list[np.ndarray], exact: bool) -> None:
+    for a, b in zip(fast, ref, strict=True):
+        assert a.dtype == b.dtype
+        assert a.shape == b.shape
+        if exact:
+            np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+        else:
+            wide = np.complex128 if a.dtype.kind == "c" else np.float64
+            # One rounding in the leaf's dtype apart when the scales differ in the last bit.
+            rtol = {2: 1e-2, 4: 1e-6}.get(a.real.itemsize, 1e-12)
+            a, b = a.astype(wide), b.astype(wide)
+            if a.dtype.kind == "c":
+                # The generic path multiplies by a complex scale, so a NaN or
+                # inf in one component makes both NaN; the kernel scales the
+                # components apart. The same entries are non-finite.
+                np.testing.assert_array_equal(np.isfinite(a), np.isfinite(b))
+                a, b = np.where(np.isfinite(a), a, 0), np.where(np.isfinite(b), b, 0)
+            np.testing.assert_allclose(a, b, rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("ord", ORDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norms_match_generic(dev: cuda_emulator.EmuDevice, dtype: str, ord: float) -> None:
+    leaves = _tree(dtype)
+    exact = _exact(ord, (dtype,))
+    for fn in ("global_norm", "leaf_norms"):
+        fast, ref = _both(dev, fn, leaves, p=ord, nonfinite="propagate")
+        _close(fast, ref, exact)
+    assert float(fast_global(dev, leaves, ord)) == pytest.approx(ref_norm(leaves, ord), rel=1e-6)
+
+
+def fast_global(dev: cuda_emulator.EmuDevice, leaves: list[np.ndarray], ord: float) -> object:
+    return _fast.global_norm(xp, leaves, _names(leaves), p=ord, nonfinite="propagate", device=dev)
+
+
+@pytest.mark.parametrize("ord", ORDS)
+def test_mixed_dtypes(dev: cuda_emulator.EmuDevice, ord: float) -> None:
+    leaves = [_tree(d, (150,), seed=i)[0] for i, d in enumerate(DTYPES)]
+    fast, ref = _both(dev, "leaf_norms", leaves, p=ord, nonfinite="propagate")
+    assert np.asarray(fast).dtype == np.float64  # a float64 leaf widens the result
+    _close(fast, ref, exact=_exact(ord, DTYPES))
+    assert float(fast_global(dev, leaves, ord)) == pytest.approx(ref_norm(leaves, ord), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value"),
+    [
+        ("float16", 300.0),  # squares overflow float16
+        ("bfloat16", 1e30),
+        ("float32", 1e30),  # squares overflow float32
+        ("float32", 1e-30),  # squares underflow float32
+        ("float64", 1e200),  # squares overflow float64
+        ("float64", 1e-200),
+        ("float64", 5e-324),  # subnormal
+        ("complex128", 1e200),
+    ],
+)
+@pytest.mark.parametrize("ord", [2.0, 1.0, 3.5])
+def test_norm_does_not_overflow_or_underflow(
+    dev: cuda_emulator.EmuDevice, dtype: str, value: float, ord: float
+) -> None:
+    leaves = [np.full(n, value, _dtype(dtype)) for n in (700, 3)]
+    got = float(fast_global(dev, leaves, ord))
+    assert math.isfinite(got)
+    assert got > 0
+    assert got == pytest.approx(ref_norm(leaves, ord), rel=1e-6)
+
+
+def test_extremes_in_one_leaf(dev: cuda_emulator.EmuDevice) -> None:
+    # A huge and a tiny entry in the same thread's share: rescaling keeps both.
+    x = np.zeros(700)
+    x[::2], x[1::2] = 1e-200, 1e150
+    x[5] = 1e200
+    leaves = [x, np.array([3e-300])]
+    got = float(fast_global(dev, leaves, 2.0))
+    assert got == pytest.approx(ref_norm(leaves, 2.0), rel=1e-12)
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clip_by_global_norm_bit_for_bit(
+    dev: cuda_emulator.EmuDevice, dtype: str, inplace: bool
+) -> None:
+    # Small integers: every sum is exact, so both paths reach the same scale
+    # and every scaled entry is rounded once from the same product.
+    rng = np.random.default_rng(1)
+    leaves = [rng.integers(-8, 9, n).astype(_dtype(dtype)) for n in SIZES]
+    kwargs = {"max_norm": 2.0, "p": 2.0, "eps": 1e-6, "nonfinite": "propagate", "norm": None}
+    originals = _copy(leaves)
+    (fast, fstats), (ref, rstats) = _both(
+        dev, "clip_by_global_norm", leaves, inplace=inplace, **kwargs
+    )
+    for a, b in zip(fstats, rstats, strict=True):
+        _close(a, b, exact=True)
+    _leaves_close(fast, ref, exact=True)
+    # The functional form wrote new arrays; the inputs (copies) are untouched either way.
+    for x, y in zip(leaves, originals, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("ord", ORDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clip_by_global_norm(dev: cuda_emulator.EmuDevice, dtype: str, ord: float) -> None:
+    leaves = _tree(dtype)
+    kwargs = {"max_norm": 1.0, "p": ord, "eps": 1e-6, "nonfinite": "propagate", "norm": None}
+    (fast, fstats), (ref, rstats) = _both(
+        dev, "clip_by_global_norm", leaves, inplace=True, **kwargs
+    )
+    _close(fstats.norm, rstats.norm, exact=_exact(ord, (dtype,)))
+    _close(fstats.scale, rstats.scale)
+    _close(fstats.clipped, rstats.clipped, exact=True)
+    _close(fstats.finite, rstats.finite, exact=True)
+    _leaves_close(fast, ref, exact=bool(fstats.scale == rstats.scale))
+
+
+def test_in_place_writes_the_leaves(dev: cuda_emulator.EmuDevice) -> None:
+    leaves = _tree("float32")
+    before = [x.__array_interface__["data"][0] for x in leaves]
+    new, stats = _fast.clip_by_global_norm(
+        xp, leaves, _names(leaves), max_norm=1.0, p=2.0, eps=1e-6, nonfinite="propagate",
+        norm=None, inplace=True, device=dev,
+    )  # fmt: skip
+    assert [x.__array_interface__["data"][0] for x in new] == before
+    assert float(fast_global(dev, leaves, 2.0)) == pytest.approx(1.0, rel=1e-5)
+    assert bool(stats.clipped)
+
+
+def test_no_clip_leaves_values(dev: cuda_emulator.EmuDevice) -> None:
+    leaves = _tree("float16")
+    originals = _copy(leaves)
+    _, stats = _fast.clip_by_global_norm(
+        xp, leaves, _names(leaves), max_norm=1e6, p=2.0, eps=1e-6, nonfinite="propagate",
+        norm=None, inplace=True, device=dev,
+    )  # fmt: skip
+    assert float(stats.scale) == 1.0
+    assert not bool(stats.clipped)
+    _leaves_close(leaves, originals, exact=True)
+
+
+@pytest.mark.parametrize("nonfinite", ["propagate", "zero", "skip"])
+@pytest.mark.parametrize("per_leaf", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nonfinite_policies(
+    dev: cuda_emulator.EmuDevice, dtype: str, per_leaf: bool, nonfinite: str
+) -> None:
+    leaves = _tree(dtype)
+    leaves[3][7] = np.nan
+    leaves[5][600] = np.inf
+    fn = "clip_by_norm" if per_leaf else "clip_by_global_norm"
+    kwargs = {"max_norm": 1.0, "p": 2.0, "eps": 1e-6, "nonfinite": nonfinite, "norm": None}
+    (fast, fstats), (ref, rstats) = _both(dev, fn, leaves, inplace=False, **kwargs)
+    for a, b in zip(fstats, rstats, strict=True):
+        _close(a, b)
+    _leaves_close(fast, ref, exact=False)
+
+
+@pytest.mark.parametrize("fn", ["global_norm", "clip_by_global_norm", "clip_by_norm"])
+def test_raise_names_the_leaf_and_writes_nothing(dev: cuda_emulator.EmuDevice, fn: str) -> None:
+    leaves = _tree("float32")
+    leaves[5][600] = np.inf
+    originals = _copy(leaves)
+    kwargs: dict[str, object] = {"p": 2.0, "nonfinite": "raise"}
+    if fn != "global_norm":
+        kwargs |= {"max_norm": 1.0, "eps": 1e-6, "norm": None, "inplace": True}
+    names = ["a", "b", "c", "d", "e", "weights['f']", "g"]
+    with pytest.raises(NonFiniteError, match=r"leaf weights\['f'\];"):
+        getattr(_fast, fn)(xp, leaves, names, device=dev, **kwargs)
+    _leaves_close(leaves, originals, exact=True)
+
+
+@pytest.mark.parametrize("nonfinite", ["propagate", "zero", "skip"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clip_by_block_rms(dev: cuda_emulator.EmuDevice, dtype: str, nonfinite: str) -> None:
+    leaves = _tree(dtype)
+    leaves[4][0] = np.nan
+    fast, ref = _both(dev, "clip_by_block_rms", leaves, threshold=0.5, nonfinite=nonfinite)
+    _leaves_close(fast, ref, exact=False)
+
+
+@pytest.mark.parametrize("per_leaf", [False, True])
+def test_given_norm_and_array_bound(dev: cuda_emulator.EmuDevice, per_leaf: bool) -> None:
+    leaves = _tree("float32")
+    norm = np.linspace(0.5, 9.0, len(leaves)).astype(np.float32) if per_leaf else 7.5
+    bound = np.asarray(2.0, np.float64)  # an array bound is cast to the result dtype
+    fn = "clip_by_norm" if per_leaf else "clip_by_global_norm"
+    kwargs = {"max_norm": bound, "p": 2.0, "eps": 1e-6, "nonfinite": "skip", "norm": norm}
+    (fast, fstats), (ref, rstats) = _both(dev, fn, leaves, inplace=False, **kwargs)
+    assert dev.launches[-2:] == ["gc_given", "gc_scale"]
+    for a, b in zip(fstats, rstats, strict=True):
+        _close(a, b, exact=True)
+    _leaves_close(fast, ref, exact=True)
+
+
+def test_given_norm_shape_is_checked(dev: cuda_emulator.EmuDevice) -> None:
+    leaves = _tree("float32")
+    with pytest.raises(ValueError, match="one norm per leaf"):
+        _fast.clip_by_norm(
+            xp, leaves, _names(leaves), max_norm=1.0, p=2.0, eps=1e-6, nonfinite="propagate",
+            norm=np.ones(3, np.float32), inplace=False, device=dev,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("nonfinite", ["propagate", "zero", "skip"])
+@pytest.mark.parametrize(("lo", "hi"), [(-0.1, 0.3), (None, 0.3), (-0.7, None)])
+@pytest.mark.parametrize("inplace", [True, False])
+@pytest.mark.parametrize("dtype", REAL)
+def test_clip_by_value_bit_for_bit(
+    dev: cuda_emulator.EmuDevice,
+    dtype: str,
+    inplace: bool,
+    lo: float | None,
+    hi: float | None,
+    nonfinite: str,
+) -> None:
+    leaves = _tree(dtype)
+    leaves[3][7] = np.nan
+    leaves[5][600] = -np.inf
+    kwargs = {"lo": lo, "hi": hi, "nonfinite": nonfinite, "inplace": inplace}
+    fast, ref = _both(dev, "clip_by_value", leaves, **kwargs)
+    _leaves_close(fast, ref, exact=True)
+
+
+def test_clip_by_value_raise(dev: cuda_emulator.EmuDevice) -> None:
+    leaves = _tree("bfloat16")
+    leaves[6][1] = np.nan
+    originals = _copy(leaves)
+    with pytest.raises(NonFiniteError, match=r"leaf \[6\]"):
+        _fast.clip_by_value(
+            xp, leaves, _names(leaves), lo=-1.0, hi=1.0, nonfinite="raise", inplace=True,
+            device=dev,
+        )  # fmt: skip
+    _leaves_close(leaves, originals, exact=True)
+
+
+def test_views_at_odd_offsets(dev: cuda_emulator.EmuDevice) -> None:
+    # Leaves that share one buffer, at odd element offsets: only they are written.
+    for dtype in ("float16", "bfloat16", "float64", "complex64"):
+        buf = _tree(dtype, (2000,))[0]
+        spans = [(3, 200), (201, 202), (203, 900), (905, 1999)]
+        leaves = [buf[a:b] for a, b in spans]
+        before = buf.copy()
+        ref, _ = _core.clip_by_global_norm(
+            xp, _copy(leaves), _names(leaves), max_norm=1.0, p=2.0, eps=1e-6,
+            nonfinite="propagate", norm=None, inplace=True,
+        )  # fmt: skip
+        _fast.clip_by_global_norm(
+            xp, leaves, _names(leaves), max_norm=1.0, p=2.0, eps=1e-6, nonfinite="propagate",
+            norm=None, inplace=True, device=dev,
+        )  # fmt: skip
+        _leaves_close(leaves, ref, exact=False)
+        for a, b in [(0, 3), (200, 201), (202, 203), (900, 905), (1999, 2000)]:
+            np.testing.assert_array_equal(buf[a:b], before[a:b])
+
+
+def test_non_contiguous_leaves_take_the_generic_path(dev: cuda_emulator.EmuDevice) -> None:
+    leaves = [*_tree("float32"), np.ones((6, 4), np.float32).T]
+    calls = len(dev.launches)
+    fast, ref = _both(dev, "leaf_norms", leaves, p=2.0, nonfinite="propagate")
+    assert len(dev.launches) == calls  # nothing launched
+    _close(fast, ref, exact=True)
+
+
+def test_only_empty_leaves(dev: cuda_emulator.EmuDevice) -> None:
+    leaves = [np.zeros(0, np.float32), np.zeros((3, 0), np.float64)]
+    for ord in ORDS:
+        fast, ref = _both(dev, "global_norm", leaves, p=ord, nonfinite="propagate")
+        _close(fast, ref, exact=True)
+        assert float(fast) == 0.0
+
+
+def test_deterministic_and_cached(dev: cuda_emulator.EmuDevice) -> None:
+    leaves = _tree("float32", (700, 5, 1000, 33))
+    first = np.asarray(_fast.leaf_norms(xp, leaves, _names(leaves), p=3.5, nonfinite="zero",
+                                        device=dev)).copy()  # fmt: skip
+    layouts = len(_launch._layouts)
+    for _ in range(3):
+        again = _fast.leaf_norms(xp, leaves, _names(leaves), p=3.5, nonfinite="zero", device=dev)
+        np.testing.assert_array_equal(np.asarray(again).view(np.uint32), first.view(np.uint32))
+    assert len(_launch._layouts) == layouts  # the table was built once
+
+
+def test_table_layout() -> None:
+    class Host:
+        chunk, smallk = 4, 1
+
+        def upload(self, host: np.ndarray) -> np.ndarray:
+            return host
+
+        def zeros(self, count: int, dtype: object) -> np.ndarray:
+            return np.zeros(count, dtype)
+
+    dtypes = [np.dtype(np.float32), np.dtype(np.complex128), np.dtype(np.float16)]
+    lay = _launch.build(Host(), [100, 200, 300], [9, 0, 4], dtypes)  # type: ignore[arg-type]
+    n = 3
+    assert (lay.n, lay.chunks, lay.nbig, lay.total) == (3, 4, 1, 13)
+    t = lay.table
+    assert t[:n].tolist() == [100, 200, 300]
+    assert t[n : 2 * n].tolist() == [9, 0, 4]
+    assert t[2 * n : 3 * n].tolist() == [2, 5, 0]  # float32, complex128, float16
+    assert t[3 * n : 4 * n + 1].tolist() == [0, 3, 3, 4]  # first chunk of each leaf
+    assert t[4 * n + 1 : 4 * n + 5].tolist() == [0, 0, 0, 2]  # chunk -> leaf
+    assert t[4 * n + 5 : 4 * n + 9].tolist() == [0, 4, 8, 0]  # chunk -> start
+    assert t[4 * n + 9 : 4 * n + 10].tolist() == [0]  # the leaf of 3 chunks > smallk
+    assert lay.out_offsets == [0, 48, 48]  # 36 bytes rounded up to 48
