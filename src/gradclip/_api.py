@@ -60,8 +60,9 @@ def _prepare(tree: Any, fn: str, *, inplace: bool = False, whole: bool = False) 
     begins, so a :class:`~gradclip.FlatTree` is processed as its buffers.
     """
     flat = unit(tree, whole=whole)
-    if flat.leaves and _plain_numpy(flat.leaves, inplace):
-        return _Prepared(flat, _compat.namespace(flat.leaves[0]), "numpy")
+    backend = _plain(flat.leaves, inplace) if flat.leaves else None
+    if backend is not None:
+        return _Prepared(flat, _compat.namespace(flat.leaves[0]), backend)
     paths = flat.paths  # computed only if an error message needs them
     xp: Any = None
     backend = ""
@@ -115,20 +116,38 @@ _writeable = operator.attrgetter("flags.writeable")
 _contiguous = operator.attrgetter("flags.c_contiguous")
 
 
-def _plain_numpy(leaves: list[Any], inplace: bool) -> bool:
-    """Whether every leaf is a valid NumPy array, checked without a Python loop.
+_device_id = operator.attrgetter("data.device_id")
+
+
+def _plain(leaves: list[Any], inplace: bool) -> str | None:
+    """``"numpy"`` or ``"cupy"`` if every leaf is a valid array of it, checked without a loop.
 
     Trees of thousands of small leaves are common and cheap to clip, so the
-    per-leaf checks below would cost more than the clipping. ``False`` sends
+    per-leaf checks below would cost more than the clipping. ``None`` sends
     the tree through them, and they name the leaf at fault if there is one.
     A C-contiguous array has no zero strides, so it can be written in place.
     """
-    if set(map(type, leaves)) != {np.ndarray}:
-        return False
+    kinds = set(map(type, leaves))
+    if len(kinds) != 1:
+        return None
+    kind = kinds.pop()
+    if kind is np.ndarray:
+        backend = "numpy"
+    elif kind.__module__ == "cupy" and kind.__name__ == "ndarray":
+        backend = "cupy"  # CuPy arrays have no read-only flag
+    else:
+        return None
     xp = _compat.namespace(leaves[0])
     if not all(_compat.dtype_info(xp, d) is not None for d in set(map(_dtype, leaves))):
-        return False
-    return not inplace or (all(map(_writeable, leaves)) and all(map(_contiguous, leaves)))
+        return None
+    if backend == "cupy" and len(set(map(_device_id, leaves))) != 1:
+        return None
+    if inplace:
+        if backend == "numpy" and not all(map(_writeable, leaves)):
+            return None
+        if not all(map(_contiguous, leaves)):
+            return None
+    return backend
 
 
 def _fmt_device(key: Any) -> str:

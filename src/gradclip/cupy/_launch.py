@@ -55,6 +55,7 @@ _CACHE_SIZE = 16  # tree layouts kept per process
 
 _size = operator.attrgetter("size")
 _dtype = operator.attrgetter("dtype")
+_contiguous = operator.attrgetter("flags.c_contiguous")
 
 
 def source() -> str:
@@ -168,7 +169,8 @@ def layout(dev: Device, leaves: Sequence[Any]) -> Layout:
 
 def supported(leaves: Sequence[Any]) -> bool:
     """Whether the kernels take these leaves: C-contiguous, of a dtype they know."""
-    return all(x.dtype.name in CODES and x.flags.c_contiguous for x in leaves)
+    names = {d.name for d in set(map(_dtype, leaves))}
+    return names <= CODES.keys() and all(map(_contiguous, leaves))
 
 
 # ------------------------------------------------------------------ the outputs
