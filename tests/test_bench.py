@@ -13,6 +13,7 @@ import json
 import math
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -460,3 +461,298 @@ def test_benchmarks_driver_has_the_same_arguments():
     for option in ("--backend", "--tree", "--json", "--reps", "--max-norm"):
         assert option in out.stdout
     assert "--size-factor" not in out.stdout  # for the tests only
+
+
+# ------------------------------------------------------------ the GPU (issue 5)
+#
+# No GPU here: the GPU plan runs with NumPy standing in for CuPy (the calls the
+# harness makes have the same names and meaning in both), which checks the
+# harness's own logic: trees, rows, the floor from the copy, targets, report.
+
+
+def test_gpu_trees_are_issue_5s_and_the_cpu_trees_unchanged():
+    llm = _bench.tree_sizes("llm", gpu=True)
+    leaves = optree.tree_leaves(llm)
+    assert len(leaves) == 1 + 18 * 12
+    assert llm["embed"] == 50304 * 2048
+    assert len(llm["blocks"]) == 18
+    block = llm["blocks"][0]
+    assert block["attn"]["qkv_weight"] == 2048 * 6144
+    assert block["mlp"]["fc1_weight"] == block["mlp"]["fc2_weight"] == 2048 * 8192
+    total = sum(leaves)
+    assert total == 50304 * 2048 + 18 * (12 * 2048**2 + 13 * 2048) == 1_009_471_488
+    assert abs(total / 1e9 - 1) < 0.01  # "llm at 1B parameters"
+    assert optree.tree_leaves(_bench.tree_sizes("huge", gpu=True)) == [2**30]
+    small = optree.tree_leaves(_bench.tree_sizes("small", gpu=True))
+    assert small == optree.tree_leaves(_bench.tree_sizes("small"))
+    assert len(small) == 2000
+    # the CPU trees, which the recorded results were taken on, stay as they were
+    assert sum(optree.tree_leaves(_bench.tree_sizes("llm"))) == 54_212_608
+    assert optree.tree_leaves(_bench.tree_sizes("huge")) == [2**26]
+
+
+def test_gpu_floor_is_three_passes_at_the_copy_bandwidth():
+    floor_ms, bandwidth = _bench._gpu_floor(4 * 10**9, 2.0)  # 4 GB copied in 2 ms
+    assert bandwidth == pytest.approx(4e12)  # read and write: 8 GB in 2 ms
+    assert floor_ms == pytest.approx(3.0)  # 12 GB at 4 TB/s: 1.5x the copy
+    copy = {"median_ms": 2.0, "min_ms": 1.8, "times_ms": [2.0, 1.8, 2.2], "warmup_s": 9.0}
+    row, bw = _bench._floor_from_copy({**copy, "key": "copy", "row": "copy"}, 4 * 10**9)
+    assert bw == bandwidth
+    assert row["key"] == "floor" and row["derived_from"] == "copy"
+    assert row["median_ms"] == pytest.approx(3.0) and row["min_ms"] == pytest.approx(2.7)
+    assert row["times_ms"] == pytest.approx([3.0, 2.7, 3.3])
+    assert row["warmup_s"] == 0.0
+
+
+def _gpu_target_rows(changes=None):
+    rows = [
+        _target_row("llm", "clip", "gradclip", 5.0, ratio_anchor=1.1),  # 90.9% of the floor's
+        _target_row("huge", "clip", "gradclip", 5.0, ratio_anchor=1.25),  # 80%
+        _target_row("small", "clip", "gradclip", 0.05, ratio_torch=0.25),
+        _target_row("llm", "noclip", "gradclip", 2.0, ratio_anchor=1.1),
+        _target_row("huge", "noclip", "gradclip", 2.0, ratio_anchor=1.2),
+        _target_row("small", "noclip", "gradclip", 0.03, ratio_anchor=1.0),
+    ]
+    for (tree, case), fields in (changes or {}).items():
+        next(r for r in rows if (r["tree"], r["case"]) == (tree, case)).update(fields)
+    return rows
+
+
+def test_cupy_targets_are_issue_5s():
+    targets = {t["target"]: t for t in _bench._targets(_gpu_target_rows(), "cupy")}
+    assert {name: t["met"] for name, t in targets.items()} == {
+        "llm clip: gradclip >= 85% of the floor's bandwidth": True,
+        "huge clip: gradclip >= 85% of the floor's bandwidth": False,
+        "small clip: gradclip <= 0.06 ms per call": True,
+        "small clip: gradclip >= 3x faster than torch clip_grad_norm_(foreach=True)": True,
+        "llm no-clip: gradclip <= 1.15x one read pass": True,
+        "huge no-clip: gradclip <= 1.15x one read pass": False,
+        "small no-clip: gradclip <= 1.15x one read pass": True,
+    }
+    llm = targets["llm clip: gradclip >= 85% of the floor's bandwidth"]
+    assert llm["value"] == pytest.approx(1 / 1.1) and llm["unit"] == "fraction"
+    assert llm["at_least"] and llm["limit"] == 0.85
+    speedup = targets["small clip: gradclip >= 3x faster than torch clip_grad_norm_(foreach=True)"]
+    assert speedup["value"] == pytest.approx(4.0) and speedup["unit"] == "speedup"
+    assert _bench._target_line(llm) == (
+        "  PASS  llm clip: gradclip >= 85% of the floor's bandwidth: 90.9%"
+    )
+    assert _bench._target_line(speedup).endswith("(foreach=True): 4x faster")
+    ms = targets["small clip: gradclip <= 0.06 ms per call"]
+    assert _bench._target_line(ms) == (
+        "  PASS  small clip: gradclip <= 0.06 ms per call: 0.05 ms (0.25x torch foreach)"
+    )
+
+    # slower than 60 us, or under 3x torch's speed, or a wrong result: missed
+    for fields in ({"median_ms": 0.07}, {"ratio_torch": 0.4}, {"check_ok": False}):
+        rows = _gpu_target_rows({("small", "clip"): fields})
+        met = {t["target"]: t["met"] for t in _bench._targets(rows, "cupy")}
+        assert not (
+            met["small clip: gradclip <= 0.06 ms per call"]
+            and met["small clip: gradclip >= 3x faster than torch clip_grad_norm_(foreach=True)"]
+        ), fields
+    # torch or the floor did not run: those targets are not measured
+    rows = _gpu_target_rows({("small", "clip"): {"ratio_torch": None}})
+    rows = [{**r, "ratio_anchor": None} if r["case"] == "clip" else r for r in rows]
+    unmeasured = {t["target"] for t in _bench._targets(rows, "cupy") if t["value"] is None}
+    assert unmeasured == {
+        "llm clip: gradclip >= 85% of the floor's bandwidth",
+        "huge clip: gradclip >= 85% of the floor's bandwidth",
+        "small clip: gradclip >= 3x faster than torch clip_grad_norm_(foreach=True)",
+    }
+
+
+def test_bfloat16_runs_on_cupy_only(capsys):
+    for backend in ("numpy", "torch", "jax"):
+        with pytest.raises(SystemExit, match="--dtype bfloat16 runs on --backend cupy only"):
+            _bench.bench(backend, ["small"], dtype="bfloat16", progress=False)
+    with pytest.raises(ValueError, match="unknown dtype 'float16'"):
+        _bench.bench("numpy", ["small"], dtype="float16", progress=False)
+    with pytest.raises(SystemExit, match="runs on --backend cupy only"):
+        cli.main(["bench", "--tree", "small", "--dtype", "bfloat16"])
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--dtype", "float64"])  # not a choice
+    assert exc.value.code == 2
+    assert "invalid choice: 'float64'" in capsys.readouterr().err
+    assert _bench._dtype("numpy", "float32") is np.float32
+
+
+def _fake_reduction(in_params, out_params, *args, **kwargs):
+    """cupy.ReductionKernel's sum of squares (_sumsq), in NumPy."""
+    assert in_params == "T x" and args[1:4] == ("a + b", "y = a", "0")
+    out = np.dtype(out_params.split()[0])
+
+    def kernel(x):
+        v = x.reshape(-1).astype(out)
+        return np.asarray(np.dot(v, v), dtype=out)
+
+    return kernel
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch: pytest.MonkeyPatch):
+    """NumPy playing CuPy on one CUDA device, torch's CUDA being its CPU."""
+    runtime = types.SimpleNamespace(
+        getDeviceCount=lambda: 1,
+        getDevice=lambda: 0,
+        getDeviceProperties=lambda i: {"name": b"Fake GPU", "major": 9, "minor": 0},
+        runtimeGetVersion=lambda: 13000,
+        driverGetVersion=lambda: 13000,
+        deviceSynchronize=lambda: None,
+    )
+    pool = types.SimpleNamespace(free_all_blocks=lambda: None)
+    fake = types.SimpleNamespace(
+        float32=np.float32,
+        float64=np.float64,
+        empty=np.empty,
+        copyto=np.copyto,
+        sqrt=np.sqrt,
+        sum=np.sum,
+        minimum=np.minimum,
+        random=types.SimpleNamespace(default_rng=np.random.default_rng),
+        ReductionKernel=_fake_reduction,
+        get_default_memory_pool=lambda: pool,
+        cuda=types.SimpleNamespace(runtime=runtime),
+    )
+    load, installed = _bench._load, _bench._installed
+    monkeypatch.setattr(_bench, "_load", lambda name: fake if name == "cupy" else load(name))
+    monkeypatch.setattr(_bench, "_installed", lambda name: name == "cupy" or installed(name))
+    monkeypatch.setattr(_bench, "_memcpy", np.copyto)  # cudaMemcpyAsync
+    monkeypatch.setattr(_bench, "_torch_cuda", lambda: True)
+    _bench._sumsq.cache_clear()  # kernels are cached per process
+    yield fake
+    _bench._sumsq.cache_clear()
+
+
+GPU_FACTOR = 256  # llm: d=8, vocab 196; huge: 4M; small: leaves of 1 to 8 elements
+
+
+def test_gpu_trees_are_drawn_on_the_device(fake_cupy):
+    data = _bench._device_data("llm", GPU_FACTOR, np.float32)
+    sizes = optree.tree_leaves(_bench.tree_sizes("llm", GPU_FACTOR, gpu=True))
+    assert [x.size for x in data.leaves] == sizes
+    assert [x.size for x in optree.tree_leaves(data.tree)] == sizes  # flattening order
+    assert data.tree["blocks"][0]["attn"]["qkv_weight"].shape == (8, 24)
+    assert data.source.size == sum(sizes) and data.nbytes == 4 * sum(sizes)
+    # every leaf is a view into the one pristine buffer, laid out in order
+    assert all(np.shares_memory(x, data.source) for x in data.leaves)
+    assert np.array_equal(np.concatenate([x.ravel() for x in data.leaves]), data.source)
+    assert abs(data.source.mean()) < 0.05 and abs(data.source.std() - 1) < 0.05
+    assert data.norm == pytest.approx(_bench._norm([data.source]), rel=1e-12)
+    assert data.measure is _bench._device_norm
+    assert data.flat() is data.source
+    again = _bench._device_data("llm", GPU_FACTOR, np.float32)
+    assert np.array_equal(again.source, data.source)  # fixed seed
+
+    ml_dtypes = importorskip("ml_dtypes")
+    bf16 = _bench._device_data("llm", GPU_FACTOR, ml_dtypes.bfloat16)
+    assert bf16.source.dtype == ml_dtypes.bfloat16 and bf16.nbytes == 2 * sum(sizes)
+    # the float32 tree, rounded
+    assert np.array_equal(bf16.source, data.source.astype(ml_dtypes.bfloat16))
+    assert bf16.norm == pytest.approx(data.norm, rel=1e-2)
+
+
+def test_gpu_copy_row_copies_and_leaves_the_norm(fake_cupy):
+    importorskip("torch")
+    ctx, rows, _ = _bench._plan("cupy")
+    data = _bench._device_data("small", GPU_FACTOR, np.float32)
+    copy = next(r for r in rows if r.key == "copy")
+    timed = copy.make(ctx, data, 1.0)
+    timed.fresh()
+    assert not timed.result(None)[0].any()  # zeroed before every call
+    timed.done(timed.call())
+    assert np.array_equal(timed.result(None)[0], data.source)
+    result = _bench._run_row(ctx, data, copy, "clip", 1.0, reps=2, budget=0.0)
+    assert result["check_ok"] and result["norm_after"] == pytest.approx(data.norm)
+
+
+def test_gpu_report_rows_floor_and_targets(fake_cupy, tmp_path: Path, capsys):
+    importorskip("torch")
+    path = tmp_path / "bench-cupy.json"
+    argv = ["bench", "--backend", "cupy", "--tree", "all", "--json", str(path), "--reps", "2"]
+    assert cli.main([*argv, "--budget", "0.001", "--size-factor", str(GPU_FACTOR)]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(path.read_text())
+
+    assert report["settings"]["dtype"] == "float32" and report["settings"]["backend"] == "cupy"
+    assert report["machine"]["gpu_device"]["name"] == "Fake GPU"
+    assert report["machine"]["gpu_device"]["compute_capability"] == "9.0"
+    assert any("optax" in note and "not a GPU anchor" in note for note in report["notes"])
+    assert not any("FAILED" in note for note in report["notes"])
+    for name in _bench.TREES:
+        sizes = optree.tree_leaves(_bench.tree_sizes(name, GPU_FACTOR, gpu=True))
+        info = report["trees"][name]
+        assert info["leaves"] == len(sizes) and info["elements"] == sum(sizes)
+        assert info["dtype"] == "float32" and info["bytes"] == 4 * sum(sizes)
+        rows = [r for r in report["rows"] if r["tree"] == name]
+        clip = {r["key"]: r for r in rows if r["case"] == "clip"}
+        noclip = {r["key"]: r for r in rows if r["case"] == "noclip"}
+        assert set(clip) == {"gradclip", "flattree", "torch", "naive", "flat", "copy", "floor"}
+        assert set(noclip) == {"gradclip", "flattree", "torch", "naive", "read"}
+        assert clip["torch"]["row"] == "torch clip_grad_norm_(foreach=True), same memory (DLPack)"
+        assert clip["naive"]["row"] == "naive CuPy loop"
+        for r in rows:
+            assert r["check_ok"], r
+        # the floor: 3x the bytes at the copy's bandwidth, 1.5x the copy's time
+        copy, floor = clip["copy"], clip["floor"]
+        assert floor["median_ms"] == pytest.approx(1.5 * copy["median_ms"])
+        assert floor["ratio_anchor"] == 1.0
+        assert clip["gradclip"]["ratio_anchor"] == pytest.approx(
+            clip["gradclip"]["median_ms"] / floor["median_ms"]
+        )
+        assert info["floor_ms"] == floor["median_ms"]
+        assert info["copy_gb_per_s"] == pytest.approx(
+            2 * info["bytes"] / (copy["median_ms"] / 1e3) / 1e9
+        )
+        assert noclip["read"]["ratio_anchor"] == 1.0
+        assert clip["torch"]["ratio_torch"] == 1.0
+
+    targets = {t["target"]: t for t in report["targets"]}
+    assert len(targets) == 7
+    assert all(t["value"] is not None for t in targets.values())
+    llm_clip = next(r for r in report["rows"] if r["key"] == "gradclip" and r["tree"] == "llm")
+    bandwidth = targets["llm clip: gradclip >= 85% of the floor's bandwidth"]
+    assert bandwidth["value"] == pytest.approx(1 / llm_clip["ratio_anchor"])
+
+    assert "backend cupy, float32" in out and ", GPU Fake GPU" in out  # the GPU model
+    assert report["machine"]["gpu"] == "Fake GPU"
+    assert "x floor (3x bytes / copy bandwidth)" in out and "GB/s" in out
+    assert "floor: 3x bytes / copy bandwidth" in out
+    assert "targets (gradclip rows, float32):" in out
+    assert "floor (GPU): 3 passes over the tree's bytes" in out
+
+
+def test_gpu_rows_that_fail_are_reported_and_the_others_run(fake_cupy, monkeypatch, capsys):
+    def broken(ctx, data, max_norm):
+        raise MemoryError("out of device memory")
+
+    monkeypatch.setattr(_bench, "_naive_row", broken)
+    quick = {"reps": 2, "budget": 0.0, "size_factor": GPU_FACTOR, "progress": False}
+    report = _bench.bench("cupy", ["small"], skip=["torch"], **quick)
+    failed = [note for note in report["notes"] if "FAILED" in note]
+    assert failed == [
+        f"small {case}: naive CuPy loop: FAILED, row left out: MemoryError: out of device memory"
+        for case in _bench.CASES
+    ]
+    assert "Traceback" in capsys.readouterr().err
+    keys = {r["key"] for r in report["rows"]}
+    assert keys == {"gradclip", "flattree", "flat", "copy", "floor", "read"}
+    # on the CPU backends a failing row still stops the run
+    with pytest.raises(MemoryError):
+        _bench.bench("numpy", ["small"], skip=["torch", "optax"], **quick)
+
+
+def test_gpu_bfloat16_report(fake_cupy):
+    ml_dtypes = importorskip("ml_dtypes")
+    # NumPy cannot hand bfloat16 to torch through DLPack (CuPy can): torch is skipped here.
+    quick = {"reps": 2, "budget": 0.0, "size_factor": GPU_FACTOR, "progress": False}
+    report = _bench.bench("cupy", ["llm"], skip=["torch"], dtype="bfloat16", **quick)
+    assert report["settings"]["dtype"] == "bfloat16"
+    info = report["trees"]["llm"]
+    assert info["dtype"] == "bfloat16" and info["bytes"] == 2 * info["elements"]
+    assert not any("FAILED" in note for note in report["notes"]), report["notes"]
+    for r in report["rows"]:
+        assert r["check_ok"], r
+    text = _bench.format_report({"command": "test", **report})
+    assert "backend cupy, bfloat16" in text and "MiB bfloat16" in text
+    assert ml_dtypes.bfloat16 is _bench._dtype("cupy", "bfloat16")

@@ -17,14 +17,26 @@ as ``compile_s``: XLA takes minutes on a CPU for optax's clip of the
 2000-leaf tree (``--skip optax:small`` leaves that anchor out; jaxlib 0.10's
 persistent cache crashes loading that program).
 
-Targets (PASS/MISS) are the ones of the issue that built each fast path:
-issue 3's for ``--backend numpy``, issue 4's for ``--backend jax``, checked
-against the gradclip rows.
+``--backend cupy`` runs on a CUDA GPU, with trees of its own size (issue 5):
+``llm`` at 1.01e9 elements, ``huge`` at 2**30, ``small`` the same 2000 leaves,
+in float32 or, with ``--dtype bfloat16``, ml_dtypes' bfloat16. Their data is
+drawn on the device by ``cupy.random`` (a 1B-element tree never exists on the
+host) and their float64 reference norm is computed there too. The anchors are
+torch's ``clip_grad_norm_(foreach=True)`` on the very same buffers (zero-copy
+through DLPack) and a naive CuPy loop; the floor is measured, not assumed: 3x
+the tree's bytes (the norm's read, the scale's read and its write) divided by
+the device-to-device copy bandwidth timed in the same run. Calls are timed by
+wall clock around the call and a device synchronisation, so a small tree's
+time includes its host overhead.
 
-torch, jax, optax, cupy and rich are optional and imported only inside
-functions (through :func:`importlib.import_module`, so they are typed ``Any``
-and the lint environment needs none of them); rows whose library is missing
-are left out with a note.
+Targets (PASS/MISS) are the ones of the issue that built each fast path:
+issue 3's for ``--backend numpy``, issue 4's for ``--backend jax``, issue 5's
+for ``--backend cupy``, checked against the gradclip rows.
+
+torch, jax, optax, cupy, ml_dtypes and rich are optional and imported only
+inside functions (through :func:`importlib.import_module`, so they are typed
+``Any`` and the lint environment needs none of them); rows whose library is
+missing are left out with a note.
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 import tracemalloc
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -66,12 +79,19 @@ __all__ = [
 
 TREES = ("llm", "huge", "small")
 BACKENDS = ("numpy", "torch", "jax", "cupy")
+DTYPES = ("float32", "bfloat16")  # bfloat16: --backend cupy only (ml_dtypes' type)
 CASES = ("clip", "noclip")
 NO_CLIP = 1e30  # max_norm of the no-clip case: far above any norm here, so scale == 1
 EPS = 1e-6  # gradclip's and torch's default
 SEED = 0
 _MAX_REPS_FACTOR = 20  # fast rows run up to this many times --reps, within the budget
 _CHECK_CHUNK = 1 << 20  # elements widened to float64 at a time by the result check
+_GPU_CHUNK = 1 << 26  # elements drawn (as float32) or reduced per launch on the GPU
+# The GPU floor: a global-norm clip reads every byte twice (the norm, then the
+# scale) and writes it once; a device-to-device copy reads it once and writes
+# it once, so the floor takes FLOOR_PASSES / COPY_PASSES of the copy's time.
+FLOOR_PASSES = 3
+COPY_PASSES = 2
 SKIPPABLE = ("torch", "optax", "naive")  # anchors --skip may leave out
 # What jax.monitoring reports once per XLA compilation (jax._src.dispatch's
 # BACKEND_COMPILE_EVENT); a persistent-cache hit does not report it.
@@ -101,13 +121,18 @@ def _torch() -> Any:
 # ------------------------------------------------------------------------ trees
 
 
-def _build(name: str, make: Callable[[tuple[int, ...]], Any], size_factor: int) -> Tree:
+def _build(
+    name: str, make: Callable[[tuple[int, ...]], Any], size_factor: int, *, gpu: bool = False
+) -> Tree:
     """The tree ``name`` with ``make(shape)`` as each leaf, sizes divided by ``size_factor``."""
     if name not in TREES:
         raise ValueError(f"unknown tree {name!r}; choose from {', '.join(TREES)}")
     if name == "llm":
-        # A 12-block transformer with d=512 and a 32000-token embedding.
-        d, vocab = max(1, 512 // size_factor), max(1, 32000 // size_factor)
+        # CPU: a 12-block transformer with d=512 and a 32000-token embedding
+        # (54.2M elements). GPU: a 1B-parameter model, 18 blocks with d=2048
+        # and GPT-2's 50257-token vocabulary padded to 50304 (1.009e9 elements).
+        d, vocab, blocks = (2048, 50304, 18) if gpu else (512, 32000, 12)
+        d, vocab = max(1, d // size_factor), max(1, vocab // size_factor)
 
         def norm() -> dict[str, Any]:
             return {"weight": make((d,)), "bias": make((d,))}
@@ -130,14 +155,14 @@ def _build(name: str, make: Callable[[tuple[int, ...]], Any], size_factor: int) 
                 "ln2": norm(),
             }
 
-        return {"embed": make((vocab, d)), "blocks": [block() for _ in range(12)]}
+        return {"embed": make((vocab, d)), "blocks": [block() for _ in range(blocks)]}
     if name == "huge":
-        return {"weight": make((max(1, 2**26 // size_factor),))}
+        return {"weight": make((max(1, (2**30 if gpu else 2**26) // size_factor),))}
     sizes = np.random.default_rng(SEED + 1).integers(16, 2048, size=2000, endpoint=True)
     return [make((max(1, int(s) // size_factor),)) for s in sizes]
 
 
-def tree_sizes(name: str, size_factor: int = 1) -> Tree:
+def tree_sizes(name: str, size_factor: int = 1, *, gpu: bool = False) -> Tree:
     """The element count of every leaf of a benchmark tree, without allocating it.
 
     Parameters
@@ -147,17 +172,24 @@ def tree_sizes(name: str, size_factor: int = 1) -> Tree:
     size_factor : int, default 1
         Every dimension (``small``: every leaf size) is divided by this, at
         least 1 remaining; the tests use it to shrink the trees.
+    gpu : bool, default False
+        The trees of ``--backend cupy``: ``llm`` has 217 leaves and 1.009e9
+        elements (18 blocks, d=2048, a 50304-token embedding) and ``huge``
+        2**30 elements; ``small`` is the same on both.
 
     Returns
     -------
     pytree of int
         The tree's structure with each leaf's size in its place.
     """
-    return _build(name, math.prod, size_factor)
+    return _build(name, math.prod, size_factor, gpu=gpu)
 
 
 def make_tree(name: str, size_factor: int = 1, seed: int = SEED) -> Tree:
     """A benchmark tree of float32 N(0, 1) values from a fixed-seed generator.
+
+    The CPU backends' trees, on the host; ``--backend cupy`` draws its larger
+    trees on the device instead (see :func:`tree_sizes` with ``gpu=True``).
 
     Parameters
     ----------
@@ -190,6 +222,67 @@ def _norm(leaves: Iterable[np.ndarray]) -> float:
     return math.sqrt(total)
 
 
+@functools.cache
+def _sumsq(out: str) -> Any:
+    """A CuPy sum of squares over a whole array in one read pass, accumulated in ``out``.
+
+    ``cupy.dot`` of two vectors is no read pass: with CuPy's default CUB
+    accelerator it computes ``(a * b).sum()``, writing and re-reading a
+    temporary the size of its input. A ReductionKernel maps each element on
+    the fly (and CuPy runs it through CUB's block reduction when it can).
+    """
+    ctype = {"float32": "float", "float64": "double"}[out]
+    # Named x and y, not in0 and out0: CuPy 14's CUB path gives a kernel
+    # with other names its input and output types (type_in0_raw,
+    # type_out0_raw), which it leaves out for in0/out0. It renames them by
+    # plain text replacement, so neither letter may appear elsewhere below.
+    return _load("cupy").ReductionKernel(
+        "T x",
+        f"{out} y",
+        f"static_cast<{ctype}>(x) * static_cast<{ctype}>(x)",
+        "a + b",
+        "y = a",
+        "0",
+        f"gradclip_bench_sumsq_{out}",
+    )
+
+
+def _device_norm(leaves: Iterable[Any]) -> float:
+    """:func:`_norm` for CuPy arrays, on the device: float64 sums, one host sync at the end."""
+    total: Any = None
+    for x in leaves:
+        flat = x.reshape(-1)
+        for start in range(0, flat.size, _GPU_CHUNK):
+            part = _sumsq("float64")(flat[start : start + _GPU_CHUNK])
+            total = part if total is None else total + part
+    return 0.0 if total is None else math.sqrt(float(total))
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """A leaf's shape held whole: a tuple in its place would be a pytree node."""
+
+    shape: tuple[int, ...]
+
+
+def _device_source(size: int, dtype: Any) -> Any:
+    """``size`` N(0, 1) values drawn on the GPU by ``cupy.random`` with a fixed seed.
+
+    Drawn as float32 in chunks of ``_GPU_CHUNK`` (the generator has no
+    bfloat16, and a 1B-element float32 temporary would cost 4 GiB) and
+    rounded into ``dtype``: the bfloat16 trees are the float32 ones, rounded.
+    """
+    cp = _load("cupy")
+    source = cp.empty(size, dtype=dtype)
+    rng = cp.random.default_rng(SEED)
+    for start in range(0, size, _GPU_CHUNK):
+        piece = rng.standard_normal(min(_GPU_CHUNK, size - start), dtype=cp.float32)
+        # "unsafe": float32 -> bfloat16 rounds, on purpose (older ml_dtypes
+        # also refuse that cast as "same_kind").
+        cp.copyto(source[start : start + piece.size], piece, casting="unsafe")
+    return source
+
+
 # ------------------------------------------------------------------------- rows
 
 
@@ -197,55 +290,102 @@ def _norm(leaves: Iterable[np.ndarray]) -> float:
 class _Arrays:
     """How one array library holds the benchmark's data on one device."""
 
-    pristine: Callable[[np.ndarray], Any]  # the read-only source (a view where possible)
-    new: Callable[[np.ndarray], Any]  # a writable copy
+    pristine: Callable[[Any], Any]  # the read-only source (a view where possible)
+    new: Callable[[Any], Any]  # a writable copy
     copy: Callable[[Any, Any], Any]  # copy(dst, src), in place
     sync: Callable[[], Any]  # wait for the device
-    host: Callable[[Any], np.ndarray]  # back to NumPy, for the result check
+    host: Callable[[Any], Any]  # what the result check reads: NumPy, or CuPy on the GPU
 
 
 def _numpy_arrays() -> _Arrays:
     return _Arrays(lambda h: h, np.copy, np.copyto, lambda: None, np.asarray)
 
 
-def _torch_arrays(device: str) -> _Arrays:
+def _torch_arrays() -> _Arrays:
     torch = _torch()
-    if device == "cpu":
-        return _Arrays(
-            torch.from_numpy,
-            lambda h: torch.from_numpy(h.copy()),
-            lambda dst, src: dst.copy_(src),
-            lambda: None,
-            lambda t: t.numpy(),
-        )
     return _Arrays(
-        lambda h: torch.from_numpy(h).to(device),
-        lambda h: torch.from_numpy(h).to(device),
+        torch.from_numpy,
+        lambda h: torch.from_numpy(h.copy()),
         lambda dst, src: dst.copy_(src),
-        torch.cuda.synchronize,
-        lambda t: t.cpu().numpy(),
+        lambda: None,
+        lambda t: t.numpy(),
     )
 
 
 def _cupy_arrays() -> _Arrays:
+    """CuPy arrays born on the device: the GPU trees never pass through the host."""
     cp = _load("cupy")
     return _Arrays(
-        cp.array, cp.array, cp.copyto, lambda: cp.cuda.Device().synchronize(), cp.asnumpy
+        lambda x: x,
+        lambda x: x.copy(),
+        cp.copyto,
+        cp.cuda.runtime.deviceSynchronize,  # every stream: torch's too
+        lambda x: x,  # checked on the device (_device_norm)
     )
+
+
+def _memcpy(dst: Any, src: Any) -> None:
+    """A device-to-device ``cudaMemcpyAsync`` of ``src`` into ``dst`` on CuPy's current stream."""
+    dst.data.copy_from_device_async(src.data, src.nbytes)
+
+
+def _torch_cuda() -> bool:
+    return bool(_torch().cuda.is_available())
+
+
+def _release_gpu() -> None:
+    """Hand the memory a tree held back to the device (CuPy's pool, torch's cache)."""
+    _load("cupy").get_default_memory_pool().free_all_blocks()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 @dataclass
 class _Data:
-    """One benchmark tree: its pristine NumPy leaves and their norm."""
+    """One benchmark tree: its pristine leaves and their float64 norm.
+
+    On the CPU the leaves are NumPy arrays; on the GPU they are CuPy views
+    into ``source``, one flat buffer drawn on the device, and ``measure``
+    (the result check) runs there.
+    """
 
     name: str
     tree: Tree
-    leaves: list[np.ndarray]
+    leaves: list[Any]
     norm: float
+    source: Any = None
+    measure: Callable[[list[Any]], float] = _norm
 
-    def flat(self) -> np.ndarray:
+    def flat(self) -> Any:
         """All leaves in one contiguous buffer (for the floor and the read pass)."""
+        if self.source is not None:
+            return self.source
         return np.concatenate([x.reshape(-1) for x in self.leaves])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(x.nbytes) for x in self.leaves)
+
+
+def _host_data(name: str, size_factor: int) -> _Data:
+    """A CPU backend's tree: :func:`make_tree`'s NumPy arrays."""
+    tree = make_tree(name, size_factor)
+    leaves: list[np.ndarray] = optree.tree_leaves(tree)
+    return _Data(name, tree, leaves, _norm(leaves))
+
+
+def _device_data(name: str, size_factor: int, dtype: Any) -> _Data:
+    """A GPU tree: views, in flattening order, into one buffer drawn on the device."""
+    shapes, spec = optree.tree_flatten(_build(name, _Shape, size_factor, gpu=True))
+    sizes = [math.prod(s.shape) for s in shapes]
+    source = _device_source(sum(sizes), dtype)
+    leaves, start = [], 0
+    for s, n in zip(shapes, sizes, strict=True):
+        leaves.append(source[start : start + n].reshape(s.shape))
+        start += n
+    tree = optree.tree_unflatten(spec, leaves)
+    return _Data(name, tree, leaves, _device_norm([source]), source, _device_norm)
 
 
 @dataclass(frozen=True)
@@ -255,14 +395,14 @@ class _Timed:
     fresh: Callable[[], None]  # fresh gradients into the buffers; the device idle after
     call: Callable[[], Any]  # the work being timed
     done: Callable[[Any], Any]  # wait for ``call``'s result (devices run asynchronously)
-    result: Callable[[Any], list[np.ndarray]]  # what ``call`` produced, on the host
+    result: Callable[[Any], list[Any]]  # what ``call`` produced, for _Data.measure
     # JAX rows: trace, lower and compile ``call``'s program ahead of time,
     # returning (seconds to trace and lower, seconds in all); see _measure_compile.
     compile: Callable[[], tuple[float, float]] | None = None
 
 
 def _in_place(
-    arrays: _Arrays, sources: list[np.ndarray], setup: Callable[[list[Any]], Callable[[], Any]]
+    arrays: _Arrays, sources: list[Any], setup: Callable[[list[Any]], Callable[[], Any]]
 ) -> _Timed:
     """A row that modifies its own copies of ``sources``.
 
@@ -359,11 +499,20 @@ def _flattree_row(ctx: _Context, data: _Data, max_norm: float) -> _Timed:
     arrays = ctx.arrays
     assert arrays is not None  # planned for in-place backends only
     pristine = optree.tree_map(arrays.pristine, data.tree)
-    flat, src = gc.FlatTree.from_tree(pristine), gc.FlatTree.from_tree(pristine)
+    flat = gc.FlatTree.from_tree(pristine)
+    if ctx.gpu:
+        # Refilled leaf by leaf through the FlatTree's views, straight from
+        # the pristine tree: a second FlatTree as the source would cost
+        # another copy of a 1B-element tree in device memory.
+        views: list[Any] = optree.tree_leaves(flat.tree)
+        pairs = list(zip(views, data.leaves, strict=True))
+    else:
+        src = gc.FlatTree.from_tree(pristine)
+        pairs = [(buf, src.buffers[dtype]) for dtype, buf in flat.buffers.items()]
 
     def fresh() -> None:
-        for dtype, buf in flat.buffers.items():
-            arrays.copy(buf, src.buffers[dtype])
+        for dst, s in pairs:
+            arrays.copy(dst, s)
         arrays.sync()
 
     return _Timed(
@@ -377,6 +526,8 @@ def _flattree_row(ctx: _Context, data: _Data, max_norm: float) -> _Timed:
 def _torch_row(ctx: _Context, data: _Data, max_norm: float) -> _Timed:
     assert ctx.anchor is not None
     torch = _torch()
+    if ctx.gpu:
+        return _in_place(ctx.anchor, data.leaves, _torch_dlpack_setup(max_norm))
 
     def setup(grads: list[Any]) -> Callable[[], Any]:
         # clip_grad_norm_ clips parameters' .grad and silently ignores plain
@@ -389,11 +540,33 @@ def _torch_row(ctx: _Context, data: _Data, max_norm: float) -> _Timed:
     return _in_place(ctx.anchor, data.leaves, setup)
 
 
+def _torch_dlpack_setup(max_norm: float) -> Callable[[list[Any]], Callable[[], Any]]:
+    """The torch row's setup on the GPU: the very CuPy buffers, zero-copy through DLPack."""
+    torch = _torch()
+
+    def setup(bufs: list[Any]) -> Callable[[], Any]:
+        params = []
+        for buf in bufs:
+            # The parameter's data aliases its gradient: clip_grad_norm_ reads
+            # and writes only .grad, and a separate torch.empty_like would
+            # hold another copy of the whole tree on the device.
+            p = torch.nn.Parameter(torch.from_dlpack(buf))
+            p.grad = torch.from_dlpack(buf)
+            params.append(p)
+        return lambda: torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+
+    return setup
+
+
 def _optax_row(ctx: _Context, data: _Data, max_norm: float) -> _Timed:
     return _jax_row(data, _optax_jax, max_norm)
 
 
 def _naive_row(ctx: _Context, data: _Data, max_norm: float) -> _Timed:
+    if ctx.gpu:
+        assert ctx.arrays is not None
+        return _in_place(ctx.arrays, data.leaves, lambda bufs: lambda: _naive_cupy(bufs, max_norm))
+
     def naive(leaves: list[np.ndarray]) -> None:
         # What a researcher writes: a sum of squares, then scale every leaf.
         norm = np.sqrt(sum(np.sum(g * g) for g in leaves))
@@ -404,18 +577,36 @@ def _naive_row(ctx: _Context, data: _Data, max_norm: float) -> _Timed:
     return _in_place(_numpy_arrays(), data.leaves, lambda bufs: lambda: naive(bufs))
 
 
+def _naive_cupy(grads: list[Any], max_norm: float) -> None:
+    """What a CuPy user writes: a reduction per leaf, then a multiply per leaf.
+
+    The scale stays a 0-d device array, so nothing waits for the GPU. The
+    sums are float32 (for float32 leaves that is CuPy's own choice), so that
+    bfloat16 leaves are not summed in bfloat16; the scale is cast to the
+    leaf's dtype (no copy for float32), as CuPy will not write a float32
+    product into a bfloat16 array in place with every ml_dtypes.
+    """
+    cp = _load("cupy")
+    norm = cp.sqrt(sum(cp.sum(g * g, dtype=cp.float32) for g in grads))
+    scale = cp.minimum(max_norm / (norm + EPS), 1.0)
+    for g in grads:
+        g *= scale.astype(g.dtype, copy=False)
+
+
 def _flat_kernel(ctx: _Context, max_norm: float, write: bool) -> tuple[_Arrays, Callable[..., Any]]:
     """The dot, and with ``write`` the in-place scaling, over one buffer on the anchor device."""
     if ctx.gpu:
         cp = _load("cupy")
+        assert ctx.arrays is not None
 
         def gpu(buf: Any) -> Any:
-            sq = cp.dot(buf, buf)
-            if write:
-                buf *= cp.minimum(max_norm / (cp.sqrt(sq) + EPS), 1.0)
+            sq = _sumsq("float32")(buf)  # one read pass, unlike cupy.dot (see _sumsq)
+            if write:  # the scale stays on the device: no host sync
+                scale = cp.minimum(max_norm / (cp.sqrt(sq) + EPS), 1.0)
+                buf *= scale.astype(buf.dtype, copy=False)
             return sq
 
-        return _cupy_arrays(), gpu
+        return ctx.arrays, gpu
     if ctx.anchor is not None:
         torch = _torch()
 
@@ -449,21 +640,80 @@ def _read_row(ctx: _Context, data: _Data, max_norm: float) -> _Timed:
     return _flat_row(ctx, data, max_norm, write=False)
 
 
+def _copy_row(ctx: _Context, data: _Data, max_norm: float) -> _Timed:
+    """A device-to-device copy of the whole tree as one flat buffer: the GPU floor's yardstick."""
+    arrays = ctx.arrays
+    assert arrays is not None  # planned on the GPU only
+    src = data.flat()
+    dst = arrays.new(src)
+
+    def fresh() -> None:
+        # Zeroed (as bytes: any dtype) so that the check sees what the copy wrote.
+        dst.view(np.uint8).fill(0)
+        arrays.sync()
+
+    return _Timed(fresh, lambda: _memcpy(dst, src), lambda _: arrays.sync(), lambda _: [dst])
+
+
+def _gpu_floor(nbytes: int, copy_ms: float) -> tuple[float, float]:
+    """The GPU floor from a timed device-to-device copy of ``nbytes``.
+
+    Parameters
+    ----------
+    nbytes : int
+        The tree's size in bytes, which the copy moved.
+    copy_ms : float
+        Milliseconds the copy took.
+
+    Returns
+    -------
+    floor_ms : float
+        ``FLOOR_PASSES * nbytes / bandwidth``: the norm's read, the scale's
+        read and its write, at the copy's speed.
+    bandwidth : float
+        Bytes per second the copy moved, reads and writes counted:
+        ``COPY_PASSES * nbytes / copy time``.
+    """
+    bandwidth = COPY_PASSES * nbytes / (copy_ms / 1e3)
+    return FLOOR_PASSES * nbytes / bandwidth * 1e3, bandwidth
+
+
+_FLOOR_LABEL = "floor: 3x bytes / copy bandwidth"
+
+
+def _floor_from_copy(copy: dict[str, Any], nbytes: int) -> tuple[dict[str, Any], float]:
+    """The GPU floor's row, derived from the copy row; and the copy's bandwidth in bytes/s."""
+    floor_ms, bandwidth = _gpu_floor(nbytes, copy["median_ms"])
+    factor = floor_ms / copy["median_ms"]
+    row = {
+        **copy,
+        "key": "floor",
+        "row": _FLOOR_LABEL,
+        "median_ms": floor_ms,
+        "min_ms": copy["min_ms"] * factor,
+        "times_ms": [t * factor for t in copy["times_ms"]],
+        "warmup_s": 0.0,
+        "derived_from": "copy",
+    }
+    return row, bandwidth
+
+
 @dataclass(frozen=True)
 class _Row:
-    key: str  # stable id: gradclip, flattree, torch, optax, naive, floor, read
+    key: str  # stable id: gradclip, flattree, torch, optax, naive, floor, read; GPU: flat, copy
     label: str
     make: Callable[[_Context, _Data, float], _Timed]
     cases: tuple[str, ...] = CASES
     numpy_memory: bool = False  # tracemalloc sees NumPy's allocations only
     jax: bool = False  # jitted: its compile is measured (see _measure_compile)
+    clips: bool = True  # False: the row must leave the norm unchanged (the copy)
 
 
 def _backend_arrays(backend: str) -> _Arrays | None:
     if backend == "numpy":
         return _numpy_arrays()
     if backend == "torch":
-        return _torch_arrays("cpu")
+        return _torch_arrays()
     if backend == "cupy":
         return _cupy_arrays()
     return None  # jax: no in-place buffers
@@ -486,16 +736,17 @@ def _plan(backend: str) -> tuple[_Context, list[_Row], list[str]]:
     if gpu and _cuda_devices() == 0:
         raise SystemExit("gradclip bench: --backend cupy needs a CUDA device; none found")
     notes: list[str] = []
+    arrays = _backend_arrays(backend)
     anchor: _Arrays | None = None
     if not _installed("torch"):
         notes.append("torch clip_grad_norm_: torch not installed, row left out")
     elif not gpu:
-        anchor = _torch_arrays("cpu")
-    elif _torch().cuda.is_available():
-        anchor = _torch_arrays("cuda")
+        anchor = _torch_arrays()
+    elif _torch_cuda():
+        anchor = arrays  # torch clips the CuPy buffers themselves, through DLPack
     else:
         notes.append("torch clip_grad_norm_: torch sees no CUDA device, row left out")
-    ctx = _Context(backend, _backend_arrays(backend), anchor, gpu)
+    ctx = _Context(backend, arrays, anchor, gpu)
 
     host = backend == "numpy"
     rows = [
@@ -511,19 +762,29 @@ def _plan(backend: str) -> tuple[_Context, list[_Row], list[str]]:
         label = f"gradclip FlatTree ({backend})"
         rows.append(_Row("flattree", label, _flattree_row, numpy_memory=host))
     if anchor is not None:
-        rows.append(_Row("torch", "torch clip_grad_norm_(foreach=True)", _torch_row))
-    if not (_installed("jax") and _installed("optax")):
+        label = "torch clip_grad_norm_(foreach=True)" + (", same memory (DLPack)" if gpu else "")
+        rows.append(_Row("torch", label, _torch_row))
+    if gpu:
+        # Not one of issue 5's anchors, and importing jax on a GPU would
+        # reserve 75% of its memory, which the 1B-element trees need.
+        notes.append("optax clip_by_global_norm: not a GPU anchor (issue 5), row left out")
+    elif not (_installed("jax") and _installed("optax")):
         notes.append("optax clip_by_global_norm: jax or optax not installed, row left out")
-    elif gpu and _load("jax").default_backend() == "cpu":
-        notes.append("optax clip_by_global_norm: jax sees no GPU, row left out")
     else:
         label = "optax clip_by_global_norm (jit, donated)"
         rows.append(_Row("optax", label, _optax_row, jax=True))
     if gpu:
-        notes.append("naive NumPy loop: runs on the CPU, not comparable on a GPU, row left out")
-    else:
-        rows.append(_Row("naive", "naive NumPy loop", _naive_row, numpy_memory=True))
-    where = "cupy" if gpu else "torch" if anchor is not None else "NumPy: torch not installed"
+        rows.append(_Row("naive", "naive CuPy loop", _naive_row))
+        # The floor itself is derived from the copy (see _floor_from_copy).
+        flat = "one flat buffer: sum of squares + in-place mul (cupy)"
+        rows.append(_Row("flat", flat, _floor_row, ("clip",)))
+        copy = "device-to-device copy, one flat buffer (cudaMemcpyAsync)"
+        rows.append(_Row("copy", copy, _copy_row, ("clip",), clips=False))
+        read = "one read pass: sum of squares (cupy)"
+        rows.append(_Row("read", read, _read_row, ("noclip",)))
+        return ctx, rows, notes
+    rows.append(_Row("naive", "naive NumPy loop", _naive_row, numpy_memory=True))
+    where = "torch" if anchor is not None else "NumPy: torch not installed"
     rows.append(_Row("floor", f"floor: dot + in-place mul ({where})", _floor_row, ("clip",)))
     rows.append(_Row("read", f"one read pass: dot ({where})", _read_row, ("noclip",)))
     return ctx, rows, notes
@@ -636,6 +897,8 @@ class _Target:
     # What is bounded: "anchor", the ratio to the section's anchor (the floor,
     # or with nothing to clip the read pass); "optax", the ratio to optax's
     # step time; "ms", milliseconds per call; "compile", seconds to compile.
+    # At least ``limit``: "bandwidth", the fraction of the floor's bandwidth
+    # reached (floor time / row time); "speedup", torch's time / the row's.
     per: str
 
     def describe(self) -> str:
@@ -643,6 +906,13 @@ class _Target:
         if self.per == "compile":
             return f"{self.tree}: {who} compile <= {self.limit:g} s"
         case = "clip" if self.case == "clip" else "no-clip"
+        if self.per == "bandwidth":
+            return f"{self.tree} {case}: {who} >= {self.limit:.0%} of the floor's bandwidth"
+        if self.per == "speedup":
+            return (
+                f"{self.tree} {case}: {who} >= {self.limit:g}x faster than "
+                "torch clip_grad_norm_(foreach=True)"
+            )
         if self.per == "ms":
             bound = f"{self.limit:g} ms per call"
         elif self.per == "optax":
@@ -652,15 +922,35 @@ class _Target:
         return f"{self.tree} {case}: {who} <= {bound}"
 
 
-# Per kind of target: the row's field it bounds, and that field's unit.
-_VALUE = {
-    "anchor": "ratio_anchor",
-    "optax": "ratio_optax",
-    "ms": "median_ms",
-    "compile": "compile_s",
+def _inverse(value: float | None) -> float | None:
+    return None if value is None or value <= 0 else 1.0 / value
+
+
+# Per kind of target: the value it bounds (from the row), and that value's unit.
+_VALUE: dict[str, Callable[[dict[str, Any]], float | None]] = {
+    "anchor": lambda r: r["ratio_anchor"],
+    "optax": lambda r: r["ratio_optax"],
+    "ms": lambda r: r["median_ms"],
+    "compile": lambda r: r["compile_s"],
+    "bandwidth": lambda r: _inverse(r["ratio_anchor"]),
+    "speedup": lambda r: _inverse(r["ratio_torch"]),
 }
-_UNIT = {"anchor": "ratio", "optax": "ratio", "ms": "ms", "compile": "s"}
-_SUFFIX = {"ratio": "x", "ms": " ms", "s": " s"}
+_AT_LEAST = frozenset({"bandwidth", "speedup"})  # met when value >= limit; the rest <=
+_UNIT = {
+    "anchor": "ratio",
+    "optax": "ratio",
+    "ms": "ms",
+    "compile": "s",
+    "bandwidth": "fraction",
+    "speedup": "speedup",
+}
+_FORMAT = {
+    "ratio": "{:.3g}x",
+    "ms": "{:.3g} ms",
+    "s": "{:.3g} s",
+    "fraction": "{:.1%}",
+    "speedup": "{:.3g}x faster",
+}
 
 # Per backend: the targets of the issue that built its fast path, checked
 # against the gradclip rows of that backend's run.
@@ -683,6 +973,16 @@ TARGETS: dict[str, tuple[_Target, ...]] = {
         _Target("small", "clip", "gradclip", 10.0, "compile"),
         *(_Target(tree, "noclip", "gradclip", 1.2, "anchor") for tree in TREES),
     ),
+    # Issue 5: the CuPy raw-kernel path on the GPU, the same for float32 and
+    # bfloat16 (--dtype). The floor is 3x the bytes at the copy bandwidth
+    # measured in the run; "60 us wall per call" includes the host's time.
+    "cupy": (
+        _Target("llm", "clip", "gradclip", 0.85, "bandwidth"),
+        _Target("huge", "clip", "gradclip", 0.85, "bandwidth"),
+        _Target("small", "clip", "gradclip", 0.060, "ms"),
+        _Target("small", "clip", "gradclip", 3.0, "speedup"),
+        *(_Target(tree, "noclip", "gradclip", 1.15, "anchor") for tree in TREES),
+    ),
 }
 
 
@@ -700,11 +1000,12 @@ def _targets(rows: list[dict[str, Any]], backend: str) -> list[dict[str, Any]]:
         optax = found.get((t.tree, t.case, "optax"))
         value = met = None
         if row is not None:
-            value = row[_VALUE[t.per]]
+            value = _VALUE[t.per](row)
             if t.per == "compile" and not row["xla_compiles"]:
                 value = None  # a cache hit, not a compile: nothing was measured
             if value is not None:
-                met = bool(value <= t.limit and row["check_ok"])
+                within = value >= t.limit if t.per in _AT_LEAST else value <= t.limit
+                met = bool(within and row["check_ok"])
         out.append(
             {
                 "target": t.describe(),
@@ -713,6 +1014,7 @@ def _targets(rows: list[dict[str, Any]], backend: str) -> list[dict[str, Any]]:
                 "row": t.key,
                 "limit": t.limit,
                 "unit": _UNIT[t.per],
+                "at_least": t.per in _AT_LEAST,
                 "value": value,
                 "met": met,
                 "ratio_torch": None if row is None else row["ratio_torch"],
@@ -732,7 +1034,7 @@ def _versions() -> dict[str, str | None]:
     """Installed versions, read from package metadata (nothing is imported)."""
     dists = importlib.metadata.packages_distributions()
     found: dict[str, str | None] = {"gradclip": gc.__version__}
-    for module in ("numpy", "torch", "jax", "jaxlib", "optax", "cupy", "rich"):
+    for module in ("numpy", "torch", "jax", "jaxlib", "optax", "cupy", "ml_dtypes", "rich"):
         names = dists.get(module, [])
         found[module] = importlib.metadata.version(names[0]) if names else None
     return found
@@ -768,8 +1070,29 @@ def _gpu_name() -> str | None:
     return None
 
 
-def _machine() -> dict[str, Any]:
-    return {
+def _gpu_device() -> dict[str, Any]:
+    """The CUDA device CuPy runs on: its model, size and CUDA versions."""
+    try:
+        runtime = _load("cupy").cuda.runtime
+        index = int(runtime.getDevice())
+        props = runtime.getDeviceProperties(index)
+        name = props.get("name", b"")
+        return {
+            "index": index,
+            "name": name.decode() if isinstance(name, bytes) else str(name),
+            "compute_capability": f"{props.get('major')}.{props.get('minor')}",
+            "multiprocessors": props.get("multiProcessorCount"),
+            "memory_bytes": props.get("totalGlobalMem"),
+            "l2_cache_bytes": props.get("l2CacheSize"),
+            "cuda_runtime": int(runtime.runtimeGetVersion()),
+            "cuda_driver": int(runtime.driverGetVersion()),
+        }
+    except Exception as exc:  # a report without these beats losing the run's timings
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _machine(gpu: bool = False) -> dict[str, Any]:
+    found = {
         "platform": platform.platform(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
@@ -779,6 +1102,9 @@ def _machine() -> dict[str, Any]:
         "hostname": platform.node(),
         "versions": _versions(),
     }
+    if gpu:
+        found["gpu_device"] = _gpu_device()
+    return found
 
 
 class _Progress:
@@ -827,6 +1153,23 @@ def _ratio(value: float, base: dict[str, Any] | None) -> float | None:
     return None if base is None else value / base["median_ms"]
 
 
+def _dtype(backend: str, dtype: str) -> Any:
+    """The NumPy-style dtype of ``--dtype`` on ``backend``, or a clear exit where it cannot run."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if dtype == "float32":
+        return np.float32
+    if backend != "cupy":
+        # The CPU backends' recorded results, and their targets, are float32.
+        raise SystemExit(
+            f"gradclip bench: --dtype {dtype} runs on --backend cupy only; "
+            f"--backend {backend} times float32 trees"
+        )
+    if not _installed("ml_dtypes"):
+        raise SystemExit(f"gradclip bench: --dtype {dtype} needs ml_dtypes, not installed")
+    return getattr(_load("ml_dtypes"), dtype)
+
+
 def bench(
     backend: str = "numpy",
     trees: Sequence[str] = TREES,
@@ -837,6 +1180,7 @@ def bench(
     size_factor: int = 1,
     skip: Sequence[str] = (),
     progress: bool = True,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """Run the benchmark and return its report.
 
@@ -844,6 +1188,8 @@ def bench(
     ----------
     backend : {"numpy", "torch", "jax", "cupy"}, default "numpy"
         The arrays gradclip clips; the anchors run on the same device.
+        ``cupy`` times the GPU trees (see :func:`tree_sizes`), drawn on the
+        device.
     trees : sequence of {"llm", "huge", "small"}
         The trees to time, in order.
     reps : int, default 15
@@ -862,15 +1208,23 @@ def bench(
         CPU, and leaves the targets measured against it unmeasured.
     progress : bool, default True
         Show progress on stderr.
+    dtype : {"float32", "bfloat16"}, default "float32"
+        The trees' element type. ``bfloat16`` (ml_dtypes' type, which CuPy
+        maps to CUDA's) runs on ``cupy`` only; the other backends exit with
+        a message.
 
     Returns
     -------
     dict
         JSON-ready: ``machine``, ``date``, ``settings``, ``notes`` (rows left
-        out), ``trees``, ``rows`` (figures and ratios) and ``targets``.
+        out, and on the GPU rows that failed), ``trees``, ``rows`` (figures
+        and ratios) and ``targets``.
     """
     skipped = {_skip_entry(entry) for entry in skip}
+    element = _dtype(backend, dtype)
     ctx, plan, notes = _plan(backend)
+    # On the GPU read first: after a scarce lease's timings nothing may fail.
+    machine = _machine(gpu=True) if ctx.gpu else None
 
     def runs(row: _Row, tree: str) -> bool:
         return (row.key, None) not in skipped and (row.key, tree) not in skipped
@@ -886,11 +1240,15 @@ def bench(
     started = time.perf_counter()
     with _Progress(total, progress) as bar:
         for name in trees:
-            tree = make_tree(name, size_factor)
-            leaves: list[np.ndarray] = optree.tree_leaves(tree)
-            data = _Data(name, tree, leaves, _norm(leaves))
-            sizes = [x.size for x in leaves]
-            tree_info[name] = {"leaves": len(sizes), "elements": sum(sizes), "norm": data.norm}
+            if ctx.gpu:
+                data = _device_data(name, size_factor, element)
+            else:
+                data = _host_data(name, size_factor)
+            sizes = [int(x.size) for x in data.leaves]
+            info: dict[str, Any] = {"leaves": len(sizes), "elements": sum(sizes), "norm": data.norm}
+            if ctx.gpu:
+                info.update(dtype=dtype, bytes=data.nbytes, copy_gb_per_s=None, floor_ms=None)
+            tree_info[name] = info
             if any(row.jax and runs(row, name) for row in plan):
                 # Compile times from scratch: no executable, trace or lowering
                 # left from an earlier tree or an earlier run in this process.
@@ -908,26 +1266,42 @@ def bench(
                     # measured in its first case, reused by the other.
                     first = row.jax and row.key not in compiled
                     compiled.add(row.key)
-                    section.append(
-                        _run_row(ctx, data, row, case, bound, reps, budget, compile=first)
-                    )
-                    done = section[-1]
+                    try:
+                        done = _run_row(ctx, data, row, case, bound, reps, budget, compile=first)
+                    except Exception as exc:
+                        if not ctx.gpu:
+                            raise
+                        # A GPU lease is short: one row that fails (out of
+                        # memory, a dtype a library lacks) is reported, and
+                        # the others still run.
+                        traceback.print_exc(file=sys.stderr)
+                        notes.append(f"{what}: FAILED, row left out: {type(exc).__name__}: {exc}")
+                        bar.done(what, "FAILED")
+                        continue
+                    section.append(done)
                     summary = f"{done['median_ms']:.3f} ms"
                     if done["compile_s"] is not None:
                         summary += f", compiled in {done['compile_s']:.1f} s"
                     bar.done(what, summary)
                 by_key = {r["key"]: r for r in section}
+                if ctx.gpu and case == "clip" and "copy" in by_key:
+                    floor, bandwidth = _floor_from_copy(by_key["copy"], data.nbytes)
+                    section.append(floor)
+                    by_key["floor"] = floor
+                    info.update(copy_gb_per_s=bandwidth / 1e9, floor_ms=floor["median_ms"])
                 anchor = by_key.get("floor" if case == "clip" else "read")
                 for r in section:
                     r["ratio_anchor"] = _ratio(r["median_ms"], anchor)
                     r["ratio_torch"] = _ratio(r["median_ms"], by_key.get("torch"))
                     r["ratio_optax"] = _ratio(r["median_ms"], by_key.get("optax"))
                 rows.extend(section)
-            del tree, leaves, data
+            del data
+            if ctx.gpu:
+                _release_gpu()
     return {
         "gradclip": gc.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": _machine(),
+        "machine": machine or _machine(),
         "settings": {
             "backend": backend,
             "trees": list(trees),
@@ -938,7 +1312,7 @@ def bench(
             "size_factor": size_factor,
             "skip": list(skip),
             "seed": SEED,
-            "dtype": "float32",
+            "dtype": dtype,
         },
         "notes": notes,
         "trees": tree_info,
@@ -976,8 +1350,9 @@ def _run_row(
     warmup = time.perf_counter() - start
     peak = _peak_bytes(timed) if row.numpy_memory else None
     times, out = _time(timed, reps, budget)
-    after = _norm(timed.result(out))
-    error = _norm_error(after, data.norm, max_norm)
+    after = data.measure(timed.result(out))
+    # A row that does not clip (the GPU's copy) must leave the norm as it was.
+    error = _norm_error(after, data.norm, max_norm if row.clips else NO_CLIP)
     ms = [t * 1e3 for t in times]
     return {
         "tree": data.name,
@@ -1059,7 +1434,7 @@ def _target_line(t: dict[str, Any]) -> str:
     verdict = {True: "PASS", False: "MISS", None: "n/a "}[t["met"]]
     if t["value"] is None:
         return f"  {verdict}  {t['target']}: not measured"
-    value = f"{t['value']:.3g}{_SUFFIX[t['unit']]}"
+    value = _FORMAT[t["unit"]].format(t["value"])
     if t["unit"] == "ms" and t["ratio_torch"] is not None:
         value += f" ({t['ratio_torch']:.2f}x torch foreach)"
     if t["unit"] == "s" and t["optax_compile_s"] is not None:
@@ -1081,8 +1456,9 @@ def format_report(report: dict[str, Any]) -> str:
         Lines ready to print.
     """
     s, machine = report["settings"], report["machine"]
+    gpu = s["backend"] == "cupy"
     lines = [
-        f"gradclip {report['gradclip']} bench: backend {s['backend']}, float32, "
+        f"gradclip {report['gradclip']} bench: backend {s['backend']}, {s['dtype']}, "
         f"at least {s['reps']} timed calls per row ({s['budget_s']:g} s budget); "
         f"{machine['cpu_count']} CPUs ({machine['cpu']})"
         + (f", GPU {machine['gpu']}" if machine["gpu"] else "")
@@ -1090,19 +1466,23 @@ def format_report(report: dict[str, Any]) -> str:
     lines += [f"note: {n}" for n in report["notes"]]
     for name in s["trees"]:
         info = report["trees"][name]
+        size = f"{info['leaves']} leaves, {info['elements'] / 1e6:.1f}M elements"
+        if gpu:
+            nbytes = info["bytes"]
+            amount = f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+            size += f" ({amount} {info['dtype']})"
+            if info["copy_gb_per_s"] is not None:
+                size += f", copy {info['copy_gb_per_s']:.0f} GB/s"
         for case in CASES:
             if case == "clip":
-                what = f"clip (max_norm={s['max_norm']:g}); x anchor = x floor"
+                floor = "x floor (3x bytes / copy bandwidth)" if gpu else "x floor"
+                what = f"clip (max_norm={s['max_norm']:g}); x anchor = {floor}"
             else:
                 what = f"no clip (max_norm={NO_CLIP:g}, scale 1); x anchor = x one read pass"
-            lines += [
-                "",
-                f"{name}: {info['leaves']} leaves, {info['elements'] / 1e6:.1f}M elements, "
-                f"norm {info['norm']:.4g} -- {what}",
-            ]
+            lines += ["", f"{name}: {size}, norm {info['norm']:.4g} -- {what}"]
             lines += _table([r for r in report["rows"] if r["tree"] == name and r["case"] == case])
     if report["targets"]:
-        lines += ["", "targets (gradclip rows):"]
+        lines += ["", f"targets (gradclip rows{', ' + s['dtype'] if gpu else ''}):"]
         lines += [_target_line(t) for t in report["targets"]]
     else:
         lines += ["", f"targets: none set for the {s['backend']} backend"]
@@ -1129,6 +1509,13 @@ def format_report(report: dict[str, Any]) -> str:
         "norm err: the norm after the call relative to min(norm, max_norm), minus 1 "
         "(float32 accumulation shows here); peak MB: tracemalloc, NumPy rows only"
     )
+    if gpu:
+        lines.append(
+            "floor (GPU): 3 passes over the tree's bytes (the norm's read, the scale's read "
+            "and write) at the bandwidth of the device-to-device copy timed in this run "
+            "(2 x bytes / copy time), so 1.5x the copy's time; '% of the floor's bandwidth' "
+            "= floor time / row time. Times are wall clock, a device sync included"
+        )
     if any(r["compile_s"] is not None for r in report["rows"]):
         lines.append(
             "compile s: jax.jit(f, donate_argnums=0).lower(grads, max_norm).compile(), "
@@ -1185,6 +1572,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tree", choices=(*TREES, "all"), default="all", help="tree to time (default all)"
     )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="element type of the trees (default float32); bfloat16 (ml_dtypes) on "
+        "--backend cupy only",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
     parser.add_argument(
         "--reps", type=_positive(int), default=15, help="timed calls per row, at least (default 15)"
@@ -1236,11 +1630,14 @@ def run(args: argparse.Namespace) -> int:
         max_norm=args.max_norm,
         size_factor=args.size_factor,
         skip=args.skip,
+        dtype=args.dtype,
     )
     command = (
         f"python -m gradclip bench --backend {args.backend} --tree {args.tree} "
         f"--reps {args.reps} --budget {args.budget:g} --max-norm {args.max_norm:g}"
     )
+    if args.dtype != "float32":
+        command += f" --dtype {args.dtype}"
     command += "".join(f" --skip {entry}" for entry in args.skip)
     if args.size_factor != 1:
         command += f" --size-factor {args.size_factor}"
