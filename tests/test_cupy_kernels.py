@@ -73,7 +73,7 @@ def test_nvrtc_compiles_without_warnings(arch: str) -> None:
         pytest.fail(f"_kernels.cu does not compile for {arch}:\n{nvrtc.getProgramLog(program)}")
     assert nvrtc.getProgramLog(program).strip() == ""
     cubin = nvrtc.getCUBIN(program)
-    for kernel in ("gc_norm", "gc_given", "gc_scale", "gc_clamp_kernel"):
+    for kernel in (*_launch._NORM_KERNELS.values(), "gc_given", "gc_scale", "gc_clamp_kernel"):
         assert kernel.encode() in cubin
 
 

@@ -5,15 +5,23 @@
 
 extern "C" {
 
-void emu_gc_norm(unsigned grid, const i64* tab, int n, int chunks, int nbig, i64 chunk, int kind,
-                 double p, int zero, int smallk, i64 total, double* wv, int* wi, char* out,
-                 int res64, int mode, int skip, double max_norm, double eps,
-                 const void* max_norm_at) {
-    gc_launch(grid, GC_THREADS, [=] {
-        gc_norm(tab, n, chunks, nbig, chunk, kind, p, zero, smallk, total, wv, wi, out, res64,
-                mode, skip, max_norm, eps, max_norm_at);
-    });
-}
+#define EMU_NORM(NAME)                                                                       \
+    void emu_##NAME(unsigned grid, const i64* tab, int n, int chunks, int nbig, i64 chunk,      \
+                    double p, int zero, int smallk, i64 total, double* wv, int* wi, char* out,  \
+                    int res64, int mode, int skip, double max_norm, double eps,                 \
+                    const void* max_norm_at) {                                                  \
+        gc_launch(grid, GC_THREADS, [=] {                                                       \
+            NAME(tab, n, chunks, nbig, chunk, p, zero, smallk, total, wv, wi, out, res64, mode, \
+                 skip, max_norm, eps, max_norm_at);                                             \
+        });                                                                                     \
+    }
+
+EMU_NORM(gc_norm_p2)
+EMU_NORM(gc_norm_p1)
+EMU_NORM(gc_norm_p)
+EMU_NORM(gc_norm_inf)
+EMU_NORM(gc_norm_neginf)
+EMU_NORM(gc_norm_zero)
 
 void emu_gc_given(unsigned grid, const void* norms, int count, const i64* sizes, char* out,
                   int res64, int mode, int skip, double max_norm, double eps,

@@ -37,7 +37,7 @@ typedef unsigned short u16;
 #define GC_C64 4
 #define GC_C128 5
 
-// norm kinds (_launch.KINDS)
+// norm kinds (one kernel each: _launch._NORM_KERNELS)
 #define GC_P 0
 #define GC_INF 1
 #define GC_NEGINF 2
@@ -254,25 +254,79 @@ template <int KIND, int PK> __device__ Acc gc_block_reduce(Acc a, double p) {
     return r;
 }
 
-// One thread's share of a chunk: elements t, t + T, t + 2T, ... Loads are
-// issued 8 at a time so that enough memory requests are in flight.
+// 16 bytes of a leaf: loaded and stored as one 128-bit access.
+template <typename T> struct __align__(16) Pack {
+    enum { N = 16 / sizeof(T) };
+    T v[N];
+};
+
+__device__ __forceinline__ bool gc_aligned(const void* p) { return ((u64)p & 15u) == 0; }
+
+// One thread's share of a chunk. Where the chunk is 16-byte aligned, packs
+// t, t + T, ... four at a time, so that 64 bytes per thread are in flight;
+// the rest (a tail, or a view at an odd offset) element by element.
 template <int C, int KIND, int PK>
 __device__ void gc_chunk(Acc& a, const void* base, i64 start, i64 n, double p, bool zero) {
     typedef typename Elem<C>::T T;
+    typedef Pack<T> P;
     const T* x = (const T*)base + start;
     Scale s;
     s.inv = GC_TWO_1023;
     s.hi = GC_TWO_M1022;
-    const int U = 8;
-    i64 i = threadIdx.x;
-    for (; i + (i64)(U - 1) * GC_THREADS < n; i += (i64)U * GC_THREADS) {
-        T v[U];
+    i64 done = 0;
+    if (gc_aligned(x)) {
+        const P* px = (const P*)x;
+        i64 packs = n / P::N, i = threadIdx.x;
+        for (; i + 3 * GC_THREADS < packs; i += 4 * GC_THREADS) {
+            P v[4];
 #pragma unroll
-        for (int u = 0; u < U; ++u) v[u] = x[i + (i64)u * GC_THREADS];
+            for (int u = 0; u < 4; ++u) v[u] = px[i + u * GC_THREADS];
 #pragma unroll
-        for (int u = 0; u < U; ++u) gc_add<KIND, PK>(a, s, Elem<C>::mag(v[u]), p, zero);
+            for (int u = 0; u < 4; ++u)
+#pragma unroll
+                for (int k = 0; k < P::N; ++k) gc_add<KIND, PK>(a, s, Elem<C>::mag(v[u].v[k]), p, zero);
+        }
+        for (; i < packs; i += GC_THREADS) {
+            P v = px[i];
+#pragma unroll
+            for (int k = 0; k < P::N; ++k) gc_add<KIND, PK>(a, s, Elem<C>::mag(v.v[k]), p, zero);
+        }
+        done = packs * P::N;
     }
-    for (; i < n; i += GC_THREADS) gc_add<KIND, PK>(a, s, Elem<C>::mag(x[i]), p, zero);
+    for (i64 i = done + threadIdx.x; i < n; i += GC_THREADS)
+        gc_add<KIND, PK>(a, s, Elem<C>::mag(x[i]), p, zero);
+}
+
+// y[i] = op(x[i]) over one chunk, by packs where source and destination are
+// both aligned (four packs in flight per thread), else element by element.
+template <typename T, typename Op>
+__device__ void gc_map(const T* x, T* y, i64 n, const Op& op) {
+    typedef Pack<T> P;
+    i64 done = 0;
+    if (gc_aligned(x) && gc_aligned(y)) {
+        const P* px = (const P*)x;
+        P* py = (P*)y;
+        i64 packs = n / P::N, i = threadIdx.x;
+        for (; i + 3 * GC_THREADS < packs; i += 4 * GC_THREADS) {
+            P v[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) v[u] = px[i + u * GC_THREADS];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+#pragma unroll
+                for (int k = 0; k < P::N; ++k) v[u].v[k] = op(v[u].v[k]);
+                py[i + u * GC_THREADS] = v[u];
+            }
+        }
+        for (; i < packs; i += GC_THREADS) {
+            P v = px[i];
+#pragma unroll
+            for (int k = 0; k < P::N; ++k) v.v[k] = op(v.v[k]);
+            py[i] = v;
+        }
+        done = packs * P::N;
+    }
+    for (i64 i = done + threadIdx.x; i < n; i += GC_THREADS) y[i] = op(x[i]);
 }
 
 // ----------------------------------------------------------------- the table
@@ -485,31 +539,33 @@ __device__ void gc_norm_body(const Table& t, const Work& w, i64 chunk, double p,
     if (threadIdx.x == 0) *w.ticket = 0u;  // ready for the next launch on this stream
 }
 
-// Grid: max(chunks, 1) blocks of GC_THREADS threads.
-extern "C" __global__ void gc_norm(const i64* tab, int n, int chunks, int nbig, i64 chunk,
-                                   int kind, double p, int zero, int smallk, i64 total,
-                                   double* wv, int* wi, char* out, int res64, int mode, int skip,
-                                   double max_norm, double eps, const void* max_norm_at) {
-    Table t = gc_table(tab, n, chunks, nbig);
-    Work w = gc_work(wv, wi, n, chunks);
-    Out o;
-    o.base = out;
-    o.n = n;
-    o.res64 = res64;
-    Bound b;
-    b.mode = mode;
-    b.skip = skip;
-    b.max_norm = max_norm;
-    b.eps = eps;
-    b.max_norm_at = max_norm_at;
-    bool z = zero != 0;
-    if (kind == GC_INF) gc_norm_body<GC_INF, 0>(t, w, chunk, p, z, smallk, total, o, b);
-    else if (kind == GC_NEGINF) gc_norm_body<GC_NEGINF, 0>(t, w, chunk, p, z, smallk, total, o, b);
-    else if (kind == GC_ZERO) gc_norm_body<GC_ZERO, 0>(t, w, chunk, p, z, smallk, total, o, b);
-    else if (p == 2.0) gc_norm_body<GC_P, 2>(t, w, chunk, p, z, smallk, total, o, b);
-    else if (p == 1.0) gc_norm_body<GC_P, 1>(t, w, chunk, p, z, smallk, total, o, b);
-    else gc_norm_body<GC_P, 0>(t, w, chunk, p, z, smallk, total, o, b);
-}
+// One kernel per kind of norm, each compiled for just that kind (fewer
+// registers, more blocks per SM). Grid: max(chunks, 1) blocks of GC_THREADS.
+#define GC_NORM_KERNEL(NAME, KIND, PK)                                                        \
+    extern "C" __global__ void NAME(const i64* tab, int n, int chunks, int nbig, i64 chunk,    \
+                                    double p, int zero, int smallk, i64 total, double* wv,     \
+                                    int* wi, char* out, int res64, int mode, int skip,         \
+                                    double max_norm, double eps, const void* max_norm_at) {    \
+        Out o;                                                                                 \
+        o.base = out;                                                                          \
+        o.n = n;                                                                               \
+        o.res64 = res64;                                                                       \
+        Bound b;                                                                               \
+        b.mode = mode;                                                                         \
+        b.skip = skip;                                                                         \
+        b.max_norm = max_norm;                                                                 \
+        b.eps = eps;                                                                           \
+        b.max_norm_at = max_norm_at;                                                           \
+        gc_norm_body<KIND, PK>(gc_table(tab, n, chunks, nbig), gc_work(wv, wi, n, chunks),     \
+                               chunk, p, zero != 0, smallk, total, o, b);                      \
+    }
+
+GC_NORM_KERNEL(gc_norm_p2, GC_P, 2)
+GC_NORM_KERNEL(gc_norm_p1, GC_P, 1)
+GC_NORM_KERNEL(gc_norm_p, GC_P, 0)
+GC_NORM_KERNEL(gc_norm_inf, GC_INF, 0)
+GC_NORM_KERNEL(gc_norm_neginf, GC_NEGINF, 0)
+GC_NORM_KERNEL(gc_norm_zero, GC_ZERO, 0)
 
 // Scales from norms given by the caller (norm=...): one thread per entry.
 // Grid: enough blocks for `count` entries (1 for a global norm).
@@ -540,45 +596,77 @@ extern "C" __global__ void gc_given(const void* norms, int count, const i64* siz
 __device__ __forceinline__ bool gc_finite(float x) { return fabsf(x) <= GC_FLT_MAX; }
 __device__ __forceinline__ bool gc_finite(double x) { return fabs(x) <= GC_DBL_MAX; }
 
-// Multiply one chunk by s; `zero`: NaN/inf entries become 0.
+// x * s in the leaf's dtype; `zero`: NaN/inf entries become 0. `s` is the
+// scale already rounded to the leaf's (real) dtype, as the generic path's astype.
+template <int C> struct ScaleOp;
+template <> struct ScaleOp<GC_F16> {
+    float s;
+    bool zero;
+    __device__ __forceinline__ u16 operator()(u16 x) const {
+        float v = gc_half_to_float(x);
+        return gc_float_to_half(zero && !gc_finite(v) ? 0.0f : v * s);  // the product is exact
+    }
+};
+template <> struct ScaleOp<GC_BF16> {
+    float s;
+    bool zero;
+    __device__ __forceinline__ u16 operator()(u16 x) const {
+        float v = gc_bf16_to_float(x);
+        return gc_float_to_bf16(zero && !gc_finite(v) ? 0.0f : v * s);
+    }
+};
+template <> struct ScaleOp<GC_F32> {
+    float s;
+    bool zero;
+    __device__ __forceinline__ float operator()(float x) const {
+        return zero && !gc_finite(x) ? 0.0f : x * s;
+    }
+};
+template <> struct ScaleOp<GC_F64> {
+    double s;
+    bool zero;
+    __device__ __forceinline__ double operator()(double x) const {
+        return zero && !gc_finite(x) ? 0.0 : x * s;
+    }
+};
+template <> struct ScaleOp<GC_C64> {
+    float s;
+    bool zero;
+    __device__ __forceinline__ gc_c64 operator()(gc_c64 x) const {
+        bool bad = zero && !(gc_finite(x.re) && gc_finite(x.im));
+        gc_c64 r;
+        r.re = bad ? 0.0f : x.re * s;
+        r.im = bad ? 0.0f : x.im * s;
+        return r;
+    }
+};
+template <> struct ScaleOp<GC_C128> {
+    double s;
+    bool zero;
+    __device__ __forceinline__ gc_c128 operator()(gc_c128 x) const {
+        bool bad = zero && !(gc_finite(x.re) && gc_finite(x.im));
+        gc_c128 r;
+        r.re = bad ? 0.0 : x.re * s;
+        r.im = bad ? 0.0 : x.im * s;
+        return r;
+    }
+};
+
+// The scale (result dtype, float32 or float64) rounded once to leaf dtype C.
+template <int C> __device__ float gc_scale_in(double s, bool res64) {
+    if (C == GC_F16) return gc_half_to_float(gc_float_to_half(res64 ? gc_round_odd(s) : (float)s));
+    if (C == GC_BF16) return gc_bf16_to_float(gc_float_to_bf16(res64 ? gc_round_odd(s) : (float)s));
+    return (float)s;
+}
+
 template <int C>
 __device__ void gc_scale_chunk(const void* src, void* dst, i64 start, i64 n, double s, bool res64,
                                bool zero) {
     typedef typename Elem<C>::T T;
-    const T* x = (const T*)src + start;
-    T* y = (T*)dst + start;
-    // The scale in the leaf's (real) dtype, rounded once, as the generic path's astype.
-    float sf = (float)s;
-    if (C == GC_F16) sf = gc_half_to_float(gc_float_to_half(res64 ? gc_round_odd(s) : (float)s));
-    if (C == GC_BF16) sf = gc_bf16_to_float(gc_float_to_bf16(res64 ? gc_round_odd(s) : (float)s));
-    for (i64 i = threadIdx.x; i < n; i += GC_THREADS) {
-        if (C == GC_F16 || C == GC_BF16) {
-            u16 bits = ((const u16*)x)[i];
-            float v = C == GC_F16 ? gc_half_to_float(bits) : gc_bf16_to_float(bits);
-            float r = zero && !gc_finite(v) ? 0.0f : v * sf;
-            ((u16*)y)[i] = C == GC_F16 ? gc_float_to_half(r) : gc_float_to_bf16(r);
-        } else if (C == GC_F32) {
-            float v = ((const float*)x)[i];
-            ((float*)y)[i] = zero && !gc_finite(v) ? 0.0f : v * sf;
-        } else if (C == GC_F64) {
-            double v = ((const double*)x)[i];
-            ((double*)y)[i] = zero && !gc_finite(v) ? 0.0 : v * s;
-        } else if (C == GC_C64) {
-            gc_c64 v = ((const gc_c64*)x)[i];
-            bool bad = zero && !(gc_finite(v.re) && gc_finite(v.im));
-            gc_c64 r;
-            r.re = bad ? 0.0f : v.re * sf;
-            r.im = bad ? 0.0f : v.im * sf;
-            ((gc_c64*)y)[i] = r;
-        } else {
-            gc_c128 v = ((const gc_c128*)x)[i];
-            bool bad = zero && !(gc_finite(v.re) && gc_finite(v.im));
-            gc_c128 r;
-            r.re = bad ? 0.0 : v.re * s;
-            r.im = bad ? 0.0 : v.im * s;
-            ((gc_c128*)y)[i] = r;
-        }
-    }
+    ScaleOp<C> op;
+    op.s = (C == GC_F64 || C == GC_C128) ? s : gc_scale_in<C>(s, res64);
+    op.zero = zero;
+    gc_map<T>((const T*)src + start, (T*)dst + start, n, op);
 }
 
 // Where chunk c's leaf is written: in place, or at out_base + out_offset[leaf].
@@ -623,37 +711,44 @@ struct Bounds {
     int has_lo, has_hi;
 };
 
-template <typename V> __device__ __forceinline__ V gc_clamp(V v, V lo, V hi, const Bounds& b, bool zero) {
-    if (zero && !gc_finite(v)) v = (V)0;
-    if (b.has_lo && v == v) v = v < lo ? lo : v;  // maximum()/minimum() propagate NaN
-    if (b.has_hi && v == v) v = v > hi ? hi : v;
-    return v;
-}
+// max(lo), then min(hi), in the leaf's dtype; maximum() and minimum()
+// propagate NaN. Half and bfloat16 entries left unchanged keep their bits.
+template <int C> struct ClampOp {
+    typedef typename Elem<C>::T T;
+    Bounds b;
+    bool zero, keep;
+
+    template <typename V> __device__ __forceinline__ V clamp(V v, V lo, V hi) const {
+        if (zero && !gc_finite(v)) v = (V)0;
+        if (b.has_lo && v == v) v = v < lo ? lo : v;
+        if (b.has_hi && v == v) v = v > hi ? hi : v;
+        return v;
+    }
+
+    __device__ __forceinline__ T operator()(T x) const {
+        if (keep) return x;  // nonfinite="skip" found NaN/inf: returned unchanged
+        if (C == GC_F32) return (T)clamp<float>((float)x, b.lof, b.hif);
+        if (C == GC_F64) return (T)clamp<double>((double)x, b.lod, b.hid);
+        bool h = C == GC_F16;
+        u32 bits = (u32)x;
+        float v = h ? gc_half_to_float(bits) : gc_bf16_to_float(bits);
+        float lo = h ? gc_half_to_float(b.lo16) : gc_bf16_to_float(b.lob);
+        float hi = h ? gc_half_to_float(b.hi16) : gc_bf16_to_float(b.hib);
+        float r = clamp<float>(v, lo, hi);
+        if (r == v || r != r) return x;
+        return (T)(h ? gc_float_to_half(r) : gc_float_to_bf16(r));
+    }
+};
 
 template <int C>
 __device__ void gc_clamp_chunk(const void* src, void* dst, i64 start, i64 n, const Bounds& b,
                                bool zero, bool keep) {
     typedef typename Elem<C>::T T;
-    const T* x = (const T*)src + start;
-    T* y = (T*)dst + start;
-    for (i64 i = threadIdx.x; i < n; i += GC_THREADS) {
-        if (keep) {  // nonfinite="skip" found NaN/inf: the leaves are returned unchanged
-            y[i] = x[i];
-        } else if (C == GC_F16 || C == GC_BF16) {
-            u16 bits = ((const u16*)x)[i];
-            bool h = C == GC_F16;
-            float v = h ? gc_half_to_float(bits) : gc_bf16_to_float(bits);
-            float lo = h ? gc_half_to_float(b.lo16) : gc_bf16_to_float(b.lob);
-            float hi = h ? gc_half_to_float(b.hi16) : gc_bf16_to_float(b.hib);
-            float r = gc_clamp<float>(v, lo, hi, b, zero);
-            // Unchanged entries keep their bits (a NaN's payload, say).
-            ((u16*)y)[i] = r == v || r != r ? bits : (h ? gc_float_to_half(r) : gc_float_to_bf16(r));
-        } else if (C == GC_F32) {
-            ((float*)y)[i] = gc_clamp<float>(((const float*)x)[i], b.lof, b.hif, b, zero);
-        } else {
-            ((double*)y)[i] = gc_clamp<double>(((const double*)x)[i], b.lod, b.hid, b, zero);
-        }
-    }
+    ClampOp<C> op;
+    op.b = b;
+    op.zero = zero;
+    op.keep = keep;
+    gc_map<T>((const T*)src + start, (T*)dst + start, n, op);
 }
 
 // Grid: chunks blocks. Complex leaves are not clamped here (the launcher

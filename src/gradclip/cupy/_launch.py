@@ -29,7 +29,6 @@ import numpy as np
 __all__ = [
     "CHUNK",
     "CODES",
-    "KINDS",
     "MODES",
     "OPTIONS",
     "THREADS",
@@ -49,7 +48,15 @@ OPTIONS = ("-std=c++17", f"-DGC_THREADS={THREADS}")
 
 # dtype name -> GC_F16 ... GC_C128 in the source.
 CODES = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3, "complex64": 4, "complex128": 5}
-KINDS = {"p": 0, "inf": 1, "-inf": 2, "zero": 3}
+# (kind, p) -> the norm kernel compiled for it; p None: any p.
+_NORM_KERNELS = {
+    ("p", 2.0): "gc_norm_p2",
+    ("p", 1.0): "gc_norm_p1",
+    ("p", None): "gc_norm_p",
+    ("inf", None): "gc_norm_inf",
+    ("-inf", None): "gc_norm_neginf",
+    ("zero", None): "gc_norm_zero",
+}
 MODES = {"global": 0, "leaf": 1, "rms": 2}
 _CACHE_SIZE = 16  # tree layouts kept per process
 
@@ -237,12 +244,11 @@ def norm(
 ) -> None:
     """Per-leaf and global norms into ``out`` and, per ``mode``, the scales."""
     dev.launch(
-        "gc_norm",
+        _NORM_KERNELS.get((kind, p), _NORM_KERNELS[kind, None]),
         max(lay.chunks, 1),
         (
             *lay.head(),
             np.int64(dev.chunk),
-            np.int32(KINDS[kind]),
             np.float64(p),
             np.int32(zero),
             np.int32(dev.smallk),
