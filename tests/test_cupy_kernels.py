@@ -31,8 +31,11 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 REAL = ("float16", "bfloat16", "float32", "float64")
 DTYPES = (*REAL, "complex64", "complex128")
 ORDS = (2.0, 1.0, 3.5, math.inf, -math.inf, 0.0)
-SIZES = (5, 0, 1, 96, 97, 700, 300)  # 700: 8 chunks, merged by the whole block
-THREADS, CHUNK, SMALLK = 16, 96, 2
+# Few threads and small chunks, so that leaves span several blocks, the
+# four-packs-deep loops run, and leaves of more than SMALLK chunks (700, 2500)
+# are merged by the whole last block.
+THREADS, CHUNK, SMALLK = 4, 256, 2
+SIZES = (5, 0, 1, 96, 97, 700, 300, 2500)
 
 
 def _dtype(name: str) -> np.dtype:
@@ -300,7 +303,7 @@ def test_raise_names_the_leaf_and_writes_nothing(dev: cuda_emulator.EmuDevice, f
     kwargs: dict[str, object] = {"p": 2.0, "nonfinite": "raise"}
     if fn != "global_norm":
         kwargs |= {"max_norm": 1.0, "eps": 1e-6, "norm": None, "inplace": True}
-    names = ["a", "b", "c", "d", "e", "weights['f']", "g"]
+    names = ["a", "b", "c", "d", "e", "weights['f']", "g", "h"]
     with pytest.raises(NonFiniteError, match=r"leaf weights\['f'\];"):
         getattr(_fast, fn)(xp, leaves, names, device=dev, **kwargs)
     _leaves_close(leaves, originals, exact=True)
