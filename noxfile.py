@@ -1,7 +1,9 @@
 """Developer sessions for gradclip.
 
-Plain ``nox`` runs ``lint``, one ``tests`` session per backend (CPU only) and
-``jax_sharded`` (sharded JAX arrays on 8 CPU host devices).
+Plain ``nox`` runs ``lint``, one ``tests`` session per backend (CPU only),
+``jax_sharded`` (sharded JAX arrays on 8 CPU host devices) and ``gpu`` (the
+CuPy kernels on a CUDA device, in the Python that already has CuPy; it skips,
+saying why, where there is no device).
 ``nox -s bench`` (never run by plain ``nox``) times gradclip against its
 anchors and records ``benchmarks/results/bench-{numpy,jax}-cpu.json``;
 arguments after ``--`` replace that default, e.g. ``nox -s bench -- --tree small``.
@@ -12,13 +14,16 @@ go to pytest, e.g. ``nox -s "tests(numpy)" -- -x -k global_norm``.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 
 import nox
 
 nox.needs_version = ">=2025.2.9"  # nox.project.dependency_groups
 # "tests" runs every backend parametrisation; jax_sharded needs a process of
 # its own, since XLA's device count is fixed when JAX starts.
-nox.options.sessions = ["lint", "tests", "jax_sharded"]
+nox.options.sessions = ["lint", "tests", "jax_sharded", "gpu"]
 # Reuse venvs between runs; every run still pip-installs, so a changed
 # pyproject.toml or pin is picked up (a fresh clone simply builds them).
 nox.options.reuse_venv = "yes"
@@ -73,6 +78,88 @@ def jax_sharded(session: nox.Session) -> None:
         "GRADCLIP_REQUIRE_DEVICES": "8",
     }
     session.run("pytest", "tests/test_jax_sharding.py", *session.posargs, env=env)
+
+
+# What the gpu session needs from the interpreter it runs in (it installs
+# nothing), checked in a subprocess: the modules, then a CUDA device.
+GPU_MODULES = ("numpy", "array_api_compat", "optree", "ml_dtypes", "pytest", "cupy")
+GPU_PROBE = """
+import importlib.util, sys
+missing = [m for m in sys.argv[1:] if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit("it lacks " + ", ".join(missing))
+import cupy
+try:
+    count = cupy.cuda.runtime.getDeviceCount()
+except Exception as exc:  # no driver: CuPy raises its own errors
+    sys.exit(f"CuPy sees no CUDA device ({type(exc).__name__}: {exc})")
+if count < 1:
+    sys.exit("CuPy sees no CUDA device")
+"""
+
+
+def _gpu_python() -> tuple[str | None, list[str]]:
+    """The first interpreter with CuPy, pytest and a CUDA device, and why the others were not."""
+    chosen = os.environ.get("GRADCLIP_GPU_PYTHON")
+    found = (
+        [chosen] if chosen else [sys.executable, shutil.which("python3"), shutil.which("python")]
+    )
+    reasons = []
+    for python in dict.fromkeys(p for p in found if p):
+        try:
+            probe = subprocess.run(
+                [python, "-c", GPU_PROBE, *GPU_MODULES], capture_output=True, text=True, timeout=300
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            reasons.append(f"{python}: {exc}")
+            continue
+        if probe.returncode == 0:
+            return python, reasons
+        lines = (probe.stderr or probe.stdout).strip().splitlines()
+        reasons.append(f"{python}: {lines[-1] if lines else f'exit status {probe.returncode}'}")
+    return None, reasons
+
+
+@nox.session(venv_backend="none")
+def gpu(session: nox.Session) -> None:
+    """The CuPy kernels on a CUDA device: tests/test_cupy_gpu.py, then the suite on CuPy leaves.
+
+    GPU machines may have no network, so this makes no virtualenv and installs
+    nothing: it runs pytest in the first Python that has CuPy, pytest,
+    ml_dtypes and gradclip's dependencies and sees a CUDA device
+    (``GRADCLIP_GPU_PYTHON`` if set, else nox's own Python, ``python3``,
+    ``python``), importing gradclip from ``src/``. Where there is none it skips
+    with the reasons, so plain ``nox`` stays green on CPU machines. JAX is kept
+    on the CPU (as in the CPU sessions) and off the GPU's memory. Arguments
+    after ``--`` go to both pytest runs. Without nox, the same runs are::
+
+        PYTHONPATH=src python -m pytest tests/test_cupy_gpu.py
+        PYTHONPATH=src GRADCLIP_TEST_BACKENDS=cupy JAX_PLATFORMS=cpu \\
+            python -m pytest tests src -q --ignore=tests/test_cupy_gpu.py
+    """
+    python, reasons = _gpu_python()
+    if python is None:
+        session.skip("no Python here runs CuPy on a CUDA device; " + "; ".join(reasons))
+    env = {
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [os.path.abspath("src"), os.environ.get("PYTHONPATH")])
+        ),
+        "GRADCLIP_TEST_BACKENDS": "cupy",
+        "JAX_PLATFORMS": "cpu",
+        "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+    }
+    session.log(f"using {python}")
+    # Exit status 5, no test selected, is fine: a ``-k`` given after ``--``
+    # may select tests of one run only.
+    done = [0, 5]
+    session.run(
+        python, "-m", "pytest", "tests/test_cupy_gpu.py", *session.posargs,
+        env=env, success_codes=done,
+    )  # fmt: skip
+    session.run(
+        python, "-m", "pytest", "tests", "src", "-q", "--ignore=tests/test_cupy_gpu.py",
+        *session.posargs, env=env, success_codes=done,
+    )  # fmt: skip
 
 
 @nox.session
