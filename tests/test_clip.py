@@ -282,6 +282,18 @@ def test_skip_leaves_everything_unchanged(xp, bad):
         np.testing.assert_array_equal(xp.numpy(tree["good"]), [3.0, 4.0])
 
 
+@pytest.mark.parametrize("fused", [None, False])
+def test_skip_leaves_infinite_complex_entries_unchanged(xp, fused):
+    # x * (1 + 0j) makes inf + nanj: the skipped leaf must come back as it was.
+    need(xp, "complex64")
+    z = np.array([1 + 1j, complex(math.inf, 1.0), complex(2.0, -math.inf)], np.complex64)
+    tree = {"z": xp.array(z, "complex64"), "w": xp.array(np.array([3.0, 4.0]), "float32")}
+    for per_leaf in (False, True):
+        fn = gc.clip_by_norm if per_leaf else gc.clip_by_global_norm
+        out, _ = fn(tree, 1.0, nonfinite="skip", fused=fused)
+        assert xp.numpy(out["z"]).tobytes() == z.tobytes()
+
+
 def test_skip_still_clips_finite_trees(xp):
     leaves, _ = _leaves(xp)
     out, stats = gc.clip_by_global_norm(leaves, 1.0, nonfinite="skip")

@@ -300,7 +300,14 @@ class Plan:
     def scaled(self, index: int, block: Any, scale: Any, zero_nonfinite: bool) -> Any:
         """``block * scale`` in leaf ``index``'s dtype, NaN/inf entries zeroed if asked."""
         xp = self.xp
-        out = block * xp.astype(scale, self.real_dtype(index))
+        factor = xp.astype(scale, self.real_dtype(index))
+        out = block * factor
+        info = self._infos[index]
+        if info is not None and info.complex:
+            # The libraries multiply by the complex factor + 0j, which turns
+            # inf into inf + nanj: a scale of 1 (nonfinite="skip") must leave
+            # the leaf as it is.
+            out = xp.where(factor == 1, block, out)
         if zero_nonfinite:
             out = xp.where(xp.isfinite(block), out, xp.zeros_like(out))
         return _compat.as_array(out)
