@@ -26,6 +26,7 @@ inline std::barrier<>* gc_block_barrier = nullptr;
 #define __global__
 #define __device__
 #define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
 #define __align__(n) alignas(n)
 #define __shared__ static
 #define __syncthreads() gc_block_barrier->arrive_and_wait()

@@ -171,6 +171,16 @@ struct Scale {
     double inv, hi;
 };
 
+// A new largest element: rescale the sum (exactly). Rare, so kept out of
+// line: inlined into every unrolled element it made compiling take minutes.
+template <int PK> __device__ __noinline__ void gc_rescale(Acc& a, Scale& s, double m, double p) {
+    int e = ilogb(m);
+    a.v *= gc_pow2p<PK>(a.e - e, p);
+    a.e = e;
+    s.inv = ldexp(1.0, -e);
+    s.hi = ldexp(1.0, e + 1);
+}
+
 template <int KIND, int PK>
 __device__ __forceinline__ void gc_add(Acc& a, Scale& s, double m, double p, bool zero) {
     if (!(m <= GC_DBL_MAX)) {  // NaN or inf: flagged; the policy decides at the end
@@ -186,13 +196,7 @@ __device__ __forceinline__ void gc_add(Acc& a, Scale& s, double m, double p, boo
     } else if (KIND == GC_ZERO) {
         a.v += m != 0.0 ? 1.0 : 0.0;
     } else {
-        if (m >= s.hi) {  // a new largest element: rescale the sum (exactly)
-            int e = ilogb(m);
-            a.v *= gc_pow2p<PK>(a.e - e, p);
-            a.e = e;
-            s.inv = ldexp(1.0, -e);
-            s.hi = ldexp(1.0, e + 1);
-        }
+        if (m >= s.hi) gc_rescale<PK>(a, s, m, p);
         a.v += gc_powp<PK>(m * s.inv, p);
     }
 }
@@ -711,45 +715,64 @@ struct Bounds {
     int has_lo, has_hi;
 };
 
-// max(lo), then min(hi), in the leaf's dtype; maximum() and minimum()
-// propagate NaN. Half and bfloat16 entries left unchanged keep their bits.
-template <int C> struct ClampOp {
-    typedef typename Elem<C>::T T;
-    Bounds b;
-    bool zero, keep;
-
-    template <typename V> __device__ __forceinline__ V clamp(V v, V lo, V hi) const {
+// max(lo), then min(hi), in the leaf's dtype (V: float for half, bfloat16
+// and float32, double for float64); maximum() and minimum() propagate NaN.
+template <typename V> struct Clamp {
+    V lo, hi;
+    bool has_lo, has_hi, zero;
+    __device__ __forceinline__ V operator()(V v) const {
         if (zero && !gc_finite(v)) v = (V)0;
-        if (b.has_lo && v == v) v = v < lo ? lo : v;
-        if (b.has_hi && v == v) v = v > hi ? hi : v;
+        if (has_lo && v == v) v = v < lo ? lo : v;
+        if (has_hi && v == v) v = v > hi ? hi : v;
         return v;
-    }
-
-    __device__ __forceinline__ T operator()(T x) const {
-        if (keep) return x;  // nonfinite="skip" found NaN/inf: returned unchanged
-        if (C == GC_F32) return (T)clamp<float>((float)x, b.lof, b.hif);
-        if (C == GC_F64) return (T)clamp<double>((double)x, b.lod, b.hid);
-        bool h = C == GC_F16;
-        u32 bits = (u32)x;
-        float v = h ? gc_half_to_float(bits) : gc_bf16_to_float(bits);
-        float lo = h ? gc_half_to_float(b.lo16) : gc_bf16_to_float(b.lob);
-        float hi = h ? gc_half_to_float(b.hi16) : gc_bf16_to_float(b.hib);
-        float r = clamp<float>(v, lo, hi);
-        if (r == v || r != r) return x;
-        return (T)(h ? gc_float_to_half(r) : gc_float_to_bf16(r));
     }
 };
 
+// Half and bfloat16 entries as bits: widened, clamped, and rounded back;
+// entries left unchanged keep their bits.
+template <bool HALF> struct Clamp16 {
+    Clamp<float> c;
+    __device__ __forceinline__ u16 operator()(u16 x) const {
+        float v = HALF ? gc_half_to_float(x) : gc_bf16_to_float(x);
+        float r = c(v);
+        if (r == v || r != r) return x;
+        return HALF ? gc_float_to_half(r) : gc_float_to_bf16(r);
+    }
+};
+
+template <typename V> __device__ Clamp<V> gc_clamp_op(V lo, V hi, const Bounds& b, bool zero) {
+    Clamp<V> c;
+    c.lo = lo;
+    c.hi = hi;
+    c.has_lo = b.has_lo != 0;
+    c.has_hi = b.has_hi != 0;
+    c.zero = zero;
+    return c;
+}
+
 template <int C>
 __device__ void gc_clamp_chunk(const void* src, void* dst, i64 start, i64 n, const Bounds& b,
-                               bool zero, bool keep) {
+                               bool zero) {
     typedef typename Elem<C>::T T;
-    ClampOp<C> op;
-    op.b = b;
-    op.zero = zero;
-    op.keep = keep;
-    gc_map<T>((const T*)src + start, (T*)dst + start, n, op);
+    const T* x = (const T*)src + start;
+    T* y = (T*)dst + start;
+    if constexpr (C == GC_F16 || C == GC_BF16) {
+        bool h = C == GC_F16;
+        Clamp16<C == GC_F16> op;
+        op.c = gc_clamp_op<float>(h ? gc_half_to_float(b.lo16) : gc_bf16_to_float(b.lob),
+                                  h ? gc_half_to_float(b.hi16) : gc_bf16_to_float(b.hib), b, zero);
+        gc_map<T>(x, y, n, op);
+    } else if constexpr (C == GC_F32) {
+        gc_map<T>(x, y, n, gc_clamp_op<float>(b.lof, b.hif, b, zero));
+    } else {
+        gc_map<T>(x, y, n, gc_clamp_op<double>(b.lod, b.hid, b, zero));
+    }
 }
+
+// Copy one chunk unchanged (nonfinite="skip" found NaN/inf, functional form).
+struct Same {
+    template <typename T> __device__ __forceinline__ T operator()(T x) const { return x; }
+};
 
 // Grid: chunks blocks. Complex leaves are not clamped here (the launcher
 // sends them to the generic path). `finite`: the tree's finite flag for
@@ -773,10 +796,17 @@ extern "C" __global__ void gc_clamp_kernel(const i64* tab, int n, int chunks, in
     const void* src = (const void*)t.ptr[l];
     void* dst = gc_dst(t, l, out_base);
     bool z = zero != 0;
-    switch ((int)t.code[l]) {
-        case GC_F16: gc_clamp_chunk<GC_F16>(src, dst, start, len, b, z, keep); break;
-        case GC_BF16: gc_clamp_chunk<GC_BF16>(src, dst, start, len, b, z, keep); break;
-        case GC_F32: gc_clamp_chunk<GC_F32>(src, dst, start, len, b, z, keep); break;
-        default: gc_clamp_chunk<GC_F64>(src, dst, start, len, b, z, keep); break;
+    int code = (int)t.code[l];
+    if (keep) {  // bytes are bytes: copied as 16-bit words, or 64-bit ones for float64
+        if (code == GC_F64) gc_map<double>((const double*)src + start, (double*)dst + start, len, Same());
+        else if (code == GC_F32) gc_map<float>((const float*)src + start, (float*)dst + start, len, Same());
+        else gc_map<u16>((const u16*)src + start, (u16*)dst + start, len, Same());
+        return;
+    }
+    switch (code) {
+        case GC_F16: gc_clamp_chunk<GC_F16>(src, dst, start, len, b, z); break;
+        case GC_BF16: gc_clamp_chunk<GC_BF16>(src, dst, start, len, b, z); break;
+        case GC_F32: gc_clamp_chunk<GC_F32>(src, dst, start, len, b, z); break;
+        default: gc_clamp_chunk<GC_F64>(src, dst, start, len, b, z); break;
     }
 }
