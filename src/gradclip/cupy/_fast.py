@@ -205,34 +205,32 @@ def _clip(
     return new, stats
 
 
-def clip_by_global_norm(
-    xp: Any,
-    leaves: list[Any],
-    names: Sequence[str],
-    *,
-    device: Device | None = None,
-    **kwargs: Any,
-) -> tuple[list[Any], ClipStats]:
-    """Scale every leaf by ``min(1, max_norm / (norm + eps))``: two launches."""
-    dev = _device(leaves, device)
-    if dev is None:
-        return _core.clip_by_global_norm(xp, leaves, names, **kwargs)
-    return _clip(xp, leaves, names, mode="global", dev=dev, **kwargs)
+def _norm_clip(mode: str, generic: Any, doc: str) -> Any:
+    """clip_by_global_norm (mode "global") or clip_by_norm ("leaf"): two launches."""
+
+    def clip(
+        xp: Any,
+        leaves: list[Any],
+        names: Sequence[str],
+        *,
+        device: Device | None = None,
+        **kwargs: Any,
+    ) -> tuple[list[Any], ClipStats]:
+        dev = _device(leaves, device)
+        if dev is None:
+            return generic(xp, leaves, names, **kwargs)  # type: ignore[no-any-return]
+        return _clip(xp, leaves, names, mode=mode, dev=dev, **kwargs)
+
+    clip.__doc__ = doc
+    return clip
 
 
-def clip_by_norm(
-    xp: Any,
-    leaves: list[Any],
-    names: Sequence[str],
-    *,
-    device: Device | None = None,
-    **kwargs: Any,
-) -> tuple[list[Any], ClipStats]:
-    """Scale each leaf by ``min(1, max_norm / (its norm + eps))``: two launches."""
-    dev = _device(leaves, device)
-    if dev is None:
-        return _core.clip_by_norm(xp, leaves, names, **kwargs)
-    return _clip(xp, leaves, names, mode="leaf", dev=dev, **kwargs)
+clip_by_global_norm = _norm_clip(
+    "global", _core.clip_by_global_norm, "Scale every leaf by min(1, max_norm / (norm + eps))."
+)
+clip_by_norm = _norm_clip(
+    "leaf", _core.clip_by_norm, "Scale each leaf by min(1, max_norm / (its norm + eps))."
+)
 
 
 def clip_by_block_rms(
