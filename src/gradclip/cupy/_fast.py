@@ -13,6 +13,7 @@ generic path, which gives the same results. Every function takes
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -118,41 +119,33 @@ def _scaled(
     return new
 
 
-def global_norm(
-    xp: Any,
-    leaves: list[Any],
-    names: Sequence[str],
-    *,
-    p: float,
-    nonfinite: str,
-    device: Device | None = None,
-) -> Any:
+def _entry(generic: Any, body: Any) -> Any:
+    """``body(dev, xp, leaves, names, ...)`` where the kernels take the leaves, else ``generic``."""
+
+    def fn(
+        xp: Any, leaves: list[Any], names: Sequence[str], *, device: Device | None = None, **kw: Any
+    ) -> Any:
+        dev = _device(leaves, device)
+        if dev is None:
+            return generic(xp, leaves, names, **kw)
+        return body(dev, xp, leaves, names, **kw)
+
+    fn.__doc__ = getattr(body, "func", body).__doc__  # through functools.partial
+    return fn
+
+
+def _global_norm(dev: Device, xp: Any, leaves: list[Any], names: Sequence[str], **kw: Any) -> Any:
     """The norm of all leaves (0-d, result dtype), one launch."""
-    dev = _device(leaves, device)
-    if dev is None:
-        return _core.global_norm(xp, leaves, names, p=p, nonfinite=nonfinite)
-    _, out = _reduce(dev, leaves, names, p=p, nonfinite=nonfinite)
-    return out.norm(dev)
+    return _reduce(dev, leaves, names, **kw)[1].norm(dev)
 
 
-def leaf_norms(
-    xp: Any,
-    leaves: list[Any],
-    names: Sequence[str],
-    *,
-    p: float,
-    nonfinite: str,
-    device: Device | None = None,
-) -> Any:
+def _leaf_norms(dev: Device, xp: Any, leaves: list[Any], names: Sequence[str], **kw: Any) -> Any:
     """One norm per leaf (1-d, result dtype), one launch."""
-    dev = _device(leaves, device)
-    if dev is None:
-        return _core.leaf_norms(xp, leaves, names, p=p, nonfinite=nonfinite)
-    _, out = _reduce(dev, leaves, names, p=p, nonfinite=nonfinite)
-    return out.leaf(dev, 0)
+    return _reduce(dev, leaves, names, **kw)[1].leaf(dev, 0)
 
 
 def _clip(
+    dev: Device,
     xp: Any,
     leaves: list[Any],
     names: Sequence[str],
@@ -164,7 +157,6 @@ def _clip(
     nonfinite: str,
     norm: Any,
     inplace: bool,
-    dev: Device,
 ) -> tuple[list[Any], ClipStats]:
     """clip_by_global_norm (mode "global") and clip_by_norm (mode "leaf")."""
     per_leaf = mode == "leaf"
@@ -205,47 +197,16 @@ def _clip(
     return new, stats
 
 
-def _norm_clip(mode: str, generic: Any, doc: str) -> Any:
-    """clip_by_global_norm (mode "global") or clip_by_norm ("leaf"): two launches."""
-
-    def clip(
-        xp: Any,
-        leaves: list[Any],
-        names: Sequence[str],
-        *,
-        device: Device | None = None,
-        **kwargs: Any,
-    ) -> tuple[list[Any], ClipStats]:
-        dev = _device(leaves, device)
-        if dev is None:
-            return generic(xp, leaves, names, **kwargs)  # type: ignore[no-any-return]
-        return _clip(xp, leaves, names, mode=mode, dev=dev, **kwargs)
-
-    clip.__doc__ = doc
-    return clip
-
-
-clip_by_global_norm = _norm_clip(
-    "global", _core.clip_by_global_norm, "Scale every leaf by min(1, max_norm / (norm + eps))."
-)
-clip_by_norm = _norm_clip(
-    "leaf", _core.clip_by_norm, "Scale each leaf by min(1, max_norm / (its norm + eps))."
-)
-
-
-def clip_by_block_rms(
+def _clip_by_block_rms(
+    dev: Device,
     xp: Any,
     leaves: list[Any],
     names: Sequence[str],
     *,
     threshold: float,
     nonfinite: str,
-    device: Device | None = None,
 ) -> list[Any]:
     """The ``clip_by_block_rms`` of optax: two launches, new arrays."""
-    dev = _device(leaves, device)
-    if dev is None:
-        return _core.clip_by_block_rms(xp, leaves, names, threshold=threshold, nonfinite=nonfinite)
     skip = nonfinite == "skip"
     lay, out = _reduce(
         dev, leaves, names, p=2.0, nonfinite=nonfinite, mode="rms", skip=skip, max_norm=threshold
@@ -253,7 +214,8 @@ def clip_by_block_rms(
     return _scaled(dev, lay, out, leaves, per_leaf=True, zero=nonfinite == "zero", inplace=False)
 
 
-def clip_by_value(
+def _clip_by_value(
+    dev: Device,
     xp: Any,
     leaves: list[Any],
     names: Sequence[str],
@@ -262,14 +224,8 @@ def clip_by_value(
     hi: float | None,
     nonfinite: str,
     inplace: bool,
-    device: Device | None = None,
 ) -> list[Any]:
     """Clamp every entry to ``[lo, hi]``: one launch (two for "raise" and "skip")."""
-    dev = _device(leaves, device)
-    if dev is None:
-        return _core.clip_by_value(
-            xp, leaves, names, lo=lo, hi=hi, nonfinite=nonfinite, inplace=inplace
-        )
     lay = _launch.layout(dev, leaves)
     finite = None
     if nonfinite in ("raise", "skip"):  # the finite flags come with an inf-norm pass
@@ -281,3 +237,11 @@ def clip_by_value(
         dev, lay, lo=lo, hi=hi, zero=nonfinite == "zero", finite=finite, dst=buf, bf16=bf16
     )
     return new
+
+
+global_norm = _entry(_core.global_norm, _global_norm)
+leaf_norms = _entry(_core.leaf_norms, _leaf_norms)
+clip_by_global_norm = _entry(_core.clip_by_global_norm, functools.partial(_clip, mode="global"))
+clip_by_norm = _entry(_core.clip_by_norm, functools.partial(_clip, mode="leaf"))
+clip_by_block_rms = _entry(_core.clip_by_block_rms, _clip_by_block_rms)
+clip_by_value = _entry(_core.clip_by_value, _clip_by_value)
