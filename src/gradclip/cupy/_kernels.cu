@@ -602,59 +602,38 @@ __device__ __forceinline__ bool gc_finite(double x) { return fabs(x) <= GC_DBL_M
 
 // x * s in the leaf's dtype; `zero`: NaN/inf entries become 0. `s` is the
 // scale already rounded to the leaf's (real) dtype, as the generic path's astype.
+template <typename R> struct ScaleReal {  // float32, float64
+    R s;
+    bool zero;
+    __device__ __forceinline__ R operator()(R x) const { return zero && !gc_finite(x) ? (R)0 : x * s; }
+};
+template <bool HALF> struct Scale16 {  // half, bfloat16 as bits; the float product is exact
+    float s;
+    bool zero;
+    __device__ __forceinline__ u16 operator()(u16 x) const {
+        float v = HALF ? gc_half_to_float(x) : gc_bf16_to_float(x);
+        float r = zero && !gc_finite(v) ? 0.0f : v * s;
+        return HALF ? gc_float_to_half(r) : gc_float_to_bf16(r);
+    }
+};
+template <typename Z, typename R> struct ScaleComplex {  // each component on its own
+    R s;
+    bool zero;
+    __device__ __forceinline__ Z operator()(Z x) const {
+        bool bad = zero && !(gc_finite(x.re) && gc_finite(x.im));
+        Z r;
+        r.re = bad ? (R)0 : x.re * s;
+        r.im = bad ? (R)0 : x.im * s;
+        return r;
+    }
+};
 template <int C> struct ScaleOp;
-template <> struct ScaleOp<GC_F16> {
-    float s;
-    bool zero;
-    __device__ __forceinline__ u16 operator()(u16 x) const {
-        float v = gc_half_to_float(x);
-        return gc_float_to_half(zero && !gc_finite(v) ? 0.0f : v * s);  // the product is exact
-    }
-};
-template <> struct ScaleOp<GC_BF16> {
-    float s;
-    bool zero;
-    __device__ __forceinline__ u16 operator()(u16 x) const {
-        float v = gc_bf16_to_float(x);
-        return gc_float_to_bf16(zero && !gc_finite(v) ? 0.0f : v * s);
-    }
-};
-template <> struct ScaleOp<GC_F32> {
-    float s;
-    bool zero;
-    __device__ __forceinline__ float operator()(float x) const {
-        return zero && !gc_finite(x) ? 0.0f : x * s;
-    }
-};
-template <> struct ScaleOp<GC_F64> {
-    double s;
-    bool zero;
-    __device__ __forceinline__ double operator()(double x) const {
-        return zero && !gc_finite(x) ? 0.0 : x * s;
-    }
-};
-template <> struct ScaleOp<GC_C64> {
-    float s;
-    bool zero;
-    __device__ __forceinline__ gc_c64 operator()(gc_c64 x) const {
-        bool bad = zero && !(gc_finite(x.re) && gc_finite(x.im));
-        gc_c64 r;
-        r.re = bad ? 0.0f : x.re * s;
-        r.im = bad ? 0.0f : x.im * s;
-        return r;
-    }
-};
-template <> struct ScaleOp<GC_C128> {
-    double s;
-    bool zero;
-    __device__ __forceinline__ gc_c128 operator()(gc_c128 x) const {
-        bool bad = zero && !(gc_finite(x.re) && gc_finite(x.im));
-        gc_c128 r;
-        r.re = bad ? 0.0 : x.re * s;
-        r.im = bad ? 0.0 : x.im * s;
-        return r;
-    }
-};
+template <> struct ScaleOp<GC_F16> : Scale16<true> {};
+template <> struct ScaleOp<GC_BF16> : Scale16<false> {};
+template <> struct ScaleOp<GC_F32> : ScaleReal<float> {};
+template <> struct ScaleOp<GC_F64> : ScaleReal<double> {};
+template <> struct ScaleOp<GC_C64> : ScaleComplex<gc_c64, float> {};
+template <> struct ScaleOp<GC_C128> : ScaleComplex<gc_c128, double> {};
 
 // The scale (result dtype, float32 or float64) rounded once to leaf dtype C.
 template <int C> __device__ float gc_scale_in(double s, bool res64) {
