@@ -15,9 +15,10 @@ from ._api import (
     clip_by_value_,
     global_norm,
     leaf_norms,
+    per_example_clip,
 )
 from ._flat import FlatTree
-from ._stats import ClipStats, NonFiniteError
+from ._stats import ClipStats, NonFiniteError, PerExampleStats
 
 __version__ = "0.1.0.dev0"
 
@@ -25,6 +26,7 @@ __all__ = [
     "ClipStats",
     "FlatTree",
     "NonFiniteError",
+    "PerExampleStats",
     "__version__",
     "clip_by_block_rms",
     "clip_by_global_norm",
@@ -35,4 +37,5 @@ __all__ = [
     "clip_by_value_",
     "global_norm",
     "leaf_norms",
+    "per_example_clip",
 ]

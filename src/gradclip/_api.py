@@ -20,8 +20,8 @@ import numpy as np
 from . import _compat, _core
 from ._flat import unit
 from ._norms import parse_ord
-from ._stats import ClipStats
-from ._tree import Flat
+from ._stats import ClipStats, PerExampleStats
+from ._tree import Flat, flatten
 
 __all__ = [
     "clip_by_block_rms",
@@ -33,6 +33,7 @@ __all__ = [
     "clip_by_value_",
     "global_norm",
     "leaf_norms",
+    "per_example_clip",
 ]
 
 NONFINITE = ("propagate", "raise", "zero", "skip")
@@ -802,3 +803,216 @@ def clip_by_value_(
     array([-1. ,  0.2,  1. ])
     """
     _clip_value("clip_by_value_", tree, clip_value, lo, hi, nonfinite, fused, True)
+
+
+# ---------------------------------------------------------------------- per example
+
+_REDUCE = (None, "sum", "mean")
+_SPLITS = ("uniform", "size")
+
+
+def _check_positive(value: Any, what: str) -> Any:
+    """A bound ``C > 0``; device arrays pass unchecked (checking would sync)."""
+    bound = _check_bound(value, what)
+    if not _compat.is_array(bound) and bound <= 0:
+        raise ValueError(f"{what} must be > 0; got {value!r}")
+    return bound
+
+
+def _batch_axes(flat: Flat, axis: Any) -> tuple[list[int], int]:
+    """Each leaf's batch axis (``axis`` made non-negative) and the common batch size."""
+    if isinstance(axis, bool) or not isinstance(axis, int | np.integer):
+        raise TypeError(f"per_example_clip: axis must be an int; got {axis!r}")
+    axes: list[int] = []
+    batch = first = -1
+    for i, x in enumerate(flat.leaves):
+        ndim = len(x.shape)
+        if not -ndim <= axis < ndim:
+            raise ValueError(
+                f"per_example_clip: axis={axis} is out of range for leaf {flat.paths[i]}, "
+                f"which has {ndim} dimension{'s' * (ndim != 1)} (shape {tuple(x.shape)}); "
+                "every leaf carries the batch on that axis"
+            )
+        ax = int(axis) % ndim
+        size = int(x.shape[ax])
+        if batch < 0:
+            batch, first = size, i
+        elif size != batch:
+            raise ValueError(
+                f"per_example_clip: leaf {flat.paths[i]} has {size} examples on axis {axis} "
+                f"but leaf {flat.paths[first]} has {batch}; every leaf must hold the same batch"
+            )
+        axes.append(ax)
+    return axes, batch
+
+
+def _layer_bounds(
+    max_norm: Any, split: str, flat: Flat, axes: list[int], batch: int
+) -> list[Any]:
+    """One bound per leaf: given (a tree, a sequence or a 1-d array), or split from ``C``."""
+    leaves = flat.leaves
+    if isinstance(max_norm, int | float | np.number) or (
+        _compat.is_array(max_norm) and len(max_norm.shape) == 0
+    ):
+        total = _check_positive(max_norm, "max_norm")
+        if split == "uniform":
+            weights = [1 / math.sqrt(len(leaves))] * len(leaves)
+        else:  # C * sqrt(D_k / D), D_k the size of one example of leaf k
+            sizes = [math.prod(x.shape) // batch if batch else 0 for x in leaves]
+            whole = sum(sizes) or 1
+            weights = [math.sqrt(d / whole) for d in sizes]
+        return [total * w for w in weights]
+    if _compat.is_array(max_norm) and len(max_norm.shape) == 1:
+        given = [max_norm[k] for k in range(max_norm.shape[0])]
+    else:
+        given = flatten(max_norm).leaves
+    if len(given) != len(leaves):
+        raise ValueError(
+            f"per_example_clip: max_norm holds {len(given)} bounds but the tree has "
+            f"{len(leaves)} leaves; give one bound per leaf, or one total to split"
+        )
+    return [_check_positive(c, f"max_norm for leaf {flat.paths[k]}") for k, c in enumerate(given)]
+
+
+def _empty_example_stats(per_layer: bool) -> PerExampleStats:
+    stats = _empty_stats(True)
+    count = np.zeros((0,) if per_layer else (), np.int32)
+    return PerExampleStats(stats.norm, stats.scale, stats.clipped, count, stats.finite)
+
+
+def per_example_clip(
+    tree: Any,
+    max_norm: Any,
+    *,
+    axis: int = 0,
+    reduce: str | None = "sum",
+    per_layer: bool = False,
+    split: str = "uniform",
+    eps: float = 1e-6,
+    nonfinite: str = "propagate",
+) -> tuple[Any, PerExampleStats]:
+    """Clip every example's gradient to a norm bound, then sum (DP-SGD's clipping step).
+
+    Every leaf holds a batch of per-example gradients on ``axis``. Example
+    ``i`` is multiplied by ``min(1, C / (norm_i + eps))`` and the clipped
+    examples are summed (or averaged) over the batch, in one contraction per
+    leaf: no clipped per-example copy of the gradients is made. The norms
+    are taken over each example's entries in one pass per leaf, with the
+    overflow-safe accumulation of :func:`global_norm`.
+
+    - Flat clipping (``per_layer=False``), as optax's
+      ``per_example_global_norm_clip`` and Opacus's ``flat`` clipping:
+      ``norm_i`` is example ``i``'s 2-norm across all leaves and ``C`` is
+      ``max_norm``.
+    - Per-layer clipping (``per_layer=True``), as optax's
+      ``per_example_layer_norm_clip`` and Opacus's per-layer clipping: each
+      leaf ``k`` is clipped on its own, to its own bound ``C_k``.
+
+    Parameters
+    ----------
+    tree : pytree of arrays
+        NumPy, CuPy, JAX, PyTorch, dask or array-API-strict arrays, as for
+        :func:`global_norm`, each with the same number of examples on
+        ``axis``.
+    max_norm : float, 0-d array, or (with ``per_layer``) one bound per leaf
+        The bound ``C > 0``. With ``per_layer=True`` either the bounds of
+        the leaves (a tree of the same structure, a sequence or a 1-d array
+        in flattening order) or a total that ``split`` shares out. A device
+        array is used as is (checking it would need a host sync); it can be
+        the ``bound`` of a :class:`~gradclip.adaptive.QuantileBound` state.
+    axis : int, default 0
+        The batch axis of every leaf (negative counts from the end).
+    reduce : {"sum", "mean", None}, default "sum"
+        ``"sum"`` adds the clipped examples (optax's result, the sum that
+        DP-SGD noises); ``"mean"`` divides that by the batch size; ``None``
+        returns the clipped examples, batch axis kept.
+    per_layer : bool, default False
+        Clip each leaf's part of each example on its own.
+    split : {"uniform", "size"}, default "uniform"
+        With ``per_layer`` and one total ``C`` for ``K`` leaves: ``"uniform"``
+        gives every leaf ``C / sqrt(K)`` (optax's ``uniform=True``);
+        ``"size"`` gives leaf ``k`` ``C * sqrt(D_k / D)``, where ``D_k`` is
+        the size of one example of it and ``D`` their sum (optax's
+        ``uniform=False``). Either way the bounds' squares add up to ``C**2``,
+        so each clipped example's whole norm is at most ``C``.
+    eps : float, default 1e-6
+        Added to the norm before dividing, as Opacus does; optax has none
+        (pass ``eps=0`` for its results).
+    nonfinite : {"propagate", "raise"}, default "propagate"
+        ``"propagate"``: an example holding NaN or inf makes the sum NaN (its
+        ``stats.finite`` entry is False). ``"raise"``: raise
+        :class:`~gradclip.NonFiniteError` naming the leaf first (a host sync).
+
+    Returns
+    -------
+    tree : pytree
+        The clipped sum (or mean): each leaf without its batch axis, in its
+        own dtype. With ``reduce=None``, the clipped examples.
+    stats : PerExampleStats
+        Each example's ``norm`` and ``scale``, which were ``clipped``, how
+        many (``num_clipped``) and whether each was ``finite``: ``(B,)``
+        arrays for flat clipping, ``(K, B)`` for per-layer clipping.
+
+    Raises
+    ------
+    ValueError
+        ``C <= 0``, leaves with different batch sizes, or an ``axis`` out of
+        range for a leaf (the message names the leaf).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import gradclip as gc
+    >>> grads = {"w": np.array([[3.0, 0.0], [0.3, 0.0]]), "b": np.array([[4.0], [0.4]])}
+    >>> total, stats = gc.per_example_clip(grads, max_norm=1.0, eps=0.0)
+    >>> total  # example 0 (norm 5) scaled by 1/5, example 1 (norm 0.5) kept
+    {'w': array([0.9, 0. ]), 'b': array([1.2])}
+    >>> stats.norm, stats.scale, int(stats.num_clipped)
+    (array([5. , 0.5]), array([0.2, 1. ]), 1)
+
+    Per-layer clipping with a total bound split evenly between the 2 leaves:
+
+    >>> total, stats = gc.per_example_clip(grads, 1.0, per_layer=True, eps=0.0)
+    >>> stats.norm  # row k: leaf k ("b", then "w") of each example
+    array([[4. , 0.4],
+           [3. , 0.3]])
+    >>> stats.num_clipped  # each leaf's bound is 1/sqrt(2): both clip example 0
+    array([1, 1], dtype=int32)
+    """
+    if reduce not in _REDUCE:
+        raise ValueError(f"reduce must be 'sum', 'mean' or None; got {reduce!r}")
+    if split not in _SPLITS:
+        raise ValueError(f"split must be 'uniform' or 'size'; got {split!r}")
+    eps = _check_eps(eps)
+    _check_nonfinite(nonfinite, ("propagate", "raise"))
+    fn = "per_example_clip"
+    prep = _prepare(tree, fn)
+    if prep.xp is None:
+        if not per_layer:
+            _check_positive(max_norm, "max_norm")
+        return prep.flat.unflatten([]), _empty_example_stats(per_layer)
+    axes, batch = _batch_axes(prep.flat, axis)
+    if per_layer:
+        bounds = _layer_bounds(max_norm, split, prep.flat, axes, batch)
+    elif _compat.is_array(max_norm) or isinstance(max_norm, int | float | np.number):
+        bounds = _check_positive(max_norm, "max_norm")
+    else:
+        raise TypeError(
+            f"per_example_clip: max_norm must be a number or a 0-d array; got "
+            f"{type(max_norm).__name__} (one bound per leaf needs per_layer=True)"
+        )
+    impl = getattr(_impl(prep, None), fn, _core.per_example_clip)
+    with _compat.quiet(prep.xp):
+        leaves, stats = impl(
+            prep.xp,
+            prep.flat.leaves,
+            prep.flat.paths,
+            max_norm=bounds,
+            axes=tuple(axes),
+            batch=batch,
+            per_layer=per_layer,
+            reduce=reduce,
+            eps=eps,
+            nonfinite=nonfinite,
+        )
+    return prep.flat.unflatten(leaves), stats

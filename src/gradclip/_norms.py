@@ -195,16 +195,23 @@ class Plan:
             return Partial(xp.astype(xp.count_nonzero(a), self.acc), None, finite)
         if not scaled:
             return Partial(self._powsum(a), None, finite)
-        m = xp.max(a)
+        exp = self.exponent(xp.max(a))
+        y = a * xp.pow(self.const(2.0), -exp)
+        return Partial(self._powsum(y), exp, finite)
+
+    def exponent(self, m: Any) -> Any:
+        """The power-of-two exponent that scales magnitudes up to ``m`` into ``[0, 2)``.
+
+        Elementwise, so ``m`` may hold one maximum per block or per example.
+        """
+        xp = self.xp
         ok = xp.isfinite(m) & (m > 0)
         exp = xp.floor(xp.log2(xp.where(ok, m, self.const(1.0))))
         # 2**-exp must be finite and normal (XLA on CPU flushes subnormals to
         # zero): blocks at the ends of the range are scaled as far as allowed.
         acc = self._acc_info
         exp = xp.clip(exp, 1.0 - math.floor(acc.max_exp2), -acc.normal_exp2)
-        exp = xp.where(ok, exp, self.const(0.0))
-        y = a * xp.pow(self.const(2.0), -exp)
-        return Partial(self._powsum(y), exp, finite)
+        return xp.where(ok, exp, self.const(0.0))
 
     def leaf(self, index: int) -> Partial:
         """Reduce one leaf, block by block."""
@@ -225,35 +232,40 @@ class Plan:
         return Partial(self.const(value), None, self.xp.asarray(True, device=self.device))
 
     def merge(self, parts: list[Partial]) -> Partial:
-        """Combine partial reductions in a fixed order (deterministic)."""
+        """Combine partial reductions in a fixed order (deterministic).
+
+        Partials of per-example reductions hold one value per example: they
+        are combined entry by entry.
+        """
         if len(parts) == 1:
             return parts[0]
         xp = self.xp
         values = xp.stack([q.value for q in parts])
         explicit = any(q.finite is not None for q in parts)
-        finite = xp.all(xp.stack([self.finite(q) for q in parts])) if explicit else None
+        flags = [self.finite(q) for q in parts] if explicit else []
+        finite = xp.all(xp.stack(flags), axis=0) if explicit else None
         kind = self.kind
         if kind == "inf":
-            return Partial(xp.max(values), None, finite)
+            return Partial(xp.max(values, axis=0), None, finite)
         if kind == "-inf":
-            return Partial(xp.min(values), None, finite)
+            return Partial(xp.min(values, axis=0), None, finite)
         if kind == "zero" or all(q.exp is None for q in parts):
-            return Partial(xp.sum(values), None, finite)
-        zero = self.const(0.0)
+            return Partial(xp.sum(values, axis=0), None, finite)
+        zero = xp.zeros_like(values[0])
         exps = xp.stack([zero if q.exp is None else q.exp for q in parts])
         # A sum of 0 (an empty or all-zero leaf) must not set the common
         # exponent: at its 0 the tiny sums of other leaves (float64 values of
         # 1e-300) would be rescaled to 0.
         live = values != 0
         floor = self.const(_NO_EXP)
-        top = xp.max(xp.where(live, exps, floor))
+        top = xp.max(xp.where(live, exps, floor), axis=0)
         top = xp.where(top == floor, zero, top)
         # (Zero sums get weight 1: 2**(p * (0 - top)) may overflow, and lazy
         # backends would warn about it in the user's code.)
         weights = xp.pow(self.const(2.0), self.p * (xp.where(live, exps, top) - top))
         # Zero and non-finite sums pass through unweighted: inf * 0 makes a NaN.
         terms = xp.where(live & xp.isfinite(values), values * weights, values)
-        return Partial(xp.sum(terms), top, finite)
+        return Partial(xp.sum(terms, axis=0), top, finite)
 
     def norm(self, part: Partial, size: int, dtype: Any = None) -> Any:
         """Turn a partial reduction of ``size`` elements into a norm (in ``dtype``, default res)."""

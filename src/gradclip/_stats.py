@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-__all__ = ["ClipStats", "NonFiniteError"]
+__all__ = ["ClipStats", "NonFiniteError", "PerExampleStats"]
 
 
 class ClipStats(NamedTuple):
@@ -41,6 +41,46 @@ class ClipStats(NamedTuple):
     norm: Any
     scale: Any
     clipped: Any
+    finite: Any
+
+
+class PerExampleStats(NamedTuple):
+    """What :func:`gradclip.per_example_clip` saw and did, example by example.
+
+    Arrays in the leaves' namespace and on their device, like
+    :class:`ClipStats`. With ``B`` examples and ``K`` leaves, flat clipping
+    gives ``(B,)`` arrays and a 0-d count; ``per_layer=True`` gives ``(K, B)``
+    arrays (row ``k`` for leaf ``k``) and ``(K,)`` counts, as optax's
+    ``per_example_layer_norm_clip`` counts per layer.
+
+    Attributes
+    ----------
+    norm : array
+        Each example's 2-norm before clipping (across all leaves, or per leaf),
+        float32 (float64 when a leaf is float64), overflow-safe.
+    scale : array
+        The factor each example was multiplied by, ``min(1, C / (norm + eps))``.
+    clipped : array
+        Boolean, ``scale < 1``.
+    num_clipped : array
+        int32: how many examples were clipped (per leaf with ``per_layer``).
+    finite : array
+        Boolean: every entry of the example (in that leaf) was finite.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import gradclip as gc
+    >>> g = {"w": np.array([[3.0, 4.0], [0.3, 0.4]])}  # 2 examples on axis 0
+    >>> total, stats = gc.per_example_clip(g, max_norm=1.0, eps=0.0)
+    >>> stats.norm, int(stats.num_clipped)
+    (array([5. , 0.5]), 1)
+    """
+
+    norm: Any
+    scale: Any
+    clipped: Any
+    num_clipped: Any
     finite: Any
 
 
