@@ -813,10 +813,10 @@ _SPLITS = ("uniform", "size")
 
 def _check_positive(value: Any, what: str) -> Any:
     """A bound ``C > 0``; device arrays pass unchecked (checking would sync)."""
-    bound = _check_bound(value, what)
-    if not _compat.is_array(bound) and bound <= 0:
+    number = isinstance(value, int | float | np.number) and not isinstance(value, bool)
+    if number and not float(value) > 0:  # NaN too
         raise ValueError(f"{what} must be > 0; got {value!r}")
-    return bound
+    return _check_bound(value, what)
 
 
 def _batch_axes(flat: Flat, axis: Any) -> tuple[list[int], int]:
@@ -846,9 +846,7 @@ def _batch_axes(flat: Flat, axis: Any) -> tuple[list[int], int]:
     return axes, batch
 
 
-def _layer_bounds(
-    max_norm: Any, split: str, flat: Flat, axes: list[int], batch: int
-) -> list[Any]:
+def _layer_bounds(max_norm: Any, split: str, flat: Flat, axes: list[int], batch: int) -> list[Any]:
     """One bound per leaf: given (a tree, a sequence or a 1-d array), or split from ``C``."""
     leaves = flat.leaves
     if isinstance(max_norm, int | float | np.number) or (

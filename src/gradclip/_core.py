@@ -359,7 +359,8 @@ def clip_examples(
         # The sizes only tell plan.norm the leaf is not empty; an empty
         # example's sum is already 0.
         layer_norms = [plan.norm(q, 1) for q in parts]
-        scales = [_scale_from_norm(plan, n, c, eps) for n, c in zip(layer_norms, max_norm)]
+        bounds = zip(layer_norms, max_norm, strict=True)
+        scales = [_scale_from_norm(plan, n, c, eps) for n, c in bounds]
         norms, scale = xp.stack(layer_norms), xp.stack(scales)
         finite = xp.stack([plan.finite(q) for q in parts])
     else:

@@ -251,7 +251,7 @@ class Plan:
             return Partial(xp.min(values, axis=0), None, finite)
         if kind == "zero" or all(q.exp is None for q in parts):
             return Partial(xp.sum(values, axis=0), None, finite)
-        zero = xp.zeros_like(values[0])
+        zero = xp.zeros_like(values[0, ...])
         exps = xp.stack([zero if q.exp is None else q.exp for q in parts])
         # A sum of 0 (an empty or all-zero leaf) must not set the common
         # exponent: at its 0 the tiny sums of other leaves (float64 values of

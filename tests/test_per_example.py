@@ -1,0 +1,411 @@
+"""gradclip.per_example_clip: DP-SGD's per-example clipping on every backend.
+
+Every backend is checked against a float64 NumPy reference (which is also
+Opacus's flat-clipping formula, eps 1e-6); JAX against optax's
+``per_example_global_norm_clip`` and ``per_example_layer_norm_clip``.
+"""
+
+from __future__ import annotations
+
+import math
+import tracemalloc
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gradclip as gc
+from conftest import importorskip, need
+
+B = 6
+SHAPES = [(B, 3, 4), (B, 5), (B,), (B, 2, 1, 3)]
+# Relative tolerance of a result held in each dtype.
+RTOL = {
+    "float16": 2e-3,
+    "bfloat16": 1.6e-2,
+    "float32": 2e-6,
+    "float64": 1e-12,
+    "complex64": 2e-6,
+    "complex128": 1e-12,
+}
+
+
+def _tree(dtype="float32", *, seed=0, scale=None, shapes=SHAPES):
+    """Per-example gradients whose norms straddle 1: examples 0, 2, 4 need clipping."""
+    rng = np.random.default_rng(seed)
+    scale = np.array([3.0, 0.1, 2.0, 0.2, 5.0, 0.05]) if scale is None else np.asarray(scale)
+    out = []
+    for shape in shapes:
+        a = rng.standard_normal(shape)
+        if dtype.startswith("complex"):
+            a = a + 1j * rng.standard_normal(shape)
+        out.append(a * scale.reshape((-1,) + (1,) * (len(shape) - 1)) / 4)
+    return out
+
+
+def _rounded(xp, leaves, dtype):
+    """The leaves as ``xp`` holds them, back in float64 NumPy (the reference's input)."""
+    arrays = [xp.array(a, dtype) for a in leaves]
+    return arrays, [
+        xp.numpy(a).astype(np.complex128 if "complex" in dtype else np.float64) for a in arrays
+    ]
+
+
+def ref_clip(leaves, bound, *, axis=0, reduce="sum", per_layer=False, eps=1e-6):
+    """float64 reference: Opacus's flat clipping (``per_layer=False``) and its per-layer form.
+
+    ``factor_i = min(1, C / (norm_i + eps))``; ``sum_i factor_i * g_i``.
+    """
+    moved = [np.moveaxis(np.asarray(g), axis, 0) for g in leaves]
+    batch = moved[0].shape[0]
+    mags = [np.abs(g.reshape(batch, -1)) for g in moved]
+    # Each example scaled by its largest entry, so 1e300 does not overflow.
+    tops = np.stack([m.max(axis=1, initial=0.0) for m in mags])
+    safe = np.where(tops > 0, tops, 1.0)
+    sq = np.stack([np.sum((m / s[:, None]) ** 2, axis=1) for m, s in zip(mags, safe, strict=True)])
+    if per_layer:
+        bounds = np.broadcast_to(np.asarray(bound, np.float64).reshape(-1, 1), sq.shape)
+        norms = tops * np.sqrt(sq)
+        factors = np.minimum(1.0, bounds / (norms + eps))
+    else:
+        top = tops.max(axis=0)
+        ratio = np.where(top > 0, tops / np.where(top > 0, top, 1.0), 0.0)
+        norms = top * np.sqrt(np.sum(ratio**2 * sq, axis=0))
+        factors = np.minimum(1.0, bound / (norms + eps))
+    out = []
+    for k, g in enumerate(moved):
+        f = factors[k] if per_layer else factors
+        clipped = g * f.reshape((-1,) + (1,) * (g.ndim - 1))
+        if reduce is None:
+            out.append(np.moveaxis(clipped, 0, axis))
+        else:
+            out.append(clipped.sum(axis=0) / (batch if reduce == "mean" else 1))
+    return out, norms, factors
+
+
+def _close(xp, got, want, rtol):
+    got = xp.numpy(got).astype(np.complex128 if np.iscomplexobj(want) else np.float64)
+    scale = max(float(np.max(np.abs(want))) if np.size(want) else 0.0, 1e-300)
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale)
+
+
+# ------------------------------------------------------------------ flat clipping
+
+
+@pytest.mark.parametrize(
+    "dtype", ["float16", "bfloat16", "float32", "float64", "complex64", "complex128"]
+)
+@pytest.mark.parametrize("reduce", ["sum", "mean", None])
+def test_flat_matches_float64_reference(xp, dtype, reduce):
+    need(xp, dtype)
+    arrays, wide = _rounded(xp, _tree(dtype), dtype)
+    out, stats = gc.per_example_clip(arrays, 1.0, reduce=reduce)
+    want, norms, factors = ref_clip(wide, 1.0, reduce=reduce)
+    rtol = RTOL[dtype]
+    for got, w in zip(out, want, strict=True):
+        assert str(got.dtype).endswith(dtype)
+        _close(xp, got, w, 4 * rtol)
+    res = "float64" if dtype in ("float64", "complex128") else "float32"
+    assert str(stats.norm.dtype).endswith(res)
+    _close(xp, stats.norm, norms, 1e-6 if res == "float32" else 1e-12)
+    _close(xp, stats.scale, factors, 1e-6 if res == "float32" else 1e-12)
+    np.testing.assert_array_equal(xp.numpy(stats.clipped), factors < 1)
+    np.testing.assert_array_equal(xp.numpy(stats.clipped), [True, False] * 3)
+    assert int(xp.numpy(stats.num_clipped)) == 3
+    assert xp.numpy(stats.finite).all() and xp.numpy(stats.finite).shape == (B,)
+
+
+def test_opacus_flat_formula(xp):
+    """Opacus: clip_factor = (C / (norm + 1e-6)).clamp(max=1); einsum("i,i...", factor, g)."""
+    arrays, wide = _rounded(xp, _tree(), "float32")
+    out, _ = gc.per_example_clip(arrays, 0.7)
+    norms = np.sqrt(sum(np.sum(g.reshape(B, -1) ** 2, axis=1) for g in wide))
+    factor = np.clip(0.7 / (norms + 1e-6), None, 1.0)
+    for got, g in zip(out, wide, strict=True):
+        _close(xp, got, np.einsum("i,i...", factor, g), 1e-5)
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_batch_on_another_axis(xp, axis):
+    base = _tree(shapes=[(B, 3, 4), (B, 5), (B, 2)])
+    leaves = [np.moveaxis(g, 0, axis) for g in base]
+    arrays, wide = _rounded(xp, leaves, "float32")
+    for reduce in ("sum", None):
+        out, stats = gc.per_example_clip(arrays, 1.0, axis=axis, reduce=reduce)
+        want, norms, _ = ref_clip(wide, 1.0, axis=axis, reduce=reduce)
+        for got, w in zip(out, want, strict=True):
+            _close(xp, got, w, 1e-5)
+        _close(xp, stats.norm, norms, 1e-6)
+
+
+def test_device_array_bound(xp):
+    arrays, wide = _rounded(xp, _tree(), "float32")
+    bound = xp.ns.asarray(0.5, dtype=xp.ns.float32)
+    out, _ = gc.per_example_clip(arrays, bound)
+    for got, w in zip(out, ref_clip(wide, 0.5)[0], strict=True):
+        _close(xp, got, w, 1e-5)
+
+
+# ------------------------------------------------------------- overflow safety
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_norms_do_not_overflow_or_underflow(xp, dtype):
+    """Examples of 1e30, 1e-30, 0 (padding) and 1 in one batch: every norm right."""
+    need(xp, dtype)
+    big, small = {"float16": (300.0, 1e-4), "float32": (1e30, 1e-30), "float64": (1e300, 1e-300)}[
+        dtype
+    ]
+    scale = [big, small, 0.0, 1.0]
+    leaves = _tree(dtype, scale=scale, shapes=[(4, 40, 30), (4, 7)])
+    arrays, wide = _rounded(xp, leaves, dtype)
+    out, stats = gc.per_example_clip(arrays, 1.0)
+    want, norms, _ = ref_clip(wide, 1.0)
+    got = xp.numpy(stats.norm).astype(np.float64)
+    assert np.isfinite(got).all() and got[2] == 0 and got[1] > 0
+    np.testing.assert_allclose(got, norms, rtol=1e-6 if dtype != "float64" else 1e-12)
+    for g, w in zip(out, want, strict=True):
+        _close(xp, g, w, 2 * RTOL[dtype])
+    # Per layer, every leaf's own norm is right too.
+    _, stats = gc.per_example_clip(arrays, 1.0, per_layer=True)
+    norms = ref_clip(wide, [1.0, 1.0], per_layer=True)[1]
+    np.testing.assert_allclose(
+        xp.numpy(stats.norm), norms, rtol=1e-6 if dtype != "float64" else 1e-12
+    )
+
+
+# -------------------------------------------------------------- per-layer clipping
+
+
+@pytest.mark.parametrize("split", ["uniform", "size"])
+def test_per_layer_split_of_a_total(xp, split):
+    arrays, wide = _rounded(xp, _tree(), "float32")
+    out, stats = gc.per_example_clip(arrays, 1.5, per_layer=True, split=split, reduce="mean")
+    sizes = np.array([math.prod(s[1:]) for s in SHAPES], np.float64)
+    bounds = (
+        1.5 / math.sqrt(len(SHAPES)) * np.ones(len(SHAPES))
+        if split == "uniform"
+        else 1.5 * np.sqrt(sizes / sizes.sum())
+    )
+    assert np.sum(bounds**2) == pytest.approx(1.5**2)
+    want, norms, factors = ref_clip(wide, bounds, per_layer=True, reduce="mean")
+    for got, w in zip(out, want, strict=True):
+        _close(xp, got, w, 1e-5)
+    assert xp.numpy(stats.norm).shape == (len(SHAPES), B)
+    _close(xp, stats.norm, norms, 1e-6)
+    _close(xp, stats.scale, factors, 1e-6)
+    np.testing.assert_array_equal(xp.numpy(stats.num_clipped), (factors < 1).sum(axis=1))
+
+
+def test_per_layer_given_bounds(xp):
+    leaves = dict(zip("abcd", _tree(), strict=True))
+    arrays = {k: xp.array(v, "float32") for k, v in leaves.items()}
+    wide = [xp.numpy(arrays[k]).astype(np.float64) for k in "abcd"]
+    bounds = {"a": 0.5, "b": 0.1, "c": 2.0, "d": 0.3}
+    want = ref_clip(wide, list(bounds.values()), per_layer=True)[0]
+    for each in (bounds, list(bounds.values()), np.array(list(bounds.values()), np.float32)):
+        out, _ = gc.per_example_clip(arrays, each, per_layer=True)
+        for k, w in zip("abcd", want, strict=True):
+            _close(xp, out[k], w, 1e-5)
+
+
+# --------------------------------------------------------------------- bad input
+
+
+def test_bad_input_names_the_leaf():
+    g = {"w": np.ones((4, 3)), "b": np.ones((5,))}
+    with pytest.raises(
+        ValueError,
+        match=r"leaf \['w'\] has 4 examples on axis 0 but leaf \['b'\] has 5; every leaf",
+    ):
+        gc.per_example_clip(g, 1.0)
+    with pytest.raises(
+        ValueError, match=r"axis=2 is out of range for leaf \['b'\], which has 1 dimension"
+    ):
+        gc.per_example_clip({"w": np.ones((4, 3, 2)), "b": np.ones(4)}, 1.0, axis=2)
+    with pytest.raises(ValueError, match=r"axis=-3 is out of range for leaf \[1\]"):
+        gc.per_example_clip([np.ones((2, 2, 2)), np.ones((2, 2))], 1.0, axis=-3)
+    with pytest.raises(ValueError, match=r"out of range for leaf \['s'\], which has 0 dimensions"):
+        gc.per_example_clip({"s": np.ones(())}, 1.0)
+    for bad in (0.0, -1.0, 0):
+        with pytest.raises(ValueError, match="max_norm must be > 0"):
+            gc.per_example_clip([np.ones((2, 2))], bad)
+    with pytest.raises(ValueError, match="max_norm must be > 0; got nan"):
+        gc.per_example_clip([np.ones((2, 2))], float("nan"))
+    with pytest.raises(ValueError, match=r"max_norm for leaf \['b'\] must be > 0"):
+        gc.per_example_clip(g | {"b": np.ones((4, 2))}, {"w": 1.0, "b": 0.0}, per_layer=True)
+    with pytest.raises(ValueError, match="max_norm holds 3 bounds but the tree has 2 leaves"):
+        gc.per_example_clip([np.ones((2, 2))] * 2, [1.0, 1.0, 1.0], per_layer=True)
+    with pytest.raises(TypeError, match="one bound per leaf needs per_layer=True"):
+        gc.per_example_clip([np.ones((2, 2))] * 2, [1.0, 1.0])
+    with pytest.raises(ValueError, match="reduce must be"):
+        gc.per_example_clip([np.ones((2, 2))], 1.0, reduce="max")
+    with pytest.raises(ValueError, match="split must be"):
+        gc.per_example_clip([np.ones((2, 2))], 1.0, per_layer=True, split="even")
+    with pytest.raises(ValueError, match="nonfinite must be one of 'propagate', 'raise'"):
+        gc.per_example_clip([np.ones((2, 2))], 1.0, nonfinite="zero")
+    with pytest.raises(TypeError, match="axis must be an int"):
+        gc.per_example_clip([np.ones((2, 2))], 1.0, axis=True)
+    with pytest.raises(TypeError, match=r"leaf \[0\] has dtype int64"):
+        gc.per_example_clip([np.ones((2, 2), np.int64)], 1.0)
+
+
+def test_nonfinite(xp):
+    leaves = _tree()
+    leaves[1][3, 2] = np.nan
+    arrays = [xp.array(a, "float32") for a in leaves]
+    out, stats = gc.per_example_clip(arrays, 1.0, reduce=None)
+    finite = xp.numpy(stats.finite)
+    np.testing.assert_array_equal(finite, [True, True, True, False, True, True])
+    assert (
+        np.isnan(xp.numpy(stats.norm)[3]) and np.isfinite(np.delete(xp.numpy(stats.norm), 3)).all()
+    )
+    clipped = xp.numpy(out[0])
+    assert np.isnan(clipped[3]).all() and np.isfinite(np.delete(clipped, 3, axis=0)).all()
+    with pytest.raises(gc.NonFiniteError, match=r"leaf \[1\]"):
+        gc.per_example_clip(arrays, 1.0, nonfinite="raise")
+
+
+def test_empty_inputs(xp):
+    out, stats = gc.per_example_clip({"a": None}, 1.0)
+    assert out == {"a": None} and stats.norm.shape == (0,) and int(stats.num_clipped) == 0
+    arrays = [xp.array(np.zeros((0, 3)), "float32"), xp.array(np.zeros((0,)), "float32")]
+    out, stats = gc.per_example_clip(arrays, 1.0, reduce="mean")
+    np.testing.assert_array_equal(xp.numpy(out[0]), np.zeros(3))
+    assert xp.numpy(stats.norm).shape == (0,)
+    arrays = [xp.array(np.zeros((3, 0)), "float32"), xp.array(np.ones((3, 1)), "float32")]
+    out, stats = gc.per_example_clip(arrays, 0.5)
+    np.testing.assert_allclose(xp.numpy(stats.norm), [1.0, 1.0, 1.0])
+    np.testing.assert_allclose(xp.numpy(out[1]), [1.5], rtol=1e-5)
+
+
+# ---------------------------------------------------------------------- properties
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(1, 9),
+    widths=st.lists(st.integers(1, 20), min_size=1, max_size=4),
+    log_scale=st.floats(-30, 30),
+    bound=st.floats(1e-3, 1e3),
+    per_layer=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_every_clipped_example_is_within_its_bound(
+    batch, widths, log_scale, bound, per_layer, seed
+):
+    rng = np.random.default_rng(seed)
+    scales = 10.0 ** (log_scale + rng.uniform(-3, 3, batch))
+    leaves = [
+        (rng.standard_normal((batch, w)) * scales[:, None]).astype(np.float32) for w in widths
+    ]
+    out, stats = gc.per_example_clip(leaves, bound, reduce=None, per_layer=per_layer)
+    wide = [o.astype(np.float64) for o in out]
+    if per_layer:
+        bounds = bound / math.sqrt(len(widths))
+        for g in wide:
+            assert (np.linalg.norm(g, axis=1) <= bounds * (1 + 1e-6)).all()
+    else:
+        norms = np.sqrt(sum(np.sum(g**2, axis=1) for g in wide))
+        assert (norms <= bound * (1 + 1e-6)).all()
+    # Examples already within the bound are left as they were.
+    keep = ~stats.clipped if not per_layer else ~stats.clipped.any(axis=0)
+    for g, o in zip(leaves, out, strict=True):
+        np.testing.assert_array_equal(o[keep], g[keep])
+
+
+# ------------------------------------------------------------------------- memory
+
+
+def test_no_per_example_copy():
+    """The sum of a 256 MiB leaf allocates its result and bounded blocks, not a copy."""
+    g = np.empty((32, 2**21), np.float32)
+    rng = np.random.default_rng(0)
+    for row in g:
+        row[:] = rng.standard_normal(2**21, dtype=np.float32)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        _, stats = gc.per_example_clip([g], 1.0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert int(stats.num_clipped) == 32
+    # The output (8 MiB) plus float64 temporaries of about one example (16 MiB each).
+    assert peak < 64 * 2**20, f"peak {peak / 2**20:.1f} MiB for a {g.nbytes / 2**20:.0f} MiB leaf"
+
+
+# ---------------------------------------------------------------------------- JAX
+
+
+def _jax():
+    return importorskip("jax"), importorskip("jax.numpy")
+
+
+def test_matches_optax_per_example_clips():
+    _, jnp = _jax()
+    optax = importorskip("optax")
+    leaves = [jnp.asarray(g, jnp.float32) for g in _tree()]
+    want, count = optax.per_example_global_norm_clip(leaves, 0.8)
+    out, stats = gc.per_example_clip(leaves, 0.8, eps=0.0)
+    for a, b in zip(out, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=1e-7)
+    assert int(stats.num_clipped) == int(count)
+    for uniform, split in ((True, "uniform"), (False, "size")):
+        want, counts = optax.per_example_layer_norm_clip(leaves, 0.8, uniform=uniform)
+        out, stats = gc.per_example_clip(leaves, 0.8, eps=0.0, per_layer=True, split=split)
+        for a, b in zip(out, want, strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=1e-7)
+        np.testing.assert_array_equal(np.asarray(stats.num_clipped), np.asarray(counts))
+
+
+def test_jit_and_vmap():
+    jax, jnp = _jax()
+    micro = np.stack(
+        [np.stack(_tree(seed=s, shapes=[(B, 3, 4)]))[0] for s in range(3)]
+    )  # (3, B, 3, 4)
+    leaves = {"w": jnp.asarray(micro, jnp.float32)}
+    bound = jnp.asarray(0.9, jnp.float32)
+
+    def clip(tree, c):
+        return gc.per_example_clip(tree, c, reduce="mean")
+
+    eager = [clip({"w": leaves["w"][i]}, bound) for i in range(3)]
+    jitted = jax.jit(clip)({"w": leaves["w"][0]}, bound)
+    np.testing.assert_allclose(jitted[0]["w"], eager[0][0]["w"], rtol=1e-6)
+    mapped, stats = jax.jit(jax.vmap(clip, in_axes=(0, None)))(leaves, bound)
+    assert stats.norm.shape == (3, B)
+    for i in range(3):
+        np.testing.assert_allclose(mapped["w"][i], eager[i][0]["w"], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(stats.norm[i], eager[i][1].norm, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "scale", [[1.0, 0.5, 0.0, 2.0], [1e30, 1.0, 0.0, 1e-30], [1e-25, 0.0, 1e-30, 0.0]]
+)
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_jax_one_pass_path_matches_generic(scale, per_layer):
+    """gradclip's JAX path (plain sums, scaled only when needed) against the generic core."""
+    _, jnp = _jax()
+    from gradclip import _core
+
+    leaves = [jnp.asarray(g, jnp.float32) for g in _tree(scale=scale, shapes=[(4, 50, 20), (4, 3)])]
+    bounds = [0.6, 0.8] if per_layer else 1.0
+    fast, fstats = gc.per_example_clip(leaves, bounds, per_layer=per_layer)
+    ref, rstats = _core.per_example_clip(
+        jnp,
+        leaves,
+        ["0", "1"],
+        max_norm=bounds,
+        axes=(0, 0),
+        batch=4,
+        per_layer=per_layer,
+        reduce="sum",
+        eps=1e-6,
+        nonfinite="propagate",
+    )
+    for a, b in zip(fast, ref, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=0)
+    np.testing.assert_allclose(np.asarray(fstats.norm), np.asarray(rstats.norm), rtol=1e-6, atol=0)
+    assert (np.asarray(fstats.norm)[..., 1::2] > 0).all() or scale[1] == 0
