@@ -409,3 +409,107 @@ def test_jax_one_pass_path_matches_generic(scale, per_layer):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=0)
     np.testing.assert_allclose(np.asarray(fstats.norm), np.asarray(rstats.norm), rtol=1e-6, atol=0)
     assert (np.asarray(fstats.norm)[..., 1::2] > 0).all() or scale[1] == 0
+
+
+# ------------------------------------------------------------------ QuantileBound
+
+
+def _andrew(norms_seq, noises, *, c0, gamma, lr, geometric=True, lo=0.0, hi=math.inf, size=None):
+    """float64 reference of Andrew et al. 2021's bound update (Opacus's AdaClip)."""
+    c, out = c0, []
+    for norms, noise in zip(norms_seq, noises, strict=True):
+        b = (np.sum(np.asarray(norms) <= c) + noise) / (len(norms) if size is None else size)
+        c = c * math.exp(-lr * (b - gamma)) if geometric else c - lr * (b - gamma)
+        c = min(max(c, lo), hi)
+        out.append((c, b))
+    return out
+
+
+def test_quantile_bound_follows_the_paper(xp):
+    from gradclip.adaptive import QuantileBound
+
+    rng = np.random.default_rng(1)
+    seq = [rng.lognormal(0.0, 0.5, 32) for _ in range(40)]
+    noises = rng.normal(0.0, 2.0, 40)
+    qb = QuantileBound(initial=0.1, target_quantile=0.7, learning_rate=0.3, max_bound=5.0)
+    grads = [xp.array(np.ones((32, 3)), "float32")]
+    state = qb.init(grads)
+    want = _andrew(seq, noises, c0=0.1, gamma=0.7, lr=0.3, hi=5.0)
+    for norms, noise, (c, b) in zip(seq, noises, want, strict=True):
+        # Round the reference's inputs the way the backend holds them.
+        state = qb.update(xp.array(norms, "float32"), state, noise=float(noise))
+        assert float(xp.numpy(state.bound)) == pytest.approx(c, rel=1e-5)
+        assert float(xp.numpy(state.fraction)) == pytest.approx(b, rel=1e-5, abs=1e-6)
+    assert int(xp.numpy(state.count)) == 40
+    # After 40 steps the bound sits near the 0.7 quantile of the norms.
+    assert float(xp.numpy(state.bound)) == pytest.approx(
+        np.quantile(np.concatenate(seq), 0.7), rel=0.3
+    )
+    # Linear update, clamped, with the expected batch size of Poisson sampling.
+    qb = QuantileBound(initial=1.0, geometric=False, learning_rate=0.5, min_bound=0.2)
+    state = qb.init(grads)
+    want = _andrew(seq[:5], [0.0] * 5, c0=1.0, gamma=0.5, lr=0.5, geometric=False, lo=0.2, size=30)
+    for norms, (c, _) in zip(seq[:5], want, strict=True):
+        state = qb.update(xp.array(norms, "float32"), state, batch_size=30)
+        assert float(xp.numpy(state.bound)) == pytest.approx(c, rel=1e-5)
+    # The state round-trips through NumPy into another backend.
+    loaded = qb.load_state_dict(qb.state_dict(state), [np.ones(2, np.float32)])
+    assert float(loaded.bound) == pytest.approx(c, rel=1e-6) and int(loaded.count) == 5
+
+
+def test_quantile_bound_drives_per_example_clip(xp):
+    """The bound stays on the device: per_example_clip takes state.bound as max_norm."""
+    from gradclip.adaptive import QuantileBound
+
+    qb = QuantileBound(initial=0.5)
+    leaves = _tree()
+    arrays, wide = _rounded(xp, leaves, "float32")
+    state = qb.init(arrays)
+    total, stats = gc.per_example_clip(arrays, state.bound)
+    for got, w in zip(total, ref_clip(wide, 0.5)[0], strict=True):
+        _close(xp, got, w, 1e-5)
+    state = qb.update(stats, state)
+    unclipped = np.sum(ref_clip(wide, 0.5)[1] <= 0.5) / B
+    assert float(xp.numpy(state.bound)) == pytest.approx(
+        0.5 * math.exp(-0.2 * (unclipped - 0.5)), rel=1e-6
+    )
+
+
+def test_quantile_bound_bad_input():
+    from gradclip.adaptive import QuantileBound
+
+    for kwargs, match in (
+        ({"target_quantile": 1.5}, "target_quantile must be in"),
+        ({"learning_rate": -1.0}, "learning_rate must be >= 0"),
+        ({"initial": 0.0}, "initial must be > 0"),
+        ({"initial": 9.0, "max_bound": 2.0}, "initial must be > 0 and in"),
+        ({"geometric": False}, "needs min_bound > 0"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            QuantileBound(**kwargs)
+    qb = QuantileBound()
+    state = qb.init([np.ones((4, 2))])
+    _, stats = gc.per_example_clip([np.ones((4, 2))] * 2, 1.0, per_layer=True)
+    with pytest.raises(ValueError, match="norms must be 1-d"):
+        qb.update(stats, state)
+
+
+def test_quantile_bound_under_jit():
+    jax, jnp = _jax()
+    from gradclip.adaptive import QuantileBound
+
+    qb = QuantileBound(initial=1.0)
+    grads = {"w": jnp.asarray(np.stack(_tree(shapes=[(B, 3)]))[0], jnp.float32)}
+
+    @jax.jit
+    def step(grads, state, noise):
+        total, stats = gc.per_example_clip(grads, state.bound, reduce="mean")
+        return total, qb.update(stats, state, noise=noise)
+
+    state = qb.init(grads)
+    eager = qb.init(grads)
+    for noise in (0.5, -1.0, 0.0):
+        _, state = step(grads, state, jnp.asarray(noise, jnp.float32))
+        _, stats = gc.per_example_clip(grads, eager.bound, reduce="mean")
+        eager = qb.update(stats, eager, noise=noise)
+        np.testing.assert_allclose(state.bound, eager.bound, rtol=1e-6)

@@ -29,7 +29,10 @@ The clippers:
 - :class:`AGC`: unitwise adaptive clipping (Brock et al., 2021), as
   ``optax.adaptive_grad_clip`` and timm's ``adaptive_clip_grad``;
 - :class:`AdaGC`: per-tensor thresholds from an EMA of each tensor's own
-  past norms (Wang et al., 2025).
+  past norms (Wang et al., 2025);
+- :class:`QuantileBound`: the per-example bound of DP-SGD
+  (:func:`gradclip.per_example_clip`) moved toward a quantile of the
+  per-example norms (Andrew et al., 2021; Opacus's ``AdaClip``).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import numpy as np
 
 from . import _api, _compat
 from ._norms import Plan
-from ._stats import ClipStats
+from ._stats import ClipStats, PerExampleStats
 from ._tree import flatten
 
 __all__ = [
@@ -51,6 +54,8 @@ __all__ = [
     "AdaGCState",
     "AutoClip",
     "AutoClipState",
+    "QuantileBound",
+    "QuantileBoundState",
     "ZClip",
     "ZClipState",
 ]
@@ -712,3 +717,146 @@ class AdaGC(_Clipper):
             *(_compat.as_array(v) for v in (norms, scales, scales < 1, xp.isfinite(norms)))
         )
         return prep.flat.unflatten(leaves), AdaGCState(ema, count, skipped), stats
+
+
+# ----------------------------------------------------------------- QuantileBound
+
+
+class QuantileBoundState(NamedTuple):
+    """The adaptive per-example bound: the current ``C`` and what moved it."""
+
+    bound: Any  # 0-d: C for the next step
+    fraction: Any  # 0-d: the last step's (noised) fraction of unclipped examples
+    count: Any  # updates so far (int32)
+
+
+@dataclass(frozen=True)
+class QuantileBound:
+    """An adaptive DP-SGD clipping bound that tracks a quantile of the per-example norms.
+
+    Andrew et al., *Differentially Private Learning with Adaptive Clipping*
+    (NeurIPS 2021), which Opacus implements as ``AdaClipDPOptimizer``: after
+    each step the bound moves toward the ``target_quantile`` of the
+    per-example norms,
+
+    ``C <- C * exp(-learning_rate * (b - target_quantile))`` (geometric), or
+    ``C <- C - learning_rate * (b - target_quantile)`` (linear),
+
+    where ``b = (#{i : norm_i <= C} + noise) / batch_size`` is the fraction
+    of examples the bound left unclipped. For privacy, ``noise`` must be a
+    draw of ``N(0, sigma_b**2)``; the caller supplies it (drawn with their own
+    generator and accounted for in their privacy budget). The update is
+    pure array arithmetic, no Python branch on a value and no host sync, so
+    it runs under ``jax.jit``; the state lives in the gradients' namespace.
+
+    Parameters
+    ----------
+    initial : float, default 0.1
+        The first bound, the paper's ``C_0``.
+    target_quantile : float, default 0.5
+        The fraction of examples to leave unclipped, the paper's ``gamma``.
+    learning_rate : float, default 0.2
+        The paper's ``eta_C``.
+    geometric : bool, default True
+        The paper's geometric update; ``False`` gives Opacus's linear one.
+    min_bound, max_bound : float, default 0 and inf
+        The bound is kept in ``[min_bound, max_bound]`` (Opacus's
+        ``min_clipbound``/``max_clipbound``); ``min_bound`` must be > 0 for
+        the linear update, which can otherwise reach 0.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import gradclip as gc
+    >>> from gradclip.adaptive import QuantileBound
+    >>> grads = [np.array([[3.0, 4.0], [0.0, 0.5], [1.0, 0.0], [6.0, 8.0]])]
+    >>> qb = QuantileBound(initial=1.0)
+    >>> state = qb.init(grads)
+    >>> total, stats = gc.per_example_clip(grads, state.bound)
+    >>> state = qb.update(stats, state, noise=0.0)  # 2 of 4 norms <= 1: b = 0.5
+    >>> float(state.fraction), float(state.bound)
+    (0.5, 1.0)
+    >>> state = qb.update(np.array([0.1, 0.2, 0.3, 5.0]), state)  # b = 0.75: C shrinks
+    >>> round(float(state.bound), 4)  # exp(-0.2 * 0.25)
+    0.9512
+    """
+
+    initial: float = 0.1
+    target_quantile: float = 0.5
+    learning_rate: float = 0.2
+    geometric: bool = True
+    min_bound: float = 0.0
+    max_bound: float = math.inf
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.target_quantile <= 1.0:
+            raise ValueError(f"target_quantile must be in [0, 1]; got {self.target_quantile!r}")
+        if not self.learning_rate >= 0:
+            raise ValueError(f"learning_rate must be >= 0; got {self.learning_rate!r}")
+        if not 0.0 <= self.min_bound <= self.max_bound:
+            raise ValueError(
+                f"need 0 <= min_bound <= max_bound; got {self.min_bound!r}, {self.max_bound!r}"
+            )
+        if not self.min_bound <= self.initial <= self.max_bound or not self.initial > 0:
+            raise ValueError(
+                f"initial must be > 0 and in [min_bound, max_bound]; got {self.initial!r}"
+            )
+        if not self.geometric and not self.min_bound > 0:
+            raise ValueError("the linear update (geometric=False) needs min_bound > 0")
+
+    def init(self, tree: Any) -> QuantileBoundState:
+        """The initial bound, in the namespace and on the device of ``tree``'s leaves."""
+        xp, device, res = _namespace_of(tree, "QuantileBound.init")
+        return QuantileBoundState(
+            xp.asarray(float(self.initial), dtype=res, device=device),
+            xp.asarray(math.nan, dtype=res, device=device),
+            xp.zeros((), dtype=xp.int32, device=device),
+        )
+
+    def update(
+        self, norms: Any, state: QuantileBoundState, *, noise: Any = 0.0, batch_size: Any = None
+    ) -> QuantileBoundState:
+        """The bound for the next step, from this step's per-example norms.
+
+        Parameters
+        ----------
+        norms : PerExampleStats or 1-d array
+            The stats of :func:`gradclip.per_example_clip` with flat clipping
+            at ``state.bound``, or the per-example norms themselves.
+        state : QuantileBoundState
+            The state whose bound clipped this step.
+        noise : float or 0-d array, default 0.0
+            Added to the count of unclipped examples: ``N(0, sigma_b**2)``
+            for the privacy of the count (0 gives the non-private update).
+        batch_size : int or 0-d array, optional
+            The divisor of the count: the expected batch size under Poisson
+            sampling. Default: the number of norms.
+        """
+        if isinstance(norms, PerExampleStats):
+            norms = norms.norm
+        xp = _compat.namespace(state.bound)
+        if len(norms.shape) != 1:
+            raise ValueError(
+                "QuantileBound.update: norms must be 1-d, one per example (flat clipping); "
+                f"got shape {tuple(norms.shape)}"
+            )
+        dtype = state.bound.dtype
+        norms = xp.astype(norms, dtype)
+        # b_i = 1[norm_i <= C]: a NaN norm counts as clipped.
+        unclipped = xp.sum(xp.astype(norms <= state.bound, dtype))
+        size = norms.shape[0] if batch_size is None else batch_size
+        fraction = (unclipped + noise) / size
+        step = self.learning_rate * (fraction - self.target_quantile)
+        bound = state.bound * xp.exp(-step) if self.geometric else state.bound - step
+        bound = xp.clip(bound, float(self.min_bound), float(self.max_bound))
+        return QuantileBoundState(
+            xp.astype(bound, dtype), xp.astype(fraction, dtype), state.count + 1
+        )
+
+    def state_dict(self, state: QuantileBoundState) -> dict[str, np.ndarray]:
+        """The state as NumPy arrays (loadable on any backend)."""
+        return _state_dict(state)
+
+    def load_state_dict(self, d: dict[str, Any], like: Any) -> QuantileBoundState:
+        """A state from :meth:`state_dict`, in ``like``'s namespace and on its device."""
+        return _load(QuantileBoundState, d, like, "QuantileBound.load_state_dict")  # type: ignore[no-any-return]
