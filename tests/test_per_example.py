@@ -513,3 +513,69 @@ def test_quantile_bound_under_jit():
         _, stats = gc.per_example_clip(grads, eager.bound, reduce="mean")
         eager = qb.update(stats, eager, noise=noise)
         np.testing.assert_allclose(state.bound, eager.bound, rtol=1e-6)
+
+
+# -------------------------------------------------------------------------- optax
+
+
+def test_optax_transform_in_a_jitted_chain():
+    jax, jnp = _jax()
+    optax = importorskip("optax")
+    import gradclip.optax as gco
+
+    leaves = [jnp.asarray(g, jnp.float32) for g in _tree()]
+    params = [jnp.zeros(g.shape[1:], jnp.float32) for g in leaves]
+    for per_layer, uniform, split in ((False, None, "uniform"), (True, False, "size")):
+        tx = optax.chain(
+            gco.per_example_clip(0.8, reduce="mean", per_layer=per_layer, split=split, eps=0.0),
+            optax.sgd(0.5),
+        )
+        state = tx.init(params)
+        updates, new_state = jax.jit(tx.update)(leaves, state, params)
+        assert jax.tree.structure(new_state) == jax.tree.structure(state)
+        assert all(
+            a.shape == b.shape and a.dtype == b.dtype
+            for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state), strict=True)
+        )
+        if per_layer:
+            sums, counts = optax.per_example_layer_norm_clip(leaves, 0.8, uniform=uniform)
+        else:
+            sums, counts = optax.per_example_global_norm_clip(leaves, 0.8)
+        for u, s in zip(updates, sums, strict=True):
+            np.testing.assert_allclose(u, -0.5 * np.asarray(s) / B, rtol=2e-6, atol=1e-8)
+        summary = new_state[0]
+        np.testing.assert_array_equal(summary.num_clipped, np.asarray(counts))
+        assert int(summary.batch_size) == B
+        _, stats = gc.per_example_clip(leaves, 0.8, per_layer=per_layer, split=split, eps=0.0)
+        np.testing.assert_allclose(summary.max_norm, np.max(stats.norm, axis=-1), rtol=1e-6)
+        np.testing.assert_allclose(summary.mean_norm, np.mean(stats.norm, axis=-1), rtol=1e-6)
+
+
+def test_optax_transform_takes_an_injected_bound():
+    jax, jnp = _jax()
+    optax = importorskip("optax")
+    import gradclip.optax as gco
+
+    leaves = [jnp.asarray(g, jnp.float32) for g in _tree()]
+    params = [jnp.zeros(g.shape[1:], jnp.float32) for g in leaves]
+    tx = optax.inject_hyperparams(gco.per_example_clip)(max_norm=1.0)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for bound in (1.0, 0.3):
+        state.hyperparams["max_norm"] = jnp.asarray(bound, jnp.float32)
+        updates, state = update(leaves, state, params)
+        want, _ = gc.per_example_clip(leaves, bound)
+        for u, w in zip(updates, want, strict=True):
+            np.testing.assert_allclose(u, w, rtol=1e-6)
+
+
+def test_optax_transform_bad_input():
+    importorskip("optax")
+    import gradclip.optax as gco
+
+    with pytest.raises(ValueError, match="reduce must be 'sum' or 'mean' here"):
+        gco.per_example_clip(1.0, reduce=None)
+    with pytest.raises(ValueError, match="max_norm must be > 0"):
+        gco.per_example_clip(0.0)
+    with pytest.raises(ValueError, match="max_norm must be > 0"):
+        gco.per_example_clip(-1.0, per_layer=True)

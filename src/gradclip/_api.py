@@ -849,9 +849,7 @@ def _batch_axes(flat: Flat, axis: Any) -> tuple[list[int], int]:
 def _layer_bounds(max_norm: Any, split: str, flat: Flat, axes: list[int], batch: int) -> list[Any]:
     """One bound per leaf: given (a tree, a sequence or a 1-d array), or split from ``C``."""
     leaves = flat.leaves
-    if isinstance(max_norm, int | float | np.number) or (
-        _compat.is_array(max_norm) and len(max_norm.shape) == 0
-    ):
+    if _one_bound(max_norm):
         total = _check_positive(max_norm, "max_norm")
         if split == "uniform":
             weights = [1 / math.sqrt(len(leaves))] * len(leaves)
@@ -870,6 +868,13 @@ def _layer_bounds(max_norm: Any, split: str, flat: Flat, axes: list[int], batch:
             f"{len(leaves)} leaves; give one bound per leaf, or one total to split"
         )
     return [_check_positive(c, f"max_norm for leaf {flat.paths[k]}") for k, c in enumerate(given)]
+
+
+def _one_bound(value: Any) -> bool:
+    """Whether ``value`` is one number (or 0-d array), not a bound per leaf."""
+    if isinstance(value, int | float | np.number):
+        return True
+    return _compat.is_array(value) and len(value.shape) == 0
 
 
 def _empty_example_stats(per_layer: bool) -> PerExampleStats:
@@ -985,20 +990,20 @@ def per_example_clip(
     _check_nonfinite(nonfinite, ("propagate", "raise"))
     fn = "per_example_clip"
     prep = _prepare(tree, fn)
+    if not per_layer and not _one_bound(max_norm):
+        raise TypeError(
+            f"per_example_clip: max_norm must be a number or a 0-d array; got "
+            f"{type(max_norm).__name__} (one bound per leaf needs per_layer=True)"
+        )
     if prep.xp is None:
-        if not per_layer:
+        if _one_bound(max_norm):
             _check_positive(max_norm, "max_norm")
         return prep.flat.unflatten([]), _empty_example_stats(per_layer)
     axes, batch = _batch_axes(prep.flat, axis)
     if per_layer:
         bounds = _layer_bounds(max_norm, split, prep.flat, axes, batch)
-    elif _compat.is_array(max_norm) or isinstance(max_norm, int | float | np.number):
-        bounds = _check_positive(max_norm, "max_norm")
     else:
-        raise TypeError(
-            f"per_example_clip: max_norm must be a number or a 0-d array; got "
-            f"{type(max_norm).__name__} (one bound per leaf needs per_layer=True)"
-        )
+        bounds = _check_positive(max_norm, "max_norm")
     impl = getattr(_impl(prep, None), fn, _core.per_example_clip)
     with _compat.quiet(prep.xp):
         leaves, stats = impl(

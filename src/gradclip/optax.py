@@ -35,6 +35,7 @@ from ._stats import ClipStats
 __all__ = [
     "AdaptiveState",
     "ClipState",
+    "PerExampleState",
     "adagc",
     "adaptive",
     "agc",
@@ -46,6 +47,7 @@ __all__ = [
     "find_all_states",
     "find_state",
     "find_stats",
+    "per_example_clip",
     "zclip",
 ]
 
@@ -515,6 +517,119 @@ def _value_stats(leaves: list[Any], lo: float | None, hi: float | None, policy: 
 
 for _f in (clip_by_global_norm, clip_by_norm, clip_by_block_rms, clip_by_value):
     _f.__doc__ = (_f.__doc__ or "").format(nonfinite=_NONFINITE_DOC)
+
+
+# ------------------------------------------------------------------- per example
+
+
+class PerExampleState(NamedTuple):
+    """The state of :func:`per_example_clip`: a summary of the last update's examples.
+
+    Each field is 0-d, or ``(n_leaves,)`` with ``per_layer=True`` (one entry
+    per leaf in ``jax.tree.leaves`` order). Before the first update: zeros.
+
+    Attributes
+    ----------
+    num_clipped : array
+        int32: examples whose gradient was clipped.
+    batch_size : array
+        int32, 0-d: examples in the update.
+    mean_norm : array
+        The mean of the per-example norms before clipping.
+    max_norm : array
+        The largest per-example norm before clipping.
+    """
+
+    num_clipped: Any
+    batch_size: Any
+    mean_norm: Any
+    max_norm: Any
+
+
+def per_example_clip(
+    max_norm: Any,
+    *,
+    reduce: str = "sum",
+    per_layer: bool = False,
+    split: str = "uniform",
+    eps: float | None = None,
+) -> Any:
+    """DP-SGD's per-example clipping as a transform: batched updates in, one update out.
+
+    The updates hold a batch of per-example gradients on axis 0 of every
+    leaf (from ``jax.vmap(jax.grad(loss))``); each example is clipped by
+    :func:`gradclip.per_example_clip` and the batch summed (or averaged), so
+    the result has the params' shapes. The noise of DP-SGD is the caller's
+    to add after it (``optax.add_noise`` or their own). optax's
+    ``per_example_global_norm_clip`` and ``per_example_layer_norm_clip``
+    are the functions this matches (with ``eps=0``).
+
+    Parameters
+    ----------
+    max_norm : float, 0-d JAX array, or (with ``per_layer``) one bound per leaf
+        As for :func:`gradclip.per_example_clip`; an array can come from a
+        :class:`~gradclip.adaptive.QuantileBound` state through
+        ``optax.inject_hyperparams``.
+    reduce : {"sum", "mean"}, default "sum"
+        How the clipped examples are combined.
+    per_layer : bool, default False
+        Clip each leaf's part of an example to its own bound.
+    split : {"uniform", "size"}, default "uniform"
+        How a total bound is shared between leaves with ``per_layer``.
+    eps : float, optional
+        Added to each norm before dividing; ``None`` means 1e-6.
+
+    Returns
+    -------
+    optax.GradientTransformation
+        Its state is a :class:`PerExampleState`.
+
+    Examples
+    --------
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import gradclip.optax as gco
+    >>> params = {"w": jnp.zeros(2)}
+    >>> per_example = {"w": jnp.array([[3.0, 4.0], [0.3, 0.4]])}  # 2 examples
+    >>> tx = optax.chain(gco.per_example_clip(1.0, reduce="mean", eps=0.0), optax.sgd(1.0))
+    >>> updates, state = tx.update(per_example, tx.init(params), params)
+    >>> updates["w"]  # -(0.2 * [3, 4] + [0.3, 0.4]) / 2
+    Array([-0.45, -0.6 ], dtype=float32)
+    >>> int(state[0].num_clipped), float(state[0].max_norm)
+    (1, 5.0)
+    """
+    if reduce not in ("sum", "mean"):
+        raise ValueError(
+            f"reduce must be 'sum' or 'mean' here (the update must take the params' shapes); "
+            f"got {reduce!r}"
+        )
+    eps = _DEFAULT_EPS if eps is None else eps
+    _no_array(eps, "eps", "gradclip takes eps as a Python float")
+    gc.per_example_clip([], max_norm, per_layer=True, split=split, eps=eps)  # validates
+
+    def init(params: Any) -> PerExampleState:
+        leaves = jax.tree.leaves(params)
+        shape = (len(leaves),) if per_layer else ()
+        zero = jnp.zeros(shape, _result_dtype(leaves))
+        return PerExampleState(jnp.zeros(shape, jnp.int32), jnp.zeros((), jnp.int32), zero, zero)
+
+    def update(updates: Any, state: PerExampleState, params: Any = None) -> tuple[Any, Any]:
+        del params
+        out, stats = gc.per_example_clip(
+            updates, max_norm, reduce=reduce, per_layer=per_layer, split=split, eps=eps
+        )
+        batch = stats.norm.shape[-1]
+        dtype = state.mean_norm.dtype
+        if batch:
+            mean = jnp.mean(stats.norm, axis=-1).astype(dtype)
+            top = jnp.max(stats.norm, axis=-1).astype(dtype)
+        else:
+            mean = top = jnp.zeros_like(state.mean_norm)
+        counts = jnp.asarray(stats.num_clipped, jnp.int32)
+        return out, PerExampleState(counts, jnp.asarray(batch, jnp.int32), mean, top)
+
+    return optax.GradientTransformation(init, update)
 
 
 # ----------------------------------------------------------------------- finding
