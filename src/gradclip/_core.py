@@ -251,36 +251,6 @@ def clip_by_value(
 # --------------------------------------------------------------------- per example
 
 
-def _example_part(plan: Plan, index: int, axis: int, batch: int) -> Partial:
-    """Each example's ``sum(|g|**2)`` in leaf ``index`` (batch on ``axis``), as one partial.
-
-    The partial holds ``(batch,)`` arrays. Eager backends reduce a group of
-    examples at a time, so the temporaries stay near the block size (or one
-    example, if that is larger) instead of the size of the leaf.
-    """
-    xp = plan.xp
-    x, info = plan.leaves[index], plan._infos[index]
-    row = math.prod(x.shape) // batch if batch else 0
-    if row == 0:
-        return Partial(xp.zeros((batch,), dtype=plan.acc, device=plan.device), None, None)
-    scaled = plan._needs_scaling(index)
-    cplx = info is not None and info.complex
-    others = tuple(i for i in range(len(x.shape)) if i != axis)
-    step = batch if plan.chunk is None else max(1, plan.chunk // row)
-    values, exps = [], []
-    for start in range(0, batch, step):
-        piece = x if step >= batch else x[(slice(None),) * axis + (slice(start, start + step), ...)]
-        a = plan._magnitude(piece, cplx)
-        if scaled:
-            m = xp.max(a, axis=others, keepdims=True) if others else a
-            exp = plan.exponent(m)
-            a = a * xp.pow(plan.const(2.0), -exp)
-            exps.append(xp.reshape(exp, (-1,)))
-        values.append(xp.sum(a * a, axis=others) if others else a * a)
-    join = values[0] if len(values) == 1 else xp.concat(values)
-    return Partial(join, (exps[0] if len(exps) == 1 else xp.concat(exps)) if scaled else None, None)
-
-
 def _combine(xp: Any, x: Any, scale: Any, axis: int, reduce: str | None) -> Any:
     """``x`` with example ``i`` (on ``axis``) multiplied by ``scale[i]``, summed if asked.
 
@@ -323,7 +293,7 @@ def per_example_clip(
     across all leaves) or, with ``per_layer``, one bound per leaf.
     """
     plan = plan_cls(xp, 2.0, leaves)
-    parts = [_example_part(plan, i, axes[i], batch) for i in range(len(leaves))]
+    parts = [plan.example_part(i, axes[i], batch) for i in range(len(leaves))]
     return clip_examples(
         plan,
         parts,

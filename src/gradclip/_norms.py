@@ -226,6 +226,39 @@ class Plan:
             return self.identity()
         return self.merge(parts)
 
+    def example_part(self, index: int, axis: int, batch: int) -> Partial:
+        """Each example's ``sum(|g|**2)`` in leaf ``index`` (batch on ``axis``), as one partial.
+
+        The partial holds ``(batch,)`` arrays. Eager backends reduce a group of
+        examples at a time, so the temporaries stay near the block size (or one
+        example, if that is larger) instead of the size of the leaf.
+        """
+        xp = self.xp
+        x, info = self.leaves[index], self._infos[index]
+        row = math.prod(x.shape) // batch if batch else 0
+        if row == 0:
+            return Partial(xp.zeros((batch,), dtype=self.acc, device=self.device), None, None)
+        scaled = self._needs_scaling(index)
+        cplx = info is not None and info.complex
+        others = tuple(i for i in range(len(x.shape)) if i != axis)
+        step = batch if self.chunk is None else max(1, self.chunk // row)
+        values, exps = [], []
+        for start in range(0, batch, step):
+            piece = (
+                x if step >= batch else x[(slice(None),) * axis + (slice(start, start + step), ...)]
+            )
+            a = self._magnitude(piece, cplx)
+            if scaled:
+                m = xp.max(a, axis=others, keepdims=True) if others else a
+                exp = self.exponent(m)
+                a = a * xp.pow(self.const(2.0), -exp)
+                exps.append(xp.reshape(exp, (-1,)))
+            values.append(xp.sum(a * a, axis=others) if others else a * a)
+        join = values[0] if len(values) == 1 else xp.concat(values)
+        return Partial(
+            join, (exps[0] if len(exps) == 1 else xp.concat(exps)) if scaled else None, None
+        )
+
     def identity(self) -> Partial:
         """The reduction of no elements."""
         value = math.inf if self.kind == "-inf" else 0.0

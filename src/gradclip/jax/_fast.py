@@ -453,7 +453,7 @@ def _example_parts(plan: Plan, axes: Sequence[int], batch: int, per_layer: bool)
     """
     parts = range(len(plan.leaves))
     if not any(map(plan._needs_scaling, parts)):
-        return [_core._example_part(plan, i, axes[i], batch) for i in parts]
+        return [plan.example_part(i, axes[i], batch) for i in parts]
     acc = jnp.dtype(plan.acc)
     tiny = 2.0 ** (plan._acc_info.normal_exp2 + 42 + _MANTISSA[acc])
     sums = _row_sums(plan, axes, square=True)
@@ -467,7 +467,7 @@ def _example_parts(plan: Plan, axes: Sequence[int], batch: int, per_layer: bool)
         return [(v, zeros) for v in sums]
 
     def scaled() -> list[tuple[Any, Any]]:
-        exact = [_core._example_part(plan, i, axes[i], batch) for i in parts]
+        exact = [plan.example_part(i, axes[i], batch) for i in parts]
         return [(q.value, zeros if q.exp is None else q.exp) for q in exact]
 
     def zero_or_scaled() -> list[tuple[Any, Any]]:

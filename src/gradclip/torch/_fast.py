@@ -58,6 +58,7 @@ __all__ = [
     "clip_by_value",
     "global_norm",
     "leaf_norms",
+    "per_example_clip",
 ]
 
 USE_NUMPY_VIEWS = True
@@ -286,6 +287,13 @@ class TorchPlan(Plan):
         found = self._foreach_parts()
         return [found[i] if i in found else self.leaf(i) for i in range(len(self.leaves))]
 
+    def example_part(self, index: int, axis: int, batch: int) -> Partial:
+        """Per-example sums of squares: NumPy's dots on the CPU, the generic reduction elsewhere."""
+        host = self._host
+        if host is not None:
+            return self._from_host(lambda: [host.example_part(index, axis, batch)])[0]
+        return super().example_part(index, axis, batch)
+
     def global_parts(self) -> list[Partial]:
         """Partials whose merge is the global reduction."""
         if self._host is not None:
@@ -425,3 +433,4 @@ clip_by_global_norm = _fast(_core.clip_by_global_norm)
 clip_by_norm = _fast(_core.clip_by_norm)
 clip_by_block_rms = _fast(_core.clip_by_block_rms)
 clip_by_value = _core.clip_by_value
+per_example_clip = _fast(_core.per_example_clip)
