@@ -9,7 +9,7 @@ values except where ``nonfinite="raise"`` must, by definition, look.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import _compat
@@ -286,43 +286,20 @@ def per_example_clip(
     eps: float,
     nonfinite: str,
     plan_cls: type[Plan] = Plan,
+    parts_of: Callable[[Plan], list[Partial]] | None = None,
 ) -> tuple[list[Any], PerExampleStats]:
     """Clip each example (on ``axes[k]`` of leaf ``k``) to its bound, then reduce.
 
     ``max_norm`` is one bound (flat clipping: each example's norm is taken
     across all leaves) or, with ``per_layer``, one bound per leaf.
+    ``parts_of(plan)`` gives every leaf's per-example partials where a fast
+    path takes them all together (default: ``plan.example_part`` per leaf).
     """
     plan = plan_cls(xp, 2.0, leaves)
-    parts = [plan.example_part(i, axes[i], batch) for i in range(len(leaves))]
-    return clip_examples(
-        plan,
-        parts,
-        names,
-        max_norm=max_norm,
-        axes=axes,
-        batch=batch,
-        per_layer=per_layer,
-        reduce=reduce,
-        eps=eps,
-        nonfinite=nonfinite,
-    )
-
-
-def clip_examples(
-    plan: Plan,
-    parts: list[Partial],
-    names: Sequence[str],
-    *,
-    max_norm: Any,
-    axes: Sequence[int],
-    batch: int,
-    per_layer: bool,
-    reduce: str | None,
-    eps: float,
-    nonfinite: str,
-) -> tuple[list[Any], PerExampleStats]:
-    """:func:`per_example_clip` from each leaf's per-example partials (a fast path's too)."""
-    xp, leaves = plan.xp, plan.leaves
+    if parts_of is None:
+        parts = [plan.example_part(i, axes[i], batch) for i in range(len(leaves))]
+    else:
+        parts = parts_of(plan)
     if nonfinite == "raise":
         _check_finite(xp, [xp.all(plan.finite(q)) for q in parts], names)
     if per_layer:

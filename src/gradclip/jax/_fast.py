@@ -484,57 +484,28 @@ def _example_parts(plan: Plan, axes: Sequence[int], batch: int, per_layer: bool)
 
 
 @functools.cache
-def _per_example(statics: tuple[Any, ...]) -> Any:
-    axes, batch, per_layer, reduce, eps = statics
+def _per_example(statics: tuple[tuple[str, Any], ...]) -> Any:
+    kwargs = dict(statics)
+
+    def parts_of(plan: Plan) -> list[Partial]:
+        return _example_parts(plan, kwargs["axes"], kwargs["batch"], kwargs["per_layer"])
 
     def run(leaves: list[Any], max_norm: Any) -> Any:
-        plan = Plan(jnp, 2.0, leaves)
-        parts = _example_parts(plan, axes, batch, per_layer)
         # Full float32 products in the contraction: JAX's default lets GPUs
         # round them to TF32, 1e-3 off.
         with jax.default_matmul_precision("highest"):
-            return _core.clip_examples(
-                plan,
-                parts,
-                (),
-                max_norm=max_norm,
-                axes=axes,
-                batch=batch,
-                per_layer=per_layer,
-                reduce=reduce,
-                eps=eps,
-                nonfinite="propagate",
+            return _core.per_example_clip(
+                jnp, leaves, (), max_norm=max_norm, parts_of=parts_of, **kwargs
             )
 
     return jax.jit(run)
 
 
-def per_example_clip(
-    xp: Any,
-    leaves: list[Any],
-    names: Sequence[str],
-    *,
-    max_norm: Any,
-    axes: Sequence[int],
-    batch: int,
-    per_layer: bool,
-    reduce: str | None,
-    eps: float,
-    nonfinite: str,
-) -> Any:
+def per_example_clip(xp: Any, leaves: list[Any], names: Sequence[str], **kwargs: Any) -> Any:
     """:func:`gradclip._core.per_example_clip`, compiled, with one-pass norms."""
-    if nonfinite == "raise":
+    if kwargs["nonfinite"] == "raise":
         # Naming the bad leaf needs its value on the host: not under jit.
-        return _core.per_example_clip(
-            jnp,
-            leaves,
-            names,
-            max_norm=max_norm,
-            axes=axes,
-            batch=batch,
-            per_layer=per_layer,
-            reduce=reduce,
-            eps=eps,
-            nonfinite=nonfinite,
-        )
-    return _per_example((tuple(axes), batch, per_layer, reduce, eps))(list(leaves), max_norm)
+        return _core.per_example_clip(jnp, leaves, names, **kwargs)
+    max_norm = kwargs.pop("max_norm")
+    kwargs["axes"] = tuple(kwargs["axes"])
+    return _per_example(tuple(sorted(kwargs.items())))(list(leaves), max_norm)
