@@ -9,6 +9,7 @@ behind. optax is hidden in the whole-harness runs: XLA compiles a jitted
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import subprocess
@@ -433,7 +434,7 @@ def test_skip_option(tmp_path: Path, hide, capsys):
             _bench.bench("numpy", [], skip=[bad], progress=False)
     err = capsys.readouterr().err
     assert "the row must be one of torch, optax, naive" in err
-    assert "the tree must be one of llm, huge, small" in err
+    assert "the tree must be one of llm, huge, small, dp" in err
     hide("torch")
     path = tmp_path / "bench.json"
     argv = ["bench", "--tree", "llm", "--skip", "optax", "--skip", "naive:llm"]
@@ -480,6 +481,198 @@ def test_benchmarks_driver_has_the_same_arguments():
     for option in ("--backend", "--tree", "--json", "--reps", "--max-norm"):
         assert option in out.stdout
     assert "--size-factor" not in out.stdout  # for the tests only
+
+
+# ------------------------------------------------ per-example clipping (issue 8)
+
+
+def test_dp_tree_is_a_batch_of_the_scaled_down_llm_tree():
+    sizes = _bench.tree_sizes("dp")
+    leaves = optree.tree_leaves(sizes)
+    llm = optree.tree_leaves(_bench.tree_sizes("llm", _bench.EXAMPLE_SIZE_FACTOR))
+    assert len(leaves) == 145
+    assert leaves == [_bench.EXAMPLE_BATCH * n for n in llm]
+    assert sum(llm) == 216_448  # d=32, a 2000-token embedding
+    assert sum(leaves) == 256 * 216_448
+    assert sizes["embed"] == 256 * 2000 * 32
+    assert "dp" not in _bench.TREES  # --tree all leaves it out
+    with pytest.raises(ValueError, match="CPU backends only"):
+        _bench.tree_sizes("dp", gpu=True)
+    with pytest.raises(ValueError, match="llm, huge, small, dp"):
+        _bench.tree_sizes("medium")
+
+
+def test_dp_examples_have_spread_norms_and_half_clip():
+    tree = _bench.make_tree("dp", size_factor=FACTOR)
+    leaves = optree.tree_leaves(tree)
+    assert all(x.dtype == np.float32 and x.shape[0] == 256 for x in leaves)
+    assert tree["blocks"][0]["attn"]["qkv_weight"].shape == (256, 2, 6)
+    norms = _bench._example_norms(leaves, 256)
+    want = np.exp(np.linspace(-1, 1, 256))
+    assert np.sort(norms) == pytest.approx(want, rel=1e-6)  # float32 rounding only
+    assert not np.array_equal(norms, np.sort(norms))  # shuffled
+    assert np.count_nonzero(norms > 1) == 128
+    assert np.min(np.abs(np.log(norms))) > 3e-3  # no example near the bound 1
+    again = optree.tree_leaves(_bench.make_tree("dp", size_factor=FACTOR))
+    assert all(np.array_equal(a, b) for a, b in zip(leaves, again, strict=True))
+
+
+def test_dp_reference_and_its_check():
+    data = _bench._example_data("dp", FACTOR)
+    examples = data.examples
+    assert examples is not None
+    sums, count = examples.expected(1.0)
+    assert count == 128
+    # the reference by the book: every example scaled, then summed, in float64
+    factor = np.minimum(1.0, 1.0 / examples.norms)
+    for x, s in zip(data.leaves, sums, strict=True):
+        assert s.shape == x.shape[1:]
+        assert s == pytest.approx(np.tensordot(factor, x.astype(np.float64), axes=1), rel=1e-9)
+    ok = examples.check([s.astype(np.float32) for s in sums], np.int32(128), 1.0)
+    assert ok["check_ok"] and ok["norm_error"] < 1e-6
+    assert ok["num_clipped"] == ok["num_clipped_expected"] == 128
+    assert ok["norm_after"] == pytest.approx(ok["reference_norm"])
+    # unclipped, or the right sum with the wrong count: both fail
+    plain = [x.sum(axis=0) for x in data.leaves]
+    assert not examples.check(plain, 128, 1.0)["check_ok"]
+    assert not examples.check(sums, 127, 1.0)["check_ok"]
+    # nothing to clip
+    _, none = examples.expected(1e30)
+    assert none == 0
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "jax"])
+def test_dp_rows_clip_every_example_and_sum(backend):
+    if backend != "numpy":
+        importorskip(backend)
+    if backend == "jax":
+        importorskip("optax")
+    ctx, _, _ = _bench._plan(backend)
+    rows, notes = _bench._example_plan(ctx)
+    assert notes == []
+    anchor = "optax" if backend == "jax" else "naive"
+    assert [r.key for r in rows] == ["gradclip", anchor, "read"]
+    assert all(r.cases == ("clip",) for r in rows)
+    data = _bench._example_data("dp", FACTOR)
+    for row in rows:
+        result = _bench._run_row(ctx, data, row, "clip", 1.0, reps=2, budget=0.0, compile=row.jax)
+        assert result["check_ok"], result
+        if row.key == "read":  # read only: the batch's norm unchanged
+            assert result["norm_after"] == pytest.approx(data.norm, rel=1e-6)
+            continue
+        assert result["num_clipped"] == result["num_clipped_expected"] == 128
+        assert result["norm_error"] < 1e-5
+        if row.jax:
+            assert result["compile_s"] > 0 and result["xla_compiles"] >= 1
+            assert result["warmup_compiles"] == 0
+    # the pristine batch is never touched
+    again = optree.tree_leaves(_bench.make_tree("dp", size_factor=FACTOR))
+    assert all(np.array_equal(a, b) for a, b in zip(data.leaves, again, strict=True))
+
+
+def test_dp_report_json_and_table(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch):
+    importorskip("torch")
+    path = tmp_path / "bench-dp.json"
+    argv = ["bench", "--tree", "dp", "--skip", "torch", "--json", str(path), *QUICK]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    report = json.loads(path.read_text())
+    assert report["command"].startswith("python -m gradclip bench --backend numpy --tree dp")
+    assert report["settings"]["trees"] == ["dp"]
+    info = report["trees"]["dp"]
+    assert info["leaves"] == 145 and info["batch"] == 256
+    assert info["elements"] == 256 * info["example_elements"]
+    assert info["num_clipped"] == 128 and info["eps"] == 0.0
+    assert info["example_norm_min"] == pytest.approx(math.exp(-1), rel=1e-6)
+    assert info["example_norm_max"] == pytest.approx(math.e, rel=1e-6)
+    assert report["targets"] == []
+    # notes only about the rows of the trees run: none of the global clip's
+    assert not any("clip_grad_norm_" in n or "clip_by_global_norm" in n for n in report["notes"])
+
+    rows = {r["key"]: r for r in report["rows"]}
+    assert set(rows) == {"gradclip", "naive", "read"}
+    assert all(r["case"] == "clip" and r["tree"] == "dp" for r in rows.values())
+    assert rows["gradclip"]["row"] == "gradclip per_example_clip (numpy)"
+    naive, read = rows["naive"]["median_ms"], rows["read"]["median_ms"]
+    for r in rows.values():
+        assert r["check_ok"], r
+        assert r["reps"] >= 2 and len(r["times_ms"]) == r["reps"]
+        assert r["ratio_naive"] == pytest.approx(r["median_ms"] / naive)
+        assert r["ratio_anchor"] == pytest.approx(r["median_ms"] / read)
+        assert r["ratio_torch"] is None and r["ratio_optax"] is None
+        assert r["compile_s"] is None
+    assert rows["gradclip"]["num_clipped"] == rows["naive"]["num_clipped"] == 128
+    assert rows["gradclip"]["peak_temp_bytes"] is not None  # tracemalloc: a NumPy row
+
+    assert "dp: 256 examples x 1,138 elements (145 leaves" in out
+    assert "128 of 256 examples clipped; x anchor = x one read pass" in out
+    assert "x naive" in out and "WRONG RESULT" not in out
+    assert "targets: none set for per-example clipping (issue 8)" in out
+    assert "dp: norm err = |sum - float64 reference sum|" in out
+    assert "no clip (max_norm" not in out  # the clip case only
+
+    # the docs render it: one column, dp's clip case
+    spec = importlib.util.spec_from_file_location(
+        "gradclip_docs", Path(__file__).parents[1] / "docs" / "_ext" / "gradclip_docs.py"
+    )
+    assert spec is not None and spec.loader is not None
+    docs = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gradclip_docs", docs)  # its dataclasses look it up
+    spec.loader.exec_module(docs)
+    timing = docs._bench_tables(report)[0]  # (load() takes files in the repo only)
+    assert timing.header == ["row", "dp, clip"]
+    assert [line[0] for line in timing.rows] == [
+        "gradclip per_example_clip (numpy)",
+        "naive NumPy: sums of squares, tensordot",
+        "one read pass: dot (torch)",
+    ]
+
+
+def test_dp_report_torch_and_jax():
+    quick = {"reps": 2, "budget": 0.0, "size_factor": FACTOR, "progress": False}
+    importorskip("torch")
+    report = _bench.bench("torch", ["dp"], **quick)
+    rows = {r["key"]: r for r in report["rows"]}
+    assert set(rows) == {"gradclip", "naive", "read"}
+    assert rows["naive"]["row"] == "naive torch: sums of squares, tensordot"
+    assert rows["gradclip"]["ratio_naive"] == pytest.approx(
+        rows["gradclip"]["median_ms"] / rows["naive"]["median_ms"]
+    )
+    assert all(r["check_ok"] for r in rows.values())
+
+    importorskip("jax")
+    importorskip("optax")
+    report = _bench.bench("jax", ["dp"], **quick)
+    rows = {r["key"]: r for r in report["rows"]}
+    assert set(rows) == {"gradclip", "optax", "read"}
+    assert rows["gradclip"]["row"] == "gradclip per_example_clip (jax, jit)"
+    assert rows["optax"]["row"] == "optax per_example_global_norm_clip (jit)"
+    for key in ("gradclip", "optax"):
+        r = rows[key]
+        assert r["check_ok"] and r["num_clipped"] == 128, r
+        assert r["compile_s"] > 0 and r["xla_compiles"] >= 1 and r["warmup_compiles"] == 0
+        assert r["ratio_optax"] == pytest.approx(r["median_ms"] / rows["optax"]["median_ms"])
+        assert r["ratio_naive"] is None
+    text = _bench.format_report({"command": "test", **report})
+    assert "compile s" in text and "x optax" in text
+
+
+def test_dp_with_the_global_trees_and_where_it_cannot_run(hide):
+    hide("torch", "optax")
+    quick = {"reps": 2, "budget": 0.0, "size_factor": FACTOR, "progress": False}
+    report = _bench.bench("numpy", ["small", "dp"], skip=["naive:dp"], **quick)
+    keys = {t: {r["key"] for r in report["rows"] if r["tree"] == t} for t in ("small", "dp")}
+    assert keys["small"] == {"gradclip", "flattree", "naive", "floor", "read"}
+    assert keys["dp"] == {"gradclip", "read"}
+    read = next(r for r in report["rows"] if r["tree"] == "dp" and r["key"] == "read")
+    assert read["row"] == "one read pass: dot (NumPy: torch not installed)"
+    assert "naive NumPy: sums of squares, tensordot: skipped on dp (--skip)" in report["notes"]
+    assert len(report["targets"]) == 7  # the global trees' targets still apply
+    with pytest.raises(SystemExit, match="--tree dp runs on --backend numpy, torch or jax"):
+        _bench.bench("cupy", ["dp"], **quick)
+    parser = argparse.ArgumentParser()
+    _bench.add_arguments(parser)
+    assert parser.parse_args(["--tree", "dp", "--skip", "optax:dp"]).tree == "dp"
 
 
 # ------------------------------------------------------------ the GPU (issue 5)

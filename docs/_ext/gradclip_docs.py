@@ -91,17 +91,24 @@ def _bench_tables(data: dict[str, Any]) -> list[Table]:
             names.append(r["row"])
     keys = [k for k in ROW_ORDER if k in labels] + [k for k in labels if k not in ROW_ORDER]
 
-    header = ["row"] + [f"{tree}, {case}" for tree in trees for _, case in CASES]
+    # A column per tree and case that has rows: the per-example tree (dp)
+    # has its clip case only.
+    columns = [
+        (tree, case, name)
+        for tree in trees
+        for case, name in CASES
+        if any(r["tree"] == tree and r["case"] == case for r in rows)
+    ]
+    header = ["row"] + [f"{tree}, {name}" for tree, _, name in columns]
     timing = Table("Median milliseconds per call (lower is better)", header)
     for key in keys:
         line = [" / ".join(labels[key])]
-        for tree in trees:
-            for case, _ in CASES:
-                r = by_key.get((key, tree, case))
-                cell = _ms(r["median_ms"]) if r else "-"
-                if r and not r.get("check_ok", True):
-                    cell += " (result check failed)"
-                line.append(cell)
+        for tree, case, _ in columns:
+            r = by_key.get((key, tree, case))
+            cell = _ms(r["median_ms"]) if r else "-"
+            if r and not r.get("check_ok", True):
+                cell += " (result check failed)"
+            line.append(cell)
         timing.rows.append(line)
     tables = [timing]
 

@@ -29,6 +29,24 @@ the device-to-device copy bandwidth timed in the same run. Calls are timed by
 wall clock around the call and a device synchronisation, so a small tree's
 time includes its host overhead.
 
+``--tree dp`` times per-example clipping (issue 8, DP-SGD's clipping step), a
+different operation from the global-norm clip, so ``--tree all`` leaves it
+out: a batch of 256 examples over the ``llm`` tree's structure scaled down 16
+times (145 leaves, d=32, a 2000-token embedding: 216,448 elements per example,
+55.4M in all, float32), every leaf with the batch on axis 0. The examples'
+norms are spaced evenly in log from e**-1 to e (shuffled), so ``max_norm`` 1
+clips exactly half of them. Its rows sum the clipped examples with
+``eps=0`` (optax has none): gradclip's ``per_example_clip(..., reduce="sum")``
+and, under ``--backend jax``, optax's ``per_example_global_norm_clip``, both
+under ``jax.jit`` (not donated: the sum is far smaller than its input, so
+XLA could not reuse the buffers), compiled once and timed on its own; under
+``--backend numpy`` or ``torch`` a naive loop in the same library (each
+example's sum of squares over its non-batch axes, ``min(1, C / norm)``, a
+``tensordot`` over the batch). Their anchor is one read pass over a flat
+buffer of the same size (a dot), the least any per-example clip can cost.
+The check compares each row's sum with a float64 NumPy reference and its
+count of clipped examples with the reference's.
+
 Targets (PASS/MISS) are the ones of the issue that built each fast path:
 issue 3's for ``--backend numpy``, issue 4's for ``--backend jax``, issue 5's
 for ``--backend cupy``, checked against the gradclip rows.
@@ -59,7 +77,7 @@ import traceback
 import tracemalloc
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -68,6 +86,7 @@ import optree
 import gradclip as gc
 
 __all__ = [
+    "EXAMPLE_TREES",
     "TREES",
     "add_arguments",
     "bench",
@@ -77,7 +96,15 @@ __all__ = [
     "tree_sizes",
 ]
 
-TREES = ("llm", "huge", "small")
+TREES = ("llm", "huge", "small")  # --tree all: the global-norm clip's trees
+# Per-example clipping's tree (issue 8): run only when named, not by --tree all.
+EXAMPLE_TREES = ("dp",)
+ALL_TREES = (*TREES, *EXAMPLE_TREES)
+EXAMPLE_BATCH = 256  # examples in the dp tree, on axis 0 of every leaf
+EXAMPLE_SIZE_FACTOR = 16  # the dp tree is the llm tree's structure, divided by this
+EXAMPLE_SPREAD = 1.0  # the examples' norms run from exp(-this) to exp(this)
+EXAMPLE_EPS = 0.0  # optax's per_example_global_norm_clip has no eps
+_EXAMPLE_TOL = 1e-4  # a per-example sum's relative distance from the float64 reference
 BACKENDS = ("numpy", "torch", "jax", "cupy")
 DTYPES = ("float32", "bfloat16")  # bfloat16: --backend cupy only (ml_dtypes' type)
 CASES = ("clip", "noclip")
@@ -125,8 +152,14 @@ def _build(
     name: str, make: Callable[[tuple[int, ...]], Any], size_factor: int, *, gpu: bool = False
 ) -> Tree:
     """The tree ``name`` with ``make(shape)`` as each leaf, sizes divided by ``size_factor``."""
-    if name not in TREES:
-        raise ValueError(f"unknown tree {name!r}; choose from {', '.join(TREES)}")
+    if name not in ALL_TREES:
+        raise ValueError(f"unknown tree {name!r}; choose from {', '.join(ALL_TREES)}")
+    if name == "dp":
+        if gpu:
+            raise ValueError("the dp tree is timed on the CPU backends only")
+        # The llm tree's structure scaled down, a batch of examples on axis 0.
+        factor = size_factor * EXAMPLE_SIZE_FACTOR
+        return _build("llm", lambda shape: make((EXAMPLE_BATCH, *shape)), factor)
     if name == "llm":
         # CPU: a 12-block transformer with d=512 and a 32000-token embedding
         # (54.2M elements). GPU: a 1B-parameter model, 18 blocks with d=2048
@@ -167,11 +200,14 @@ def tree_sizes(name: str, size_factor: int = 1, *, gpu: bool = False) -> Tree:
 
     Parameters
     ----------
-    name : {"llm", "huge", "small"}
-        Which tree.
+    name : {"llm", "huge", "small", "dp"}
+        Which tree. ``dp``: the ``llm`` tree's structure with every dimension
+        divided by 16, each leaf with a batch of 256 examples on axis 0
+        (per-example clipping; CPU only).
     size_factor : int, default 1
-        Every dimension (``small``: every leaf size) is divided by this, at
-        least 1 remaining; the tests use it to shrink the trees.
+        Every dimension (``small``: every leaf size; ``dp``: every dimension
+        but the batch) is divided by this, at least 1 remaining; the tests
+        use it to shrink the trees.
     gpu : bool, default False
         The trees of ``--backend cupy``: ``llm`` has 217 leaves and 1.009e9
         elements (18 blocks, d=2048, a 50304-token embedding) and ``huge``
@@ -193,10 +229,11 @@ def make_tree(name: str, size_factor: int = 1, seed: int = SEED) -> Tree:
 
     Parameters
     ----------
-    name : {"llm", "huge", "small"}
+    name : {"llm", "huge", "small", "dp"}
         ``llm``: 145 leaves, 54.2M elements shaped like a 12-block transformer;
         ``huge``: one 2**26-element leaf; ``small``: 2000 leaves of 16 to 2048
-        elements.
+        elements; ``dp``: 256 examples of a scaled-down ``llm`` tree, batch on
+        axis 0, 55.4M elements (see :func:`_spread_examples`).
     size_factor : int, default 1
         As for :func:`tree_sizes`.
     seed : int, default 0
@@ -205,10 +242,30 @@ def make_tree(name: str, size_factor: int = 1, seed: int = SEED) -> Tree:
     Returns
     -------
     pytree of numpy.ndarray
-        Its global norm is about the square root of its size, far above 1.
+        Its global norm is about the square root of its size, far above 1
+        (``dp``: each example's norm is between e**-1 and e, half above 1).
     """
     rng = np.random.default_rng(seed)
-    return _build(name, lambda shape: rng.standard_normal(shape, dtype=np.float32), size_factor)
+    tree = _build(name, lambda shape: rng.standard_normal(shape, dtype=np.float32), size_factor)
+    if name in EXAMPLE_TREES:
+        _spread_examples(optree.tree_leaves(tree), rng)
+    return tree
+
+
+def _spread_examples(leaves: list[np.ndarray], rng: np.random.Generator) -> None:
+    """Scale each example (axis 0) in place to a norm of its own, half of them above 1.
+
+    The norms are ``exp(t)`` for ``t`` spaced evenly over
+    ``[-EXAMPLE_SPREAD, EXAMPLE_SPREAD]``, in a shuffled order: with an even
+    batch the middle two lie either side of 1, 0.8% apart, so ``max_norm`` 1
+    clips exactly half the examples, with no example near enough to the bound
+    for a float32 norm to disagree with a float64 one about it.
+    """
+    batch = leaves[0].shape[0]
+    want = np.exp(np.linspace(-EXAMPLE_SPREAD, EXAMPLE_SPREAD, batch))
+    factor = rng.permutation(want) / _example_norms(leaves, batch)
+    for x in leaves:
+        x *= factor.astype(np.float32).reshape((batch,) + (1,) * (x.ndim - 1))
 
 
 def _norm(leaves: Iterable[np.ndarray]) -> float:
@@ -220,6 +277,36 @@ def _norm(leaves: Iterable[np.ndarray]) -> float:
             piece = flat[start : start + _CHECK_CHUNK].astype(np.float64)
             total += float(np.dot(piece, piece))
     return math.sqrt(total)
+
+
+def _rows(x: np.ndarray, batch: int) -> Iterator[tuple[slice, np.ndarray]]:
+    """``x`` as ``(batch, -1)`` rows, a group of rows at a time, widened to float64."""
+    rows = x.reshape(batch, -1)
+    step = max(1, _CHECK_CHUNK // max(1, rows.shape[1]))
+    for start in range(0, batch, step):
+        where = slice(start, start + step)
+        yield where, rows[where].astype(np.float64)
+
+
+def _example_norms(leaves: Iterable[np.ndarray], batch: int) -> np.ndarray:
+    """Each example's 2-norm across all leaves (batch on axis 0), in float64."""
+    total = np.zeros(batch)
+    for x in leaves:
+        for where, piece in _rows(x, batch):
+            total[where] += np.einsum("ij,ij->i", piece, piece)
+    return np.sqrt(total)
+
+
+def _example_sums(leaves: Iterable[np.ndarray], factor: np.ndarray) -> list[np.ndarray]:
+    """``sum_i factor[i] * leaf[i]`` for every leaf, in float64 (the per-example reference)."""
+    batch = factor.shape[0]
+    out = []
+    for x in leaves:
+        total = np.zeros(x.shape[1:]).reshape(-1)
+        for where, piece in _rows(x, batch):
+            total += factor[where] @ piece
+        out.append(total.reshape(x.shape[1:]))
+    return out
 
 
 @functools.cache
@@ -342,12 +429,53 @@ def _release_gpu() -> None:
 
 
 @dataclass
+class _Examples:
+    """The dp tree's per-example facts, and the float64 reference its rows are checked against."""
+
+    leaves: list[np.ndarray]
+    norms: np.ndarray  # each example's norm, float64
+    _expected: dict[float, tuple[list[np.ndarray], int]] = field(default_factory=dict)
+
+    def expected(self, max_norm: float) -> tuple[list[np.ndarray], int]:
+        """The clipped sum of every leaf (float64) and the number of examples clipped."""
+        if max_norm not in self._expected:
+            factor = np.minimum(1.0, max_norm / (self.norms + EXAMPLE_EPS))
+            count = int(np.count_nonzero(factor < 1))
+            self._expected[max_norm] = _example_sums(self.leaves, factor), count
+        return self._expected[max_norm]
+
+    def check(self, sums: list[Any], count: Any, max_norm: float) -> dict[str, Any]:
+        """A per-example row's result fields: its sum against the reference, and its count.
+
+        ``norm_after`` is the norm of the row's sum and ``norm_error`` its
+        distance from the reference sum, relative to the reference's norm.
+        """
+        want, want_count = self.expected(max_norm)
+        diff = ref = after = 0.0
+        for got, w in zip(sums, want, strict=True):
+            g = np.asarray(got, dtype=np.float64)
+            diff += float(np.sum(np.square(g - w)))
+            ref += float(np.sum(np.square(w)))
+            after += float(np.sum(np.square(g)))
+        error = math.sqrt(diff / ref) if ref else math.sqrt(diff)
+        count = int(count)
+        return {
+            "norm_after": math.sqrt(after),
+            "norm_error": error,
+            "check_ok": error <= _EXAMPLE_TOL and count == want_count,
+            "reference_norm": math.sqrt(ref),
+            "num_clipped": count,
+            "num_clipped_expected": want_count,
+        }
+
+
+@dataclass
 class _Data:
     """One benchmark tree: its pristine leaves and their float64 norm.
 
     On the CPU the leaves are NumPy arrays; on the GPU they are CuPy views
     into ``source``, one flat buffer drawn on the device, and ``measure``
-    (the result check) runs there.
+    (the result check) runs there. The dp tree has ``examples`` too.
     """
 
     name: str
@@ -356,6 +484,7 @@ class _Data:
     norm: float
     source: Any = None
     measure: Callable[[list[Any]], float] = _norm
+    examples: _Examples | None = None
 
     def flat(self) -> Any:
         """All leaves in one contiguous buffer (for the floor and the read pass)."""
@@ -373,6 +502,13 @@ def _host_data(name: str, size_factor: int) -> _Data:
     tree = make_tree(name, size_factor)
     leaves: list[np.ndarray] = optree.tree_leaves(tree)
     return _Data(name, tree, leaves, _norm(leaves))
+
+
+def _example_data(name: str, size_factor: int) -> _Data:
+    """The dp tree (per-example clipping), on the host, with its per-example reference."""
+    data = _host_data(name, size_factor)
+    data.examples = _Examples(data.leaves, _example_norms(data.leaves, EXAMPLE_BATCH))
+    return data
 
 
 def _device_data(name: str, size_factor: int, dtype: Any) -> _Data:
@@ -399,6 +535,9 @@ class _Timed:
     # JAX rows: trace, lower and compile ``call``'s program ahead of time,
     # returning (seconds to trace and lower, seconds in all); see _measure_compile.
     compile: Callable[[], tuple[float, float]] | None = None
+    # Per-example rows: the result check's fields from ``call``'s output
+    # (_Examples.check), in place of the norm check of ``result``.
+    check: Callable[[Any], dict[str, Any]] | None = None
 
 
 def _in_place(
@@ -805,6 +944,161 @@ def _plan(backend: str) -> tuple[_Context, list[_Row], list[str]]:
     rows.append(_Row("floor", f"floor: dot + in-place mul ({where})", _floor_row, ("clip",)))
     rows.append(_Row("read", f"one read pass: dot ({where})", _read_row, ("noclip",)))
     return ctx, rows, notes
+
+
+# ------------------------------------------------- per-example clipping (issue 8)
+
+
+def _example_timed(
+    arrays: _Arrays,
+    data: _Data,
+    call: Callable[[], Any],
+    unpack: Callable[[Any], tuple[list[Any], Any]],
+    max_norm: float,
+    done: Callable[[Any], Any] | None = None,
+    compile: Callable[[], tuple[float, float]] | None = None,
+) -> _Timed:
+    """A per-example row: ``call()`` reads the pristine batch and returns new arrays.
+
+    Nothing is modified, so no fresh copy is needed between calls.
+    ``unpack(out)`` gives the summed leaves, in flattening order, and the
+    count of clipped examples, which the check compares with the reference.
+    """
+    examples = data.examples
+    assert examples is not None  # the dp tree's rows only
+
+    def result(out: Any) -> list[Any]:
+        return [arrays.host(x) for x in unpack(out)[0]]
+
+    def check(out: Any) -> dict[str, Any]:
+        return examples.check(result(out), unpack(out)[1], max_norm)
+
+    return _Timed(
+        lambda: None,
+        call,
+        done or (lambda _: arrays.sync()),
+        result,
+        compile,
+        check,
+    )
+
+
+def _example_gradclip_jax(tree: Tree, max_norm: Any) -> Any:
+    return gc.per_example_clip(tree, max_norm, eps=EXAMPLE_EPS)
+
+
+def _example_optax_jax(leaves: list[Any], max_norm: Any) -> Any:
+    return _load("optax").per_example_global_norm_clip(leaves, max_norm)
+
+
+@functools.cache
+def _jitted_kept(fn: Callable[[Any, Any], Any]) -> Any:
+    # Not donated, unlike _jitted: the sum is far smaller than the batch, so
+    # XLA could reuse none of the input's buffers (and would warn so).
+    return _load("jax").jit(fn)
+
+
+def _example_jax_row(
+    data: _Data,
+    fn: Callable[[Any, Any], Any],
+    args: Any,
+    unpack: Callable[[Any], tuple[list[Any], Any]],
+    max_norm: float,
+) -> _Timed:
+    """``fn(args, max_norm)`` under ``jax.jit``, on arrays put on the device once, untimed."""
+    jax = _load("jax")
+    jitted = _jitted_kept(fn)
+    inputs = jax.block_until_ready(jax.device_put(args))
+
+    def compile_() -> tuple[float, float]:
+        # Lowered from the very arrays the timed calls get: the executable
+        # built here is the one jax.jit's cache hands the first call.
+        start = time.perf_counter()
+        lowered = jitted.lower(inputs, max_norm)
+        traced = time.perf_counter()
+        lowered.compile()
+        return traced - start, time.perf_counter() - start
+
+    return _example_timed(
+        _numpy_arrays(),  # the results are read on the host, through np.asarray
+        data,
+        lambda: jitted(inputs, max_norm),
+        unpack,
+        max_norm,
+        jax.block_until_ready,
+        compile_,
+    )
+
+
+def _tree_and_count(out: Any) -> tuple[list[Any], Any]:
+    """The summed leaves and the count of clipped examples, from ``(tree, PerExampleStats)``."""
+    return optree.tree_leaves(out[0]), out[1].num_clipped
+
+
+def _example_gradclip_row(ctx: _Context, data: _Data, max_norm: float) -> _Timed:
+    if ctx.arrays is None:  # jax
+        return _example_jax_row(data, _example_gradclip_jax, data.tree, _tree_and_count, max_norm)
+    arrays = ctx.arrays
+    tree = optree.tree_map(arrays.pristine, data.tree)  # only read: the call makes new arrays
+
+    def call() -> Any:
+        return gc.per_example_clip(tree, max_norm, eps=EXAMPLE_EPS)
+
+    return _example_timed(arrays, data, call, _tree_and_count, max_norm)
+
+
+def _example_optax_row(ctx: _Context, data: _Data, max_norm: float) -> _Timed:
+    # optax takes a list of arrays, in the order gradclip flattens the tree.
+    return _example_jax_row(data, _example_optax_jax, data.leaves, tuple, max_norm)
+
+
+def _naive_examples_numpy(leaves: list[np.ndarray], max_norm: float) -> Any:
+    """What a researcher writes in NumPy: per-example norms, factors, one tensordot per leaf."""
+    sq = sum(np.sum(g * g, axis=tuple(range(1, g.ndim))) for g in leaves)
+    factor = np.minimum(1.0, max_norm / (np.sqrt(sq) + EXAMPLE_EPS))
+    return [np.tensordot(factor, g, axes=1) for g in leaves], np.count_nonzero(factor < 1)
+
+
+def _naive_examples_torch(leaves: list[Any], max_norm: float) -> Any:
+    """:func:`_naive_examples_numpy` in torch; the count stays a tensor (no sync)."""
+    torch = _torch()
+    sq = sum((g * g).sum(dim=tuple(range(1, g.ndim))) for g in leaves)
+    factor = (max_norm / (sq.sqrt() + EXAMPLE_EPS)).clamp(max=1.0)
+    return [torch.tensordot(factor, g, dims=1) for g in leaves], (factor < 1).sum()
+
+
+def _example_naive_row(ctx: _Context, data: _Data, max_norm: float) -> _Timed:
+    arrays = ctx.arrays
+    assert arrays is not None  # numpy or torch
+    leaves = [arrays.pristine(x) for x in data.leaves]
+    naive = _naive_examples_torch if ctx.backend == "torch" else _naive_examples_numpy
+    return _example_timed(arrays, data, lambda: naive(leaves, max_norm), tuple, max_norm)
+
+
+def _example_plan(ctx: _Context) -> tuple[list[_Row], list[str]]:
+    """The dp tree's rows (its clip case only), and a note for each row left out.
+
+    gradclip's ``per_example_clip``; the anchor in the same library (optax
+    under ``--backend jax``, a naive loop under numpy and torch); and one
+    read pass over a flat buffer as large as the batch, the section's anchor.
+    """
+    backend, host, jax = ctx.backend, ctx.backend == "numpy", ctx.backend == "jax"
+    only = ("clip",)
+    label = f"gradclip per_example_clip ({backend}{', jit' if jax else ''})"
+    rows = [_Row("gradclip", label, _example_gradclip_row, only, numpy_memory=host, jax=jax)]
+    notes: list[str] = []
+    if not jax:
+        label = f"naive {'NumPy' if host else 'torch'}: sums of squares, tensordot"
+        rows.append(_Row("naive", label, _example_naive_row, only, numpy_memory=host))
+    elif _installed("optax"):
+        label = "optax per_example_global_norm_clip (jit)"
+        rows.append(_Row("optax", label, _example_optax_row, only, jax=True))
+    else:
+        notes.append("optax per_example_global_norm_clip: optax not installed, row left out")
+    where = "torch" if ctx.anchor is not None else "NumPy: torch not installed"
+    # It leaves the batch as it was: checked like the no-clip case's read pass.
+    rows.append(_Row("read", f"one read pass: dot ({where})", _read_row, only, clips=False))
+    return rows, notes
 
 
 # -------------------------------------------------------------------- measuring
@@ -1221,15 +1515,18 @@ def bench(
         The arrays gradclip clips; the anchors run on the same device.
         ``cupy`` times the GPU trees (see :func:`tree_sizes`), drawn on the
         device.
-    trees : sequence of {"llm", "huge", "small"}
-        The trees to time, in order.
+    trees : sequence of {"llm", "huge", "small", "dp"}
+        The trees to time, in order. ``dp`` times per-example clipping
+        instead (see the module's docstring): the numpy, torch and jax
+        backends only, in its clip case only, with no targets.
     reps : int, default 15
         Timed calls per row, at least.
     budget : float, default 1.0
         Seconds per row: after ``reps`` calls a row stops once it has run
         this long, and a fast row runs up to ``20 * reps`` calls within it.
     max_norm : float, default 1.0
-        ``max_norm`` of the clip case.
+        ``max_norm`` of the clip case (on ``dp``, each example's bound: 1
+        clips half of them).
     size_factor : int, default 1
         Divide every tree's dimensions by this (for tests).
     skip : sequence of str, default ()
@@ -1253,25 +1550,42 @@ def bench(
     """
     skipped = {_skip_entry(entry) for entry in skip}
     element = _dtype(backend, dtype)
-    ctx, plan, notes = _plan(backend)
+    examples = [name for name in trees if name in EXAMPLE_TREES]
+    examples_only = bool(trees) and len(examples) == len(trees)
+    if examples and backend == "cupy":
+        raise SystemExit(
+            f"gradclip bench: --tree {examples[0]} runs on --backend numpy, torch or jax"
+        )
+    ctx, global_plan, global_notes = _plan(backend)
     # On the GPU read first: after a scarce lease's timings nothing may fail.
     machine = _machine(gpu=True) if ctx.gpu else None
+    # Each tree's rows: per-example clipping's for the dp tree, the global
+    # clip's for the others; notes only about the rows of the trees run.
+    example_plan, example_notes = _example_plan(ctx) if examples else ([], [])
+    plans = {name: example_plan if name in EXAMPLE_TREES else global_plan for name in trees}
+    notes = [] if examples_only else list(global_notes)
+    notes += example_notes
 
     def runs(row: _Row, tree: str) -> bool:
         return (row.key, None) not in skipped and (row.key, tree) not in skipped
 
-    for row in plan:
-        off = [tree for tree in trees if not runs(row, tree)]
-        if off:
-            where = "every tree" if len(off) == len(trees) else ", ".join(off)
-            notes.append(f"{row.label}: skipped on {where} (--skip)")
-    total = sum(len(row.cases) for name in trees for row in plan if runs(row, name))
+    for plan in (global_plan, example_plan):
+        names = [name for name in trees if plans[name] is plan]
+        for row in plan if names else ():
+            off = [tree for tree in names if not runs(row, tree)]
+            if off:
+                where = "every tree" if len(off) == len(trees) else ", ".join(off)
+                notes.append(f"{row.label}: skipped on {where} (--skip)")
+    total = sum(len(row.cases) for name in trees for row in plans[name] if runs(row, name))
     rows: list[dict[str, Any]] = []
     tree_info: dict[str, Any] = {}
     started = time.perf_counter()
     with _Progress(total, progress) as bar:
         for name in trees:
-            if ctx.gpu:
+            plan = plans[name]
+            if name in EXAMPLE_TREES:
+                data = _example_data(name, size_factor)
+            elif ctx.gpu:
                 data = _device_data(name, size_factor, element)
             else:
                 data = _host_data(name, size_factor)
@@ -1279,6 +1593,18 @@ def bench(
             info: dict[str, Any] = {"leaves": len(sizes), "elements": sum(sizes), "norm": data.norm}
             if ctx.gpu:
                 info.update(dtype=dtype, bytes=data.nbytes, copy_gb_per_s=None, floor_ms=None)
+            if data.examples is not None:
+                norms = data.examples.norms
+                info.update(
+                    batch=int(norms.size),
+                    example_elements=sum(sizes) // max(1, norms.size),
+                    example_norm_min=float(norms.min()),
+                    example_norm_median=float(np.median(norms)),
+                    example_norm_max=float(norms.max()),
+                    max_norm=max_norm,
+                    num_clipped=data.examples.expected(max_norm)[1],
+                    eps=EXAMPLE_EPS,
+                )
             tree_info[name] = info
             if any(row.jax and runs(row, name) for row in plan):
                 # Compile times from scratch: no executable, trace or lowering
@@ -1320,11 +1646,14 @@ def bench(
                     section.append(floor)
                     by_key["floor"] = floor
                     info.update(copy_gb_per_s=bandwidth / 1e9, floor_ms=floor["median_ms"])
-                anchor = by_key.get("floor" if case == "clip" else "read")
+                # The clip case's floor; with nothing to clip, or per example
+                # (whose floor is a read pass), one read pass.
+                anchor = by_key.get("floor") or by_key.get("read")
                 for r in section:
                     r["ratio_anchor"] = _ratio(r["median_ms"], anchor)
                     r["ratio_torch"] = _ratio(r["median_ms"], by_key.get("torch"))
                     r["ratio_optax"] = _ratio(r["median_ms"], by_key.get("optax"))
+                    r["ratio_naive"] = _ratio(r["median_ms"], by_key.get("naive"))
                 rows.extend(section)
             del data
             if ctx.gpu:
@@ -1348,7 +1677,8 @@ def bench(
         "notes": notes,
         "trees": tree_info,
         "rows": rows,
-        "targets": _targets(rows, backend),
+        # The targets bound the global clip's trees: none for a dp-only run.
+        "targets": [] if examples_only else _targets(rows, backend),
         "wall_s": time.perf_counter() - started,
     }
 
@@ -1381,9 +1711,13 @@ def _run_row(
     warmup = time.perf_counter() - start
     peak = _peak_bytes(timed) if row.numpy_memory else None
     times, out = _time(timed, reps, budget)
-    after = data.measure(timed.result(out))
-    # A row that does not clip (the GPU's copy) must leave the norm as it was.
-    error = _norm_error(after, data.norm, max_norm if row.clips else NO_CLIP)
+    if timed.check is not None:  # a per-example row: its sum against the reference
+        checked = timed.check(out)
+    else:
+        after = data.measure(timed.result(out))
+        # A row that does not clip (the GPU's copy) must leave the norm as it was.
+        error = _norm_error(after, data.norm, max_norm if row.clips else NO_CLIP)
+        checked = {"norm_after": after, "norm_error": error, "check_ok": _did_the_work(error)}
     ms = [t * 1e3 for t in times]
     return {
         "tree": data.name,
@@ -1399,9 +1733,7 @@ def _run_row(
         **compiled,
         "warmup_compiles": len(again) if row.jax else None,
         "norm_before": data.norm,
-        "norm_after": after,
-        "norm_error": error,
-        "check_ok": _did_the_work(error),
+        **checked,
         "times_ms": ms,
     }
 
@@ -1421,6 +1753,7 @@ _HEAD = (
     "x anchor",
     "x torch",
     "x optax",
+    "x naive",
     "compile s",
     "peak MB",
     "norm err",
@@ -1442,6 +1775,7 @@ def _table(section: list[dict[str, Any]]) -> list[str]:
                 _fmt(r["ratio_anchor"], ".2f", "x"),
                 _fmt(r["ratio_torch"], ".2f", "x"),
                 _fmt(r["ratio_optax"], ".2f", "x"),
+                _fmt(r.get("ratio_naive"), ".2f", "x"),  # absent from older reports
                 _fmt(r["compile_s"], ".2f"),
                 _fmt(None if peak is None else peak / 2**20, ".1f"),
                 f"{r['norm_error']:+.0e}" if r["norm_error"] else "0",
@@ -1473,6 +1807,18 @@ def _target_line(t: dict[str, Any]) -> str:
     return f"  {verdict}  {t['target']}: {value}"
 
 
+def _example_header(name: str, info: dict[str, Any], max_norm: float) -> str:
+    """The title line of a per-example tree's table."""
+    return (
+        f"{name}: {info['batch']} examples x {info['example_elements']:,} elements "
+        f"({info['leaves']} leaves, {info['elements'] / 1e6:.1f}M in all), example norms "
+        f"{info['example_norm_min']:.3g} to {info['example_norm_max']:.3g} "
+        f"(median {info['example_norm_median']:.3g}) -- per-example clip "
+        f"(max_norm={max_norm:g}, eps={info['eps']:g}, reduce='sum'): {info['num_clipped']} "
+        f"of {info['batch']} examples clipped; x anchor = x one read pass"
+    )
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The report as text: notes, one table per tree and case, then the targets.
 
@@ -1497,6 +1843,10 @@ def format_report(report: dict[str, Any]) -> str:
     lines += [f"note: {n}" for n in report["notes"]]
     for name in s["trees"]:
         info = report["trees"][name]
+        if name in EXAMPLE_TREES:
+            lines += ["", _example_header(name, info, s["max_norm"])]
+            lines += _table([r for r in report["rows"] if r["tree"] == name])
+            continue
         size = f"{info['leaves']} leaves, {info['elements'] / 1e6:.1f}M elements"
         if gpu:
             nbytes = info["bytes"]
@@ -1515,6 +1865,8 @@ def format_report(report: dict[str, Any]) -> str:
     if report["targets"]:
         lines += ["", f"targets (gradclip rows{', ' + s['dtype'] if gpu else ''}):"]
         lines += [_target_line(t) for t in report["targets"]]
+    elif all(name in EXAMPLE_TREES for name in s["trees"]):
+        lines += ["", "targets: none set for per-example clipping (issue 8)"]
     else:
         lines += ["", f"targets: none set for the {s['backend']} backend"]
     lines += [
@@ -1540,6 +1892,12 @@ def format_report(report: dict[str, Any]) -> str:
         "norm err: the norm after the call relative to min(norm, max_norm), minus 1 "
         "(float32 accumulation shows here); peak MB: tracemalloc, NumPy rows only"
     )
+    if any(name in EXAMPLE_TREES for name in s["trees"]):
+        lines.append(
+            "dp: norm err = |sum - float64 reference sum| / |reference sum| (the read pass: "
+            "its norm unchanged), and each row's count of clipped examples must be the "
+            "reference's; jitted rows are not donated"
+        )
     if gpu:
         lines.append(
             "floor (GPU): 3 passes over the tree's bytes (the norm's read, the scale's read "
@@ -1576,8 +1934,8 @@ def _skip_entry(text: str) -> tuple[str, str | None]:
     key, colon, tree = text.partition(":")
     if key not in SKIPPABLE:
         raise ValueError(f"--skip {text}: the row must be one of {', '.join(SKIPPABLE)}")
-    if colon and tree not in TREES:
-        raise ValueError(f"--skip {text}: the tree must be one of {', '.join(TREES)}")
+    if colon and tree not in ALL_TREES:
+        raise ValueError(f"--skip {text}: the tree must be one of {', '.join(ALL_TREES)}")
     return key, tree or None
 
 
@@ -1601,7 +1959,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--backend", choices=BACKENDS, default="numpy", help="arrays to clip (default numpy)"
     )
     parser.add_argument(
-        "--tree", choices=(*TREES, "all"), default="all", help="tree to time (default all)"
+        "--tree",
+        choices=(*ALL_TREES, "all"),
+        default="all",
+        help=f"tree to time (default all: {', '.join(TREES)}); dp times per-example "
+        f"clipping instead, {EXAMPLE_BATCH} examples of a scaled-down llm tree against "
+        "optax (jax) or a naive loop (numpy, torch), and runs only when named",
     )
     parser.add_argument(
         "--dtype",
