@@ -1004,18 +1004,16 @@ def per_example_clip(
         bounds = _layer_bounds(max_norm, split, prep.flat, axes, batch)
     else:
         bounds = _check_positive(max_norm, "max_norm")
-    impl = getattr(_impl(prep, None), fn, _core.per_example_clip)
-    with _compat.quiet(prep.xp):
-        leaves, stats = impl(
-            prep.xp,
-            prep.flat.leaves,
-            prep.flat.paths,
-            max_norm=bounds,
-            axes=tuple(axes),
-            batch=batch,
-            per_layer=per_layer,
-            reduce=reduce,
-            eps=eps,
-            nonfinite=nonfinite,
-        )
+    leaves, stats = _run(
+        prep,
+        None,
+        fn,
+        max_norm=bounds,
+        axes=tuple(axes),
+        batch=batch,
+        per_layer=per_layer,
+        reduce=reduce,
+        eps=eps,
+        nonfinite=nonfinite,
+    )
     return prep.flat.unflatten(leaves), stats

@@ -32,6 +32,7 @@ __all__ = [
     "clip_by_value",
     "global_norm",
     "leaf_norms",
+    "per_example_clip",
 ]
 
 
@@ -245,3 +246,5 @@ clip_by_global_norm = _entry(_core.clip_by_global_norm, functools.partial(_clip,
 clip_by_norm = _entry(_core.clip_by_norm, functools.partial(_clip, mode="leaf"))
 clip_by_block_rms = _entry(_core.clip_by_block_rms, _clip_by_block_rms)
 clip_by_value = _entry(_core.clip_by_value, _clip_by_value)
+# The generic reduction per example and cuBLAS's matmul for the sum: no kernel of ours.
+per_example_clip = _core.per_example_clip
