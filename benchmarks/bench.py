@@ -5,12 +5,14 @@
 arguments:
 
     python benchmarks/bench.py [--backend numpy|torch|jax|cupy]
-                               [--tree llm|huge|small|all] [--json PATH]
+                               [--tree llm|huge|small|all|dp] [--json PATH]
                                [--reps N] [--budget SECONDS] [--max-norm X]
                                [--skip ROW[:TREE]]
 
 ``nox -s bench`` records ``benchmarks/results/bench-numpy-cpu.json`` and
-``benchmarks/results/bench-jax-cpu.json``.
+``benchmarks/results/bench-jax-cpu.json``. ``--tree dp`` times per-example
+clipping (issue 8) and runs only when named; its results are
+``benchmarks/results/bench-dp-{numpy,torch,jax}-cpu.json``.
 """
 
 from __future__ import annotations

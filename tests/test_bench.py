@@ -550,8 +550,8 @@ def test_dp_rows_clip_every_example_and_sum(backend):
     ctx, _, _ = _bench._plan(backend)
     rows, notes = _bench._example_plan(ctx)
     assert notes == []
-    anchor = "optax" if backend == "jax" else "naive"
-    assert [r.key for r in rows] == ["gradclip", anchor, "read"]
+    anchors = ["optax"] if backend == "jax" else ["naive", "einsum"]
+    assert [r.key for r in rows] == ["gradclip", *anchors, "read"]
     assert all(r.cases == ("clip",) for r in rows)
     data = _bench._example_data("dp", FACTOR)
     for row in rows:
@@ -590,7 +590,7 @@ def test_dp_report_json_and_table(tmp_path: Path, capsys, monkeypatch: pytest.Mo
     assert not any("clip_grad_norm_" in n or "clip_by_global_norm" in n for n in report["notes"])
 
     rows = {r["key"]: r for r in report["rows"]}
-    assert set(rows) == {"gradclip", "naive", "read"}
+    assert set(rows) == {"gradclip", "naive", "einsum", "read"}
     assert all(r["case"] == "clip" and r["tree"] == "dp" for r in rows.values())
     assert rows["gradclip"]["row"] == "gradclip per_example_clip (numpy)"
     naive, read = rows["naive"]["median_ms"], rows["read"]["median_ms"]
@@ -601,7 +601,7 @@ def test_dp_report_json_and_table(tmp_path: Path, capsys, monkeypatch: pytest.Mo
         assert r["ratio_anchor"] == pytest.approx(r["median_ms"] / read)
         assert r["ratio_torch"] is None and r["ratio_optax"] is None
         assert r["compile_s"] is None
-    assert rows["gradclip"]["num_clipped"] == rows["naive"]["num_clipped"] == 128
+    assert {rows[k]["num_clipped"] for k in ("gradclip", "naive", "einsum")} == {128}
     assert rows["gradclip"]["peak_temp_bytes"] is not None  # tracemalloc: a NumPy row
 
     assert "dp: 256 examples x 1,138 elements (145 leaves" in out
@@ -624,6 +624,7 @@ def test_dp_report_json_and_table(tmp_path: Path, capsys, monkeypatch: pytest.Mo
     assert [line[0] for line in timing.rows] == [
         "gradclip per_example_clip (numpy)",
         "naive NumPy: sums of squares, tensordot",
+        "NumPy einsum sums of squares, tensordot",
         "one read pass: dot (torch)",
     ]
 
@@ -633,8 +634,9 @@ def test_dp_report_torch_and_jax():
     importorskip("torch")
     report = _bench.bench("torch", ["dp"], **quick)
     rows = {r["key"]: r for r in report["rows"]}
-    assert set(rows) == {"gradclip", "naive", "read"}
+    assert set(rows) == {"gradclip", "naive", "einsum", "read"}
     assert rows["naive"]["row"] == "naive torch: sums of squares, tensordot"
+    assert rows["einsum"]["row"] == "torch einsum sums of squares, tensordot"
     assert rows["gradclip"]["ratio_naive"] == pytest.approx(
         rows["gradclip"]["median_ms"] / rows["naive"]["median_ms"]
     )
@@ -663,7 +665,7 @@ def test_dp_with_the_global_trees_and_where_it_cannot_run(hide):
     report = _bench.bench("numpy", ["small", "dp"], skip=["naive:dp"], **quick)
     keys = {t: {r["key"] for r in report["rows"] if r["tree"] == t} for t in ("small", "dp")}
     assert keys["small"] == {"gradclip", "flattree", "naive", "floor", "read"}
-    assert keys["dp"] == {"gradclip", "read"}
+    assert keys["dp"] == {"gradclip", "einsum", "read"}
     read = next(r for r in report["rows"] if r["tree"] == "dp" and r["key"] == "read")
     assert read["row"] == "one read pass: dot (NumPy: torch not installed)"
     assert "naive NumPy: sums of squares, tensordot: skipped on dp (--skip)" in report["notes"]

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 # Row keys written by gradclip._bench, in display order. "floor" (clip case)
 # and "read" (no-clip case) are the same memory-bound anchor line.
-ROW_ORDER = ("gradclip", "dropin", "flattree", "torch", "optax", "naive", "floor")
+ROW_ORDER = ("gradclip", "dropin", "flattree", "torch", "optax", "naive", "einsum", "floor")
 CASES = (("clip", "clip"), ("noclip", "no clip"))
 
 

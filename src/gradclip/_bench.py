@@ -42,7 +42,8 @@ under ``jax.jit`` (not donated: the sum is far smaller than its input, so
 XLA could not reuse the buffers), compiled once and timed on its own; under
 ``--backend numpy`` or ``torch`` a naive loop in the same library (each
 example's sum of squares over its non-batch axes, ``min(1, C / norm)``, a
-``tensordot`` over the batch). Their anchor is one read pass over a flat
+``tensordot`` over the batch), and the same with the sums of squares by
+``einsum`` (no squared copy). Their anchor is one read pass over a flat
 buffer of the same size (a dot), the least any per-example clip can cost.
 The check compares each row's sum with a float64 NumPy reference and its
 count of clipped examples with the reference's.
@@ -1067,20 +1068,52 @@ def _naive_examples_torch(leaves: list[Any], max_norm: float) -> Any:
     return [torch.tensordot(factor, g, dims=1) for g in leaves], (factor < 1).sum()
 
 
-def _example_naive_row(ctx: _Context, data: _Data, max_norm: float) -> _Timed:
-    arrays = ctx.arrays
-    assert arrays is not None  # numpy or torch
-    leaves = [arrays.pristine(x) for x in data.leaves]
-    naive = _naive_examples_torch if ctx.backend == "torch" else _naive_examples_numpy
-    return _example_timed(arrays, data, lambda: naive(leaves, max_norm), tuple, max_norm)
+def _einsum_examples_numpy(leaves: list[np.ndarray], max_norm: float) -> Any:
+    """Hand-written with care: the sums of squares by ``einsum``, with no squared copy."""
+    rows = [g.reshape(g.shape[0], -1) for g in leaves]
+    sq = sum(np.einsum("bi,bi->b", r, r) for r in rows)
+    factor = np.minimum(1.0, max_norm / (np.sqrt(sq) + EXAMPLE_EPS))
+    return [np.tensordot(factor, g, axes=1) for g in leaves], np.count_nonzero(factor < 1)
+
+
+def _einsum_examples_torch(leaves: list[Any], max_norm: float) -> Any:
+    """:func:`_einsum_examples_numpy` in torch."""
+    torch = _torch()
+    rows = [g.reshape(g.shape[0], -1) for g in leaves]
+    sq = sum(torch.einsum("bi,bi->b", r, r) for r in rows)
+    factor = (max_norm / (sq.sqrt() + EXAMPLE_EPS)).clamp(max=1.0)
+    return [torch.tensordot(factor, g, dims=1) for g in leaves], (factor < 1).sum()
+
+
+_HAND_WRITTEN = {
+    ("naive", "numpy"): _naive_examples_numpy,
+    ("naive", "torch"): _naive_examples_torch,
+    ("einsum", "numpy"): _einsum_examples_numpy,
+    ("einsum", "torch"): _einsum_examples_torch,
+}
+
+
+def _hand_written_row(key: str) -> Callable[[_Context, _Data, float], _Timed]:
+    """The make function of the hand-written per-example row ``key`` (naive or einsum)."""
+
+    def make(ctx: _Context, data: _Data, max_norm: float) -> _Timed:
+        arrays = ctx.arrays
+        assert arrays is not None  # numpy or torch
+        leaves = [arrays.pristine(x) for x in data.leaves]
+        clip = _HAND_WRITTEN[key, ctx.backend]
+        return _example_timed(arrays, data, lambda: clip(leaves, max_norm), tuple, max_norm)
+
+    return make
 
 
 def _example_plan(ctx: _Context) -> tuple[list[_Row], list[str]]:
     """The dp tree's rows (its clip case only), and a note for each row left out.
 
     gradclip's ``per_example_clip``; the anchor in the same library (optax
-    under ``--backend jax``, a naive loop under numpy and torch); and one
-    read pass over a flat buffer as large as the batch, the section's anchor.
+    under ``--backend jax``; under numpy and torch the naive loop, and the
+    same with ``einsum`` sums of squares, which make no squared copy); and
+    one read pass over a flat buffer as large as the batch, the section's
+    anchor.
     """
     backend, host, jax = ctx.backend, ctx.backend == "numpy", ctx.backend == "jax"
     only = ("clip",)
@@ -1088,8 +1121,11 @@ def _example_plan(ctx: _Context) -> tuple[list[_Row], list[str]]:
     rows = [_Row("gradclip", label, _example_gradclip_row, only, numpy_memory=host, jax=jax)]
     notes: list[str] = []
     if not jax:
-        label = f"naive {'NumPy' if host else 'torch'}: sums of squares, tensordot"
-        rows.append(_Row("naive", label, _example_naive_row, only, numpy_memory=host))
+        lib = "NumPy" if host else "torch"
+        label = f"naive {lib}: sums of squares, tensordot"
+        rows.append(_Row("naive", label, _hand_written_row("naive"), only, numpy_memory=host))
+        label = f"{lib} einsum sums of squares, tensordot"
+        rows.append(_Row("einsum", label, _hand_written_row("einsum"), only, numpy_memory=host))
     elif _installed("optax"):
         label = "optax per_example_global_norm_clip (jit)"
         rows.append(_Row("optax", label, _example_optax_row, only, jax=True))
