@@ -620,6 +620,9 @@ def test_dp_report_json_and_table(tmp_path: Path, capsys, monkeypatch: pytest.Mo
     monkeypatch.setitem(sys.modules, "gradclip_docs", docs)  # its dataclasses look it up
     spec.loader.exec_module(docs)
     timing = docs._bench_tables(report)[0]  # (load() takes files in the repo only)
+    result = docs.load(Path(__file__).parents[1] / "benchmarks/results/bench-dp-numpy-cpu.json")
+    trees = dict(result.provenance)["trees"]
+    assert trees.startswith("dp: 145 leaves, 55,410,688 elements (256 examples of 216,448; ")
     assert timing.header == ["row", "dp, clip"]
     assert [line[0] for line in timing.rows] == [
         "gradclip per_example_clip (numpy)",

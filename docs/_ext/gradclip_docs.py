@@ -174,9 +174,13 @@ def load(path: str | Path, command: str | None = None) -> Result:
         sizes = []
         for tree, info in data["trees"].items():
             n = info["leaves"]
-            sizes.append(
-                f"{tree}: {n} {'leaf' if n == 1 else 'leaves'}, {info['elements']:,} elements"
-            )
+            size = f"{tree}: {n} {'leaf' if n == 1 else 'leaves'}, {info['elements']:,} elements"
+            if info.get("batch"):  # per-example clipping (the dp tree)
+                size += (
+                    f" ({info['batch']} examples of {info['example_elements']:,}; "
+                    f"max_norm {info['max_norm']:g} clips {info['num_clipped']})"
+                )
+            sizes.append(size)
         provenance.append(("trees", "; ".join(sizes)))
     tables = _bench_tables(data) if "rows" in data else _plain_tables(data)
     return Result(p.name, provenance, list(data.get("notes") or []), tables)
