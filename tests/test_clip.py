@@ -308,6 +308,21 @@ def test_finite_flag_for_ords_that_hide_nonfinite(xp, ord):
     assert not bool(stats.finite)
 
 
+@pytest.mark.parametrize("ord", [math.inf, -math.inf])
+@pytest.mark.parametrize("fused", [None, False])
+def test_nan_in_a_large_leaf_reaches_max_and_min_norms(xp, ord, fused):
+    # XLA on the CPU drops NaN from max/min reductions over more than a few
+    # thousand entries; the norm must still be NaN, as NumPy's and torch's are.
+    host = np.ones(100_000, np.float32)
+    host[54_321] = np.nan
+    tree = [xp.array(host, "float32"), xp.array(np.ones(3), "float32")]
+    assert math.isnan(float(gc.global_norm(tree, ord=ord, fused=fused)))
+    assert math.isnan(float(xp.numpy(gc.leaf_norms(tree, ord=ord, fused=fused))[0]))
+    out, stats = gc.clip_by_global_norm(tree, 1.0, ord=ord, nonfinite="skip", fused=fused)
+    assert not bool(stats.finite)
+    assert xp.numpy(out[0]).tobytes() == host.tobytes()
+
+
 # ------------------------------------------------------------------------- fused
 
 

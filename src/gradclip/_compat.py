@@ -189,6 +189,11 @@ def has_float64(xp: Any, device: Any) -> bool:
     return not (name == "torch" and getattr(device, "type", None) == "mps")
 
 
+def reductions_drop_nan(xp: Any) -> bool:
+    """Whether ``xp.max``/``xp.min`` may skip NaN entries (JAX: XLA's CPU reductions)."""
+    return backend_name(xp) == "jax"
+
+
 def chunk_elems(xp: Any) -> int | None:
     """Block size for eager backends; ``None`` where the compiler fuses (JAX, dask)."""
     return None if backend_name(xp) in IMMUTABLE_BACKENDS else _CHUNK

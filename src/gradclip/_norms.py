@@ -178,6 +178,17 @@ class Plan:
         return x.dtype
 
     # -- reductions --------------------------------------------------------------
+    def _extreme(self, a: Any, axis: int | None = None) -> Any:
+        """The max (``inf``) or min (``-inf``) of ``a``, NaN if any entry is NaN."""
+        xp = self.xp
+        out = (xp.max if self.kind == "inf" else xp.min)(a, axis=axis)
+        if _compat.reductions_drop_nan(xp):
+            # XLA on the CPU reduces max/min with vector instructions that
+            # drop NaN once an array has more than a few thousand entries
+            # (jnp.max of 5000 ones and a NaN is 1); NumPy and torch keep it.
+            out = xp.where(xp.any(xp.isnan(a), axis=axis), self.const(math.nan), out)
+        return out
+
     def _block(self, a: Any, scaled: bool) -> Partial:
         xp = self.xp
         finite = None
@@ -187,10 +198,8 @@ class Plan:
             if self.zero_nonfinite:
                 a = xp.where(mask, a, self.const(0.0))
         kind = self.kind
-        if kind == "inf":
-            return Partial(xp.max(a), None, finite)
-        if kind == "-inf":
-            return Partial(xp.min(a), None, finite)
+        if kind in ("inf", "-inf"):
+            return Partial(self._extreme(a), None, finite)
         if kind == "zero":
             return Partial(xp.astype(xp.count_nonzero(a), self.acc), None, finite)
         if not scaled:
@@ -278,10 +287,8 @@ class Plan:
         flags = [self.finite(q) for q in parts] if explicit else []
         finite = xp.all(xp.stack(flags), axis=0) if explicit else None
         kind = self.kind
-        if kind == "inf":
-            return Partial(xp.max(values, axis=0), None, finite)
-        if kind == "-inf":
-            return Partial(xp.min(values, axis=0), None, finite)
+        if kind in ("inf", "-inf"):
+            return Partial(self._extreme(values, axis=0), None, finite)
         if kind == "zero" or all(q.exp is None for q in parts):
             return Partial(xp.sum(values, axis=0), None, finite)
         zero = xp.zeros_like(values[0, ...])
