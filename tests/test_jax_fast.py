@@ -229,3 +229,22 @@ def test_per_leaf_functions_match_the_top_level(fn, args):
     want = getattr(gc, fn.__name__)(tree, *args, fused=False)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda g: gc.global_norm(g, nonfinite="raise"),
+        lambda g: gc.clip_by_global_norm(g, 1.0, nonfinite="raise"),
+        lambda g: gc.clip_by_norm(g, 1.0, nonfinite="raise"),
+        lambda g: gc.clip_by_value(g, 1.0, nonfinite="raise"),
+        lambda g: gc.per_example_clip(g, 1.0, nonfinite="raise"),
+    ],
+    ids=["global_norm", "clip_by_global_norm", "clip_by_norm", "clip_by_value", "per_example"],
+)
+def test_raise_under_jit_says_why_and_what_to_use(call):
+    tree = [jnp.ones((4, 3)), jnp.ones((4,))]
+    hint = r'nonfinite="raise".*jax\.jit.*nonfinite="(skip|propagate)"'
+    with pytest.raises(TypeError, match=hint):
+        jax.jit(call)(tree)
+    call(tree)  # outside a transform it checks and returns

@@ -326,6 +326,21 @@ def _generic(fn: str, statics: tuple[tuple[str, Any], ...]) -> Any:
     return jax.jit(lambda leaves, dynamic: impl(jnp, leaves, (), **dict(statics), **dynamic))
 
 
+def _concrete(leaves: Sequence[Any], fn: str) -> None:
+    """Refuse traced leaves for ``nonfinite="raise"``, which reads values on the host."""
+    # Naming the bad leaf needs its value on the host, which a trace (jit,
+    # vmap, grad) does not have: JAX's own TracerBoolConversionError would not
+    # say which option caused it.
+    if any(isinstance(x, jax.core.Tracer) for x in leaves):
+        other = "propagate" if fn == "per_example_clip" else "skip"
+        raise TypeError(
+            f'gradclip.{fn}: nonfinite="raise" reads the gradients on the host, which '
+            "cannot happen inside jax.jit, vmap or grad. Under a transform use "
+            f'nonfinite="{other}" and read stats.finite (or optax.apply_if_finite), '
+            "or call it outside the transform"
+        )
+
+
 # Arguments that may be arrays: passed to the compiled program, not baked into it.
 _DYNAMIC = ("max_norm", "norm")
 
@@ -333,7 +348,7 @@ _DYNAMIC = ("max_norm", "norm")
 def _call_generic(fn: str, leaves: list[Any], names: Sequence[str], **kwargs: Any) -> Any:
     """``_core.<fn>`` on the leaves, compiled (uncompiled for ``nonfinite="raise"``)."""
     if kwargs.get("nonfinite") == "raise":
-        # Naming the bad leaf needs its value on the host: not under jit.
+        _concrete(leaves, fn)
         return getattr(_core, fn)(jnp, leaves, names, **kwargs)
     dynamic = {k: kwargs.pop(k) for k in _DYNAMIC if k in kwargs}
     return _generic(fn, tuple(sorted(kwargs.items())))(list(leaves), dynamic)
@@ -504,7 +519,7 @@ def _per_example(statics: tuple[tuple[str, Any], ...]) -> Any:
 def per_example_clip(xp: Any, leaves: list[Any], names: Sequence[str], **kwargs: Any) -> Any:
     """:func:`gradclip._core.per_example_clip`, compiled, with one-pass norms."""
     if kwargs["nonfinite"] == "raise":
-        # Naming the bad leaf needs its value on the host: not under jit.
+        _concrete(leaves, "per_example_clip")
         return _core.per_example_clip(jnp, leaves, names, **kwargs)
     max_norm = kwargs.pop("max_norm")
     kwargs["axes"] = tuple(kwargs["axes"])
