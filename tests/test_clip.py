@@ -194,6 +194,39 @@ def test_clip_by_value(xp, dtype):
         np.testing.assert_array_equal(xp.numpy(x), np.clip(host, -1, 2))
 
 
+@pytest.mark.parametrize("fused", [None, False])
+def test_bounds_may_be_0d_arrays(xp, fused):
+    # A schedule's value (optax.inject_hyperparams) arrives as a 0-d array.
+    host = np.array([-3.0, -0.25, 0.0, 0.5, 9.0])
+    x = xp.array(host, "float32")
+    half, one = xp.array(0.5, "float32"), xp.array(1.0, "float32")
+    for kwargs, want in [
+        ({"clip_value": half}, np.clip(host, -0.5, 0.5)),
+        ({"lo": xp.array(-1.0, "float32"), "hi": 2.0}, np.clip(host, -1, 2)),
+        ({"hi": one}, np.clip(host, None, 1)),
+    ]:
+        out = gc.clip_by_value([x], fused=fused, **kwargs)[0]
+        np.testing.assert_array_equal(xp.numpy(out), want)
+        if xp.mutable:
+            y = xp.array(host, "float32")
+            gc.clip_by_value_([y], fused=fused, **kwargs)
+            np.testing.assert_array_equal(xp.numpy(y), want)
+    leaves, _ = _leaves(xp)
+    for got, want in zip(
+        gc.clip_by_block_rms(
+            leaves, xp.array(2.0, "float64" if xp.has("float64") else "float32"), fused=fused
+        ),
+        gc.clip_by_block_rms(leaves, 2.0, fused=fused),
+        strict=True,
+    ):
+        np.testing.assert_allclose(xp.numpy(got), xp.numpy(want), rtol=1e-6)
+        assert got.dtype == want.dtype
+    with pytest.raises(ValueError, match="clip_value must be a single number"):
+        gc.clip_by_value([x], xp.array([0.5, 1.0], "float32"))
+    with pytest.raises(ValueError, match="threshold must be a single number"):
+        gc.clip_by_block_rms([x], xp.array([0.5, 1.0], "float32"))
+
+
 # ----------------------------------------------------------------- nonfinite policies
 
 

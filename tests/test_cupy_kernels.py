@@ -321,6 +321,24 @@ def test_clip_by_block_rms(dev: cuda_emulator.EmuDevice, dtype: str, nonfinite: 
     _leaves_close(fast, ref, exact=False)
 
 
+def test_array_threshold_and_value_bounds(dev: cuda_emulator.EmuDevice) -> None:
+    # A scheduled bound arrives as a 0-d device array: the rms kernel reads
+    # the threshold on the device; the clamp kernel takes bounds by value, so
+    # array bounds go to the generic path (no kernel launch, no sync).
+    leaves = _tree("float32")
+    threshold = np.asarray(0.5, np.float64)
+    fast, ref = _both(dev, "clip_by_block_rms", leaves, threshold=threshold, nonfinite="skip")
+    assert dev.launches[-2:] == ["gc_norm_p2", "gc_scale"]
+    _leaves_close(fast, ref, exact=True)
+    by_number, _ = _both(dev, "clip_by_block_rms", leaves, threshold=0.5, nonfinite="skip")
+    _leaves_close(fast, by_number, exact=True)
+    launched = len(dev.launches)
+    kwargs = {"lo": np.asarray(-0.25, np.float32), "hi": 0.5, "nonfinite": "propagate"}
+    fast, ref = _both(dev, "clip_by_value", leaves, inplace=False, **kwargs)
+    assert len(dev.launches) == launched
+    _leaves_close(fast, ref, exact=True)
+
+
 @pytest.mark.parametrize("per_leaf", [False, True])
 def test_given_norm_and_array_bound(dev: cuda_emulator.EmuDevice, per_leaf: bool) -> None:
     leaves = _tree("float32")

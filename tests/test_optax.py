@@ -278,15 +278,31 @@ def test_inject_hyperparams_with_a_schedule():
     np.testing.assert_allclose(norms, [1.0, 2.0, 3.0], rtol=1e-5)
 
 
-def test_inject_hyperparams_bounds_need_static_args():
+def test_inject_hyperparams_schedules_value_and_rms_bounds():
     grads = [jnp.asarray([-3.0, 3.0])]
-    with pytest.raises(TypeError, match=r"static_args=\('clip_value',\)"):
-        optax.inject_hyperparams(gco.clip_by_value)(clip_value=1.0).init(grads)
-    tx = optax.inject_hyperparams(gco.clip_by_value, static_args=("clip_value",))(clip_value=1.0)
-    out, _ = tx.update(grads, tx.init(grads))
-    np.testing.assert_allclose(np.asarray(out[0]), [-1.0, 1.0])
-    with pytest.raises(TypeError, match=r"static_args=\('threshold',\)"):
-        optax.inject_hyperparams(gco.clip_by_block_rms)(threshold=1.0).init(grads)
+    steps = []
+    for make, kwargs in [
+        (gco.clip_by_value, {"clip_value": optax.linear_schedule(1.0, 2.0, 1)}),
+        (gco.clip_by_value, {"lo": -0.5, "hi": optax.linear_schedule(1.0, 2.0, 1)}),
+        (gco.clip_by_block_rms, {"threshold": optax.linear_schedule(1.0, 2.0, 1)}),
+    ]:
+        tx = optax.inject_hyperparams(make)(**kwargs)
+        state = tx.init(grads)
+        update = jax.jit(tx.update)
+        outs = []
+        for _ in range(2):
+            out, state = update(grads, state)
+            outs.append(np.asarray(out[0]))
+        assert update._cache_size() == 1  # a new bound compiles nothing
+        steps.append(outs)
+    np.testing.assert_allclose(steps[0], [[-1.0, 1.0], [-2.0, 2.0]])
+    np.testing.assert_allclose(steps[1], [[-0.5, 1.0], [-0.5, 2.0]])
+    np.testing.assert_allclose(steps[2], [[-1.0, 1.0], [-2.0, 2.0]], rtol=1e-6)
+    # The stats follow the scheduled bound too.
+    tx = optax.inject_hyperparams(gco.clip_by_value)(clip_value=optax.linear_schedule(1.0, 2.0, 1))
+    state = tx.init(grads)
+    _, state = tx.update(grads, state)
+    assert float(gco.find_stats(state).scale) == pytest.approx(1 / 3)
     with pytest.raises(TypeError, match=r"static_args=\('eps',\)"):
         optax.inject_hyperparams(gco.clip_by_global_norm)(max_norm=1.0, eps=0.0).init(grads)
 

@@ -641,8 +641,10 @@ def clip_by_block_rms(
     ----------
     tree : pytree of arrays
         As for :func:`global_norm`.
-    threshold : float
-        The largest rms allowed, ``>= 0``.
+    threshold : float or 0-d array
+        The largest rms allowed, ``>= 0``. As ``max_norm`` of
+        :func:`clip_by_global_norm`: a device array (a schedule's value,
+        ``optax.inject_hyperparams``) is used as is, unchecked.
     nonfinite : {"propagate", "raise", "zero", "skip"}, default "propagate"
         As for :func:`clip_by_global_norm`, decided per leaf for ``"skip"``.
     fused : bool or None, default None
@@ -660,7 +662,7 @@ def clip_by_block_rms(
     >>> gc.clip_by_block_rms({"w": np.array([2.0, -2.0]), "b": np.array([0.5])}, 1.0)
     {'w': array([ 1., -1.]), 'b': array([0.5])}
     """
-    threshold = _check_bound(threshold, "threshold", allow_array=False)
+    threshold = _check_bound(_scalar_bound(threshold, "threshold"), "threshold")
     _check_nonfinite(nonfinite)
     prep = _prepare(tree, "clip_by_block_rms")
     if prep.xp is None:
@@ -672,27 +674,36 @@ def clip_by_block_rms(
 # ---------------------------------------------------------------------- value clipping
 
 
-def _value_bounds(clip_value: Any, lo: Any, hi: Any) -> tuple[float | None, float | None]:
+def _scalar_bound(value: Any, name: str) -> Any:
+    """A bound given as a number or a 0-d array; an array's value is not checked (sync)."""
+    if _compat.is_array(value) and not isinstance(value, np.ndarray):
+        shape = tuple(value.shape)
+        if shape:
+            raise ValueError(f"{name} must be a single number (0-d); got an array of shape {shape}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float | np.number | np.ndarray):
+        raise TypeError(f"{name} must be a number; got {type(value).__name__}")
+    if np.ndim(value) != 0:
+        raise ValueError(f"{name} must be a single number (0-d); got shape {np.shape(value)}")
+    if math.isnan(float(value)):
+        raise ValueError(f"{name} must not be NaN")
+    return float(value)
+
+
+def _value_bounds(clip_value: Any, lo: Any, hi: Any) -> tuple[Any, Any]:
     if clip_value is not None:
         if lo is not None or hi is not None:
             raise TypeError("give either clip_value or lo=/hi=, not both")
-        c = _check_bound(clip_value, "clip_value", allow_array=False)
+        c = _scalar_bound(clip_value, "clip_value")
+        if isinstance(c, float) and c < 0:
+            raise ValueError(f"clip_value must be a number >= 0; got {clip_value!r}")
         return -c, c
     if lo is None and hi is None:
         raise TypeError("give clip_value, or at least one of lo= and hi=")
-    bounds: list[float | None] = []
-    for name, v in (("lo", lo), ("hi", hi)):
-        if v is None:
-            bounds.append(None)
-            continue
-        if isinstance(v, bool) or not isinstance(v, int | float | np.floating | np.integer):
-            raise TypeError(f"{name} must be a number; got {type(v).__name__}")
-        if math.isnan(float(v)):
-            raise ValueError(f"{name} must not be NaN")
-        bounds.append(float(v))
-    if bounds[0] is not None and bounds[1] is not None and bounds[0] > bounds[1]:
+    low, high = (None if v is None else _scalar_bound(v, n) for n, v in (("lo", lo), ("hi", hi)))
+    if isinstance(low, float) and isinstance(high, float) and low > high:
         raise ValueError(f"lo must be <= hi; got lo={lo!r}, hi={hi!r}")
-    return bounds[0], bounds[1]
+    return low, high
 
 
 def _clip_value(
@@ -742,10 +753,13 @@ def clip_by_value(
     ----------
     tree : pytree of real floating arrays
         As for :func:`global_norm`; complex leaves raise ``TypeError``.
-    clip_value : float, optional
+    clip_value : float or 0-d array, optional
         Symmetric bound, ``>= 0``.
-    lo, hi : float, optional
-        One-sided or asymmetric bounds, instead of ``clip_value``.
+    lo, hi : float or 0-d array, optional
+        One-sided or asymmetric bounds, instead of ``clip_value``. A bound
+        may be a device array (a schedule's value, ``optax.inject_hyperparams``):
+        it is used as is, since checking it (``>= 0``, ``lo <= hi``, not NaN)
+        would need a host sync.
     nonfinite : {"propagate", "raise", "zero", "skip"}, default "propagate"
         As for :func:`clip_by_global_norm`; ``"skip"`` leaves the whole tree
         unchanged when any entry is non-finite.
@@ -784,10 +798,11 @@ def clip_by_value_(
     ----------
     tree : pytree of real floating arrays
         Mutable arrays; every leaf is checked before any is written.
-    clip_value : float, optional
+    clip_value : float or 0-d array, optional
         Symmetric bound, ``>= 0``.
-    lo, hi : float, optional
-        One-sided or asymmetric bounds, instead of ``clip_value``.
+    lo, hi : float or 0-d array, optional
+        One-sided or asymmetric bounds, instead of ``clip_value``; as for
+        :func:`clip_by_value`.
     nonfinite : {"propagate", "raise", "zero", "skip"}, default "propagate"
         As for :func:`clip_by_value`.
     fused : bool or None, default None

@@ -91,6 +91,11 @@ def leaf_norms(
     return plan.leaf_norms(_reduce(plan, names, nonfinite))
 
 
+def _bound(plan: Plan, value: Any) -> Any:
+    """A Python bound as is; an array bound (a device value, unchecked) in the result dtype."""
+    return value if isinstance(value, int | float) else plan.xp.astype(value, plan.res)
+
+
 def _scale_from_norm(plan: Plan, norm: Any, max_norm: Any, eps: float) -> Any:
     """``min(1, max_norm / (norm + eps))``, computed so that it cannot overflow.
 
@@ -100,8 +105,7 @@ def _scale_from_norm(plan: Plan, norm: Any, max_norm: Any, eps: float) -> Any:
     still gives a NaN scale: torch's arithmetic.
     """
     xp = plan.xp
-    if not isinstance(max_norm, int | float):
-        max_norm = xp.astype(max_norm, plan.res)
+    max_norm = _bound(plan, max_norm)
     one = plan.const(1.0, plan.res)
     denom = norm + eps
     over = denom > max_norm
@@ -185,7 +189,7 @@ def clip_by_block_rms(
     leaves: list[Any],
     names: Sequence[str],
     *,
-    threshold: float,
+    threshold: Any,
     nonfinite: str,
     plan_cls: type[Plan] = Plan,
 ) -> list[Any]:
@@ -193,6 +197,7 @@ def clip_by_block_rms(
     zero = nonfinite == "zero"
     plan = plan_cls(xp, 2.0, leaves, zero_nonfinite=zero)
     parts = _reduce(plan, names, nonfinite)
+    threshold = _bound(plan, threshold)
     out = []
     for i, (x, part) in enumerate(zip(leaves, parts, strict=True)):
         size = math.prod(x.shape)
@@ -209,13 +214,13 @@ def clip_by_value(
     leaves: list[Any],
     names: Sequence[str],
     *,
-    lo: float | None,
-    hi: float | None,
+    lo: Any,
+    hi: Any,
     nonfinite: str,
     inplace: bool,
     plan_cls: type[Plan] = Plan,
 ) -> list[Any]:
-    """Clamp every entry to ``[lo, hi]`` (either bound may be ``None``)."""
+    """Clamp every entry to ``[lo, hi]`` (either bound may be ``None``, a number or a 0-d array)."""
     zero = nonfinite == "zero"
     plan = plan_cls(xp, math.inf, leaves)
     keep = None

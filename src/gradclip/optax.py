@@ -360,10 +360,9 @@ def clip_by_block_rms(threshold: float, *, nonfinite: str = "propagate") -> Any:
 
     Parameters
     ----------
-    threshold : float
-        The largest rms allowed for each leaf, ``>= 0``. A Python number:
-        gradclip takes no array threshold, so under
-        ``optax.inject_hyperparams`` pass ``static_args=("threshold",)``.
+    threshold : float or 0-d array
+        The largest rms allowed for each leaf, ``>= 0``. It may be scheduled
+        (``optax.inject_hyperparams``): an array value is used as is, unchecked.
     {nonfinite}
         With ``"skip"``, one non-finite leaf makes the whole update zeros.
 
@@ -389,9 +388,8 @@ def clip_by_block_rms(threshold: float, *, nonfinite: str = "propagate") -> Any:
     >>> state.stats.norm  # rms of "b", then of "w"
     Array([0.5, 2. ], dtype=float32)
     """
-    _no_array(threshold, "threshold", "gradclip.clip_by_block_rms takes no array threshold")
     gc.clip_by_block_rms([], threshold, nonfinite=nonfinite)  # validates
-    t = float(threshold)
+    t = float(threshold) if isinstance(threshold, int | float) else threshold
 
     def apply(updates: Any, policy: str) -> tuple[Any, ClipStats]:
         new = gc.clip_by_block_rms(updates, t, nonfinite=policy)
@@ -424,12 +422,12 @@ def clip_by_value(
 
     Parameters
     ----------
-    clip_value : float, optional
+    clip_value : float or 0-d array, optional
         Symmetric bound, ``>= 0``.
-    lo, hi : float, optional
-        One-sided or asymmetric bounds, instead of ``clip_value``. The bounds
-        are Python numbers: gradclip takes no array bounds, so under
-        ``optax.inject_hyperparams`` list them in ``static_args``.
+    lo, hi : float or 0-d array, optional
+        One-sided or asymmetric bounds, instead of ``clip_value``. Each may
+        be scheduled (``optax.inject_hyperparams``): an array value is used
+        as is, unchecked.
     {nonfinite}
 
     Returns
@@ -455,15 +453,8 @@ def clip_by_value(
     >>> float(state.stats.norm), float(state.stats.scale), bool(state.stats.clipped)
     (3.0, 0.1666666716337204, True)
     """
-    for name, v in (("clip_value", clip_value), ("lo", lo), ("hi", hi)):
-        _no_array(v, name, "gradclip.clip_by_value takes no array bounds")
     gc.clip_by_value([], clip_value, lo=lo, hi=hi, nonfinite=nonfinite)  # validates
-    if clip_value is not None:
-        low: float | None = -float(clip_value)
-        high: float | None = float(clip_value)
-    else:
-        low = None if lo is None else float(lo)
-        high = None if hi is None else float(hi)
+    low, high = (-clip_value, clip_value) if clip_value is not None else (lo, hi)
 
     def apply(updates: Any, policy: str) -> tuple[Any, ClipStats]:
         new = gc.clip_by_value(updates, clip_value, lo=lo, hi=hi, nonfinite=policy)
@@ -472,7 +463,7 @@ def clip_by_value(
     return _transform(apply, nonfinite)
 
 
-def _value_stats(leaves: list[Any], lo: float | None, hi: float | None, policy: str) -> ClipStats:
+def _value_stats(leaves: list[Any], lo: Any, hi: Any, policy: str) -> ClipStats:
     """ClipStats for value clipping, from the signed extremes of the input.
 
     Clamping is monotonic, so the extremes after clamping are the clamped

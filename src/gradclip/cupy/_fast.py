@@ -204,13 +204,14 @@ def _clip_by_block_rms(
     leaves: list[Any],
     names: Sequence[str],
     *,
-    threshold: float,
+    threshold: Any,
     nonfinite: str,
 ) -> list[Any]:
     """The ``clip_by_block_rms`` of optax: two launches, new arrays."""
     skip = nonfinite == "skip"
+    bound = _max_norm(xp, threshold, _res(leaves))
     lay, out = _reduce(
-        dev, leaves, names, p=2.0, nonfinite=nonfinite, mode="rms", skip=skip, max_norm=threshold
+        dev, leaves, names, p=2.0, nonfinite=nonfinite, mode="rms", skip=skip, max_norm=bound
     )
     return _scaled(dev, lay, out, leaves, per_leaf=True, zero=nonfinite == "zero", inplace=False)
 
@@ -221,12 +222,18 @@ def _clip_by_value(
     leaves: list[Any],
     names: Sequence[str],
     *,
-    lo: float | None,
-    hi: float | None,
+    lo: Any,
+    hi: Any,
     nonfinite: str,
     inplace: bool,
 ) -> list[Any]:
     """Clamp every entry to ``[lo, hi]``: one launch (two for "raise" and "skip")."""
+    if not all(b is None or isinstance(b, int | float) for b in (lo, hi)):
+        # The clamp kernel takes its bounds by value; an array bound would
+        # need a sync to read, so the generic path clamps against it on the device.
+        return _core.clip_by_value(
+            xp, leaves, names, lo=lo, hi=hi, nonfinite=nonfinite, inplace=inplace
+        )
     lay = _launch.layout(dev, leaves)
     finite = None
     if nonfinite in ("raise", "skip"):  # the finite flags come with an inf-norm pass

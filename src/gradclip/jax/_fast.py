@@ -341,8 +341,9 @@ def _concrete(leaves: Sequence[Any], fn: str) -> None:
         )
 
 
-# Arguments that may be arrays: passed to the compiled program, not baked into it.
-_DYNAMIC = ("max_norm", "norm")
+# Arguments that may be arrays (a schedule's value): passed to the compiled
+# program, not baked into it, so a new value compiles nothing.
+_DYNAMIC = ("max_norm", "norm", "threshold", "lo", "hi")
 
 
 def _call_generic(fn: str, leaves: list[Any], names: Sequence[str], **kwargs: Any) -> Any:
