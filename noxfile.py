@@ -155,10 +155,11 @@ def _gpu_python() -> tuple[str | None, list[str]]:
 
 @nox.session(venv_backend="none")
 def gpu(session: nox.Session) -> None:
-    """The CuPy kernels on a CUDA device: tests/test_cupy_gpu.py, then the suite on CuPy leaves.
+    """The CuPy kernels on a CUDA device: tests/test_cupy_gpu.py, then the suite on GPU arrays.
 
-    The second run includes tests/test_torch_gpu.py (gradclip.torch on CUDA
-    tensors through the kernels) where that Python also has a CUDA torch.
+    The second run is the whole suite on CuPy arrays and, where that Python
+    also has a CUDA torch, on CUDA tensors (the ``torch_cuda`` backend), plus
+    tests/test_torch_gpu.py (gradclip.torch on CUDA tensors through the kernels).
 
     GPU machines may have no network, so this makes no virtualenv and installs
     nothing: it runs pytest in the first Python that has CuPy, pytest,
@@ -171,7 +172,7 @@ def gpu(session: nox.Session) -> None:
 fails as everywhere). Without nox, the same runs are::
 
         PYTHONPATH=src python -m pytest tests/test_cupy_gpu.py
-        PYTHONPATH=src GRADCLIP_TEST_BACKENDS=cupy JAX_PLATFORMS=cpu \\
+        PYTHONPATH=src GRADCLIP_TEST_BACKENDS=cupy,torch_cuda JAX_PLATFORMS=cpu \\
             python -m pytest tests src -q --ignore=tests/test_cupy_gpu.py
     """
     python, reasons = _gpu_python()
@@ -181,7 +182,7 @@ fails as everywhere). Without nox, the same runs are::
         "PYTHONPATH": os.pathsep.join(
             filter(None, [os.path.abspath("src"), os.environ.get("PYTHONPATH")])
         ),
-        "GRADCLIP_TEST_BACKENDS": "cupy",
+        "GRADCLIP_TEST_BACKENDS": "cupy,torch_cuda",
         "JAX_PLATFORMS": "cpu",
         "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
     }

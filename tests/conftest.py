@@ -1,8 +1,9 @@
 """One ``xp`` fixture over every installed backend.
 
 ``GRADCLIP_TEST_BACKENDS`` (comma-separated, set by each nox session) narrows
-the list; without it every installed backend is used. CuPy is only exercised
-where a CUDA device exists; elsewhere its cases skip with the reason.
+the list; without it every installed backend is used. CuPy and ``torch_cuda``
+(torch tensors on the current CUDA device) are only exercised where a CUDA
+device exists; elsewhere their cases skip with the reason.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-ALL_BACKENDS = ("numpy", "array_api_strict", "torch", "jax", "jax64", "dask", "cupy")
-_MODULE = {"jax64": "jax", "dask": "dask.array"}
+ALL_BACKENDS = ("numpy", "array_api_strict", "torch", "torch_cuda", "jax", "jax64", "dask", "cupy")
+_MODULE = {"jax64": "jax", "dask": "dask.array", "torch_cuda": "torch"}
 
 
 def _installed(name: str) -> bool:
@@ -107,22 +108,29 @@ def _make_strict() -> Backend:
     return Backend("array_api_strict", ns, dtypes, True, ns.asarray, lambda a: np.asarray(a))
 
 
-def _make_torch() -> Backend:
+def _make_torch(device: str = "cpu") -> Backend:
     import array_api_compat.torch as ns
     import torch
 
     def to(a: np.ndarray) -> Any:
         if a.dtype.name == "bfloat16":
-            return torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16)
-        return torch.from_numpy(a.copy())
+            return torch.from_numpy(a.astype(np.float32)).to(device, torch.bfloat16)
+        return torch.from_numpy(a.copy()).to(device)
 
     def back(t: Any) -> np.ndarray:
-        t = t.detach()
+        t = t.detach().cpu()
         if t.dtype == torch.bfloat16:
             t = t.float()
         return t.numpy()
 
-    return Backend("torch", ns, FLOATS, True, to, back)
+    name = "torch" if device == "cpu" else "torch_cuda"
+    return Backend(name, ns, FLOATS, True, to, back)
+
+
+def _torch_cuda_reason() -> str | None:
+    import torch
+
+    return None if torch.cuda.is_available() else "torch sees no CUDA device here"
 
 
 def _make_jax(x64: bool) -> Backend:
@@ -170,6 +178,7 @@ _FACTORIES = {
     "numpy": _make_numpy,
     "array_api_strict": _make_strict,
     "torch": _make_torch,
+    "torch_cuda": lambda: _make_torch("cuda"),
     "jax": lambda: _make_jax(False),
     "jax64": lambda: _make_jax(True),
     "dask": _make_dask,
@@ -181,10 +190,10 @@ _FACTORIES = {
 def xp(request: pytest.FixtureRequest) -> Any:
     """The backend under test: a :class:`Backend` with its namespace in ``.ns``."""
     name = request.param
-    if name == "cupy":
-        reason = _cupy_device_reason()
-        if reason:
-            pytest.skip(reason)
+    device_reason = {"cupy": _cupy_device_reason, "torch_cuda": _torch_cuda_reason}.get(name)
+    reason = device_reason and device_reason()
+    if reason:
+        pytest.skip(reason)
     backend = _FACTORIES[name]()
     if name.startswith("jax"):
         import jax

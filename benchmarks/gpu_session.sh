@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# The GPU verification that issues 4 to 8 owe, for a session lent a GPU machine
+# (the device tool: one command of at most 10 minutes per call, 30 minutes of
+# device time per session, no network there). Each stage fits one call with
+# room to spare; name several stages in one call where they fit together.
+#
+# Once, here (the GPU image has torch, jax, cupy, numpy, ml_dtypes, optax,
+# pytest and hypothesis, but not optree or array-api-compat, which gradclip
+# needs):
+#
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux_2_28_x86_64 \
+#       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       -d .whl optree array-api-compat
+#
+# Then through the device tool, with carry [".whl"], for example:
+#
+#   bash benchmarks/gpu_session.sh env tests-cupy      # ~5 min
+#   bash benchmarks/gpu_session.sh tests-jax bench-cupy
+#   bash benchmarks/gpu_session.sh bench-torch bench-dp
+#   bash benchmarks/gpu_session.sh bench-jax
+#
+# Every stage runs even if an earlier one failed; the script exits non-zero if
+# any did. Logs and JSON results go to $OUT (the device tool's folder, whose
+# files come back; at most 8 files a call) or, elsewhere, benchmarks/results/gpu.
+# Copy the JSONs into benchmarks/results/ and commit them with the GPU model
+# (each JSON records it).
+set -u -o pipefail
+
+OUT=${OUT:-benchmarks/results/gpu}
+mkdir -p "$OUT"
+PY=${GRADCLIP_GPU_PYTHON:-python3}
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+# JAX would otherwise take 75% of the GPU's memory when first imported, and
+# CuPy, torch and the 1B-element trees need it.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+
+failed=()
+
+# run STAGE LIMIT_S COMMAND...: one step of a stage, logged to $OUT/STAGE.log.
+run() {
+    local stage=$1 limit=$2
+    shift 2
+    echo "== $stage: $*" | tee -a "$OUT/$stage.log"
+    if ! timeout "$limit" "$@" 2>&1 | tee -a "$OUT/$stage.log"; then
+        echo "== $stage: FAILED (exit ${PIPESTATUS[0]}): $*" | tee -a "$OUT/$stage.log"
+        failed+=("$stage: $*")
+    fi
+}
+
+bench() {  # bench STAGE NAME ARGS...: one harness run, its report in $OUT/NAME.json
+    local stage=$1 name=$2
+    shift 2
+    run "$stage" 420 "$PY" -m gradclip bench "$@" --json "$OUT/$name.json"
+}
+
+stage_env() {
+    run env 60 nvidia-smi -L
+    run env 120 "$PY" -c '
+import importlib
+for name in ("numpy", "torch", "jax", "cupy", "optax", "optree", "array_api_compat", "ml_dtypes"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except Exception as exc:
+        print(name, "MISSING", exc)
+import torch, jax, cupy
+print("torch cuda:", torch.cuda.is_available(), torch.cuda.get_device_name(0))
+print("jax devices:", jax.devices())
+print("cupy devices:", cupy.cuda.runtime.getDeviceCount())
+import gradclip
+print("gradclip", gradclip.__version__, gradclip.__file__)'
+}
+
+stage_tests_cupy() {  # the CuPy kernels, then the whole suite on CuPy arrays and CUDA tensors
+    run tests-cupy 300 "$PY" -m pytest tests/test_cupy_gpu.py -q -rs -p no:cacheprovider
+    GRADCLIP_TEST_BACKENDS=cupy,torch_cuda JAX_PLATFORMS=cpu \
+        run tests-cupy 420 "$PY" -m pytest tests src -q -rs -p no:cacheprovider \
+        --ignore=tests/test_cupy_gpu.py
+}
+
+stage_tests_jax() {  # gradclip.jax, the optax transforms and per-example clipping on the GPU
+    GRADCLIP_TEST_BACKENDS=jax,jax64 run tests-jax 480 "$PY" -m pytest -q -rs -p no:cacheprovider \
+        tests/test_clip.py tests/test_norms.py tests/test_jax.py tests/test_jax_fast.py \
+        tests/test_optax.py tests/test_per_example.py tests/test_adaptive.py
+}
+
+stage_bench_cupy() {  # issue 5's table: llm 1B and huge 2^30 at >= 85% of the floor, small <= 60 us
+    bench bench-cupy bench-cupy-gpu --backend cupy --tree all
+    bench bench-cupy bench-cupy-gpu-llm-bf16 --backend cupy --tree llm --dtype bfloat16
+}
+
+stage_bench_torch() {  # issue 6's comparison on CUDA tensors
+    bench bench-torch bench-torch-gpu --backend torch --tree all
+    bench bench-torch bench-torch-gpu-llm-bf16 --backend torch --tree llm --dtype bfloat16
+}
+
+stage_bench_jax() {  # issue 4: against optax, llm at 1B parameters in float32 and bfloat16
+    bench bench-jax bench-jax-gpu --backend jax --tree all
+    bench bench-jax bench-jax-gpu-llm-bf16 --backend jax --tree llm --dtype bfloat16
+}
+
+stage_bench_dp() {  # issue 8: per-example clipping on each GPU backend
+    bench bench-dp bench-dp-jax-gpu --backend jax --tree dp
+    bench bench-dp bench-dp-cupy-gpu --backend cupy --tree dp
+    bench bench-dp bench-dp-torch-gpu --backend torch --tree dp
+}
+
+if [ $# -eq 0 ]; then
+    sed -n '2,28p' "$0"
+    exit 2
+fi
+for stage in "$@"; do
+    fn="stage_${stage//-/_}"
+    if ! declare -F "$fn" >/dev/null; then
+        echo "unknown stage $stage; stages: env tests-cupy tests-jax bench-cupy bench-torch bench-jax bench-dp" >&2
+        exit 2
+    fi
+    "$fn"
+done
+if [ ${#failed[@]} -gt 0 ]; then
+    printf 'failed: %s\n' "${failed[@]}"
+    exit 1
+fi
+echo "all stages passed: $*"
