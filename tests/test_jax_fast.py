@@ -248,3 +248,53 @@ def test_raise_under_jit_says_why_and_what_to_use(call):
     with pytest.raises(TypeError, match=hint):
         jax.jit(call)(tree)
     call(tree)  # outside a transform it checks and returns
+
+
+def test_value_and_rms_bounds_are_arguments_of_the_program():
+    host = np.array([-3.0, 0.2, 9.0], np.float32)
+    x = [jnp.asarray(host)]
+    static = (("nonfinite", "propagate"),)
+    sizes = []
+    for c in (1.0, 2.0):
+        np.testing.assert_array_equal(np.asarray(gcj.clip_by_value(x, c)[0]), np.clip(host, -c, c))
+        out = gcj.clip_by_value(x, lo=jnp.asarray(-c / 2), hi=c)[0]
+        np.testing.assert_array_equal(np.asarray(out), np.clip(host, -c / 2, c))
+        rms = float(jnp.sqrt(jnp.mean(gcj.clip_by_block_rms(x, jnp.asarray(c))[0] ** 2)))
+        assert rms == pytest.approx(c, rel=1e-6)
+        programs = (gcj._program(body, False, static) for body in ("value", "block_rms"))
+        sizes.append([p._cache_size() for p in programs])
+    assert sizes[1] == sizes[0]  # new bounds, nothing compiled
+    with pytest.raises(ValueError, match="threshold must be a number >= 0"):
+        gcj.clip_by_block_rms(x, -1.0)
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+@pytest.mark.parametrize("reduce", ["sum", None])
+def test_per_example_clip_compiled_matches_the_top_level(per_layer, reduce):
+    rng = np.random.default_rng(3)
+    tree = {"w": jnp.asarray(rng.standard_normal((6, 4, 3)), jnp.float32), "b": jnp.ones((6, 5))}
+    kwargs = {"reduce": reduce, "per_layer": per_layer, "split": "uniform", "eps": 1e-6}
+    program = gcj._program(
+        "per_example", False, tuple(sorted({**kwargs, "axis": 0, "nonfinite": "propagate"}.items()))
+    )
+    sizes = []
+    for bound in (0.5, 2.0):
+        got, gstats = gcj.per_example_clip(tree, bound, **kwargs)
+        sizes.append(program._cache_size())
+        want, wstats = gc.per_example_clip(tree, bound, **kwargs)
+        for a, b in zip(_leaves(got), _leaves(want), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+        for a, b in zip(gstats, wstats, strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+    assert sizes[1] == sizes[0]  # a new bound, nothing compiled
+    with pytest.raises(ValueError, match="max_norm must be > 0"):
+        gcj.per_example_clip(tree, [1.0, 0.0] if per_layer else 0.0, per_layer=per_layer)
+
+
+def test_per_example_clip_donates_when_it_keeps_the_examples():
+    grads = {"w": jnp.ones((4, 3)) * 2.0}
+    kept = grads["w"]
+    out, stats = gcj.per_example_clip(grads, 1.0, reduce=None, donate=True)
+    assert kept.is_deleted()
+    np.testing.assert_allclose(np.asarray(out["w"]), 1 / np.sqrt(3), rtol=1e-5)
+    assert int(stats.num_clipped) == 4

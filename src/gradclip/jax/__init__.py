@@ -37,7 +37,7 @@ from typing import Any
 
 from .. import _api
 from .._norms import parse_ord
-from .._stats import ClipStats
+from .._stats import ClipStats, PerExampleStats
 from . import _fast
 from ._fast import jax
 
@@ -48,6 +48,7 @@ __all__ = [
     "clip_by_value",
     "global_norm",
     "leaf_norms",
+    "per_example_clip",
 ]
 
 
@@ -91,12 +92,16 @@ def _clip(
     )
 
 
-def _value(tree: Any, *, lo: Any, hi: Any, nonfinite: str) -> Any:
+def _value(tree: Any, lo: Any, hi: Any, *, nonfinite: str) -> Any:
     return _api.clip_by_value(tree, lo=lo, hi=hi, nonfinite=nonfinite, fused=True)
 
 
-def _block_rms(tree: Any, *, threshold: float, nonfinite: str) -> Any:
+def _block_rms(tree: Any, threshold: Any, *, nonfinite: str) -> Any:
     return _api.clip_by_block_rms(tree, threshold, nonfinite=nonfinite, fused=True)
+
+
+def _per_example(tree: Any, max_norm: Any, **kw: Any) -> Any:
+    return _api.per_example_clip(tree, max_norm, **kw)
 
 
 _BODIES: dict[str, Callable[..., Any]] = {
@@ -106,6 +111,7 @@ _BODIES: dict[str, Callable[..., Any]] = {
     "clip_per_leaf": functools.partial(_clip, per_leaf=True),
     "value": _value,
     "block_rms": _block_rms,
+    "per_example": _per_example,
 }
 
 
@@ -302,10 +308,10 @@ def clip_by_norm(
 
 def clip_by_value(
     tree: Any,
-    clip_value: float | None = None,
+    clip_value: Any = None,
     *,
-    lo: float | None = None,
-    hi: float | None = None,
+    lo: Any = None,
+    hi: Any = None,
     nonfinite: str = "propagate",
     donate: bool = False,
 ) -> Any:
@@ -316,7 +322,9 @@ def clip_by_value(
     tree : pytree of real floating JAX arrays
         Any JAX-registered pytree.
     clip_value, lo, hi, nonfinite
-        As for :func:`gradclip.clip_by_value`.
+        As for :func:`gradclip.clip_by_value`. The bounds are arguments of the
+        compiled program, so a new value (a number or a 0-d array) does not
+        recompile.
     donate : bool, default False
         As for :func:`clip_by_global_norm`.
 
@@ -333,11 +341,11 @@ def clip_by_value(
     [Array([-1. ,  0.2,  1. ], dtype=float32)]
     """
     low, high = _api._value_bounds(clip_value, lo, hi)
-    return _call("value", donate, (tree,), lo=low, hi=high, nonfinite=nonfinite)
+    return _call("value", donate, (tree, low, high), nonfinite=nonfinite)
 
 
 def clip_by_block_rms(
-    tree: Any, threshold: float, *, nonfinite: str = "propagate", donate: bool = False
+    tree: Any, threshold: Any, *, nonfinite: str = "propagate", donate: bool = False
 ) -> Any:
     """:func:`gradclip.clip_by_block_rms` (``optax.clip_by_block_rms``), compiled.
 
@@ -346,7 +354,8 @@ def clip_by_block_rms(
     tree : pytree of JAX arrays
         Any JAX-registered pytree.
     threshold, nonfinite
-        As for :func:`gradclip.clip_by_block_rms`.
+        As for :func:`gradclip.clip_by_block_rms`; ``threshold`` is an
+        argument of the compiled program, as ``clip_by_value``'s bounds are.
     donate : bool, default False
         As for :func:`clip_by_global_norm`.
 
@@ -363,4 +372,65 @@ def clip_by_block_rms(
     >>> float(jnp.sqrt(jnp.mean(out[0] ** 2)))
     1.0
     """
-    return _call("block_rms", donate, (tree,), threshold=threshold, nonfinite=nonfinite)
+    threshold = _api._check_bound(_api._scalar_bound(threshold, "threshold"), "threshold")
+    return _call("block_rms", donate, (tree, threshold), nonfinite=nonfinite)
+
+
+def per_example_clip(
+    tree: Any,
+    max_norm: Any,
+    *,
+    axis: int = 0,
+    reduce: str | None = "sum",
+    per_layer: bool = False,
+    split: str = "uniform",
+    eps: float = 1e-6,
+    nonfinite: str = "propagate",
+    donate: bool = False,
+) -> tuple[Any, PerExampleStats]:
+    """:func:`gradclip.per_example_clip` (DP-SGD's clipping step), compiled.
+
+    Parameters
+    ----------
+    tree : pytree of JAX arrays
+        Any JAX-registered pytree, every leaf with the examples on ``axis``.
+    max_norm : float, 0-d array, or (with ``per_layer``) one bound per leaf
+        As for :func:`gradclip.per_example_clip`. The bounds are arguments of
+        the compiled program, so a new value does not recompile; numbers are
+        checked (``> 0``) before the call, arrays are not.
+    axis, reduce, per_layer, split, eps, nonfinite
+        As for :func:`gradclip.per_example_clip`.
+    donate : bool, default False
+        As for :func:`clip_by_global_norm`. Only ``reduce=None`` returns
+        arrays of the gradients' shapes that XLA can write into the donated
+        buffers; with a reduction JAX warns that they went unused.
+
+    Returns
+    -------
+    tree : pytree
+        The clipped examples summed (or averaged) over the batch, or with
+        ``reduce=None`` the clipped examples themselves.
+    stats : PerExampleStats
+        As for :func:`gradclip.per_example_clip`.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> import gradclip.jax as gcj
+    >>> grads = {"w": jnp.array([[3.0, 4.0], [0.3, 0.4]])}  # two examples
+    >>> summed, stats = gcj.per_example_clip(grads, 1.0, eps=0.0)
+    >>> summed["w"], stats.num_clipped
+    (Array([0.90000004, 1.2       ], dtype=float32), Array(1, dtype=int32))
+    """
+    jax.tree_util.tree_map(lambda bound: _api._check_positive(bound, "max_norm"), max_norm)
+    return _call(  # type: ignore[no-any-return]
+        "per_example",
+        donate,
+        (tree, max_norm),
+        axis=axis,
+        reduce=reduce,
+        per_layer=per_layer,
+        split=split,
+        eps=eps,
+        nonfinite=nonfinite,
+    )
