@@ -106,7 +106,7 @@ def test_every_timed_call_starts_fresh_and_clips(backend, hide):
     if backend == "torch":
         importorskip("torch")
     hide("optax")
-    ctx, rows, _ = _bench._plan(backend)
+    ctx, rows, _ = _bench._plan(backend, "cpu")
     data = _data(_bench.make_tree("small", size_factor=FACTOR))
     for row in rows:
         for max_norm in (1.0, _bench.NO_CLIP):
@@ -134,7 +134,7 @@ def test_every_timed_call_starts_fresh_and_clips(backend, hide):
 def test_jax_rows_donate_fresh_arrays_and_clip():
     importorskip("jax")
     importorskip("optax")
-    ctx, rows, _ = _bench._plan("jax")
+    ctx, rows, _ = _bench._plan("jax", "cpu")
     rng = np.random.default_rng(3)
     data = _data({"w": rng.standard_normal((8, 4), dtype=np.float32), "b": np.ones(4, np.float32)})
     keys = {r.key for r in rows}
@@ -150,7 +150,7 @@ def test_jax_rows_donate_fresh_arrays_and_clip():
 def test_jax_compile_is_measured_on_its_own_and_reused_by_the_calls():
     importorskip("jax")
     importorskip("optax")
-    ctx, rows, _ = _bench._plan("jax")
+    ctx, rows, _ = _bench._plan("jax", "cpu")
     rng = np.random.default_rng(4)
     data = _data([rng.standard_normal(n, dtype=np.float32) for n in (5, 7, 9)])
     jax_rows = [r for r in rows if r.jax]
@@ -345,7 +345,7 @@ def test_jax_report_has_compile_times_floor_rows_and_targets():
     importorskip("jax")
     importorskip("optax")
     importorskip("torch")
-    quick = {"reps": 2, "budget": 0.0, "size_factor": FACTOR, "progress": False}
+    quick = {"reps": 2, "budget": 0.0, "size_factor": FACTOR, "progress": False, "device": "cpu"}
     report = _bench.bench("jax", ["llm"], skip=["naive"], **quick)
     clip = {r["key"]: r for r in report["rows"] if r["case"] == "clip"}
     noclip = {r["key"]: r for r in report["rows"] if r["case"] == "noclip"}
@@ -445,15 +445,30 @@ def test_skip_option(tmp_path: Path, hide, capsys):
     assert {r["key"] for r in report["rows"]} == {"gradclip", "flattree", "floor", "read"}
 
 
-def test_backends_that_cannot_run_exit_with_a_message(hide):
+def test_backends_that_cannot_run_exit_with_a_message(hide, monkeypatch):
+    with pytest.raises(SystemExit, match="--backend numpy runs on the CPU only"):
+        _bench._plan("numpy", "gpu")
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        _bench._plan("numpy", "tpu")
+    monkeypatch.setattr(_bench, "_torch_cuda", lambda: False)
+    monkeypatch.setattr(_bench, "_jax_gpu", lambda: False)
+    if _bench._installed("torch"):
+        with pytest.raises(SystemExit, match=r"torch --device gpu: torch.cuda.is_available\(\)"):
+            _bench._plan("torch", "gpu")
+    if _bench._installed("jax"):
+        with pytest.raises(SystemExit, match=r"jax --device gpu: jax.default_backend\(\) is not"):
+            _bench._plan("jax", "gpu")
     hide("torch")
     with pytest.raises(SystemExit, match="needs torch"):
         _bench._plan("torch")
     with pytest.raises(ValueError, match="unknown backend"):
         _bench._plan("tensorflow")
-    if _bench._installed("cupy") and _bench._cuda_devices() == 0:
-        with pytest.raises(SystemExit, match="needs a CUDA device"):
-            _bench._plan("cupy")
+    if _bench._installed("cupy"):
+        with pytest.raises(SystemExit, match="--backend cupy runs on a GPU only"):
+            _bench._plan("cupy", "cpu")
+        if _bench._cuda_devices() == 0:
+            with pytest.raises(SystemExit, match="needs a CUDA device"):
+                _bench._plan("cupy")
 
 
 def test_cli_rejects_bad_numbers(capsys):
@@ -478,7 +493,7 @@ def test_benchmarks_driver_has_the_same_arguments():
     out = subprocess.run(
         [sys.executable, str(script), "--help"], capture_output=True, text=True, check=True
     )
-    for option in ("--backend", "--tree", "--json", "--reps", "--max-norm"):
+    for option in ("--backend", "--device", "--dtype", "--tree", "--json", "--reps", "--max-norm"):
         assert option in out.stdout
     assert "--size-factor" not in out.stdout  # for the tests only
 
@@ -496,8 +511,7 @@ def test_dp_tree_is_a_batch_of_the_scaled_down_llm_tree():
     assert sum(leaves) == 256 * 216_448
     assert sizes["embed"] == 256 * 2000 * 32
     assert "dp" not in _bench.TREES  # --tree all leaves it out
-    with pytest.raises(ValueError, match="CPU backends only"):
-        _bench.tree_sizes("dp", gpu=True)
+    assert _bench.tree_sizes("dp", gpu=True) == sizes  # the same size on a GPU
     with pytest.raises(ValueError, match="llm, huge, small, dp"):
         _bench.tree_sizes("medium")
 
@@ -547,7 +561,7 @@ def test_dp_rows_clip_every_example_and_sum(backend):
         importorskip(backend)
     if backend == "jax":
         importorskip("optax")
-    ctx, _, _ = _bench._plan(backend)
+    ctx, _, _ = _bench._plan(backend, "cpu")
     rows, notes = _bench._example_plan(ctx)
     assert notes == []
     anchors = ["optax"] if backend == "jax" else ["naive", "einsum"]
@@ -633,7 +647,7 @@ def test_dp_report_json_and_table(tmp_path: Path, capsys, monkeypatch: pytest.Mo
 
 
 def test_dp_report_torch_and_jax():
-    quick = {"reps": 2, "budget": 0.0, "size_factor": FACTOR, "progress": False}
+    quick = {"reps": 2, "budget": 0.0, "size_factor": FACTOR, "progress": False, "device": "cpu"}
     importorskip("torch")
     report = _bench.bench("torch", ["dp"], **quick)
     rows = {r["key"]: r for r in report["rows"]}
@@ -673,8 +687,8 @@ def test_dp_with_the_global_trees_and_where_it_cannot_run(hide):
     assert read["row"] == "one read pass: dot (NumPy: torch not installed)"
     assert "naive NumPy: sums of squares, tensordot: skipped on dp (--skip)" in report["notes"]
     assert len(report["targets"]) == 7  # the global trees' targets still apply
-    with pytest.raises(SystemExit, match="--tree dp runs on --backend numpy, torch or jax"):
-        _bench.bench("cupy", ["dp"], **quick)
+    with pytest.raises(SystemExit, match="--tree dp times float32 only"):
+        _bench.bench("jax", ["dp"], dtype="bfloat16", **quick)
     parser = argparse.ArgumentParser()
     _bench.add_arguments(parser)
     assert parser.parse_args(["--tree", "dp", "--skip", "optax:dp"]).tree == "dp"
@@ -779,19 +793,27 @@ def test_cupy_targets_are_issue_5s():
     }
 
 
-def test_bfloat16_runs_on_cupy_only(capsys):
-    for backend in ("numpy", "torch", "jax"):
-        with pytest.raises(SystemExit, match="--dtype bfloat16 runs on --backend cupy only"):
-            _bench.bench(backend, ["small"], dtype="bfloat16", progress=False)
+def test_bfloat16_runs_on_cupy_jax_and_torch_on_a_gpu(capsys):
+    refused = "--dtype bfloat16 runs on --backend cupy, jax, or torch on a GPU"
+    with pytest.raises(SystemExit, match=refused):
+        _bench.bench("numpy", ["small"], dtype="bfloat16", progress=False)
+    if _bench._installed("torch"):
+        with pytest.raises(SystemExit, match=refused):
+            _bench.bench("torch", ["small"], dtype="bfloat16", progress=False, device="cpu")
     with pytest.raises(ValueError, match="unknown dtype 'float16'"):
         _bench.bench("numpy", ["small"], dtype="float16", progress=False)
-    with pytest.raises(SystemExit, match="runs on --backend cupy only"):
+    with pytest.raises(SystemExit, match=refused):
         cli.main(["bench", "--tree", "small", "--dtype", "bfloat16"])
     with pytest.raises(SystemExit) as exc:
         cli.main(["bench", "--dtype", "float64"])  # not a choice
     assert exc.value.code == 2
     assert "invalid choice: 'float64'" in capsys.readouterr().err
     assert _bench._dtype("numpy", "float32") is np.float32
+    ml_dtypes = importorskip("ml_dtypes")
+    assert _bench._dtype("jax", "bfloat16", False) is ml_dtypes.bfloat16
+    torch = importorskip("torch")
+    assert _bench._dtype("torch", "bfloat16", True) is torch.bfloat16
+    assert _bench._dtype("torch", "float32", True) is torch.float32
 
 
 def _fake_reduction(in_params, out_params, *args, **kwargs):
@@ -823,9 +845,13 @@ def fake_cupy(monkeypatch: pytest.MonkeyPatch):
         float64=np.float64,
         empty=np.empty,
         copyto=np.copyto,
+        asarray=np.asarray,
+        asnumpy=np.asarray,
         sqrt=np.sqrt,
         sum=np.sum,
         minimum=np.minimum,
+        tensordot=np.tensordot,
+        count_nonzero=np.count_nonzero,
         random=types.SimpleNamespace(default_rng=np.random.default_rng),
         ReductionKernel=_fake_reduction,
         get_default_memory_pool=lambda: pool,
@@ -973,3 +999,424 @@ def test_gpu_bfloat16_report(fake_cupy):
     text = _bench.format_report({"command": "test", **report})
     assert "backend cupy, bfloat16" in text and "MiB bfloat16" in text
     assert ml_dtypes.bfloat16 is _bench._dtype("cupy", "bfloat16")
+
+
+# ------------------------------------------- torch and JAX on a GPU (issues 4, 6, 8)
+#
+# Their GPU plans run here on the CPU: torch's "CUDA device" is its CPU device
+# (the harness asks _torch_gpu() where to put tensors), JAX's GPU is its
+# default device, and the "is there a GPU" checks say yes. JAX's host/device
+# split is made small (_HOST_LEAF), so the device-drawn leaves and the chunked
+# reference norm (_ROW) run too.
+
+QUICK_GPU = {"reps": 2, "budget": 0.0, "size_factor": GPU_FACTOR, "progress": False}
+
+
+@pytest.fixture
+def fake_torch_cuda(monkeypatch: pytest.MonkeyPatch):
+    """torch's CPU playing its CUDA device; yields the list of device syncs made."""
+    torch = importorskip("torch")
+    syncs: list[int] = []
+    monkeypatch.setattr(_bench, "_torch_cuda", lambda: True)
+    monkeypatch.setattr(_bench, "_torch_gpu", lambda: torch.device("cpu"))
+    monkeypatch.setattr(_bench, "_torch_sync", lambda: syncs.append(1))
+    props = types.SimpleNamespace(
+        name="Fake CUDA",
+        major=9,
+        minor=0,
+        multi_processor_count=132,
+        total_memory=80 * 2**30,
+        L2_cache_size=50 * 2**20,
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    return syncs
+
+
+@pytest.fixture
+def fake_jax_gpu(monkeypatch: pytest.MonkeyPatch):
+    """JAX's default device (the CPU here) playing a GPU."""
+    jax = importorskip("jax")
+    monkeypatch.setattr(_bench, "_jax_gpu", lambda: True)
+    monkeypatch.setattr(_bench, "_HOST_LEAF", 64)  # llm: 4 of its leaf shapes drawn by JAX
+    monkeypatch.setattr(_bench, "_ROW", 16)  # partial sums, and tails
+    _bench._jax_partials.cache_clear()  # traced with the old _ROW
+    jax.clear_caches()
+    yield jax
+    _bench._jax_partials.cache_clear()
+
+
+def _shared(x, source) -> bool:
+    return x.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()
+
+
+def test_device_option_picks_the_gpu_where_the_backend_sees_one(monkeypatch, fake_torch_cuda):
+    assert _bench._resolve_device("numpy", None) == "cpu"
+    assert _bench._resolve_device("torch", None) == "gpu"  # the fake CUDA
+    assert _bench._resolve_device("torch", "cpu") == "cpu"
+    monkeypatch.setattr(_bench, "_torch_cuda", lambda: False)
+    assert _bench._resolve_device("torch", None) == "cpu"
+    for sees, want in ((True, "gpu"), (False, "cpu")):
+        monkeypatch.setattr(_bench, "_jax_gpu", lambda sees=sees: sees)
+        assert _bench._resolve_device("jax", None) == want
+    monkeypatch.setattr(_bench, "_jax_gpu", lambda: pytest.fail("JAX's backends started"))
+    assert _bench._resolve_device("jax", "cpu") == "cpu"
+    parser = argparse.ArgumentParser()
+    _bench.add_arguments(parser)
+    assert parser.parse_args([]).device is None
+    assert parser.parse_args(["--device", "gpu"]).device == "gpu"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--device", "tpu"])
+
+
+def test_device_cpu_keeps_torch_on_the_cpu(fake_torch_cuda, tmp_path: Path, hide):
+    hide("optax")
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--backend", "torch", "--device", "cpu", "--tree", "small"]
+    assert cli.main([*argv, "--json", str(path), *QUICK]) == 0
+    report = json.loads(path.read_text())
+    assert report["settings"]["device"] == "cpu"
+    assert " --device cpu" in report["command"]
+    assert "gpu_device" not in report["machine"]
+    keys = {r["key"] for r in report["rows"]}
+    assert keys == {"gradclip", "dropin", "flattree", "torch", "naive", "floor", "read"}
+    assert report["trees"]["small"]["elements"] == sum(
+        optree.tree_leaves(_bench.tree_sizes("small", FACTOR))
+    )
+    assert not fake_torch_cuda  # no CUDA sync on the CPU
+
+
+def test_torch_gpu_trees_are_drawn_on_the_device(fake_torch_cuda, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(_bench, "_GPU_CHUNK", 1000)  # several chunks drawn and summed
+    ctx, _, _ = _bench._plan("torch")
+    assert ctx.gpu and ctx.anchor is ctx.arrays
+    data = _bench._gpu_data(ctx, "llm", GPU_FACTOR, torch.float32)
+    sizes = optree.tree_leaves(_bench.tree_sizes("llm", GPU_FACTOR, gpu=True))
+    assert [x.numel() for x in data.leaves] == sizes
+    assert data.tree["blocks"][0]["attn"]["qkv_weight"].shape == (8, 24)
+    assert data.source.numel() == sum(sizes) and data.nbytes == 4 * sum(sizes)
+    assert all(_shared(x, data.source) for x in data.leaves)  # views into one buffer
+    flat = torch.cat([x.reshape(-1) for x in data.leaves])
+    assert torch.equal(flat, data.source)
+    assert abs(float(flat.mean())) < 0.05 and abs(float(flat.std()) - 1) < 0.05
+    assert data.device and data.measure is _bench._torch_norm
+    assert data.norm == pytest.approx(_bench._norm([data.source.numpy()]), rel=1e-12)
+    again = _bench._gpu_data(ctx, "llm", GPU_FACTOR, torch.float32)
+    assert torch.equal(again.source, data.source)  # a seeded generator
+    bf16 = _bench._gpu_data(ctx, "llm", GPU_FACTOR, torch.bfloat16)
+    assert bf16.source.dtype == torch.bfloat16 and bf16.nbytes == 2 * sum(sizes)
+    assert torch.equal(bf16.source, data.source.to(torch.bfloat16))  # the float32 tree, rounded
+
+
+def test_torch_gpu_report(fake_torch_cuda, tmp_path: Path, capsys):
+    path = tmp_path / "bench-torch-gpu.json"
+    argv = ["bench", "--backend", "torch", "--tree", "all", "--json", str(path), "--reps", "2"]
+    assert cli.main([*argv, "--budget", "0.001", "--size-factor", str(GPU_FACTOR)]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(path.read_text())
+
+    assert report["settings"]["device"] == "gpu" and "--device" not in report["command"]
+    device = report["machine"]["gpu_device"]
+    assert device["name"] == report["machine"]["gpu"] == "Fake CUDA"
+    assert device["backend"] == "torch" and device["compute_capability"] == "9.0"
+    assert "optax clip_by_global_norm: not a GPU anchor (issue 6), row left out" in report["notes"]
+    assert not any("FAILED" in note for note in report["notes"])
+    for name in _bench.TREES:
+        sizes = optree.tree_leaves(_bench.tree_sizes(name, GPU_FACTOR, gpu=True))
+        info = report["trees"][name]
+        assert info["leaves"] == len(sizes) and info["elements"] == sum(sizes)
+        assert info["dtype"] == "float32" and info["bytes"] == 4 * sum(sizes)
+        rows = [r for r in report["rows"] if r["tree"] == name]
+        clip = {r["key"]: r for r in rows if r["case"] == "clip"}
+        noclip = {r["key"]: r for r in rows if r["case"] == "noclip"}
+        both = {"gradclip", "dropin", "flattree", "torch", "naive"}
+        assert set(clip) == both | {"flat", "copy", "floor"}
+        assert set(noclip) == both | {"read"}
+        assert clip["torch"]["row"] == "torch clip_grad_norm_(foreach=True)"
+        assert clip["naive"]["row"] == "naive torch loop"
+        assert noclip["read"]["row"] == "one read pass: vector_norm (torch)"
+        assert clip["copy"]["row"] == "device-to-device copy, one flat buffer (torch copy_)"
+        for r in rows:
+            assert r["check_ok"], r
+            assert r["norm_before"] == info["norm"]
+        assert 1 - 1e-5 <= clip["gradclip"]["norm_after"] <= 1 + 1e-5
+        assert clip["floor"]["median_ms"] == pytest.approx(1.5 * clip["copy"]["median_ms"])
+        assert info["floor_ms"] == clip["floor"]["median_ms"]
+        assert clip["dropin"]["ratio_torch"] == pytest.approx(
+            clip["dropin"]["median_ms"] / clip["torch"]["median_ms"]
+        )
+    assert fake_torch_cuda  # every timed call waited for the device
+
+    targets = {t["target"]: t for t in report["targets"]}
+    torch_ = "torch clip_grad_norm_(foreach=True)"
+    assert set(targets) == {
+        f"llm clip on the GPU: gradclip.torch.clip_grad_norm_ <= 1x {torch_}",
+        f"huge clip on the GPU: gradclip.torch.clip_grad_norm_ <= 1x {torch_}",
+        f"small clip on the GPU: gradclip.torch.clip_grad_norm_ <= 0.5x {torch_}",
+    }
+    small = next(
+        r for r in report["rows"] if (r["tree"], r["case"], r["key"]) == ("small", "clip", "dropin")
+    )
+    assert targets[f"small clip on the GPU: gradclip.torch.clip_grad_norm_ <= 0.5x {torch_}"][
+        "value"
+    ] == pytest.approx(small["ratio_torch"])
+    assert all(t["value"] is not None for t in targets.values())
+
+    assert "backend torch, float32, on the GPU" in out and ", GPU Fake CUDA" in out
+    assert "targets (gradclip rows, float32):" in out
+    assert "llm clip on the GPU: gradclip.torch.clip_grad_norm_ <= 1x" in out
+    assert "floor (GPU): 3 passes over the tree's bytes" in out and "GB/s" in out
+
+
+def test_torch_gpu_bfloat16(fake_torch_cuda):
+    report = _bench.bench("torch", ["llm"], dtype="bfloat16", **QUICK_GPU)
+    info = report["trees"]["llm"]
+    assert info["dtype"] == "bfloat16" and info["bytes"] == 2 * info["elements"]
+    assert report["settings"]["dtype"] == "bfloat16"
+    assert not any("FAILED" in note for note in report["notes"]), report["notes"]
+    keys = {r["key"] for r in report["rows"]}
+    assert keys == {"gradclip", "dropin", "flattree", "torch", "naive", "flat", "copy", "floor"} | {
+        "read"
+    }
+    for r in report["rows"]:
+        assert r["check_ok"], r
+
+
+def test_gpu_checks_catch_rows_that_do_not_do_the_work(fake_torch_cuda, monkeypatch):
+    import torch
+
+    ctx, rows, _ = _bench._plan("torch")
+    data = _bench._gpu_data(ctx, "small", GPU_FACTOR, torch.float32)
+    by_key = {r.key: r for r in rows}
+    assert _bench._run_row(ctx, data, by_key["naive"], "clip", 1.0, 2, 0.0)["check_ok"]
+    assert _bench._run_row(ctx, data, by_key["copy"], "clip", 1.0, 2, 0.0)["check_ok"]
+    monkeypatch.setattr(_bench, "_naive_torch", lambda grads, max_norm: None)  # clips nothing
+    bad = _bench._run_row(ctx, data, by_key["naive"], "clip", 1.0, 2, 0.0)
+    assert not bad["check_ok"] and bad["norm_after"] == pytest.approx(data.norm)
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, src: self)  # copies nothing
+    bad = _bench._run_row(ctx, data, by_key["copy"], "clip", 1.0, 2, 0.0)
+    assert not bad["check_ok"] and bad["norm_after"] == 0.0
+
+
+def test_torch_and_jax_gpu_targets_are_labelled():
+    rows = [
+        _target_row("llm", "clip", "dropin", 10.0, ratio_torch=0.97),
+        _target_row("small", "clip", "dropin", 10.0, ratio_torch=0.6),
+        _target_row("llm", "clip", "gradclip", 10.0, ratio_optax=0.8),
+    ]
+    gpu = {t["target"]: t["met"] for t in _bench._targets(rows, "torch", gpu=True)}
+    torch_ = "torch clip_grad_norm_(foreach=True)"
+    assert gpu == {
+        f"llm clip on the GPU: gradclip.torch.clip_grad_norm_ <= 1x {torch_}": True,
+        f"huge clip on the GPU: gradclip.torch.clip_grad_norm_ <= 1x {torch_}": None,
+        f"small clip on the GPU: gradclip.torch.clip_grad_norm_ <= 0.5x {torch_}": False,
+    }
+    (jax,) = _bench._targets(rows, "jax", gpu=True)
+    assert jax["target"] == (
+        "llm clip on the GPU: gradclip <= 1x optax clip_by_global_norm "
+        "(issue 4's CPU target, for information)"
+    )
+    assert jax["value"] == 0.8 and jax["met"] is True
+    assert len(_bench._targets(rows, "jax")) == 8  # the CPU's issue 4 targets
+    assert _bench._targets(rows, "cupy", gpu=True) == _bench._targets(rows, "cupy")
+
+
+def test_jax_gpu_trees_are_drawn_on_the_device(fake_jax_gpu):
+    jax = fake_jax_gpu
+    ctx, _, _ = _bench._plan("jax")
+    assert ctx.gpu and ctx.anchor is None
+    data = _bench._gpu_data(ctx, "llm", GPU_FACTOR, np.float32)
+    sizes = optree.tree_leaves(_bench.tree_sizes("llm", GPU_FACTOR, gpu=True))
+    assert [x.size for x in data.leaves] == sizes
+    assert [x.size for x in optree.tree_leaves(data.tree)] == sizes
+    assert all(isinstance(x, jax.Array) for x in data.leaves)  # on the device, not NumPy
+    assert {x.size for x in data.leaves if x.size > 64} == {1568, 192, 256}  # drawn by JAX
+    assert data.source.size == sum(sizes) and isinstance(data.source, jax.Array)
+    host = [np.asarray(x) for x in data.leaves]
+    flat = np.concatenate([x.ravel() for x in host])
+    assert abs(flat.mean()) < 0.05 and abs(flat.std() - 1) < 0.05
+    assert data.device and data.measure is _bench._jax_norm
+    assert data.norm == pytest.approx(_bench._norm(host), rel=1e-6)
+    assert data.flat_norm == pytest.approx(_bench._norm([np.asarray(data.source)]), rel=1e-6)
+    assert data.flat_norm != data.norm  # a draw of its own
+    again = _bench._gpu_data(ctx, "llm", GPU_FACTOR, np.float32)
+    assert all(np.array_equal(np.asarray(a), b) for a, b in zip(again.leaves, host, strict=True))
+    ml_dtypes = importorskip("ml_dtypes")
+    bf16 = _bench._gpu_data(ctx, "llm", GPU_FACTOR, ml_dtypes.bfloat16)
+    assert all(x.dtype == ml_dtypes.bfloat16 for x in bf16.leaves)
+    assert bf16.nbytes == 2 * sum(sizes)
+    for a, b in zip(bf16.leaves, host, strict=True):  # the float32 tree, rounded
+        assert np.array_equal(np.asarray(a), b.astype(ml_dtypes.bfloat16))
+
+
+def test_jax_gpu_rows_keep_their_data_on_the_device(fake_jax_gpu, monkeypatch):
+    jax = fake_jax_gpu
+    importorskip("optax")
+    ctx, rows, notes = _bench._plan("jax")
+    assert [r.key for r in rows] == ["gradclip", "optax", "flat", "copy", "read"]
+    assert any("not a JAX GPU anchor" in n for n in notes)
+    data = _bench._gpu_data(ctx, "huge", GPU_FACTOR, np.float32)
+    for row in rows:
+        case = "noclip" if row.key == "read" else "clip"
+        max_norm = _bench.NO_CLIP if case == "noclip" else 1.0
+        timed = row.make(ctx, data, max_norm)
+        timed.fresh()
+        out = timed.call()
+        timed.done(out)
+        # the timed call leaves its result on the device, and so does the check
+        assert all(isinstance(x, jax.Array) for x in optree.tree_leaves(out)), row.key
+        assert all(isinstance(x, jax.Array) for x in timed.result(out)), row.key
+        result = _bench._run_row(ctx, data, row, case, max_norm, 2, 0.0, compile=row.jax)
+        assert result["check_ok"], result
+        flat = row.key in ("flat", "copy", "read")
+        assert result["norm_before"] == (data.flat_norm if flat else data.norm)
+    copy = next(r for r in rows if r.key == "copy").make(ctx, data, 1.0)
+    out = copy.call()
+    assert out.unsafe_buffer_pointer() != data.source.unsafe_buffer_pointer()  # a real copy
+    # a floor that does not clip fails its check
+    monkeypatch.setattr(_bench, "_floor_jax", lambda buf, max_norm: buf * 1.0)
+    flat_row = next(r for r in rows if r.key == "flat")
+    bad = _bench._run_row(ctx, data, flat_row, "clip", 1.0, 2, 0.0)
+    assert not bad["check_ok"] and bad["norm_after"] == pytest.approx(data.flat_norm, rel=1e-6)
+
+
+def test_jax_gpu_report(fake_jax_gpu, capsys):
+    jax = fake_jax_gpu
+    importorskip("optax")
+    report = _bench.bench("jax", ["llm", "huge"], **QUICK_GPU)
+    assert report["settings"]["device"] == "gpu"
+    device = report["machine"]["gpu_device"]
+    assert device["backend"] == "jax" and device["name"] == jax.devices()[0].device_kind
+    assert report["machine"]["gpu"] == device["name"]
+    assert not any("FAILED" in note for note in report["notes"]), report["notes"]
+    for name in ("llm", "huge"):
+        info = report["trees"][name]
+        assert info["elements"] == sum(
+            optree.tree_leaves(_bench.tree_sizes(name, GPU_FACTOR, gpu=True))
+        )
+        assert info["dtype"] == "float32" and info["flat_norm"] != info["norm"]
+        clip = {r["key"]: r for r in report["rows"] if r["tree"] == name and r["case"] == "clip"}
+        noclip = {
+            r["key"]: r for r in report["rows"] if r["tree"] == name and r["case"] == "noclip"
+        }
+        assert set(clip) == {"gradclip", "optax", "flat", "copy", "floor"}
+        assert set(noclip) == {"gradclip", "optax", "read"}
+        for r in [*clip.values(), *noclip.values()]:
+            assert r["check_ok"], r
+        for key in ("gradclip", "optax"):
+            assert clip[key]["compile_s"] > 0 and clip[key]["xla_compiles"] >= 1
+            assert clip[key]["warmup_compiles"] == noclip[key]["warmup_compiles"] == 0
+        assert clip["copy"]["norm_before"] == info["flat_norm"]
+        assert clip["floor"]["median_ms"] == pytest.approx(1.5 * clip["copy"]["median_ms"])
+        assert clip["gradclip"]["ratio_optax"] == pytest.approx(
+            clip["gradclip"]["median_ms"] / clip["optax"]["median_ms"]
+        )
+    (target,) = report["targets"]
+    llm = next(r for r in report["rows"] if r["key"] == "gradclip" and r["tree"] == "llm")
+    assert target["value"] == llm["ratio_optax"]
+    text = _bench.format_report({"command": "test", **report})
+    assert "backend jax, float32, on the GPU" in text
+    assert "(the floor's flat buffer: " in text
+    assert "issue 4's CPU target, for information" in text
+    assert "naive NumPy loop: runs on the host, not a GPU anchor" in text
+
+
+def test_jax_gpu_bfloat16(fake_jax_gpu):
+    importorskip("optax")
+    importorskip("ml_dtypes")
+    report = _bench.bench("jax", ["huge"], dtype="bfloat16", **QUICK_GPU)
+    info = report["trees"]["huge"]
+    assert info["dtype"] == "bfloat16" and info["bytes"] == 2 * info["elements"]
+    assert not any("FAILED" in note for note in report["notes"]), report["notes"]
+    assert {r["key"] for r in report["rows"]} == {
+        "gradclip",
+        "optax",
+        "flat",
+        "copy",
+        "floor",
+        "read",
+    }
+    for r in report["rows"]:
+        assert r["check_ok"], r
+
+
+def test_jax_bfloat16_on_the_cpu():
+    importorskip("jax")
+    importorskip("optax")
+    importorskip("torch")
+    ml_dtypes = importorskip("ml_dtypes")
+    quick = {"reps": 2, "budget": 0.0, "size_factor": FACTOR, "progress": False}
+    report = _bench.bench("jax", ["huge"], dtype="bfloat16", device="cpu", **quick)
+    info = report["trees"]["huge"]
+    assert info["elements"] == 2**26 // FACTOR  # the CPU tree, rounded
+    assert info["dtype"] == "bfloat16" and info["bytes"] == 2 * info["elements"]
+    want = _bench._norm([_bench.make_tree("huge", FACTOR)["weight"].astype(ml_dtypes.bfloat16)])
+    assert info["norm"] == want
+    keys = {(r["case"], r["key"]) for r in report["rows"]}
+    assert keys == {
+        *(("clip", k) for k in ("gradclip", "torch", "optax", "naive", "floor")),
+        *(("noclip", k) for k in ("gradclip", "torch", "optax", "naive", "read")),
+    }
+    for r in report["rows"]:
+        assert r["check_ok"], r
+    text = _bench.format_report({"command": "test", **report})
+    assert (
+        "backend jax, bfloat16, on the CPU" in text and "targets (gradclip rows, bfloat16):" in text
+    )
+    assert "MiB bfloat16" in text
+
+
+# --------------------------------------------------- dp on a GPU (issue 8)
+
+
+def test_dp_on_cupy(fake_cupy):
+    report = _bench.bench("cupy", ["dp"], **QUICK_GPU)
+    rows = {r["key"]: r for r in report["rows"]}
+    assert set(rows) == {"gradclip", "naive", "read"}
+    assert rows["gradclip"]["row"] == "gradclip per_example_clip (cupy)"
+    assert rows["naive"]["row"] == "naive CuPy: sums of squares, tensordot"
+    assert rows["read"]["row"] == "one read pass: sum of squares (cupy)"
+    info = report["trees"]["dp"]
+    assert info["batch"] == 256 and info["elements"] == 256 * info["example_elements"]
+    assert info["num_clipped"] == 128 and "floor_ms" not in info
+    for r in rows.values():
+        assert r["check_ok"], r
+    assert rows["gradclip"]["num_clipped"] == rows["naive"]["num_clipped"] == 128
+    assert report["targets"] == []
+
+
+def test_dp_data_on_a_gpu_is_views_of_one_buffer_put_once(fake_torch_cuda):
+    ctx, _, _ = _bench._plan("torch")
+    host = _bench._example_data("dp", FACTOR)
+    data = _bench._example_device_data(ctx, host)
+    assert data.device and data.measure is _bench._torch_norm
+    assert data.examples is host.examples  # the reference stays on the host
+    assert all(_shared(x, data.source) for x in data.leaves)
+    assert all(np.array_equal(x.numpy(), h) for x, h in zip(data.leaves, host.leaves, strict=True))
+    assert data.norm == host.norm
+
+
+def test_dp_on_torch_gpu(fake_torch_cuda):
+    report = _bench.bench("torch", ["dp"], **QUICK_GPU)
+    assert report["settings"]["device"] == "gpu"
+    rows = {r["key"]: r for r in report["rows"]}
+    assert set(rows) == {"gradclip", "naive", "einsum", "read"}
+    assert rows["read"]["row"] == "one read pass: vector_norm (torch)"
+    for r in rows.values():
+        assert r["check_ok"], r
+    assert {rows[k]["num_clipped"] for k in ("gradclip", "naive", "einsum")} == {128}
+    assert fake_torch_cuda
+
+
+def test_dp_on_jax_gpu(fake_jax_gpu):
+    importorskip("optax")
+    report = _bench.bench("jax", ["dp"], **QUICK_GPU)
+    assert report["settings"]["device"] == "gpu"
+    rows = {r["key"]: r for r in report["rows"]}
+    assert set(rows) == {"gradclip", "optax", "read"}
+    assert rows["read"]["row"] == "one read pass: sum of squares (jit)"
+    for r in rows.values():
+        assert r["check_ok"], r
+    assert rows["gradclip"]["num_clipped"] == rows["optax"]["num_clipped"] == 128
+    assert rows["read"]["norm_after"] == pytest.approx(rows["read"]["norm_before"], rel=1e-5)
