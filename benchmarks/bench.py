@@ -4,15 +4,22 @@
 ``gradclip._bench``, so it also runs from an installed wheel), with the same
 arguments:
 
-    python benchmarks/bench.py [--backend numpy|torch|jax|cupy]
+    python benchmarks/bench.py [--backend numpy|torch|jax|cupy] [--device cpu|gpu]
                                [--tree llm|huge|small|all|dp] [--json PATH]
-                               [--reps N] [--budget SECONDS] [--max-norm X]
-                               [--skip ROW[:TREE]]
+                               [--dtype float32|bfloat16] [--reps N]
+                               [--budget SECONDS] [--max-norm X] [--skip ROW[:TREE]]
 
 ``nox -s bench`` records ``benchmarks/results/bench-numpy-cpu.json`` and
 ``benchmarks/results/bench-jax-cpu.json``. ``--tree dp`` times per-example
 clipping (issue 8) and runs only when named; its results are
 ``benchmarks/results/bench-dp-{numpy,torch,jax}-cpu.json``.
+
+On a GPU machine ``--backend cupy`` always, and ``--backend torch`` and
+``--backend jax`` by default (``--device cpu`` keeps them on the CPU), time
+1B-element trees drawn on the device, in float32 or ``--dtype bfloat16``;
+their results go to ``benchmarks/results/bench-{cupy,torch,jax}-gpu*.json``
+and ``benchmarks/results/bench-dp-{cupy,torch,jax}-gpu.json``
+(``benchmarks/gpu_session.sh`` runs them in stages).
 """
 
 from __future__ import annotations
