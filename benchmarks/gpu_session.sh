@@ -19,7 +19,7 @@
 #   bash benchmarks/gpu_session.sh env tests-cupy      # ~5 min
 #   bash benchmarks/gpu_session.sh tests-jax bench-cupy
 #   bash benchmarks/gpu_session.sh bench-torch bench-dp
-#   bash benchmarks/gpu_session.sh bench-jax
+#   bash benchmarks/gpu_session.sh bench-jax bench-jax-small
 #
 # Every stage runs even if an earlier one failed; the script exits non-zero if
 # any did. Logs and JSON results go to $OUT (the device tool's folder, whose
@@ -27,6 +27,10 @@
 # Copy the JSONs into benchmarks/results/ and commit them with the GPU model
 # (each JSON records it).
 set -u -o pipefail
+if [ $# -eq 0 ]; then
+    sed -n '2,29p' "$0"
+    exit 2
+fi
 
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
@@ -102,8 +106,15 @@ stage_bench_torch() {  # issue 6's comparison on CUDA tensors
 }
 
 stage_bench_jax() {  # issue 4: against optax, llm at 1B parameters in float32 and bfloat16
-    bench bench-jax bench-jax-gpu --backend jax --tree all
+    # One tree per run: a run writes its JSON only at its end, so a slow
+    # compile of one tree must not take the others' results with it.
+    bench bench-jax bench-jax-gpu-llm --backend jax --tree llm
     bench bench-jax bench-jax-gpu-llm-bf16 --backend jax --tree llm --dtype bfloat16
+    bench bench-jax bench-jax-gpu-huge --backend jax --tree huge
+}
+
+stage_bench_jax_small() {  # the 2000-leaf tree: XLA compiles optax's clip of it for minutes on a CPU
+    bench bench-jax-small bench-jax-gpu-small --backend jax --tree small
 }
 
 stage_bench_dp() {  # issue 8: per-example clipping on each GPU backend
@@ -112,14 +123,10 @@ stage_bench_dp() {  # issue 8: per-example clipping on each GPU backend
     bench bench-dp bench-dp-torch-gpu --backend torch --tree dp
 }
 
-if [ $# -eq 0 ]; then
-    sed -n '2,28p' "$0"
-    exit 2
-fi
 for stage in "$@"; do
     fn="stage_${stage//-/_}"
     if ! declare -F "$fn" >/dev/null; then
-        echo "unknown stage $stage; stages: env tests-cupy tests-jax bench-cupy bench-torch bench-jax bench-dp" >&2
+        echo "unknown stage $stage; stages: env tests-cupy tests-jax bench-cupy bench-torch bench-jax bench-jax-small bench-dp" >&2
         exit 2
     fi
     "$fn"
