@@ -909,6 +909,18 @@ def test_gpu_copy_row_copies_and_leaves_the_norm(fake_cupy):
     assert result["check_ok"] and result["norm_after"] == pytest.approx(data.norm)
 
 
+def _gpu_tree(report: dict, name: str) -> tuple[dict, list[dict], dict, dict]:
+    """A GPU report's facts on one float32 tree (sizes checked), its rows, and them by case."""
+    sizes = optree.tree_leaves(_bench.tree_sizes(name, GPU_FACTOR, gpu=True))
+    info = report["trees"][name]
+    assert info["leaves"] == len(sizes) and info["elements"] == sum(sizes)
+    assert info["dtype"] == "float32" and info["bytes"] == 4 * sum(sizes)
+    rows = [r for r in report["rows"] if r["tree"] == name]
+    clip = {r["key"]: r for r in rows if r["case"] == "clip"}
+    noclip = {r["key"]: r for r in rows if r["case"] == "noclip"}
+    return info, rows, clip, noclip
+
+
 def test_gpu_report_rows_floor_and_targets(fake_cupy, tmp_path: Path, capsys):
     importorskip("torch")
     path = tmp_path / "bench-cupy.json"
@@ -923,13 +935,7 @@ def test_gpu_report_rows_floor_and_targets(fake_cupy, tmp_path: Path, capsys):
     assert any("optax" in note and "not a GPU anchor" in note for note in report["notes"])
     assert not any("FAILED" in note for note in report["notes"])
     for name in _bench.TREES:
-        sizes = optree.tree_leaves(_bench.tree_sizes(name, GPU_FACTOR, gpu=True))
-        info = report["trees"][name]
-        assert info["leaves"] == len(sizes) and info["elements"] == sum(sizes)
-        assert info["dtype"] == "float32" and info["bytes"] == 4 * sum(sizes)
-        rows = [r for r in report["rows"] if r["tree"] == name]
-        clip = {r["key"]: r for r in rows if r["case"] == "clip"}
-        noclip = {r["key"]: r for r in rows if r["case"] == "noclip"}
+        info, rows, clip, noclip = _gpu_tree(report, name)
         assert set(clip) == {"gradclip", "flattree", "torch", "naive", "flat", "copy", "floor"}
         assert set(noclip) == {"gradclip", "flattree", "torch", "naive", "read"}
         assert clip["torch"]["row"] == "torch clip_grad_norm_(foreach=True), same memory (DLPack)"
@@ -1123,13 +1129,7 @@ def test_torch_gpu_report(fake_torch_cuda, tmp_path: Path, capsys):
     assert "optax clip_by_global_norm: not a GPU anchor (issue 6), row left out" in report["notes"]
     assert not any("FAILED" in note for note in report["notes"])
     for name in _bench.TREES:
-        sizes = optree.tree_leaves(_bench.tree_sizes(name, GPU_FACTOR, gpu=True))
-        info = report["trees"][name]
-        assert info["leaves"] == len(sizes) and info["elements"] == sum(sizes)
-        assert info["dtype"] == "float32" and info["bytes"] == 4 * sum(sizes)
-        rows = [r for r in report["rows"] if r["tree"] == name]
-        clip = {r["key"]: r for r in rows if r["case"] == "clip"}
-        noclip = {r["key"]: r for r in rows if r["case"] == "noclip"}
+        info, rows, clip, noclip = _gpu_tree(report, name)
         both = {"gradclip", "dropin", "flattree", "torch", "naive"}
         assert set(clip) == both | {"flat", "copy", "floor"}
         assert set(noclip) == both | {"read"}
