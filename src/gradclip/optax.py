@@ -389,7 +389,7 @@ def clip_by_block_rms(threshold: float, *, nonfinite: str = "propagate") -> Any:
     Array([0.5, 2. ], dtype=float32)
     """
     gc.clip_by_block_rms([], threshold, nonfinite=nonfinite)  # validates
-    t = float(threshold) if isinstance(threshold, int | float) else threshold
+    t = threshold if isinstance(threshold, jax.Array) else float(threshold)
 
     def apply(updates: Any, policy: str) -> tuple[Any, ClipStats]:
         new = gc.clip_by_block_rms(updates, t, nonfinite=policy)
