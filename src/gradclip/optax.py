@@ -350,7 +350,7 @@ def clip_by_norm(
     return _transform(apply, nonfinite)
 
 
-def clip_by_block_rms(threshold: float, *, nonfinite: str = "propagate") -> Any:
+def clip_by_block_rms(threshold: Any, *, nonfinite: str = "propagate") -> Any:
     """``optax.clip_by_block_rms``: divide each leaf by ``max(1, rms / threshold)``.
 
     The clipping is :func:`gradclip.clip_by_block_rms` (an overflow-safe rms,
