@@ -628,7 +628,7 @@ for _f in (clip_by_global_norm, clip_by_global_norm_, clip_by_norm, clip_by_norm
 
 
 def clip_by_block_rms(
-    tree: Any, threshold: float, *, nonfinite: str = "propagate", fused: bool | None = None
+    tree: Any, threshold: Any, *, nonfinite: str = "propagate", fused: bool | None = None
 ) -> Any:
     """Optax's ``clip_by_block_rms``: divide each leaf by ``max(1, rms / threshold)``.
 
