@@ -1255,7 +1255,9 @@ def test_jax_gpu_rows_keep_their_data_on_the_device(fake_jax_gpu, monkeypatch):
     importorskip("optax")
     ctx, rows, notes = _bench._plan("jax")
     assert [r.key for r in rows] == ["gradclip", "optax", "flat", "copy", "read"]
-    assert any("not a JAX GPU anchor" in n for n in notes)
+    # The jax nox session has no torch: then that is the note instead.
+    why = "not a JAX GPU anchor" if _bench._installed("torch") else "torch not installed"
+    assert any(why in n for n in notes)
     data = _bench._gpu_data(ctx, "huge", GPU_FACTOR, np.float32)
     for row in rows:
         case = "noclip" if row.key == "read" else "clip"
