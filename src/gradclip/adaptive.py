@@ -136,14 +136,26 @@ def _clip(
     return (None if inplace else prep.flat.unflatten(leaves)), stats
 
 
-class _Clipper:
+class _Stateful:
+    """``state_dict`` and ``load_state_dict`` for a state held in ``_State`` (a NamedTuple)."""
+
+    _State: Any
+
+    def state_dict(self, state: Any) -> dict[str, np.ndarray]:
+        """The state as NumPy arrays (loadable on any backend)."""
+        return _state_dict(state)
+
+    def load_state_dict(self, d: dict[str, Any], like: Any) -> Any:
+        """A state from :meth:`state_dict`, in ``like``'s namespace and on its device."""
+        return _load(self._State, d, like, f"{type(self).__name__}.load_state_dict")
+
+
+class _Clipper(_Stateful):
     """What every clipper shares: ``update``, ``update_`` and the state dicts.
 
     A clipper defines ``_State`` (its NamedTuple) and ``_step(tree, state,
     params, inplace) -> (new tree or None, state, ClipStats)``.
     """
-
-    _State: Any
 
     def _step(
         self, tree: Any, state: Any, params: Any, inplace: bool
@@ -158,14 +170,6 @@ class _Clipper:
         """Clip ``tree`` in place (NumPy, CuPy, torch) and advance the state: ``(state, stats)``."""
         _, state, stats = self._step(tree, state, params, True)
         return state, stats
-
-    def state_dict(self, state: Any) -> dict[str, np.ndarray]:
-        """The state as NumPy arrays (loadable on any backend)."""
-        return _state_dict(state)
-
-    def load_state_dict(self, d: dict[str, Any], like: Any) -> Any:
-        """A state from :meth:`state_dict`, in ``like``'s namespace and on its device."""
-        return _load(self._State, d, like, f"{type(self).__name__}.load_state_dict")
 
 
 # ------------------------------------------------------------------------ ZClip
@@ -731,7 +735,7 @@ class QuantileBoundState(NamedTuple):
 
 
 @dataclass(frozen=True)
-class QuantileBound:
+class QuantileBound(_Stateful):
     """An adaptive DP-SGD clipping bound that tracks a quantile of the per-example norms.
 
     Andrew et al., *Differentially Private Learning with Adaptive Clipping*
@@ -787,6 +791,7 @@ class QuantileBound:
     geometric: bool = True
     min_bound: float = 0.0
     max_bound: float = math.inf
+    _State = QuantileBoundState
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.target_quantile <= 1.0:
@@ -852,11 +857,3 @@ class QuantileBound:
         return QuantileBoundState(
             xp.astype(bound, dtype), xp.astype(fraction, dtype), state.count + 1
         )
-
-    def state_dict(self, state: QuantileBoundState) -> dict[str, np.ndarray]:
-        """The state as NumPy arrays (loadable on any backend)."""
-        return _state_dict(state)
-
-    def load_state_dict(self, d: dict[str, Any], like: Any) -> QuantileBoundState:
-        """A state from :meth:`state_dict`, in ``like``'s namespace and on its device."""
-        return _load(QuantileBoundState, d, like, "QuantileBound.load_state_dict")  # type: ignore[no-any-return]
