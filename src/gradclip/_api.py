@@ -662,7 +662,7 @@ def clip_by_block_rms(
     >>> gc.clip_by_block_rms({"w": np.array([2.0, -2.0]), "b": np.array([0.5])}, 1.0)
     {'w': array([ 1., -1.]), 'b': array([0.5])}
     """
-    threshold = _check_bound(_scalar_bound(threshold, "threshold"), "threshold")
+    threshold = _scalar_limit(threshold, "threshold")
     _check_nonfinite(nonfinite)
     prep = _prepare(tree, "clip_by_block_rms")
     if prep.xp is None:
@@ -690,13 +690,16 @@ def _scalar_bound(value: Any, name: str) -> Any:
     return float(value)
 
 
+def _scalar_limit(value: Any, name: str) -> Any:
+    """A bound ``>= 0`` given as a number or a 0-d array (an array is not checked)."""
+    return _check_bound(_scalar_bound(value, name), name)
+
+
 def _value_bounds(clip_value: Any, lo: Any, hi: Any) -> tuple[Any, Any]:
     if clip_value is not None:
         if lo is not None or hi is not None:
             raise TypeError("give either clip_value or lo=/hi=, not both")
-        c = _scalar_bound(clip_value, "clip_value")
-        if isinstance(c, float) and c < 0:
-            raise ValueError(f"clip_value must be a number >= 0; got {clip_value!r}")
+        c = _scalar_limit(clip_value, "clip_value")
         return -c, c
     if lo is None and hi is None:
         raise TypeError("give clip_value, or at least one of lo= and hi=")
