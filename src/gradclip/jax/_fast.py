@@ -67,6 +67,11 @@ _MANTISSA = {jnp.dtype(jnp.float32): 24, jnp.dtype(jnp.float64): 53}
 Axes = tuple[str, ...] | None
 
 
+def _trusted_above(plan: Plan) -> float:
+    """The least plain sum of powers not suspected of losing entries to underflow."""
+    return float(2.0 ** (plan._acc_info.normal_exp2 + 42 + _MANTISSA[jnp.dtype(plan.acc)]))
+
+
 # ------------------------------------------------------------------ sharding
 
 
@@ -171,8 +176,7 @@ def _pnorm(leaves: Sequence[Any], p: float, zero: bool, axes: Axes, groups: Sequ
     plan = Plan(jnp, p, bufs, zero_nonfinite=zero)
     masks = {key: _primary(key) for key in set(keys) if key}
     acc = jnp.dtype(plan.acc)
-    info = plan._acc_info
-    tiny = 2.0 ** (info.normal_exp2 + 42 + _MANTISSA[acc])
+    tiny = _trusted_above(plan)
     size = sum(math.prod(x.shape) for x in leaves)
     if not bufs:
         return jnp.zeros((), plan.res), jnp.asarray(True)
@@ -471,7 +475,7 @@ def _example_parts(plan: Plan, axes: Sequence[int], batch: int, per_layer: bool)
     if not any(map(plan._needs_scaling, parts)):
         return [plan.example_part(i, axes[i], batch) for i in parts]
     acc = jnp.dtype(plan.acc)
-    tiny = 2.0 ** (plan._acc_info.normal_exp2 + 42 + _MANTISSA[acc])
+    tiny = _trusted_above(plan)
     sums = _row_sums(plan, axes, square=True)
     zeros = jnp.zeros((batch,), acc)
 
