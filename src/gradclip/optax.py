@@ -623,9 +623,6 @@ def per_example_clip(
     return optax.GradientTransformation(init, update)
 
 
-# ----------------------------------------------------------------------- finding
-
-
 # ------------------------------------------------------------ adaptive clipping
 
 
@@ -711,6 +708,9 @@ def adagc(**hyperparameters: Any) -> Any:
     from .adaptive import AdaGC
 
     return adaptive(AdaGC(**hyperparameters))
+
+
+# ----------------------------------------------------------------------- finding
 
 
 def find_all_states(opt_state: Any) -> dict[str, ClipState]:
