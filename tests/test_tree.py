@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import operator
 
 import numpy as np
 import pytest
@@ -74,3 +75,21 @@ def test_jax_tree_with_none_and_tuple():
     tree = (jnp.ones(2), None, {"x": jnp.ones(2)})
     out, _ = gc.clip_by_global_norm(tree, 100.0)
     assert type(out) is tuple and out[1] is None and set(out[2]) == {"x"}
+
+
+@pytest.mark.parametrize("kind", [list, tuple])
+def test_a_sequence_of_arrays_flattens_as_optree_does(kind, xp):
+    """Lists and tuples of arrays skip optree's walk; the result must not show it."""
+    optree = importorskip("optree")
+    seq = kind(xp.array(np.ones(n), "float32") for n in (1, 2, 3))
+    flat = flatten(seq)
+    leaves, spec = optree.tree_flatten(seq)
+    assert all(map(operator.is_, flat.leaves, leaves)) and len(leaves) == 3
+    assert list(flat.paths) == [a.codify("") for a in spec.accessors()]
+    rebuilt = flat.unflatten(["a", "b", "c"])
+    assert rebuilt == optree.tree_unflatten(spec, ["a", "b", "c"])
+    assert type(rebuilt) is kind
+    # Not only arrays (None, nested lists, numbers): optree walks them.
+    one = xp.array(np.ones(2), "float32")
+    mixed = kind([one, None, [one], 3.0])
+    assert len(flatten(mixed).leaves) == 3

@@ -10,11 +10,13 @@ skipped and comes back as ``None``.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Iterator, MappingView, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import optree
 
 __all__ = ["Flat", "Paths", "flatten"]
@@ -66,6 +68,31 @@ def _materialise(tree: Any) -> Any:
     return tree
 
 
+@functools.cache
+def _plain_array(kind: type) -> bool:
+    """Whether ``kind`` is NumPy's, CuPy's or torch's array type (a leaf to optree and JAX)."""
+    if kind is np.ndarray:
+        return True
+    return (kind.__module__, kind.__name__) in {("cupy", "ndarray"), ("torch", "Tensor")}
+
+
+def _array_sequence(tree: Any) -> Flat | None:
+    """A list or tuple of arrays is its own leaves: no walk.
+
+    optree spends about 0.2 us a leaf finding that out, 0.4 ms on a list of
+    2000 arrays: more than gathering them for the norm.
+    """
+    kind = type(tree)
+    if not (kind is list or kind is tuple) or not tree:
+        return None
+    if not all(map(_plain_array, set(map(type, tree)))):
+        return None
+    leaves = list(tree)
+    return Flat(
+        leaves=leaves, paths=Paths(lambda: [f"[{i}]" for i in range(len(leaves))]), unflatten=kind
+    )
+
+
 def _jax_flatten(tree: Any) -> Flat | None:
     jax = sys.modules.get("jax")
     if jax is None:
@@ -110,6 +137,9 @@ def flatten(tree: Any) -> Flat:
     {'encoder': [1, None, 2]}
     """
     tree = _materialise(tree)
+    flat = _array_sequence(tree)
+    if flat is not None:
+        return flat
     if "jax" in sys.modules:
         flat = _jax_flatten(tree)
         if flat is not None:
