@@ -91,6 +91,27 @@ def test_block_rms_matches_generic():
         np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
+@pytest.mark.parametrize("odd", ["strided", "fortran", "float16", "big-endian", None])
+def test_small_leaves_of_any_layout_are_gathered_right(odd):
+    """Small leaves go through bytes.join when they can, np.concatenate when they cannot."""
+    rng = np.random.default_rng(3)
+    leaves = [rng.standard_normal(int(n)).astype(np.float32) for n in rng.integers(1, 3000, 400)]
+    assert sum(x.size for x in leaves) > 2 * _numpy._GROUP  # several groups
+    block = rng.standard_normal((40, 30)).astype(np.float32) * 100
+    if odd is not None:
+        leaves[150] = {
+            "strided": block[:, ::2],
+            "fortran": np.asfortranarray(block),
+            "float16": block.astype(np.float16),
+            "big-endian": block.astype(">f4"),
+        }[odd]
+    want = math.sqrt(sum(float(np.sum(x.astype(np.float64) ** 2)) for x in leaves))
+    assert float(gc.global_norm(leaves, fused=True)) == pytest.approx(want, rel=1e-6)
+    assert float(gc.global_norm(leaves[140:160], fused=True)) == pytest.approx(
+        math.sqrt(sum(float(np.sum(x.astype(np.float64) ** 2)) for x in leaves[140:160])), rel=1e-6
+    )
+
+
 @pytest.mark.parametrize("value", [1e30, 1e-30, 3e-39])
 @pytest.mark.parametrize("size", [5, 3 * 2**17 + 1])
 def test_float32_dot_overflow_and_underflow_fall_back(value, size):

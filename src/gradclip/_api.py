@@ -127,8 +127,9 @@ def _check(flat: Flat, fn: str, *, inplace: bool = False) -> _Prepared:
 
 
 _dtype = operator.attrgetter("dtype")
-_writeable = operator.attrgetter("flags.writeable")
 _contiguous = operator.attrgetter("flags.c_contiguous")
+_flag_bits = operator.attrgetter("flags.num")
+_WRITABLE_C = 0x0001 | 0x0400  # NumPy's NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_WRITEABLE
 
 
 _device_id = operator.attrgetter("data.device_id")
@@ -173,9 +174,10 @@ def _plain(leaves: list[Any], inplace: bool) -> str | None:
             return None
         return backend
     if inplace:
-        if backend == "numpy" and not all(map(_writeable, leaves)):
-            return None
-        if not all(map(_contiguous, leaves)):
+        if backend == "numpy":  # both flags from one flags object, which costs 0.1 us a leaf
+            if any(bits & _WRITABLE_C != _WRITABLE_C for bits in set(map(_flag_bits, leaves))):
+                return None
+        elif not all(map(_contiguous, leaves)):
             return None
     return backend
 

@@ -95,7 +95,6 @@ class Plan:
     acc: Any = field(init=False)
     res: Any = field(init=False)
     _acc_info: Any = field(init=False)
-    _infos: list[Any] = field(init=False)
     _dtype_infos: dict[Any, Any] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -103,17 +102,18 @@ class Plan:
         self.device = _compat.device_of(self.leaves[0]) if self.leaves else None
         self.chunk = _compat.chunk_elems(xp)
         # A handful of dtypes over up to thousands of leaves: look each up once.
-        dtypes = list(map(_dtype, self.leaves))
-        by_dtype = {d: _compat.dtype_info(xp, d) for d in set(dtypes)}
-        infos = list(map(by_dtype.__getitem__, dtypes))
+        by_dtype = {d: _compat.dtype_info(xp, d) for d in set(map(_dtype, self.leaves))}
         wide = any(info is not None and info.float64 for info in by_dtype.values())
         self.res = xp.float64 if wide else xp.float32
         self.acc = xp.float64 if wide or _compat.has_float64(xp, self.device) else xp.float32
         self._acc_info = _compat.dtype_info(xp, self.acc)
-        self._infos = infos
         self._dtype_infos = by_dtype
 
     # -- small helpers ---------------------------------------------------------
+    def info(self, index: int) -> Any:
+        """The dtype facts (:func:`gradclip._compat.dtype_info`) of leaf ``index``."""
+        return self._dtype_infos[self.leaves[index].dtype]
+
     @property
     def kind(self) -> str:
         """``"p"``, ``"inf"``, ``"-inf"`` or ``"zero"``."""
@@ -133,7 +133,7 @@ class Plan:
         return bool(self.acc == self.xp.float64)
 
     def _needs_scaling(self, index: int) -> bool:
-        info, acc = self._infos[index], self._acc_info
+        info, acc = self.info(index), self._acc_info
         if self.kind != "p" or info is None:
             return False
         p = self.p
@@ -172,7 +172,7 @@ class Plan:
     def real_dtype(self, index: int) -> Any:
         """The dtype a scale factor takes to multiply leaf ``index`` in its own dtype."""
         xp, x = self.xp, self.leaves[index]
-        info = self._infos[index]
+        info = self.info(index)
         if info is not None and info.complex:
             return xp.float64 if info.float64 else xp.float32
         return x.dtype
@@ -224,7 +224,7 @@ class Plan:
 
     def leaf(self, index: int) -> Partial:
         """Reduce one leaf, block by block."""
-        x, info = self.leaves[index], self._infos[index]
+        x, info = self.leaves[index], self.info(index)
         scaled = self._needs_scaling(index)
         cplx = info is not None and info.complex
         parts = [
@@ -243,7 +243,7 @@ class Plan:
         example, if that is larger) instead of the size of the leaf.
         """
         xp = self.xp
-        x, info = self.leaves[index], self._infos[index]
+        x, info = self.leaves[index], self.info(index)
         row = math.prod(x.shape) // batch if batch else 0
         if row == 0:
             return Partial(xp.zeros((batch,), dtype=self.acc, device=self.device), None, None)
@@ -365,7 +365,7 @@ class Plan:
         xp = self.xp
         factor = xp.astype(scale, self.real_dtype(index))
         out = block * factor
-        info = self._infos[index]
+        info = self.info(index)
         if info is not None and info.complex:
             # The libraries multiply by the complex factor + 0j, which turns
             # inf into inf + nanj: a scale of 1 (nonfinite="skip") must leave
