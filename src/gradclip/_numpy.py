@@ -274,7 +274,9 @@ class NumpyPlan(Plan):
         # in memory traffic: they are gathered for the norm and scaled on the
         # calling thread.
         self._sizes = sizes = list(map(_size, self.leaves))
-        if len(sizes) < 256:
+        if sizes and max(sizes) < _SMALL:  # all small: no index lists to compute
+            self._small, self._large = list(range(len(sizes))), []
+        elif len(sizes) < 256:
             self._small = [i for i, n in enumerate(sizes) if n < _SMALL]
             self._large = [i for i, n in enumerate(sizes) if n >= _SMALL]
         else:  # thousands of leaves: index lists made by NumPy, not a loop
@@ -328,8 +330,11 @@ class NumpyPlan(Plan):
         """Sums of squares of small leaves, one gather and one dot per ``_GROUP`` elements."""
         one_dtype = len(self._dtype_infos) == 1
         for work, members in small.items():
-            arrays = list(map(self.leaves.__getitem__, members))
-            sizes = list(map(self._sizes.__getitem__, members))
+            if len(members) == len(self.leaves):  # all of them, in order
+                arrays, sizes = self.leaves, self._sizes
+            else:
+                arrays = list(map(self.leaves.__getitem__, members))
+                sizes = list(map(self._sizes.__getitem__, members))
             dtypes = self._dtype_infos.keys() if one_dtype else set(map(_dtype, arrays))
             direct = set(dtypes) == {work}
             if sum(sizes) <= _GROUP:  # one group: no cut points
@@ -444,7 +449,10 @@ def _multiply_each(
     inplace: bool,
 ) -> None:
     if inplace:  # x *= f through map: no bytecode per leaf, and cheaper than out=
-        xs, fs = map(leaves.__getitem__, indices), map(factors.__getitem__, indices)
+        xs: Iterable[np.ndarray] = leaves
+        fs: Iterable[np.ndarray] = factors
+        if len(indices) < len(leaves):
+            xs, fs = map(leaves.__getitem__, indices), map(factors.__getitem__, indices)
         deque(map(operator.imul, xs, fs), maxlen=0)
     else:
         for i in indices:
