@@ -335,8 +335,7 @@ class NumpyPlan(Plan):
             else:
                 arrays = list(map(self.leaves.__getitem__, members))
                 sizes = list(map(self._sizes.__getitem__, members))
-            dtypes = self._dtype_infos.keys() if one_dtype else set(map(_dtype, arrays))
-            direct = set(dtypes) == {work}
+            direct = set(self._dtype_infos if one_dtype else map(_dtype, arrays)) == {work}
             if sum(sizes) <= _GROUP:  # one group: no cut points
                 out.append((work, _sumsq_gathered(arrays, work, direct), members))
                 continue

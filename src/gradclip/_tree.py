@@ -1,7 +1,9 @@
 """Pytree flattening with leaf paths.
 
 optree does the walking for ordinary containers (list, tuple, dict,
-namedtuple, OrderedDict, defaultdict, None). When JAX is already imported and
+namedtuple, OrderedDict, defaultdict, None); a list or tuple holding only
+NumPy, CuPy or torch arrays (the common ``[p.grad for p in params]``) is
+taken as it is, without a walk. When JAX is already imported and
 the tree holds JAX arrays or nodes that only JAX knows about (flax
 ``FrozenDict``, equinox modules), ``jax.tree_util`` does it instead, so those
 registrations are honoured. ``None`` is an empty node in both libraries: it is
