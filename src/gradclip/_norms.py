@@ -114,6 +114,11 @@ class Plan:
         """The dtype facts (:func:`gradclip._compat.dtype_info`) of leaf ``index``."""
         return self._dtype_infos[self.leaves[index].dtype]
 
+    def is_complex(self, index: int) -> bool:
+        """Whether leaf ``index`` is complex (its magnitude is ``|z|``)."""
+        info = self.info(index)
+        return bool(info is not None and info.complex)
+
     @property
     def kind(self) -> str:
         """``"p"``, ``"inf"``, ``"-inf"`` or ``"zero"``."""
@@ -224,9 +229,9 @@ class Plan:
 
     def leaf(self, index: int) -> Partial:
         """Reduce one leaf, block by block."""
-        x, info = self.leaves[index], self.info(index)
+        x = self.leaves[index]
         scaled = self._needs_scaling(index)
-        cplx = info is not None and info.complex
+        cplx = self.is_complex(index)
         parts = [
             self._block(self._magnitude(b.flat, cplx), scaled)
             for b in _compat.blocks(self.xp, x, self.chunk)
@@ -243,12 +248,12 @@ class Plan:
         example, if that is larger) instead of the size of the leaf.
         """
         xp = self.xp
-        x, info = self.leaves[index], self.info(index)
+        x = self.leaves[index]
         row = math.prod(x.shape) // batch if batch else 0
         if row == 0:
             return Partial(xp.zeros((batch,), dtype=self.acc, device=self.device), None, None)
         scaled = self._needs_scaling(index)
-        cplx = info is not None and info.complex
+        cplx = self.is_complex(index)
         others = tuple(i for i in range(len(x.shape)) if i != axis)
         step = batch if self.chunk is None else max(1, self.chunk // row)
         values, exps = [], []
@@ -263,10 +268,11 @@ class Plan:
                 a = a * xp.pow(self.const(2.0), -exp)
                 exps.append(xp.reshape(exp, (-1,)))
             values.append(xp.sum(a * a, axis=others) if others else a * a)
-        join = values[0] if len(values) == 1 else xp.concat(values)
-        return Partial(
-            join, (exps[0] if len(exps) == 1 else xp.concat(exps)) if scaled else None, None
-        )
+
+        def join(pieces: list[Any]) -> Any:
+            return pieces[0] if len(pieces) == 1 else xp.concat(pieces)
+
+        return Partial(join(values), join(exps) if scaled else None, None)
 
     def identity(self) -> Partial:
         """The reduction of no elements."""
@@ -365,8 +371,7 @@ class Plan:
         xp = self.xp
         factor = xp.astype(scale, self.real_dtype(index))
         out = block * factor
-        info = self.info(index)
-        if info is not None and info.complex:
+        if self.is_complex(index):
             # The libraries multiply by the complex factor + 0j, which turns
             # inf into inf + nanj: a scale of 1 (nonfinite="skip") must leave
             # the leaf as it is.

@@ -182,7 +182,7 @@ def _pnorm(leaves: Sequence[Any], p: float, zero: bool, axes: Axes, groups: Sequ
         return jnp.zeros((), plan.res), jnp.asarray(True)
 
     def powsum(i: int, b: Any) -> Any:
-        a = plan._magnitude(b, plan.info(i) is not None and plan.info(i).complex)
+        a = plan._magnitude(b, plan.is_complex(i))
         if zero:
             a = jnp.where(jnp.isfinite(a), a, jnp.zeros_like(a))
         return jnp.sum(a * a if p == 2 else a if p == 1 else a**p)
@@ -453,8 +453,7 @@ def _row_sums(plan: Plan, axes: Sequence[int], square: bool) -> list[Any]:
     """Each leaf's per-example ``sum(|g|**2)`` (or ``sum(|g|)``) in the accumulator, one pass."""
     out = []
     for i, x in enumerate(plan.leaves):
-        info = plan.info(i)
-        a = plan._magnitude(x, info is not None and info.complex)
+        a = plan._magnitude(x, plan.is_complex(i))
         others = tuple(d for d in range(x.ndim) if d != axes[i])
         out.append(jnp.sum(a * a if square else a, axis=others))
     return out
