@@ -138,9 +138,11 @@ def test_jax_rows_donate_fresh_arrays_and_clip():
     rng = np.random.default_rng(3)
     data = _data({"w": rng.standard_normal((8, 4), dtype=np.float32), "b": np.ones(4, np.float32)})
     keys = {r.key for r in rows}
-    assert {"gradclip", "optax"} <= keys and "flattree" not in keys
-    for row in (r for r in rows if r.key in ("gradclip", "optax")):
+    assert {"gradclip", "optax", "perleaf"} <= keys and "flattree" not in keys
+    for row in (r for r in rows if r.key in ("gradclip", "optax", "perleaf")):
         for case, max_norm in (("clip", 1.0), ("noclip", _bench.NO_CLIP)):
+            if case not in row.cases:
+                continue  # perleaf: the clip case only
             result = _bench._run_row(ctx, data, row, case, max_norm, reps=3, budget=0.0)
             assert result["check_ok"], result
             assert result["reps"] == 3
@@ -154,8 +156,8 @@ def test_jax_compile_is_measured_on_its_own_and_reused_by_the_calls():
     rng = np.random.default_rng(4)
     data = _data([rng.standard_normal(n, dtype=np.float32) for n in (5, 7, 9)])
     jax_rows = [r for r in rows if r.jax]
-    assert {r.key for r in jax_rows} == {"gradclip", "optax"}
-    assert not any(r.jax for r in rows if r.key not in ("gradclip", "optax"))
+    assert {r.key for r in jax_rows} == {"gradclip", "optax", "perleaf"}
+    assert not any(r.jax for r in rows if r.key not in ("gradclip", "optax", "perleaf"))
     for row in jax_rows:
         clip = _bench._run_row(ctx, data, row, "clip", 1.0, reps=2, budget=0.0, compile=True)
         assert clip["check_ok"], clip
@@ -350,8 +352,8 @@ def test_jax_report_has_compile_times_floor_rows_and_targets():
     clip = {r["key"]: r for r in report["rows"] if r["case"] == "clip"}
     noclip = {r["key"]: r for r in report["rows"] if r["case"] == "noclip"}
     # the same torch floor and read pass as the numpy backend's
-    assert set(clip) == {"gradclip", "torch", "optax", "floor"}
-    assert set(noclip) == {"gradclip", "torch", "optax", "read"}
+    assert set(clip) == {"gradclip", "torch", "optax", "perleaf", "floor"}
+    assert set(noclip) == {"gradclip", "torch", "optax", "read"}  # perleaf always writes
     assert "(torch)" in clip["floor"]["row"] and "(torch)" in noclip["read"]["row"]
     for r in report["rows"]:
         assert r["check_ok"], r
@@ -359,6 +361,7 @@ def test_jax_report_has_compile_times_floor_rows_and_targets():
         assert clip[key]["compile_s"] > 0 and clip[key]["xla_compiles"] >= 1, clip[key]
         assert clip[key]["warmup_compiles"] == noclip[key]["warmup_compiles"] == 0
         assert noclip[key]["compile_s"] is None
+    assert clip["perleaf"]["compile_s"] > 0 and clip["perleaf"]["warmup_compiles"] == 0
     assert clip["torch"]["compile_s"] is None and clip["torch"]["warmup_compiles"] is None
 
     targets = {t["target"]: t for t in report["targets"]}
@@ -380,7 +383,7 @@ def test_jax_report_has_compile_times_floor_rows_and_targets():
     assert "compiled again" not in text and "cache hit" not in text
 
     # Another run in the same process compiles again: caches are cleared per tree.
-    again = _bench.bench("jax", ["llm"], skip=["optax", "torch", "naive"], **quick)
+    again = _bench.bench("jax", ["llm"], skip=["optax", "torch", "naive", "perleaf"], **quick)
     assert {r["key"] for r in again["rows"]} == {"gradclip", "floor", "read"}
     gradclip = next(r for r in again["rows"] if r["key"] == "gradclip" and r["case"] == "clip")
     assert gradclip["xla_compiles"] >= 1 and gradclip["compile_s"] > 0
@@ -388,7 +391,7 @@ def test_jax_report_has_compile_times_floor_rows_and_targets():
         "optax clip_by_global_norm (jit, donated): skipped on every tree (--skip)"
         in (again["notes"])
     )
-    assert again["settings"]["skip"] == ["optax", "torch", "naive"]
+    assert again["settings"]["skip"] == ["optax", "torch", "naive", "perleaf"]
 
 
 def test_skip_leaves_anchors_out_on_the_trees_named(hide):
@@ -1254,7 +1257,7 @@ def test_jax_gpu_rows_keep_their_data_on_the_device(fake_jax_gpu, monkeypatch):
     jax = fake_jax_gpu
     importorskip("optax")
     ctx, rows, notes = _bench._plan("jax")
-    assert [r.key for r in rows] == ["gradclip", "optax", "flat", "copy", "read"]
+    assert [r.key for r in rows] == ["gradclip", "optax", "perleaf", "flat", "copy", "read"]
     # The jax nox session has no torch: then that is the note instead.
     why = "not a JAX GPU anchor" if _bench._installed("torch") else "torch not installed"
     assert any(why in n for n in notes)
@@ -1302,7 +1305,7 @@ def test_jax_gpu_report(fake_jax_gpu, capsys):
         noclip = {
             r["key"]: r for r in report["rows"] if r["tree"] == name and r["case"] == "noclip"
         }
-        assert set(clip) == {"gradclip", "optax", "flat", "copy", "floor"}
+        assert set(clip) == {"gradclip", "optax", "perleaf", "flat", "copy", "floor"}
         assert set(noclip) == {"gradclip", "optax", "read"}
         for r in [*clip.values(), *noclip.values()]:
             assert r["check_ok"], r
@@ -1334,6 +1337,7 @@ def test_jax_gpu_bfloat16(fake_jax_gpu):
     assert {r["key"] for r in report["rows"]} == {
         "gradclip",
         "optax",
+        "perleaf",
         "flat",
         "copy",
         "floor",
@@ -1357,7 +1361,7 @@ def test_jax_bfloat16_on_the_cpu():
     assert info["norm"] == want
     keys = {(r["case"], r["key"]) for r in report["rows"]}
     assert keys == {
-        *(("clip", k) for k in ("gradclip", "torch", "optax", "naive", "floor")),
+        *(("clip", k) for k in ("gradclip", "torch", "optax", "perleaf", "naive", "floor")),
         *(("noclip", k) for k in ("gradclip", "torch", "optax", "naive", "read")),
     }
     for r in report["rows"]:

@@ -15,7 +15,10 @@ rows are compiled once per tree, from scratch (JAX's in-memory caches are
 cleared before each tree), and that compile is timed on its own and reported
 as ``compile_s``: XLA takes minutes on a CPU for optax's clip of the
 2000-leaf tree (``--skip optax:small`` leaves that anchor out; jaxlib 0.10's
-persistent cache crashes loading that program).
+persistent cache crashes loading that program). ``--backend jax`` also times
+the least any jitted clip of the tree costs, whatever its norm: every leaf
+multiplied by the scale, known in advance (``perleaf``), since XLA runs and
+compiles one kernel per leaf it writes.
 
 GPUs (``--device gpu``; the default wherever the backend sees one): ``--backend
 cupy`` always runs on a CUDA GPU (issue 5), ``--backend torch`` where
@@ -161,7 +164,7 @@ _JAX_GPU_PLATFORMS = ("gpu", "cuda", "rocm")  # what jax.default_backend() says 
 # it once, so the floor takes FLOOR_PASSES / COPY_PASSES of the copy's time.
 FLOOR_PASSES = 3
 COPY_PASSES = 2
-SKIPPABLE = ("torch", "optax", "naive")  # anchors --skip may leave out
+SKIPPABLE = ("torch", "optax", "naive", "perleaf")  # anchors --skip may leave out
 # What jax.monitoring reports once per XLA compilation (jax._src.dispatch's
 # BACKEND_COMPILE_EVENT); a persistent-cache hit does not report it.
 _XLA_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -888,6 +891,18 @@ def _optax_jax(grads: Tree, max_norm: Any) -> Any:
     return tx.update(grads, tx.init(grads))[0]
 
 
+def _per_leaf_jax(grads: Tree, scale: Any) -> Any:
+    """Every leaf times a scale known in advance: the least any jitted clip of a tree costs.
+
+    Whatever its norm, a jitted clip that returns a new tree runs one XLA
+    kernel per leaf to write it. On a CPU each kernel costs microseconds to
+    launch, and each distinct leaf shape milliseconds to compile (identical
+    kernels are compiled once), so on the ``small`` tree this row, not the
+    bandwidth floor, bounds what gradclip and optax can reach.
+    """
+    return _load("jax").tree.map(lambda g: g * scale, grads)
+
+
 def _floor_jax(buf: Any, max_norm: Any) -> Any:
     """JAX's floor on a GPU: a sum of squares, then a multiply, over one flat buffer.
 
@@ -1105,6 +1120,12 @@ def _optax_row(ctx: _Context, data: _Data, max_norm: float) -> _Timed:
     return _jax_row(ctx, data, _optax_jax, max_norm)
 
 
+def _per_leaf_row(ctx: _Context, data: _Data, max_norm: float) -> _Timed:
+    # The scale a clip would find, taken from the tree's reference norm on
+    # the host: the row writes what a clip writes, with no norm to compute.
+    return _jax_row(ctx, data, _per_leaf_jax, min(1.0, max_norm / (data.norm + EPS)))
+
+
 def _naive_row(ctx: _Context, data: _Data, max_norm: float) -> _Timed:
     if ctx.gpu:
         assert ctx.arrays is not None
@@ -1289,7 +1310,8 @@ def _floor_from_copy(copy: dict[str, Any], nbytes: int) -> tuple[dict[str, Any],
 
 @dataclass(frozen=True)
 class _Row:
-    # stable id: gradclip, dropin, flattree, torch, optax, naive, floor, read; GPU: flat, copy
+    # stable id: gradclip, dropin, flattree, torch, optax, perleaf, naive, floor, read;
+    # GPU: flat, copy
     key: str
     label: str
     make: Callable[[_Context, _Data, float], _Timed]
@@ -1396,6 +1418,9 @@ def _plan(backend: str, device: str | None = None) -> tuple[_Context, list[_Row]
     else:
         label = "optax clip_by_global_norm (jit, donated)"
         rows.append(_Row("optax", label, _optax_row, jax=True))
+    if backend == "jax":
+        label = "XLA per-leaf floor: x * scale (jit, donated)"
+        rows.append(_Row("perleaf", label, _per_leaf_row, ("clip",), jax=True))
     if gpu:
         if backend == "jax":
             notes.append("naive NumPy loop: runs on the host, not a GPU anchor, row left out")
