@@ -94,3 +94,42 @@ def test_rows_are_used_for_large_float32_leaves(monkeypatch):
     monkeypatch.setattr(_fast, "_rows_sumsq", lambda x: seen.append(x.numel()) or real(x))
     gc.global_norm([torch.ones(N), torch.ones(10), torch.ones(N, dtype=torch.float64)])
     assert seen == [N]  # not the small leaf, not float64
+
+
+def test_large_non_contiguous_float32_leaves_are_reduced_and_clipped():
+    # torch's row norms need a flat view; these leaves have none and go to
+    # the NumPy views (a channels_last conv weight's gradient is one).
+    rng = np.random.default_rng(1)
+    base = torch.from_numpy(rng.standard_normal((256, 192), dtype=np.float32))
+    conv = torch.from_numpy(rng.standard_normal((64, 64, 3, 3), dtype=np.float32))
+    tree = [
+        base.t(),  # transposed
+        base[:, ::2],  # strided
+        conv.contiguous(memory_format=torch.channels_last),
+    ]
+    assert not any(t.is_contiguous() for t in tree) and min(t.numel() for t in tree) >= _fast._ROW
+    want = ref_norm([t.numpy() for t in tree], 2.0)
+    assert float(gc.global_norm(tree)) == pytest.approx(want, rel=1e-6)
+    assert float(gc.global_norm(tree, fused=False)) == pytest.approx(want, rel=1e-6)
+    grads = [base.clone().t(), conv.clone().contiguous(memory_format=torch.channels_last)]
+    total = ref_norm([t.numpy() for t in grads], 2.0)
+    gc.clip_by_global_norm_(grads, 1.0, eps=0.0)
+    assert ref_norm([t.numpy() for t in grads], 2.0) == pytest.approx(1.0, rel=1e-6)
+    assert np.allclose(grads[0].numpy(), base.t().numpy() / total, rtol=1e-6)
+
+
+def test_drop_in_on_a_channels_last_model():
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(64, 64, 3).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 64, 8, 8).to(memory_format=torch.channels_last)
+    model(x).square().sum().backward()
+    assert not model.weight.grad.is_contiguous()
+    ours = [p.grad.clone() for p in model.parameters()]
+    want = torch.nn.utils.get_total_norm(ours)
+    from gradclip.torch import clip_grad_norm_
+
+    got = clip_grad_norm_(model.parameters(), 1.0)
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    coef = torch.clamp(1.0 / (want + 1e-6), max=1.0)  # torch's clip_grads_with_norm_
+    for p, g in zip(model.parameters(), ours, strict=True):
+        torch.testing.assert_close(p.grad, g * coef, rtol=1e-6, atol=0)

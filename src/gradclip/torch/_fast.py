@@ -317,7 +317,13 @@ class TorchPlan(Plan):
         torch = _torch()
         big = []
         if self.kind == "p" and self.p == 2 and not self.zero_nonfinite:
-            big = [i for i in host._large if self.leaves[i].dtype == torch.float32]
+            # Rows need a flat view: strided and channels_last leaves have
+            # none and are reduced through their NumPy views.
+            big = [
+                i
+                for i in host._large
+                if self.leaves[i].dtype == torch.float32 and self.leaves[i].is_contiguous()
+            ]
         if not big:
             return self._from_host(host.global_parts)
         sums, redo = [], []
