@@ -30,6 +30,17 @@ def test_max_norm_wrong_type(xp, bad):
         gc.clip_by_global_norm(_tree(xp), bad)
 
 
+@pytest.mark.parametrize("fn", [gc.clip_by_global_norm, gc.clip_by_norm, *INPLACE])
+def test_max_norm_array_that_is_not_0d(xp, fn):
+    # A (1,) or (2,) array would broadcast into the leaves, or flip their sign
+    # unchecked (only 0-d arrays skip the >= 0 check, to spare a sync).
+    tree = _tree(xp)
+    for bad in (np.array([-1.0], "float32"), np.array([1.0, 1.0], "float32")):
+        with pytest.raises(ValueError, match=r"max_norm must be a number or a 0-d array"):
+            fn(tree, xp.array(bad))
+    assert all(np.array_equal(xp.numpy(x), np.full(3, 2.0)) for x in tree["encoder"])
+
+
 @pytest.mark.parametrize("bad", [-1e-6, math.nan, math.inf])
 def test_bad_eps(xp, bad):
     with pytest.raises(ValueError, match="eps"):

@@ -225,7 +225,7 @@ def _check_nonfinite(nonfinite: str, allowed: tuple[str, ...] = NONFINITE) -> st
 
 
 def _check_bound(value: Any, name: str, *, allow_array: bool = True) -> Any:
-    """A non-negative, non-NaN number; device arrays pass unchecked (checking would sync)."""
+    """A non-negative, non-NaN number; 0-d device arrays pass unchecked (checking would sync)."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a number; got {value!r}")
     if isinstance(value, int | float | np.floating | np.integer) or (
@@ -236,6 +236,11 @@ def _check_bound(value: Any, name: str, *, allow_array: bool = True) -> Any:
             raise ValueError(f"{name} must be a number >= 0; got {value!r}")
         return v
     if allow_array and _compat.is_array(value):
+        if len(value.shape) != 0:  # shapes are known without a sync
+            raise ValueError(
+                f"{name} must be a number or a 0-d array; got an array of shape "
+                f"{tuple(value.shape)}"
+            )
         return value
     raise TypeError(f"{name} must be a number >= 0; got {type(value).__name__}")
 
