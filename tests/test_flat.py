@@ -136,6 +136,29 @@ def test_functions_equal_the_plain_tree(xp, mixed, name, kwargs):
 
 
 @flat_backends
+@pytest.mark.parametrize("reduce", ["sum", "mean", None])
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_per_example_clip_equals_the_plain_tree(xp, reduce, per_layer):
+    """A sum or mean has no batch axis: it comes back as the plain tree, not a FlatTree."""
+    rng = np.random.default_rng(2)
+    tree = {
+        "w": xp.array(rng.standard_normal((3, 4, 2)) * 3, "float32"),
+        "b": [xp.array(rng.standard_normal((3, 5)), "float32"), None],
+    }
+    flat = gc.FlatTree.from_tree(tree)
+    kw = {"reduce": reduce, "per_layer": per_layer, "eps": 0.0}
+    want, want_stats = gc.per_example_clip(tree, 1.0, **kw)
+    got, stats = gc.per_example_clip(flat, 1.0, **kw)
+    assert isinstance(got, gc.FlatTree) is (reduce is None)
+    got = got.tree if reduce is None else got
+    assert got["b"][1] is None
+    for a, b in ((got["w"], want["w"]), (got["b"][0], want["b"][0])):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(xp.numpy(a), xp.numpy(b), rtol=1e-6)
+    np.testing.assert_allclose(xp.numpy(stats.norm), xp.numpy(want_stats.norm), rtol=1e-6)
+
+
+@flat_backends
 def test_functional_leaves_the_input_alone(xp):
     flat = gc.FlatTree.from_tree(_tree(xp))
     before = {k: xp.numpy(b).copy() for k, b in flat.buffers.items()}

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import _compat, _core
-from ._flat import unit
+from ._flat import structure, unit
 from ._norms import parse_ord
 from ._stats import ClipStats, PerExampleStats
 from ._tree import Flat, flatten
@@ -975,7 +975,10 @@ def per_example_clip(
     -------
     tree : pytree
         The clipped sum (or mean): each leaf without its batch axis, in its
-        own dtype. With ``reduce=None``, the clipped examples.
+        own dtype. With ``reduce=None``, the clipped examples. For a
+        :class:`~gradclip.FlatTree`: the sum or mean as a plain tree of its
+        structure (it no longer fits the batched buffers), the clipped
+        examples as a FlatTree.
     stats : PerExampleStats
         Each example's ``norm`` and ``scale``, which were ``clipped``, how
         many (``num_clipped``) and whether each was ``finite``: ``(B,)``
@@ -1015,6 +1018,8 @@ def per_example_clip(
     _check_nonfinite(nonfinite, ("propagate", "raise"))
     fn = "per_example_clip"
     prep = _prepare(tree, fn)
+    # A sum or mean has no batch axis: a FlatTree's result is its plain tree.
+    rebuild = prep.flat.unflatten if reduce is None else structure(tree, prep.flat)
     if not per_layer and not _one_bound(max_norm):
         raise TypeError(
             f"per_example_clip: max_norm must be a number or a 0-d array; got "
@@ -1023,7 +1028,7 @@ def per_example_clip(
     if prep.xp is None:
         if _one_bound(max_norm):
             _check_positive(max_norm, "max_norm")
-        return prep.flat.unflatten([]), _empty_example_stats(per_layer)
+        return rebuild([]), _empty_example_stats(per_layer)
     axes, batch = _batch_axes(prep.flat, axis)
     if per_layer:
         bounds = _layer_bounds(max_norm, split, prep.flat, axes, batch)
@@ -1041,4 +1046,4 @@ def per_example_clip(
         eps=eps,
         nonfinite=nonfinite,
     )
-    return prep.flat.unflatten(leaves), stats
+    return rebuild(leaves), stats

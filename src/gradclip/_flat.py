@@ -10,7 +10,7 @@ buffers, and gradclip's functions work on the buffers directly.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,6 +209,11 @@ class FlatTree:
             for view, x in zip(out._flat.leaves, leaves, strict=True):
                 view[...] = x
         return out
+
+
+def structure(tree: Any, flat: Flat) -> Callable[[Sequence[Any]], Any]:
+    """Rebuild ``tree``'s plain structure from new leaves of any shape (a FlatTree's too)."""
+    return tree._flat.unflatten if isinstance(tree, FlatTree) else flat.unflatten
 
 
 def unit(tree: Any, *, whole: bool) -> Flat:
