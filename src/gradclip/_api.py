@@ -507,8 +507,9 @@ def clip_by_global_norm_(
     whose elements overlap (a zero stride), JAX or dask arrays, and any
     invalid argument raise with nothing modified. Two leaves that share
     memory (the same array twice) are not detected: both count in the norm
-    and the shared memory is scaled twice, as torch's foreach clip does. NumPy leaves are processed in blocks, so clipping 1 GB of
-    gradients allocates only a few MB of temporaries.
+    and the shared memory is scaled twice, as torch's foreach clip does.
+    NumPy leaves are processed in blocks, so clipping 1 GB of gradients
+    allocates only a few MB of temporaries.
     {params}
 
     Returns
