@@ -264,6 +264,16 @@ def test_clip_grads_with_norm_matches_torch(route, dtype, foreach):
     assert not torch.equal(_grads(ours)[0], _grads(base)[0])
 
 
+def test_clip_grads_with_norm_takes_a_norm_that_requires_grad(route):
+    # A norm taken under autograd is used as a value, silently, as torch does.
+    base = _trained("float32")
+    total = torch.tensor(_ref(base, 2.0), requires_grad=True) * 1.0
+    ours, theirs = _copy(base), _copy(base)
+    clip_grads_with_norm_(ours.parameters(), 1.0, total)  # warnings are errors here
+    torch.nn.utils.clip_grads_with_norm_(theirs.parameters(), 1.0, total)
+    _assert_grads_close(ours, theirs)
+
+
 @pytest.mark.parametrize("foreach", FOREACH)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_clip_grad_value_matches_torch(route, dtype, foreach):

@@ -514,6 +514,10 @@ def clip_grads_with_norm_(
     flat, owners, _ = _grads(parameters, fn)
     prep = _api._check(flat, fn, inplace=True)
     plan = _plan(prep, 2.0, "propagate", foreach, owners)
+    if isinstance(total_norm, torch.Tensor):
+        # A norm that requires grad (taken under autograd) is used as a value,
+        # as torch does; torch.asarray would warn about copying its graph.
+        total_norm = total_norm.detach()
     norm = plan.xp.asarray(total_norm, dtype=plan.res, device=plan.device)
     _scale_grads(plan, norm, None, max_norm, "propagate", inv_scale, eps)
 
