@@ -144,6 +144,29 @@ def test_axis_name_inside_shard_map(mesh):
     assert "all-gather" not in entry
 
 
+@pytest.mark.parametrize("ord", [2.0, 1.0])
+@pytest.mark.parametrize("nonfinite", ["propagate", "skip"])
+def test_per_device_clip_inside_shard_map(mesh, ord, nonfinite):
+    # No axis_name: each device clips its own shard by that shard's norm.
+    # The norm's two branches (one pass, scaled) must agree on what varies
+    # over the mesh, or lax.cond refuses them.
+    host = np.random.default_rng(2).standard_normal((64, 32)).astype(np.float32)
+    spec = P("data", "model")
+    x = jax.device_put(jnp.asarray(host), jax.sharding.NamedSharding(mesh, spec))
+
+    def local(v):
+        (out,), stats = gc.clip_by_global_norm([v], 1.0, ord=ord, nonfinite=nonfinite)
+        return out, stats.finite[None]
+
+    fn = jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=(spec, P(("data", "model"))))
+    out, finite = fn(x)
+    assert np.asarray(finite).all()
+    for rows in np.split(np.arange(64), 4):  # every shard's own norm is clipped to 1
+        for cols in np.split(np.arange(32), 2):
+            shard = np.asarray(out, np.float64)[np.ix_(rows, cols)]
+            assert np.linalg.norm(shard.ravel(), ord) == pytest.approx(1.0, rel=1e-5)
+
+
 def test_axis_name_overflow_goes_through_the_scaled_branch(mesh):
     host = np.full((64, 32), 1e30, np.float32)
     spec = P("data", "model")

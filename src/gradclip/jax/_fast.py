@@ -191,12 +191,12 @@ def _pnorm(leaves: Sequence[Any], p: float, zero: bool, axes: Axes, groups: Sequ
     if zero:
         flags = [jnp.all(jnp.isfinite(b)) for b in bufs]
         finite = _psum(_masked_sum([(~f).astype(jnp.int32) for f in flags], keys, masks), axes) == 0
-    else:
-        finite = jnp.asarray(True)
 
     def fast() -> tuple[Any, Any]:
         root = jnp.sqrt(total) if p == 2 else total if p == 1 else total ** (1.0 / p)
-        return root.astype(plan.res), finite
+        # True here either way; taken from the sum so that inside shard_map,
+        # with no axis_name, it varies over the mesh as the other branch's does.
+        return root.astype(plan.res), finite if zero else jnp.isfinite(total)
 
     def scaled() -> tuple[Any, Any]:
         # The two-pass reduction: each buffer scaled by a power of two near
