@@ -183,6 +183,32 @@ def test_empty_and_zero_size_leaves(xp):
     assert float(gc.global_norm(only_empty, ord=-math.inf)) == 0.0
 
 
+def _one_large_square(shape: tuple[int, ...], every: int) -> np.ndarray:
+    """float32 ones with 4096 every ``every`` entries: float32 sums lose the ones after it."""
+    x = np.ones(shape, np.float32)
+    x.reshape(-1)[::every] = 4096.0
+    return x
+
+
+def test_accuracy_with_a_wide_range_of_squares(xp):
+    """float32 leaves where a large square precedes many small ones: within 1e-6.
+
+    A float32 dot of such a leaf drops the small squares (BLAS ``sdot`` over
+    131072 entries: 1e-5 off here, torch's 16K-entry row norms 6e-5); the
+    fast paths add in float64 or in pieces short enough not to.
+    """
+    large = _one_large_square((1 << 20,), 16384)  # the threaded large-leaf path
+    small = [_one_large_square((1000,), 1000) for _ in range(300)]  # gathered small leaves
+    for leaves in ([large], small):
+        want = ref_norm(leaves, 2.0)
+        got = float(gc.global_norm([xp.array(x) for x in leaves]))
+        assert abs(got - want) / want <= 1e-6
+    rows = _one_large_square((8, 70000), 16384)
+    want = np.sqrt(np.einsum("ij,ij->i", rows.astype(np.float64), rows.astype(np.float64)))
+    _, stats = gc.per_example_clip([xp.array(rows)], 1.0)
+    np.testing.assert_allclose(xp.numpy(stats.norm), want, rtol=1e-6)
+
+
 @pytest.mark.slow
 def test_accuracy_64m_float32(xp):
     """A 64M-element float32 N(0,1) leaf: relative error <= 1e-6 (np.dot is ~3e-4 off)."""

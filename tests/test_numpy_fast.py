@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import gradclip as gc
-from conftest import importorskip, np_dtype, ref_norm
-from gradclip import _numpy
+from conftest import _make_numpy, importorskip, np_dtype, ref_norm
+from gradclip import _blas, _numpy
+from test_norms import test_accuracy_with_a_wide_range_of_squares as _wide_range_accuracy
 
 TASK = _numpy._TASK
 
@@ -231,3 +232,32 @@ def test_fused_true_uses_the_fast_path():
     assert "numpy" in gc._api._FAST_PATHS
     out, _ = gc.clip_by_global_norm([np.ones(3)], 1.0, fused=True)
     np.testing.assert_allclose(out[0], 1 / math.sqrt(3), rtol=1e-6)
+
+
+def test_dsdot_is_found_where_numpy_links_scipy_openblas():
+    blas = np.__config__.CONFIG["Build Dependencies"]["blas"]
+    if blas.get("name") != "scipy-openblas":
+        pytest.skip(f"NumPy's BLAS here is {blas.get('name')}")
+    assert _blas.dsdot() is not None
+    assert _blas.short_sdot(_numpy._SHORT)
+
+
+def test_accuracy_check_rejects_float32_sums():
+    assert not _blas.accurate(lambda x: float(np.dot(x, x)), 1 << 17)  # sdot
+    assert not _blas.short_sdot(1 << 17)
+    wide = lambda x: float(np.dot(x.astype(np.float64), x.astype(np.float64)))  # noqa: E731
+    assert _blas.accurate(wide, 1 << 17)
+
+
+@pytest.mark.parametrize("blas", ["dsdot", "widened"])
+def test_wide_range_of_squares_with_and_without_dsdot(monkeypatch, blas):
+    """Both ways float32 is dotted stay within 1e-6 where float32 sums do not."""
+    if blas == "widened":  # NumPy on a BLAS without an accurate dsdot or short sdot
+        monkeypatch.setattr(_blas, "dsdot", lambda: None)
+        monkeypatch.setattr(_blas, "short_sdot", lambda n: False)
+    elif _blas.dsdot() is None:
+        pytest.skip("NumPy's BLAS has no accurate dsdot here")
+    _wide_range_accuracy(_make_numpy())
+    batch = [np.ones((4, 0), np.float32), np.full((4, 3), 2.0, np.float32)]  # an empty leaf
+    _, stats = gc.per_example_clip(batch, 1.0)
+    assert stats.norm.tolist() == [np.float32(math.sqrt(12.0))] * 4

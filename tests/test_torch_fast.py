@@ -96,6 +96,25 @@ def test_rows_are_used_for_large_float32_leaves(monkeypatch):
     assert seen == [N]  # not the small leaf, not float64
 
 
+def test_row_check_rejects_rows_too_long_for_float32_sums(monkeypatch):
+    # torch adds a row's squares in float32: 16K-entry rows (this path's rows
+    # before) lose 6e-5 of the squares after a large one; 64-entry rows pass.
+    assert _fast._rows_accurate()
+    monkeypatch.setattr(_fast, "_ROW", 1 << 14)
+    assert not _fast._rows_accurate.__wrapped__()
+
+
+def test_without_accurate_rows_large_leaves_take_numpy(monkeypatch):
+    seen = []
+    monkeypatch.setattr(_fast, "_rows_accurate", lambda: False)
+    monkeypatch.setattr(_fast, "_rows_sumsq", lambda x: seen.append(x) or None)
+    x = np.ones(N, np.float32)
+    x[::16384] = 4096.0
+    want = ref_norm([x], 2.0)
+    assert float(gc.global_norm([torch.from_numpy(x)])) == pytest.approx(want, rel=1e-6)
+    assert seen == []
+
+
 def test_large_non_contiguous_float32_leaves_are_reduced_and_clipped():
     # torch's row norms need a flat view; these leaves have none and go to
     # the NumPy views (a channels_last conv weight's gradient is one).

@@ -3,9 +3,12 @@
 Clipping is memory-bound: its floor is one read of every gradient for the
 norm, plus one read and one write to scale. This path gets close to it by:
 
-- reducing each leaf in ``_CHUNK``-element pieces with ``np.dot`` (BLAS, which
-  releases the GIL) and adding the pieces in float64, so a 64M-element float32
-  leaf keeps a relative error near 1e-8;
+- reducing each leaf in ``_CHUNK``-element pieces with BLAS dots (which
+  release the GIL) and adding the pieces in float64. float32 pieces go to
+  ``dsdot`` (:mod:`gradclip._blas`), which adds in float64 at ``sdot``'s
+  speed: ``np.dot`` adds in float32, and one large square among many small
+  ones makes it lose the small ones (1e-4 relative). Without ``dsdot``
+  they are widened to float64, like float16;
 - cutting the large leaves into runs of pieces that every core takes from a
   shared queue; the pieces always start at the same offsets and their sums
   are added with ``math.fsum`` (exactly rounded, so in any order), so the
@@ -39,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _core
+from . import _blas, _core
 from ._norms import Partial, Plan
 
 __all__ = [
@@ -60,6 +63,8 @@ _PARALLEL = 1 << 22
 _SMALL = 1 << 14  # leaves below this many elements are gathered for the norm
 _GROUP = 1 << 18  # elements gathered per dot: the gather stays in L2
 _THREADS = max(1, min(os.cpu_count() or 1, 8))
+# float32 examples are dotted in pieces this long (see _example_sums)
+_SHORT = 1 << 8
 
 # Squared sums below these may have lost entries to underflow in the leaf's
 # own precision (float32: squares below ~1e-38; float64: below ~1e-308).
@@ -158,20 +163,21 @@ _WORK: dict[np.dtype, np.dtype | None] = {}
 
 
 def _work_dtype(dtype: np.dtype) -> np.dtype | None:
-    """The dtype a leaf is dotted in, or ``None`` if it goes to the generic path."""
+    """The dtype a leaf is dotted in, or ``None`` if it goes to the generic path.
+
+    float32 stays float32 where BLAS has an accurate ``dsdot`` (it adds in
+    float64); without one it is widened to float64 like float16.
+    """
+    if dtype == _F32:
+        return _F32 if _blas.dsdot() else _F64
     try:
         return _WORK[dtype]
     except KeyError:
-        if dtype == _F32:
-            work: np.dtype | None = _F32
-        elif dtype in (_F64, np.float16) or dtype.name == "bfloat16":
-            # float16/bfloat16 pieces are widened to float64, not float32: a
-            # float32 dot of squares with 8-11 significant bits rounds with a
-            # bias (3e-6 on 4M bfloat16 values), and they are small to read.
-            work = _F64
-        else:
-            work = None
-        _WORK[dtype] = work
+        # float16/bfloat16 pieces are widened to float64, not float32: a
+        # float32 dot of squares with 8-11 significant bits rounds with a
+        # bias (3e-6 on 4M bfloat16 values), and they are small to read.
+        wide = dtype in (_F64, np.float16) or dtype.name == "bfloat16"
+        work = _WORK[dtype] = _F64 if wide else None
         return work
 
 
@@ -183,6 +189,13 @@ def _sumsq_run(
     buf: np.ndarray | None = None
     for i, start, stop in run:
         flat, work = flats[i], works[i]
+        if work == _F32:  # only where BLAS has dsdot (see _work_dtype)
+            dsdot, address = _blas.dsdot(), flat.ctypes.data
+            assert dsdot is not None
+            for a in range(start, stop, _CHUNK):
+                at, n = address + 4 * a, min(_CHUNK, stop - a)
+                out.append((i, dsdot(n, at, 1, at, 1)))
+            continue
         for a in range(start, stop, _CHUNK):
             piece = flat[a : min(a + _CHUNK, stop)]
             if piece.dtype != work:  # float16/bfloat16 -> float64, into a reused buffer
@@ -211,12 +224,21 @@ def _sumsq_gathered(arrays: list[np.ndarray], work: np.dtype, direct: bool) -> f
         except TypeError:  # a strided leaf
             pass
         else:
-            return float(np.dot(buf, buf))
+            return _sumsq(buf)
     # axis=None flattens every leaf, whatever its shape or layout; "unsafe"
     # only because ml_dtypes' bfloat16 has no "same_kind" cast: every cast
     # here widens (or is the identity).
     buf = np.concatenate(arrays, axis=None, dtype=work, casting="unsafe")
-    return float(np.dot(buf, buf))
+    return _sumsq(buf)
+
+
+def _sumsq(x: np.ndarray) -> float:
+    """Sum of squares of a contiguous 1-d float32 (by ``dsdot``) or float64 array."""
+    if x.dtype == _F32:
+        dsdot = _blas.dsdot()
+        assert dsdot is not None  # float32 is dotted as it is only where there is one
+        return dsdot(x.size, x.ctypes.data, 1, x.ctypes.data, 1)
+    return float(np.dot(x, x))
 
 
 def _trusted(work: np.dtype, sumsq: float, arrays: Iterable[np.ndarray]) -> bool:
@@ -235,24 +257,44 @@ def _trusted(work: np.dtype, sumsq: float, arrays: Iterable[np.ndarray]) -> bool
 def _example_sums(x: np.ndarray, batch: int) -> np.ndarray | None:
     """Each example's sum of squares (batch on axis 0), by BLAS dots; ``None``: not here.
 
-    The dots run in the leaf's own dtype, ``_CHUNK`` entries of an example at
-    a time (a batched ``matmul`` of row vectors, which NumPy hands to BLAS's
-    dot: 15x faster than widening to float64 first, and as accurate as the
-    global path's dots), and the pieces are added in float64. ``None`` for
-    leaves BLAS cannot take as they are (float16, bfloat16, complex,
-    strided) and for any example whose sum may have overflowed or lost
-    entries to underflow: the generic reduction, scaled, redoes the leaf.
+    - float32: each example in ``_SHORT``-entry pieces, all the pieces of the
+      leaf in one batched ``matmul`` of row vectors, which NumPy hands to
+      BLAS's ``sdot``; the pieces are added in float64. Pieces that short
+      keep ``sdot``'s float32 sums within 1e-6 (:func:`gradclip._blas.short_sdot`
+      checks this BLAS), at the speed of whole-row dots; one ``dsdot`` call
+      per example costs 0.8 us of Python, twice the time on the dp tree.
+      Where the check fails, rows are widened to float64 a block at a time.
+    - float64: the same ``matmul`` on ``_CHUNK``-entry pieces.
+
+    ``None`` for other dtypes (the generic reduction, scaled, takes them),
+    strided leaves, and any example whose sum may have overflowed or lost
+    entries to underflow: the generic reduction redoes the leaf.
     """
-    work = _work_dtype(x.dtype)
-    if work is None or work != x.dtype or not x.flags.c_contiguous:
+    if x.dtype not in (_F32, _F64) or not x.flags.c_contiguous:
         return None
     rows = x.reshape(batch, -1)
+    width = rows.shape[1]
+    tiny = _TINY[x.dtype]  # squares taken in the leaf's own dtype may underflow
     total = np.zeros(batch, np.float64)
-    for start in range(0, rows.shape[1], _CHUNK):
-        piece = rows[:, start : start + _CHUNK]
-        total += np.matmul(piece[:, None, :], piece[:, :, None])[:, 0, 0]
+    if x.dtype == _F64 or _blas.short_sdot(_SHORT):
+        piece = _CHUNK if x.dtype == _F64 else _SHORT
+        main = width // piece * piece
+        if main:
+            blocks = rows[:, :main].reshape(batch, main // piece, piece)
+            dots = np.matmul(blocks[:, :, None, :], blocks[:, :, :, None])[:, :, 0, 0]
+            total += dots.sum(axis=1, dtype=np.float64)
+        if main < width:
+            tail = rows[:, main:]
+            total += np.matmul(tail[:, None, :], tail[:, :, None])[:, 0, 0]
+    else:
+        tiny = _TINY[_F64]
+        group = max(1, _CHUNK // max(width, 1))  # examples per block
+        for r in range(0, batch, group):
+            for c in range(0, width, _CHUNK):
+                block = rows[r : r + group, c : c + _CHUNK].astype(_F64)
+                total[r : r + group] += np.einsum("ij,ij->i", block, block)
     with np.errstate(invalid="ignore"):
-        doubtful = np.isinf(total) | (total < _TINY[work])  # NaN stays: it propagates
+        doubtful = np.isinf(total) | (total < tiny)  # NaN stays: it propagates
     if doubtful.any():
         # A sum of 0 is right only where the example is all zeros (padding).
         suspects = np.flatnonzero(doubtful)

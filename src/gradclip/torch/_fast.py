@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import _core
+from .. import _blas, _core
 from .._norms import Partial, Plan
 from .._numpy import NumpyPlan
 
@@ -64,11 +64,8 @@ __all__ = [
 USE_NUMPY_VIEWS = True
 # CPU float32 leaves that NumPyPlan counts as large (_numpy._SMALL elements or
 # more; it keeps the small ones, on this thread) are reduced by torch in rows
-# of _ROW elements; a row norm below _ROW_TINY may hide underflow (16K squares
-# rounded at float32's subnormal spacing 2**-149 err by 2**-135 at most, 1e-10
-# of 2**-100).
-_ROW = 1 << 14
-_ROW_TINY = 2.0**-50
+# of _ROW elements (see _rows_accurate).
+_ROW = 64
 _KERNEL_DTYPES = ("float16", "bfloat16", "float32", "float64", "complex64", "complex128")
 
 
@@ -170,12 +167,33 @@ def _cuda_kernels(leaves: list[Any]) -> Kernels | None:
 kernel_route: Callable[[list[Any]], Kernels | None] = _cuda_kernels
 
 
+@functools.cache
+def _rows_accurate() -> bool:
+    """Whether torch's CPU row norms (``_ROW`` entries) pass :func:`~gradclip._blas.accurate`.
+
+    torch adds a row's squares in float32, in 8 lanes here (AVX2): one large
+    square then 255 ones loses 31 of them (2e-6), a 16K-entry row 6e-5.
+    Rows of 64 put at most 8 squares in a lane (4e-7). Where this fails,
+    the leaves take NumPy's ``dsdot`` instead.
+    """
+    torch = _torch()
+
+    def sumsq(v: np.ndarray) -> float:
+        rows = torch.nn.functional.pad(torch.from_numpy(v), (0, -v.size % _ROW)).view(-1, _ROW)
+        return float(torch.sum(torch.square(torch.linalg.vector_norm(rows, dim=1).double())))
+
+    return _blas.accurate(sumsq, _ROW)
+
+
 def _rows_sumsq(x: Any) -> float | None:
     """Sum of squares of a contiguous float32 CPU tensor from its rows' norms, if exact enough.
 
-    ``None`` where a row's float32 norm may have overflowed (inf) or lost
-    entries to underflow (below 2**-50 yet not all zeros): the caller then
-    takes the overflow-safe path. NaN is kept; it propagates either way.
+    ``None`` where a row's float32 norm may have overflowed (inf) or the sum
+    may have lost too much to underflow: a square below float32's subnormal
+    spacing may vanish, ``numel * 2**-150`` at most, which is 2**-21 of a sum
+    above ``numel * 2**-129``. Embedding rows no token touched are all zeros
+    and cost nothing; a leaf of zeros, or of values near 1e-20, takes the
+    caller's overflow-safe path. NaN is kept; it propagates either way.
     """
     torch = _torch()
     flat = x.view(-1)
@@ -186,17 +204,8 @@ def _rows_sumsq(x: Any) -> float | None:
     norms = torch.cat([norms, tail])
     if bool(torch.isinf(norms).any()):
         return None
-    low = torch.nonzero(norms < _ROW_TINY).flatten().tolist()
-    if low and low[-1] == rows.shape[0]:  # the tail
-        low.pop()
-        if bool((flat[main:] != 0).any()):
-            return None
-    # Rows of zeros are common (embedding rows no token touched) and exact;
-    # they are checked a bounded batch at a time (256 rows: 16 MB).
-    for start in range(0, len(low), 256):
-        if bool((rows[low[start : start + 256]] != 0).any()):
-            return None
-    return float(torch.sum(torch.square(norms.double())))
+    total = float(torch.sum(torch.square(norms.double())))
+    return None if total < flat.numel() * 2.0**-129 else total
 
 
 class TorchPlan(Plan):
@@ -308,15 +317,16 @@ class TorchPlan(Plan):
         NumPy's threads compete with torch's OpenMP workers, which spin for a
         while after every torch op (the backward pass, here): a 64M-element
         norm took 12.3 ms on NumPy's threads after a torch copy, 9.9 ms after
-        a NumPy one. ``torch.linalg.vector_norm`` of 16K-element rows runs on
-        torch's own workers (8.9 ms) with float32 sums short enough to be
-        accurate (2e-8 on 64M); the rows' squares are added in float64.
+        a NumPy one. ``torch.linalg.vector_norm`` of 64-element rows runs on
+        torch's own workers (9.8 ms) with float32 sums short enough to stay
+        within 1e-6 (:func:`_rows_accurate`); the rows' squares are added in
+        float64.
         """
         host = self._host
         assert host is not None
         torch = _torch()
         big = []
-        if self.kind == "p" and self.p == 2 and not self.zero_nonfinite:
+        if self.kind == "p" and self.p == 2 and not self.zero_nonfinite and _rows_accurate():
             # Rows need a flat view: strided and channels_last leaves have
             # none and are reduced through their NumPy views.
             big = [
