@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import gradclip as gc
-from conftest import FLOATS, need, ref_norm
+from conftest import FLOATS, need, np_dtype, ref_norm
 
 
 def _leaves(xp, dtype="float32", seed=0, scale=10.0):
@@ -45,6 +45,48 @@ def test_clip_by_global_norm(xp, dtype, ord):
         np.testing.assert_allclose(xp.numpy(got), want * scale, rtol=_rtol(dtype), atol=1e-30)
     # functional: inputs untouched
     np.testing.assert_array_equal(xp.numpy(leaves[0]), xp.numpy(xp.array(ref[0], dtype)))
+
+
+def _check_half_scaling(xp, dtype, max_norm, clip):
+    need(xp, dtype)
+    rng = np.random.default_rng(3)
+    host = np.full(1000, 60000.0) if max_norm < 0.1 else rng.standard_normal(5000) * 3
+    leaf = xp.array(host, dtype)
+    before = xp.numpy(leaf).astype(np.float32)
+    out, scale = clip(leaf, max_norm)
+    want = (before * np.float32(xp.numpy(scale))).astype(np_dtype(dtype))
+    np.testing.assert_array_equal(xp.numpy(out).astype(np.float64), want.astype(np.float64))
+
+
+HALF_CASES = pytest.mark.parametrize(
+    ("dtype", "max_norm"), [("float16", 0.37), ("bfloat16", 0.37), ("float16", 0.01)]
+)
+
+
+@HALF_CASES
+@pytest.mark.parametrize("fused", [None, False])
+def test_half_leaves_are_scaled_in_float32_and_rounded_once(xp, dtype, max_norm, fused):
+    """As torch's ``mul_`` does: the float32 scale times the leaf, rounded once.
+
+    Rounding the scale to float16/bfloat16 first put 8% of bfloat16 products
+    1 ulp off torch's, and made a float16 scale below 6e-8 zero: 60000s
+    clipped to 0.01 (a scale of 5e-9) all became 0.
+    """
+
+    def clip(leaf, max_norm):
+        out, stats = gc.clip_by_global_norm([leaf], max_norm, fused=fused)
+        return out[0], stats.scale
+
+    _check_half_scaling(xp, dtype, max_norm, clip)
+
+
+@HALF_CASES
+@pytest.mark.parametrize("fused", [None, False])
+def test_half_leaves_in_place_are_scaled_in_float32(mutable_xp, dtype, max_norm, fused):
+    def clip(leaf, max_norm):
+        return leaf, gc.clip_by_global_norm_([leaf], max_norm, fused=fused).scale
+
+    _check_half_scaling(mutable_xp, dtype, max_norm, clip)
 
 
 def test_no_clip_when_under_max_norm(xp):

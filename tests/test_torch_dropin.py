@@ -333,20 +333,15 @@ def test_float16_norm_above_65504(request, route, norm_type, foreach):
     factor = max_norm / (ref + 1e-6)
     for p, g in zip(params, (g1, g2), strict=True):
         exact = g.double() * factor
-        # the factor rounded to float16, then the product: within one ulp.
+        # the float32 factor times the gradient, rounded once: within one ulp.
         assert bool(((p.grad.double() - exact).abs() <= _ulp(p.grad)).all())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the clip factor is rounded to the leaf dtype before multiplying (Plan.scaled, "
-    "NumpyPlan.scale_leaves, TorchPlan.scale_leaves): a factor below float16's smallest normal "
-    "6.1e-5 (any float16 norm above 16384 * max_norm) becomes a subnormal with a few "
-    "significant bits, here 1e-6 -> 1.013e-6, so the clipped gradients are 1.3% too large; "
-    "torch multiplies by the float32 factor and rounds once (0.5 ulp)",
-)
 @pytest.mark.parametrize("foreach", [None, False])
 def test_float16_clip_factor_below_the_normal_range(route, foreach):
+    # Rounded to float16 first, a factor of 1e-6 became 1.013e-6 (a subnormal
+    # with a few significant bits): the clipped gradients were 1.3% too large.
+    # torch multiplies by the float32 factor and rounds once, as we now do.
     g = torch.full((250_000,), 2000.0, dtype=torch.float16)  # norm 1e6
     (ours,) = _params(g)
     (theirs,) = _params(g)
@@ -356,6 +351,17 @@ def test_float16_clip_factor_below_the_normal_range(route, foreach):
     exact = g.double() * (1.0 / (float(norm) + 1e-6))  # the factor from our own norm
     assert bool(((theirs.grad.double() - exact).abs() <= _ulp(theirs.grad)).all())  # torch: ok
     assert bool(((ours.grad.double() - exact).abs() <= _ulp(ours.grad)).all())
+
+
+@pytest.mark.parametrize("foreach", FOREACH)
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_grads_clipped_bit_for_bit_as_torch(route, dtype, foreach):
+    g = (torch.randn(10_000, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    ours, theirs = _params(g), _params(g)
+    norm = torch.tensor(123.456, dtype=torch.float32)
+    clip_grads_with_norm_(ours, 1.0, norm, foreach=foreach)
+    torch.nn.utils.clip_grads_with_norm_(theirs, 1.0, norm, foreach=foreach)
+    _assert_grads_equal([p.grad for p in ours], [p.grad for p in theirs])
 
 
 def test_float16_grads_that_require_grad():

@@ -448,7 +448,8 @@ def clip_by_global_norm(
     """Scale all leaves together so that their global norm is at most ``max_norm``.
 
     Every leaf is multiplied, in its own dtype, by
-    ``scale = min(1, max_norm / (norm + eps))``; there is no Python branch on
+    ``scale = min(1, max_norm / (norm + eps))`` (float16 and bfloat16 leaves
+    by the float32 scale, rounded once, as torch does); there is no Python branch on
     the value, so this runs under ``jax.jit`` and forces no host sync. This is
     ``torch.nn.utils.clip_grad_norm_`` (same result within 1e-6) and
     ``optax.clip_by_global_norm`` (which has no ``eps``), with a norm that does

@@ -128,6 +128,11 @@ class DtypeInfo:
         self.normal_exp2 = normal_exp2  # log2 of the smallest normal value
         self.tiny_exp2 = tiny_exp2  # log2 of the smallest subnormal value
 
+    @property
+    def narrow(self) -> bool:
+        """Fewer significand bits than float32 (float16, bfloat16): scaled in float32."""
+        return self.normal_exp2 - self.tiny_exp2 < 23
+
 
 def _ml_dtypes_finfo(dtype: Any) -> Any:
     # NumPy has no bfloat16; ml_dtypes adds it (and float8 types) as kind "V"

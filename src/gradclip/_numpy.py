@@ -439,9 +439,15 @@ class NumpyPlan(Plan):
         return Partial(sums, None, None)
 
     def scale_leaves(self, scales: Any, *, per_leaf: bool, zero: bool, inplace: bool) -> list[Any]:
-        """Threaded ``np.multiply(..., out=)``; leaves with scale 1 are not written."""
-        if zero or any(info is None or info.complex for info in self._dtype_infos.values()):
+        """Threaded ``np.multiply(..., out=)``; leaves with scale 1 are not written.
+
+        float16/bfloat16 leaves are multiplied by a float32 factor and
+        rounded once (:meth:`Plan.real_dtype`).
+        """
+        infos = self._dtype_infos
+        if zero or any(info is None or info.complex for info in infos.values()):
             return super().scale_leaves(scales, per_leaf=per_leaf, zero=zero, inplace=inplace)
+        real = {d: _F32 if info.narrow else d for d, info in infos.items()}
         leaves = self.leaves
         unit = np.asarray(scales == 1)  # one comparison, on the host (NumPy's device)
         if not per_leaf and inplace and unit:
@@ -449,13 +455,13 @@ class NumpyPlan(Plan):
         outs = leaves if inplace else [np.empty_like(x) for x in leaves]
         small, large = self._small, self._large
         if per_leaf:
-            factors = [np.asarray(scales[i]).astype(x.dtype) for i, x in enumerate(leaves)]
+            factors = [np.asarray(scales[i]).astype(real[x.dtype]) for i, x in enumerate(leaves)]
             if inplace:  # a leaf whose scale is 1 is not written
                 small = [i for i in small if not unit[i]]
                 large = [i for i in large if not unit[i]]
         else:
             # 0-d arrays, not NumPy scalars: x *= scalar is 3x slower per call.
-            by_dtype = {d: np.asarray(scales).astype(d) for d in self._dtype_infos}
+            by_dtype = {d: np.asarray(scales).astype(real[d]) for d in infos}
             if len(by_dtype) == 1:
                 factors = [*by_dtype.values()] * len(leaves)
             else:
@@ -470,7 +476,9 @@ class NumpyPlan(Plan):
         tasks = [functools.partial(_scale_run, run, flats, factors) for run in _runs(spans)]
         # Small leaves cost a Python call each, which threads cannot overlap
         # (the GIL): they run here while the pool streams the large ones.
-        _run(tasks, local=functools.partial(_multiply_each, leaves, outs, small, factors, inplace))
+        # x *= f casts "same_kind", which ml_dtypes has not from float32 to bfloat16.
+        imul = inplace and all(d == r for d, r in real.items())
+        _run(tasks, local=functools.partial(_multiply_each, leaves, outs, small, factors, imul))
         return list(outs)
 
 
@@ -479,7 +487,8 @@ def _scale_run(
 ) -> None:
     for i, start, stop in run:
         src, dst = flats[i]
-        np.multiply(src[start:stop], factors[i], out=dst[start:stop])
+        # "unsafe": a float32 product rounded to float16/bfloat16 (see scale_leaves)
+        np.multiply(src[start:stop], factors[i], out=dst[start:stop], casting="unsafe")
 
 
 def _multiply_each(
@@ -487,9 +496,9 @@ def _multiply_each(
     outs: list[np.ndarray],
     indices: list[int],
     factors: list[np.ndarray],
-    inplace: bool,
+    imul: bool,
 ) -> None:
-    if inplace:  # x *= f through map: no bytecode per leaf, and cheaper than out=
+    if imul:  # in place, x *= f through map: no bytecode per leaf, and cheaper than out=
         xs: Iterable[np.ndarray] = leaves
         fs: Iterable[np.ndarray] = factors
         if len(indices) < len(leaves):
@@ -497,7 +506,7 @@ def _multiply_each(
         deque(map(operator.imul, xs, fs), maxlen=0)
     else:
         for i in indices:
-            np.multiply(leaves[i], factors[i], out=outs[i])
+            np.multiply(leaves[i], factors[i], out=outs[i], casting="unsafe")
 
 
 def _fast(fn: Callable[..., Any]) -> Callable[..., Any]:

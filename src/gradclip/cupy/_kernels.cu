@@ -97,15 +97,6 @@ __device__ __forceinline__ u16 gc_float_to_bf16(float f) {
     return (u16)(x >> 16);
 }
 
-// float64 -> float32 rounded to odd: a second rounding to half or bfloat16
-// (13 and 16 fewer bits) then equals one correct rounding from float64.
-__device__ __forceinline__ float gc_round_odd(double d) {
-    float f = (float)d;
-    if (f != 0.0f && fabs((double)f) > fabs(d)) f = __uint_as_float(__float_as_uint(f) - 1u);
-    if ((double)f != d && d == d) f = __uint_as_float(__float_as_uint(f) | 1u);
-    return f;
-}
-
 // ------------------------------------------------------------- element types
 
 struct gc_c64 { float re, im; };
@@ -601,13 +592,15 @@ __device__ __forceinline__ bool gc_finite(float x) { return fabsf(x) <= GC_FLT_M
 __device__ __forceinline__ bool gc_finite(double x) { return fabs(x) <= GC_DBL_MAX; }
 
 // x * s in the leaf's dtype; `zero`: NaN/inf entries become 0. `s` is the
-// scale already rounded to the leaf's (real) dtype, as the generic path's astype.
+// scale in the leaf's (real) dtype, float32 for half and bfloat16: their
+// float32 product is rounded once more, as torch's mul_ (and the generic
+// path, gradclip._norms.Plan.real_dtype) does.
 template <typename R> struct ScaleReal {  // float32, float64
     R s;
     bool zero;
     __device__ __forceinline__ R operator()(R x) const { return zero && !gc_finite(x) ? (R)0 : x * s; }
 };
-template <bool HALF> struct Scale16 {  // half, bfloat16 as bits; the float product is exact
+template <bool HALF> struct Scale16 {  // half, bfloat16 as bits
     float s;
     bool zero;
     __device__ __forceinline__ u16 operator()(u16 x) const {
@@ -635,19 +628,11 @@ template <> struct ScaleOp<GC_F64> : ScaleReal<double> {};
 template <> struct ScaleOp<GC_C64> : ScaleComplex<gc_c64, float> {};
 template <> struct ScaleOp<GC_C128> : ScaleComplex<gc_c128, double> {};
 
-// The scale (result dtype, float32 or float64) rounded once to leaf dtype C.
-template <int C> __device__ float gc_scale_in(double s, bool res64) {
-    if (C == GC_F16) return gc_half_to_float(gc_float_to_half(res64 ? gc_round_odd(s) : (float)s));
-    if (C == GC_BF16) return gc_bf16_to_float(gc_float_to_bf16(res64 ? gc_round_odd(s) : (float)s));
-    return (float)s;
-}
-
 template <int C>
-__device__ void gc_scale_chunk(const void* src, void* dst, i64 start, i64 n, double s, bool res64,
-                               bool zero) {
+__device__ void gc_scale_chunk(const void* src, void* dst, i64 start, i64 n, double s, bool zero) {
     typedef typename Elem<C>::T T;
     ScaleOp<C> op;
-    op.s = (C == GC_F64 || C == GC_C128) ? s : gc_scale_in<C>(s, res64);
+    op.s = (decltype(op.s))s;  // a float64 scale rounded to float32 for the others
     op.zero = zero;
     gc_map<T>((const T*)src + start, (T*)dst + start, n, op);
 }
@@ -672,14 +657,14 @@ extern "C" __global__ void gc_scale(const i64* tab, int n, int chunks, int nbig,
     i64 len = left < chunk ? left : chunk;
     const void* src = (const void*)t.ptr[l];
     void* dst = gc_dst(t, l, out_base);
-    bool z = zero != 0, r64 = res64 != 0;
+    bool z = zero != 0;
     switch ((int)t.code[l]) {
-        case GC_F16: gc_scale_chunk<GC_F16>(src, dst, start, len, s, r64, z); break;
-        case GC_BF16: gc_scale_chunk<GC_BF16>(src, dst, start, len, s, r64, z); break;
-        case GC_F32: gc_scale_chunk<GC_F32>(src, dst, start, len, s, r64, z); break;
-        case GC_F64: gc_scale_chunk<GC_F64>(src, dst, start, len, s, r64, z); break;
-        case GC_C64: gc_scale_chunk<GC_C64>(src, dst, start, len, s, r64, z); break;
-        default: gc_scale_chunk<GC_C128>(src, dst, start, len, s, r64, z); break;
+        case GC_F16: gc_scale_chunk<GC_F16>(src, dst, start, len, s, z); break;
+        case GC_BF16: gc_scale_chunk<GC_BF16>(src, dst, start, len, s, z); break;
+        case GC_F32: gc_scale_chunk<GC_F32>(src, dst, start, len, s, z); break;
+        case GC_F64: gc_scale_chunk<GC_F64>(src, dst, start, len, s, z); break;
+        case GC_C64: gc_scale_chunk<GC_C64>(src, dst, start, len, s, z); break;
+        default: gc_scale_chunk<GC_C128>(src, dst, start, len, s, z); break;
     }
 }
 

@@ -248,7 +248,10 @@ def _fast_ord(p: float, nonfinite: str) -> bool:
 def _scale_all(leaves: Sequence[Any], scale: Any, zero: bool) -> Any:
     def mul(x: Any) -> Any:
         real = jnp.real(x).dtype if jnp.iscomplexobj(x) else x.dtype
-        y = x * scale.astype(real)
+        if jnp.finfo(real).nmant < 23:  # float16/bfloat16: in float32 (Plan.real_dtype)
+            y = (x.astype(jnp.float32) * scale.astype(jnp.float32)).astype(x.dtype)
+        else:
+            y = x * scale.astype(real)
         return jnp.where(jnp.isfinite(x), y, jnp.zeros_like(y)) if zero else y
 
     if zero:  # NaN/inf entries must become 0 even where the scale is 1

@@ -416,13 +416,16 @@ class TorchPlan(Plan):
         out = list(self.leaves)
         with torch.no_grad() if inplace else contextlib.nullcontext():
             for dtype, members in self._groups().items():
-                factor = scales.to(dtype)  # the scale rounded once, to the leaf dtype
+                # float32 for float16/bfloat16 too: torch multiplies those in
+                # float32 and rounds once (see Plan.real_dtype).
+                factor = scales.to(torch.float64 if dtype == torch.float64 else torch.float32)
                 tensors = [out[i] for i in members]
                 if inplace:
                     torch._foreach_mul_(tensors, factor)
                     continue
                 for i, new in zip(members, torch._foreach_mul(tensors, factor), strict=True):
-                    out[i] = new
+                    # a 0-d half leaf times the 0-d float32 factor is float32
+                    out[i] = new if new.dtype == dtype else new.to(dtype)
         return out
 
     def _kernel_scale(self, scales: Any, *, per_leaf: bool, zero: bool) -> None:
