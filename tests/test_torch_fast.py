@@ -98,7 +98,7 @@ def test_rows_are_used_for_large_float32_leaves(monkeypatch):
 
 def test_row_check_rejects_rows_too_long_for_float32_sums(monkeypatch):
     # torch adds a row's squares in float32: 16K-entry rows (this path's rows
-    # before) lose 6e-5 of the squares after a large one; 64-entry rows pass.
+    # before) lose 6e-5 of the squares after a large one; 128-entry rows pass.
     assert _fast._rows_accurate()
     monkeypatch.setattr(_fast, "_ROW", 1 << 14)
     assert not _fast._rows_accurate.__wrapped__()

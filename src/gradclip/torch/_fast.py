@@ -65,7 +65,7 @@ USE_NUMPY_VIEWS = True
 # CPU float32 leaves that NumPyPlan counts as large (_numpy._SMALL elements or
 # more; it keeps the small ones, on this thread) are reduced by torch in rows
 # of _ROW elements (see _rows_accurate).
-_ROW = 64
+_ROW = 128
 _KERNEL_DTYPES = ("float16", "bfloat16", "float32", "float64", "complex64", "complex128")
 
 
@@ -169,18 +169,19 @@ kernel_route: Callable[[list[Any]], Kernels | None] = _cuda_kernels
 
 @functools.cache
 def _rows_accurate() -> bool:
-    """Whether torch's CPU row norms (``_ROW`` entries) pass :func:`~gradclip._blas.accurate`.
+    """Whether :func:`_rows_sumsq` passes :func:`gradclip._blas.accurate` here.
 
     torch adds a row's squares in float32, in 8 lanes here (AVX2): one large
     square then 255 ones loses 31 of them (2e-6), a 16K-entry row 6e-5.
-    Rows of 64 put at most 8 squares in a lane (4e-7). Where this fails,
-    the leaves take NumPy's ``dsdot`` instead.
+    Rows of 128 put at most 16 squares in a lane: about 20 roundings in
+    all, 6e-7 on the norm. Where this fails, the leaves take NumPy's
+    ``dsdot`` instead.
     """
     torch = _torch()
 
     def sumsq(v: np.ndarray) -> float:
-        rows = torch.nn.functional.pad(torch.from_numpy(v), (0, -v.size % _ROW)).view(-1, _ROW)
-        return float(torch.sum(torch.square(torch.linalg.vector_norm(rows, dim=1).double())))
+        total = _rows_sumsq(torch.nn.functional.pad(torch.from_numpy(v), (0, -v.size % _ROW)))
+        return math.nan if total is None else total
 
     return _blas.accurate(sumsq, _ROW)
 
@@ -188,24 +189,26 @@ def _rows_accurate() -> bool:
 def _rows_sumsq(x: Any) -> float | None:
     """Sum of squares of a contiguous float32 CPU tensor from its rows' norms, if exact enough.
 
-    ``None`` where a row's float32 norm may have overflowed (inf) or the sum
-    may have lost too much to underflow: a square below float32's subnormal
-    spacing may vanish, ``numel * 2**-150`` at most, which is 2**-21 of a sum
-    above ``numel * 2**-129``. Embedding rows no token touched are all zeros
-    and cost nothing; a leaf of zeros, or of values near 1e-20, takes the
-    caller's overflow-safe path. NaN is kept; it propagates either way.
+    The rows' norms are squared in float32 and added in float64 (one pass
+    over them: 12% of the time on the llm tree went to widening them
+    first). ``None`` where that overflowed (inf), or where the sum may have
+    lost too much to underflow: a square, of an entry or of a row's norm,
+    below float32's subnormal spacing may vanish, ``numel * 2**-149`` at
+    most, which is 2**-21 of a sum above ``numel * 2**-128``. Embedding rows
+    no token touched are all zeros and cost nothing; a leaf of zeros, or of
+    values near 1e-20, takes the caller's overflow-safe path. NaN is kept;
+    it propagates either way.
     """
     torch = _torch()
     flat = x.view(-1)
     main = flat.numel() // _ROW * _ROW
-    rows = flat[:main].view(-1, _ROW)
-    norms = torch.linalg.vector_norm(rows, dim=1)
-    tail = torch.linalg.vector_norm(flat[main:]).reshape(1)
-    norms = torch.cat([norms, tail])
-    if bool(torch.isinf(norms).any()):
+    norms = torch.linalg.vector_norm(flat[:main].view(-1, _ROW), dim=1)
+    total = float(torch.sum(torch.square(norms), dtype=torch.float64))
+    if main < flat.numel():
+        total += float(torch.linalg.vector_norm(flat[main:])) ** 2
+    if math.isinf(total) or total < flat.numel() * 2.0**-128:
         return None
-    total = float(torch.sum(torch.square(norms.double())))
-    return None if total < flat.numel() * 2.0**-129 else total
+    return total
 
 
 class TorchPlan(Plan):
@@ -317,9 +320,9 @@ class TorchPlan(Plan):
         NumPy's threads compete with torch's OpenMP workers, which spin for a
         while after every torch op (the backward pass, here): a 64M-element
         norm took 12.3 ms on NumPy's threads after a torch copy, 9.9 ms after
-        a NumPy one. ``torch.linalg.vector_norm`` of 64-element rows runs on
-        torch's own workers (9.8 ms) with float32 sums short enough to stay
-        within 1e-6 (:func:`_rows_accurate`); the rows' squares are added in
+        a NumPy one. ``torch.linalg.vector_norm`` of 128-element rows runs on
+        torch's own workers with float32 sums short enough to stay within
+        1e-6 (:func:`_rows_accurate`); the rows' squares are added in
         float64.
         """
         host = self._host
