@@ -174,20 +174,23 @@ class Plan:
             target = xp.complex128 if self._wide_acc() else xp.complex64
         return xp.abs(xp.astype(block, target, copy=False))
 
-    def real_dtype(self, index: int) -> Any:
-        """The dtype leaf ``index`` is multiplied in: its own, float32 for float16/bfloat16.
+    def factor_dtype(self, dtype: Any) -> Any:
+        """The dtype leaves of ``dtype`` are multiplied in: their own, float32 for float16/bfloat16.
 
         float16 and bfloat16 leaves are multiplied by the float32 scale and
         rounded once, as torch's ``mul_`` does (its ``opmath``): a scale
         rounded to the leaf's dtype first is off by up to half an ulp of
         it (1 ulp in 8% of bfloat16 products), and a scale below 6e-8
-        becomes 0 in float16.
+        becomes 0 in float16. Complex leaves: their real dtype.
         """
-        xp, x = self.xp, self.leaves[index]
-        info = self.info(index)
+        info = self._dtype_infos[dtype]
         if info is not None and (info.complex or info.narrow):
-            return xp.float64 if info.float64 else xp.float32
-        return x.dtype
+            return self.xp.float64 if info.float64 else self.xp.float32
+        return dtype
+
+    def real_dtype(self, index: int) -> Any:
+        """The dtype leaf ``index`` is multiplied in (:meth:`factor_dtype`)."""
+        return self.factor_dtype(self.leaves[index].dtype)
 
     # -- reductions --------------------------------------------------------------
     def _extreme(self, a: Any, axis: int | None = None) -> Any:
@@ -378,7 +381,7 @@ class Plan:
         xp = self.xp
         real = self.real_dtype(index)
         factor = xp.astype(scale, real)
-        if self.info(index).narrow:  # in float32, rounded once (see real_dtype)
+        if self.info(index).narrow:  # in float32, rounded once (see factor_dtype)
             out = xp.astype(xp.astype(block, real) * factor, block.dtype)
         else:
             out = block * factor

@@ -443,12 +443,12 @@ class NumpyPlan(Plan):
         """Threaded ``np.multiply(..., out=)``; leaves with scale 1 are not written.
 
         float16/bfloat16 leaves are multiplied by a float32 factor and
-        rounded once (:meth:`Plan.real_dtype`).
+        rounded once (:meth:`Plan.factor_dtype`).
         """
         infos = self._dtype_infos
         if zero or any(info is None or info.complex for info in infos.values()):
             return super().scale_leaves(scales, per_leaf=per_leaf, zero=zero, inplace=inplace)
-        real = {d: _F32 if info.narrow else d for d, info in infos.items()}
+        real = {d: self.factor_dtype(d) for d in infos}
         leaves = self.leaves
         unit = np.asarray(scales == 1)  # one comparison, on the host (NumPy's device)
         if not per_leaf and inplace and unit:

@@ -594,7 +594,7 @@ __device__ __forceinline__ bool gc_finite(double x) { return fabs(x) <= GC_DBL_M
 // x * s in the leaf's dtype; `zero`: NaN/inf entries become 0. `s` is the
 // scale in the leaf's (real) dtype, float32 for half and bfloat16: their
 // float32 product is rounded once more, as torch's mul_ (and the generic
-// path, gradclip._norms.Plan.real_dtype) does.
+// path, gradclip._norms.Plan.factor_dtype) does.
 template <typename R> struct ScaleReal {  // float32, float64
     R s;
     bool zero;

@@ -245,20 +245,17 @@ def _fast_ord(p: float, nonfinite: str) -> bool:
 # -------------------------------------------------------------------- scaling
 
 
-def _scale_all(leaves: Sequence[Any], scale: Any, zero: bool) -> Any:
-    def mul(x: Any) -> Any:
-        real = jnp.real(x).dtype if jnp.iscomplexobj(x) else x.dtype
-        if jnp.finfo(real).nmant < 23:  # float16/bfloat16: in float32 (Plan.real_dtype)
-            y = (x.astype(jnp.float32) * scale.astype(jnp.float32)).astype(x.dtype)
-        else:
-            y = x * scale.astype(real)
-        return jnp.where(jnp.isfinite(x), y, jnp.zeros_like(y)) if zero else y
+def _scale_all(plan: Plan, scale: Any, zero: bool) -> Any:
+    """Every leaf of ``plan`` times ``scale`` (:meth:`Plan.scaled`: the generic arithmetic)."""
+
+    def mul(leaves: list[Any]) -> list[Any]:
+        return [plan.scaled(i, x, scale, zero) for i, x in enumerate(leaves)]
 
     if zero:  # NaN/inf entries must become 0 even where the scale is 1
-        return [mul(x) for x in leaves]
+        return mul(plan.leaves)
     # Skip the write on the device when nothing needs clipping. NaN != 1, so
     # a NaN norm still reaches every leaf (torch's arithmetic).
-    return lax.cond(scale != 1, lambda ls: [mul(x) for x in ls], list, list(leaves))
+    return lax.cond(scale != 1, mul, list, list(plan.leaves))
 
 
 def _clip(
@@ -281,7 +278,7 @@ def _clip(
     scale = _core._scale_from_norm(plan, norm, max_norm, eps)
     if nonfinite == "skip":
         scale = jnp.where(finite, scale, jnp.ones_like(scale))
-    out = _scale_all(leaves, scale, nonfinite == "zero")
+    out = _scale_all(plan, scale, nonfinite == "zero")
     return out, ClipStats(norm, scale, scale < 1, finite)
 
 
