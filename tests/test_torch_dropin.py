@@ -555,6 +555,25 @@ def test_plain_tensors_are_not_parameters(fn):
     _assert_grads_equal(grads, before)
 
 
+@pytest.mark.parametrize("foreach", [None, False])
+def test_clip_grad_value_errors_name_the_parameter(foreach):
+    # The second parameter has no .grad: the bad one is parameters[2], not
+    # the second gradient, and the error names this function.
+    params = [torch.nn.Parameter(torch.ones(3)) for _ in range(2)]
+    params.append(torch.nn.Parameter(torch.ones(3, dtype=torch.complex64)))
+    params[0].grad, params[2].grad = torch.full((3,), 2.0), torch.ones(3, dtype=torch.complex64)
+    message = r"^clip_grad_value_: leaf parameters\[2\]\.grad is complex"
+    with pytest.raises(TypeError, match=message):
+        clip_grad_value_(params, 0.5, foreach)
+    assert torch.equal(params[0].grad, torch.full((3,), 2.0))
+    weight = torch.nn.Parameter(torch.ones(2, 2))
+    bias = torch.nn.Parameter(torch.ones(2).to("meta"))
+    weight.grad, bias.grad = torch.ones(2, 2), torch.ones(2).to("meta")
+    with pytest.raises(ValueError, match=r"^clip_grad_value_: leaf bias\.grad is on meta"):
+        clip_grad_value_([("weight", weight), ("bias", bias)], 0.5, foreach)
+    assert torch.equal(weight.grad, torch.ones(2, 2))
+
+
 def test_get_total_norm_rejects_parameters():
     model = _trained("float32")
     with pytest.raises(TypeError, match=r"tensors\[0\] is an nn.Parameter"):

@@ -733,6 +733,19 @@ def _clip_value(
     low, high = _value_bounds(clip_value, lo, hi)
     _check_nonfinite(nonfinite)
     prep = _prepare(tree, fn, inplace=inplace, whole=nonfinite != "raise")
+    return _clip_value_checked(fn, prep, low, high, nonfinite, fused, inplace)
+
+
+def _clip_value_checked(
+    fn: str,
+    prep: _Prepared,
+    low: Any,
+    high: Any,
+    nonfinite: str,
+    fused: bool | None,
+    inplace: bool,
+) -> Any:
+    """:func:`_clip_value` on checked leaves (``gradclip.torch`` names them after parameters)."""
     if prep.xp is None:
         return prep.flat.unflatten([])
     xp = prep.xp

@@ -549,8 +549,10 @@ def clip_grad_value_(parameters: _Tensors, clip_value: float, foreach: bool | No
     tensor([-1.0000,  0.2000,  1.0000])
     """
     fn = "clip_grad_value_"
+    low, high = _api._value_bounds(clip_value, None, None)
     flat, _, _ = _grads(parameters, fn)
-    _api.clip_by_value_(flat.leaves, clip_value, fused=_fused(foreach))
+    prep = _api._check(flat, fn, inplace=True)
+    _api._clip_value_checked(fn, prep, low, high, "propagate", _fused(foreach), True)
 
 
 # ------------------------------------------------------------------ AMP
