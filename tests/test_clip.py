@@ -164,6 +164,22 @@ def test_max_norm_as_array(xp):
     assert float(stats.scale) == pytest.approx(2.0 / (ref_norm(ref, 2) + 1e-6), rel=1e-6)
 
 
+@pytest.mark.parametrize("fused", [None, False])
+@pytest.mark.parametrize("fn", ["clip_by_global_norm", "clip_by_norm"])
+def test_nan_array_max_norm_gives_nan_not_a_silent_no_op(xp, fn, fused):
+    # A NaN device bound cannot be checked without a sync: it makes the scale
+    # NaN, as in torch's clip_grad_norm_, never 1. A NumPy 0-d bound is read.
+    leaves, _ = _leaves(xp)
+    limit = xp.ns.asarray(math.nan, dtype=xp.ns.float32)
+    if xp.name == "numpy":
+        with pytest.raises(ValueError, match="max_norm must be a number >= 0"):
+            getattr(gc, fn)(leaves, limit, fused=fused)
+        return
+    out, stats = getattr(gc, fn)(leaves, limit, fused=fused)
+    assert np.all(np.isnan(xp.numpy(stats.scale)))
+    assert all(np.all(np.isnan(xp.numpy(x))) for x in out)
+
+
 def test_precomputed_norm(xp):
     leaves, ref = _leaves(xp)
     out, stats = gc.clip_by_global_norm(leaves, 1.0, norm=100.0)

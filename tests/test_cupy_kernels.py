@@ -339,15 +339,20 @@ def test_array_threshold_and_value_bounds(dev: cuda_emulator.EmuDevice) -> None:
     _leaves_close(fast, ref, exact=True)
 
 
+@pytest.mark.parametrize("value", [2.0, math.nan], ids=["2", "nan"])
 @pytest.mark.parametrize("per_leaf", [False, True])
-def test_given_norm_and_array_bound(dev: cuda_emulator.EmuDevice, per_leaf: bool) -> None:
+def test_given_norm_and_array_bound(
+    dev: cuda_emulator.EmuDevice, per_leaf: bool, value: float
+) -> None:
+    # A NaN array bound (unchecked: a device value) gives a NaN scale, not 1.
     leaves = _tree("float32")
     norm = np.linspace(0.5, 9.0, len(leaves)).astype(np.float32) if per_leaf else 7.5
-    bound = np.asarray(2.0, np.float64)  # an array bound is cast to the result dtype
+    bound = np.asarray(value, np.float64)  # an array bound is cast to the result dtype
     fn = "clip_by_norm" if per_leaf else "clip_by_global_norm"
     kwargs = {"max_norm": bound, "p": 2.0, "eps": 1e-6, "nonfinite": "skip", "norm": norm}
     (fast, fstats), (ref, rstats) = _both(dev, fn, leaves, inplace=False, **kwargs)
     assert dev.launches[-2:] == ["gc_given", "gc_scale"]
+    assert np.all(np.isnan(fstats.scale)) == math.isnan(value)
     for a, b in zip(fstats, rstats, strict=True):
         _close(a, b, exact=True)
     _leaves_close(fast, ref, exact=True)

@@ -101,8 +101,9 @@ def _scale_from_norm(plan: Plan, norm: Any, max_norm: Any, eps: float) -> Any:
 
     Dividing only where ``norm + eps > max_norm`` (so the ratio is below 1)
     keeps a zero or subnormal norm from overflowing the quotient, which lazy
-    backends (dask) would report as a warning in the user's code. A NaN norm
-    still gives a NaN scale: torch's arithmetic.
+    backends (dask) would report as a warning in the user's code. A NaN norm,
+    or a NaN array ``max_norm`` (unchecked: checking would sync), still gives
+    a NaN scale: torch's arithmetic, where a silent scale of 1 would hide it.
     """
     xp = plan.xp
     max_norm = _bound(plan, max_norm)
@@ -110,7 +111,8 @@ def _scale_from_norm(plan: Plan, norm: Any, max_norm: Any, eps: float) -> Any:
     denom = norm + eps
     over = denom > max_norm
     scale = xp.where(over, max_norm / xp.where(over, denom, one), one)
-    return xp.where(xp.isnan(denom), denom, scale)
+    nan = denom + max_norm  # NaN where either is (both are >= 0 or NaN)
+    return xp.where(xp.isnan(nan), nan, scale)
 
 
 def clip_by_global_norm(

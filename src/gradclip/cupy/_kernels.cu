@@ -408,7 +408,8 @@ struct Out {
 template <typename R> __device__ R gc_clip_scale(R norm, R max_norm, R eps) {
     R denom = norm + eps;
     R s = denom > max_norm ? max_norm / denom : (R)1;
-    return denom != denom ? denom : s;
+    R nan = denom + max_norm;  // NaN where either is: a NaN bound must not give 1
+    return nan != nan ? nan : s;
 }
 
 // optax's clip_by_block_rms: 1 / max(1, (norm / sqrt(size)) / threshold).
