@@ -41,7 +41,8 @@ def raise_nonfinite(names: Sequence[str], bad: Sequence[int]) -> None:
     others = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
     raise NonFiniteError(
         f"non-finite gradient values in leaf {names[bad[0]]}{others}; nothing was modified. "
-        'Use nonfinite="zero" to drop them or nonfinite="skip" to leave the step unchanged.'
+        'Use nonfinite="zero" to drop them (or, when clipping, nonfinite="skip" to leave the '
+        "step unchanged)."
     )
 
 
