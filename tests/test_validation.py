@@ -68,10 +68,25 @@ def test_integer_and_bool_leaves(xp, dtype):
     tree = _tree(xp)
     tree["encoder"][3] = xp._to(np.ones(3, dtype=dtype))
     for fn in (gc.global_norm, gc.leaf_norms):
-        with pytest.raises(TypeError, match=r"leaf \['encoder'\]\[3\] has dtype .*floating point"):
+        with pytest.raises(TypeError, match=r"leaf \['encoder'\]\[3\] has dtype .*float16, bf"):
             fn(tree)
     with pytest.raises(TypeError, match=r"\['encoder'\]\[3\]"):
         gc.clip_by_global_norm(tree, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [np.longdouble, np.clongdouble])
+@pytest.mark.parametrize("fused", [None, False])
+def test_numpy_longdouble_leaves_are_named(dtype, fused):
+    # Wider than the float64 accumulator: rejected by name, not a math error.
+    if np.finfo(dtype).max == np.finfo(np.float64).max:
+        pytest.skip("longdouble is float64 on this platform")
+    tree = {"w": np.ones(3), "b": np.ones(2, dtype=dtype)}
+    for fn in (gc.global_norm, gc.leaf_norms):
+        with pytest.raises(TypeError, match=r"leaf \['b'\] has dtype .*; gradients must be"):
+            fn(tree, fused=fused)
+    with pytest.raises(TypeError, match=r"leaf \['b'\] has dtype"):
+        gc.clip_by_global_norm_(tree, 1.0, fused=fused)
+    np.testing.assert_array_equal(tree["w"], np.ones(3))
 
 
 def test_non_array_leaf(xp):

@@ -103,8 +103,8 @@ def _check(flat: Flat, fn: str, *, inplace: bool = False) -> _Prepared:
         if x.dtype not in good_dtypes:
             if _compat.dtype_info(xp, x.dtype) is None:
                 raise TypeError(
-                    f"{fn}: leaf {paths[i]} has dtype {x.dtype}; gradients must be floating point "
-                    "(float16, bfloat16, float32, float64 or complex)"
+                    f"{fn}: leaf {paths[i]} has dtype {x.dtype}; gradients must be "
+                    "float16, bfloat16, float32, float64, complex64 or complex128"
                 )
             good_dtypes.add(x.dtype)
         if backend == "torch" and x.layout is not _compat.torch_strided():

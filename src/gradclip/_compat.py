@@ -175,6 +175,10 @@ def _dtype_info(xp: Any, dtype: Any) -> DtypeInfo | None:
         fi = xp.finfo(dtype)
     max_v = float(fi.max)
     normal = float(fi.smallest_normal)
+    if math.isinf(max_v) or normal == 0:
+        # NumPy's longdouble and clongdouble: wider than the float64
+        # accumulator, and no other library or kernel takes them.
+        return None
     return DtypeInfo(
         complex=is_complex,
         float64=max_v > 1e300,
