@@ -128,6 +128,45 @@ def test_donate_writes_into_the_input_buffers():
     assert not bool(stats.clipped)
 
 
+@pytest.mark.parametrize(
+    ("fn", "args"),
+    [
+        ("clip_by_global_norm", (1.0,)),
+        ("clip_by_norm", (1.0,)),
+        ("clip_by_value", (0.5,)),
+        ("clip_by_block_rms", (0.5,)),
+    ],
+)
+def test_raise_checks_first_then_donates(fn, args):
+    # nonfinite="raise" names the bad leaf before the program runs, so a
+    # failed call donated nothing, and a passing call donates as asked.
+    bad = {"w": jnp.ones(5), "b": jnp.asarray([1.0, jnp.inf])}
+    with pytest.raises(gc.NonFiniteError, match=r"leaf \['b'\]"):
+        getattr(gcj, fn)(bad, *args, nonfinite="raise", donate=True)
+    assert not any(x.is_deleted() for x in bad.values())
+    good = {"w": jnp.arange(1.0, 1001.0), "b": jnp.full((3,), 2.0)}
+    want = getattr(gcj, fn)(good, *args)
+    pointer = good["w"].unsafe_buffer_pointer()
+    got = getattr(gcj, fn)(good, *args, nonfinite="raise", donate=True)
+    assert good["w"].is_deleted()
+    out = got if fn in ("clip_by_value", "clip_by_block_rms") else got[0]
+    assert out["w"].unsafe_buffer_pointer() == pointer
+    expected = want if fn in ("clip_by_value", "clip_by_block_rms") else want[0]
+    for key in ("w", "b"):
+        np.testing.assert_array_equal(np.asarray(out[key]), np.asarray(expected[key]))
+
+
+def test_raise_with_a_given_norm_checks_that_norm():
+    grads = [jnp.asarray([1.0, jnp.nan])]
+    out, _ = gcj.clip_by_global_norm(grads, 1.0, norm=2.0, nonfinite="raise")
+    assert np.isnan(np.asarray(out[0])[1])  # as in the generic path: the norm is what is checked
+    with pytest.raises(gc.NonFiniteError, match="the given norm is not finite"):
+        gcj.clip_by_global_norm([jnp.ones(2)], 1.0, norm=jnp.inf, nonfinite="raise")
+    with pytest.raises(gc.NonFiniteError, match=r"leaf \[1\]"):
+        gc.clip_by_norm([jnp.ones(2), jnp.ones(2)], 1.0, norm=jnp.asarray([1.0, jnp.nan]),
+                        nonfinite="raise")  # fmt: skip
+
+
 def test_nan_norm_reaches_every_leaf():
     # The skip-the-write branch must not swallow a NaN scale (torch's arithmetic).
     out, stats = gcj.clip_by_global_norm([jnp.asarray([1.0, jnp.nan]), jnp.ones(3)], 1.0)

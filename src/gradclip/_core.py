@@ -46,6 +46,19 @@ def raise_nonfinite(names: Sequence[str], bad: Sequence[int]) -> None:
     )
 
 
+def check_given(xp: Any, norm: Any, names: Sequence[str]) -> None:
+    """``nonfinite="raise"`` with a given norm: the norm is checked, not the leaves.
+
+    A given norm may already be all-reduced over ranks; a NaN in any leaf
+    anywhere makes it NaN. A 1-d ``norm`` holds one norm per leaf.
+    """
+    finite = xp.isfinite(norm)
+    if norm.ndim:
+        _check_finite(xp, [finite[i] for i in range(norm.shape[0])], names)
+    elif not bool(finite):
+        raise NonFiniteError(f"the given norm is not finite ({norm}); nothing was modified")
+
+
 def _reduce(
     plan: Plan, names: Sequence[str], nonfinite: str, *, per_leaf: bool = True
 ) -> list[Partial]:
@@ -137,8 +150,8 @@ def clip_by_global_norm(
     else:
         norm = xp.asarray(norm, dtype=plan.res, device=plan.device)
         finite = xp.isfinite(norm)
-        if nonfinite == "raise" and not bool(finite):
-            raise NonFiniteError(f"the given norm is not finite ({norm}); nothing was modified")
+        if nonfinite == "raise":
+            check_given(xp, norm, names)
     scale = _scale_from_norm(plan, norm, max_norm, eps)
     if nonfinite == "skip":
         scale = xp.where(finite, scale, plan.const(1.0, plan.res))
@@ -179,7 +192,7 @@ def clip_by_norm(
             )
         finite = xp.isfinite(norms)
         if nonfinite == "raise":
-            _check_finite(xp, [finite[i] for i in range(len(leaves))], names)
+            check_given(xp, norms, names)
     scales = _scale_from_norm(plan, norms, max_norm, eps)
     if nonfinite == "skip":
         scales = xp.where(finite, scales, plan.const(1.0, plan.res))

@@ -8,8 +8,8 @@ a ``shard_map``. The top-level functions take the same path for JAX leaves.
 
 Any JAX-registered pytree works (dicts, flax ``FrozenDict``, equinox modules).
 Nothing branches in Python on a value and nothing syncs with the host, except
-``nonfinite="raise"``, which must look at the values to name the bad leaf and
-so runs uncompiled.
+``nonfinite="raise"``, which must look at the values to name the bad leaf: a
+compiled pass reads one finite flag per leaf, and then the program runs.
 
 Global norms take one pass over the gradients in float32 and fall back to a
 scaled two-pass reduction, on the device, only when the float32 sum overflows
@@ -126,11 +126,28 @@ def _layout(tree: Any) -> Any:
     return _fast.mesh_layout(jax.tree_util.tree_leaves(tree))
 
 
+# The public name of each body, for nonfinite="raise"'s messages.
+_NAMES = {
+    "norm": "global_norm",
+    "clip": "clip_by_global_norm",
+    "clip_per_leaf": "clip_by_norm",
+    "value": "clip_by_value",
+    "block_rms": "clip_by_block_rms",
+    "per_example": "per_example_clip",
+}
+
+
 def _call(body: str, donate: bool, dynamic: tuple[Any, ...], **static: Any) -> Any:
     tree, *rest = dynamic
     if static.get("nonfinite") == "raise":
-        # Naming the leaf that holds a NaN needs its value on the host.
-        return functools.partial(_BODIES[body], **static)(tree, *rest)
+        # Naming the leaf that holds a NaN needs its value on the host: the
+        # leaves (or a given norm) are checked first, then the program runs,
+        # compiled and donated like any other, with nothing left to raise.
+        fn = _NAMES.get(body, body)
+        flat = _api._prepare(tree, f"gradclip.jax.{fn}").flat
+        given = rest[1] if body.startswith("clip") else None
+        _fast.check_finite(fn, flat.leaves, flat.paths, given)
+        static["nonfinite"] = "propagate"
     return _program(body, donate, tuple(sorted(static.items())))(tree, *rest)
 
 
@@ -146,7 +163,8 @@ def global_norm(
     ord : float, default 2.0
         As for :func:`gradclip.global_norm`.
     nonfinite : {"propagate", "raise", "zero"}, default "propagate"
-        As for :func:`gradclip.global_norm`; ``"raise"`` runs uncompiled.
+        As for :func:`gradclip.global_norm`; ``"raise"`` reads a finite flag
+        per leaf on the host before the compiled program runs.
     axis_name : hashable or tuple, optional
         Inside ``shard_map``: the mesh axes the leaves are sharded over. Each
         device passes its own shards and gets the norm of the whole tree,

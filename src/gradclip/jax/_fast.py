@@ -34,6 +34,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 from .. import _core
 from .._norms import Partial, Plan
 from .._stats import ClipStats
@@ -237,9 +239,9 @@ def _leaf_groups(leaves: Sequence[Any], layout: Any) -> list[Any]:
     return [_replicated(mesh, spec) for spec in specs]
 
 
-def _fast_ord(p: float, nonfinite: str) -> bool:
-    """Whether the one-pass path covers this call (else the generic core does)."""
-    return p > 0 and not math.isinf(p) and nonfinite != "raise"
+def _fast_ord(p: float) -> bool:
+    """Whether the one-pass path covers this ``ord`` (else the generic core does)."""
+    return p > 0 and not math.isinf(p)
 
 
 # -------------------------------------------------------------------- scaling
@@ -330,11 +332,22 @@ def _generic(fn: str, statics: tuple[tuple[str, Any], ...]) -> Any:
     return jax.jit(lambda leaves, dynamic: impl(jnp, leaves, (), **dict(statics), **dynamic))
 
 
-def _concrete(leaves: Sequence[Any], fn: str) -> None:
-    """Refuse traced leaves for ``nonfinite="raise"``, which reads values on the host."""
-    # Naming the bad leaf needs its value on the host, which a trace (jit,
-    # vmap, grad) does not have: JAX's own TracerBoolConversionError would not
-    # say which option caused it.
+def _finite(leaves: list[Any]) -> Any:
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+_finite_flags = jax.jit(_finite)  # one flag per leaf, one compiled pass
+
+
+def check_finite(fn: str, leaves: Sequence[Any], names: Sequence[str], norm: Any = None) -> None:
+    """``nonfinite="raise"``, before the compiled ``"propagate"`` program runs.
+
+    One compiled pass reads a flag per leaf back to the host, to name the bad
+    leaf (or, when ``norm`` is given, that norm is checked, as in the generic
+    path). The program itself then compiles, and donates, as any other.
+    """
+    # A trace (jit, vmap, grad) has no values to read: JAX's own
+    # TracerBoolConversionError would not say which option caused it.
     if any(isinstance(x, jax.core.Tracer) for x in leaves):
         other = "propagate" if fn == "per_example_clip" else "skip"
         raise TypeError(
@@ -343,6 +356,11 @@ def _concrete(leaves: Sequence[Any], fn: str) -> None:
             f'nonfinite="{other}" and read stats.finite (or optax.apply_if_finite), '
             "or call it outside the transform"
         )
+    if norm is not None:
+        _core.check_given(jnp, jnp.asarray(norm, Plan(jnp, 2.0, list(leaves)).res), names)
+    elif leaves:
+        flags = np.asarray(_finite_flags(list(leaves)))
+        _core.raise_nonfinite(names, np.flatnonzero(~flags).tolist())
 
 
 # Arguments that may be arrays (a schedule's value): passed to the compiled
@@ -351,10 +369,8 @@ _DYNAMIC = ("max_norm", "norm", "threshold", "lo", "hi")
 
 
 def _call_generic(fn: str, leaves: list[Any], names: Sequence[str], **kwargs: Any) -> Any:
-    """``_core.<fn>`` on the leaves, compiled (uncompiled for ``nonfinite="raise"``)."""
-    if kwargs.get("nonfinite") == "raise":
-        _concrete(leaves, fn)
-        return getattr(_core, fn)(jnp, leaves, names, **kwargs)
+    """``_core.<fn>`` on the leaves, compiled (``nonfinite="raise"`` checked first)."""
+    kwargs["nonfinite"] = _raise_first(fn, leaves, names, kwargs["nonfinite"], kwargs.get("norm"))
     dynamic = {k: kwargs.pop(k) for k in _DYNAMIC if k in kwargs}
     return _generic(fn, tuple(sorted(kwargs.items())))(list(leaves), dynamic)
 
@@ -378,7 +394,8 @@ def global_norm(
     they are tracers here (gradclip.jax compiles around this function).
     """
     axes = _axes(axis_name)
-    if not _fast_ord(p, nonfinite):
+    nonfinite = _raise_first("global_norm", leaves, names, nonfinite, None, axes, p)
+    if not _fast_ord(p):
         _no_axes(axes, p, nonfinite)
         return _call_generic("global_norm", leaves, names, p=p, nonfinite=nonfinite)
     if axes is None and layout is None:
@@ -402,7 +419,8 @@ def clip_by_global_norm(
 ) -> tuple[list[Any], ClipStats]:
     """:func:`gradclip._core.clip_by_global_norm`, in one pass for finite ``p > 0``."""
     axes = _axes(axis_name)
-    if not _fast_ord(p, nonfinite):
+    nonfinite = _raise_first("clip_by_global_norm", leaves, names, nonfinite, norm, axes, p)
+    if not _fast_ord(p):
         _no_axes(axes, p, nonfinite)
         return _call_generic(  # type: ignore[no-any-return]
             "clip_by_global_norm",
@@ -420,6 +438,23 @@ def clip_by_global_norm(
     elif layout is None:
         layout = mesh_layout(leaves)
     return _compiled(True, (p, eps, nonfinite, axes), layout)(list(leaves), max_norm, norm)  # type: ignore[no-any-return]
+
+
+def _raise_first(
+    fn: str,
+    leaves: Sequence[Any],
+    names: Sequence[str],
+    nonfinite: str,
+    norm: Any = None,
+    axes: Axes = None,
+    p: float = 2.0,
+) -> str:
+    """``nonfinite="raise"`` checked now (:func:`check_finite`); the policy the program runs."""
+    if nonfinite != "raise":
+        return nonfinite
+    _no_axes(axes, p, nonfinite)
+    check_finite(fn, leaves, names, norm)
+    return "propagate"
 
 
 def _no_axes(axes: Axes, p: float, nonfinite: str) -> None:
@@ -522,9 +557,7 @@ def _per_example(statics: tuple[tuple[str, Any], ...]) -> Any:
 
 def per_example_clip(xp: Any, leaves: list[Any], names: Sequence[str], **kwargs: Any) -> Any:
     """:func:`gradclip._core.per_example_clip`, compiled, with one-pass norms."""
-    if kwargs["nonfinite"] == "raise":
-        _concrete(leaves, "per_example_clip")
-        return _core.per_example_clip(jnp, leaves, names, **kwargs)
+    kwargs["nonfinite"] = _raise_first("per_example_clip", leaves, names, kwargs["nonfinite"])
     max_norm = kwargs.pop("max_norm")
     kwargs["axes"] = tuple(kwargs["axes"])
     return _per_example(tuple(sorted(kwargs.items())))(list(leaves), max_norm)
