@@ -173,6 +173,23 @@ def test_norms_match_generic(dev: cuda_emulator.EmuDevice, dtype: str, ord: floa
     assert float(fast_global(dev, leaves, ord)) == pytest.approx(ref_norm(leaves, ord), rel=1e-6)
 
 
+@pytest.mark.parametrize("fn", ["global_norm", "clip_by_global_norm"])
+def test_very_large_ord_takes_the_generic_path(dev: cuda_emulator.EmuDevice, fn: str) -> None:
+    # The kernels scale by powers of two, and (1.9 * 2**e / 2**e)**2000
+    # overflows float64: such ords go to the generic path, which scales by
+    # each block's maximum, and launch nothing.
+    leaves = _tree("float32")
+    kwargs = {"p": 2000.0, "nonfinite": "propagate"}
+    if fn == "clip_by_global_norm":
+        kwargs.update(max_norm=0.5, eps=1e-6, norm=None, inplace=False)
+    launched = len(dev.launches)
+    fast, _ = _both(dev, fn, leaves, **kwargs)
+    assert len(dev.launches) == launched
+    norm = fast if fn == "global_norm" else fast[1].norm
+    assert np.isfinite(norm)
+    assert float(norm) == pytest.approx(ref_norm(leaves, 2000.0), rel=1e-6)
+
+
 def fast_global(dev: cuda_emulator.EmuDevice, leaves: list[np.ndarray], ord: float) -> object:
     return _fast.global_norm(xp, leaves, _names(leaves), p=ord, nonfinite="propagate", device=dev)
 

@@ -132,6 +132,42 @@ def test_empty_or_zero_leaf_beside_tiny_float64(xp, shape):
     assert float(gc.global_norm(clipped)) == pytest.approx(1e-301, rel=1e-9)
 
 
+@pytest.mark.parametrize("first", ["zeros", "tiny"])
+def test_large_zero_leaf_beside_tiny_float32(xp, first):
+    # Leaves too large to be gathered into one buffer (the JAX path's
+    # GATHER): the zero leaf's exponent must not become the common one.
+    n = 70_000
+    tiny, zeros = xp.array(np.full(n, 1e-30), "float32"), xp.array(np.zeros(n), "float32")
+    leaves = [zeros, tiny] if first == "zeros" else [tiny, zeros]
+    want = math.sqrt(n) * float(xp.numpy(tiny)[0])
+    assert float(gc.global_norm(leaves)) == pytest.approx(want, rel=1e-6)
+    _, stats = gc.clip_by_global_norm(leaves, want / 2, eps=0.0)
+    assert float(stats.scale) == pytest.approx(0.5, rel=1e-6)
+
+
+@pytest.mark.parametrize("fused", [None, False])
+@pytest.mark.parametrize("ord", [100.0, 500.0, 1100.0, 5000.0, 1e6])
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_large_ord_does_not_overflow(xp, dtype, ord, fused):
+    # With the largest entry scaled into [1, 2), its ord-th power overflows a
+    # float64 sum from ord ~1000 (a float32 one from ~85): torch returns inf
+    # there and clipping zeroes the gradients.
+    need(xp, dtype)
+    rng = np.random.default_rng(3)
+    host = [rng.uniform(-3.9, 3.9, 5000), np.zeros(70), np.array([1e-3, -3.8, 3.89])]
+    if dtype == "float64":
+        host[1] = np.full(70, 1e-300)
+    leaves = [xp.array(h, dtype) for h in host]
+    ref = [xp.numpy(x) for x in leaves]
+    got = gc.global_norm(leaves, ord=ord, fused=fused)
+    np.testing.assert_allclose(float(got), ref_norm(ref, ord), rtol=1e-6)
+    per_leaf = xp.numpy(gc.leaf_norms(leaves, ord=ord, fused=fused))
+    np.testing.assert_allclose(per_leaf, [ref_norm([r], ord) for r in ref], rtol=1e-6)
+    clipped, stats = gc.clip_by_global_norm(leaves, 1.0, ord=ord, eps=0.0, fused=fused)
+    assert float(stats.scale) == pytest.approx(1 / ref_norm(ref, ord), rel=1e-6)
+    assert float(gc.global_norm(clipped, ord=ord)) == pytest.approx(1.0, rel=1e-2)
+
+
 def test_norm_of_subnormals(xp):
     if xp.name.startswith("jax"):
         pytest.skip("XLA on CPU flushes float32 subnormals to zero")

@@ -116,6 +116,12 @@ SHARDED = {
     "f64-spread-huge-p2": _sharded("float64", 2.0, scale=SPREAD * 1e250, torch_ok=False),
     "f64-spread-tiny-p3": _sharded("float64", 3.0, scale=SPREAD * 1e-250, torch_ok=False),
     "f64-spread-p1": _sharded("float64", 1.0, scale=SPREAD),
+    # Partials of very large ord carry their largest magnitude, not a power
+    # of two (whose ord-th power overflows): the MAX all-reduce is of those.
+    "f32-spread-p2000": _sharded("float32", 2000.0, scale=SPREAD, torch_ok=False),
+    "f64-spread-p5000-empty-first": _sharded(
+        "float64", 5000.0, scale=SPREAD * 1e200, bounds=EMPTY_FIRST, torch_ok=False
+    ),
 }
 
 

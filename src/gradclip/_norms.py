@@ -8,6 +8,15 @@ rescaling to the largest exponent, the way LAPACK's ``nrm2`` keeps a running
 scale, but vectorised over all blocks at once and with ``where`` in place of
 Python branches, so the code runs unchanged under ``jax.jit``.
 
+For very large ``p`` a power of two is too coarse: a block's largest entry
+scaled into ``[1, 2)`` has a ``p``-th power up to ``2**p``, which overflows
+the accumulator (float64 from ``p`` near 1000; JAX's float32 near 85), and
+one scaled into ``[0.5, 1)`` underflows. There (:func:`by_max`) each block is
+divided by its largest magnitude instead, so its largest term is exactly 1,
+and ``exp`` holds that magnitude itself: ``norm**p = exp**p * s``. The
+division rounds, but each term only to within an ulp, which the ``p``-th
+root gives back.
+
 The scaling is skipped when the dtypes make it provably unnecessary (for
 example float32 leaves with a float64 accumulator and ``p <= 6``): that is the
 common case and costs one pass with no extra reduction.
@@ -39,6 +48,21 @@ _NO_EXP = -65536.0
 
 _dtype = operator.attrgetter("dtype")
 _shape = operator.attrgetter("shape")
+
+
+def by_max(p: float, acc_max_exp2: float = 1024.0) -> bool:
+    """Whether p-norms of order ``p`` are scaled by each block's maximum (see the module notes).
+
+    Scaled by a power of two, ``sum(y**p)`` over ``2**42`` entries of ``y < 2``
+    stays below ``2**(p + 42)``, which must fit the accumulator (float64:
+    ``acc_max_exp2=1024``; float32: 128).
+
+    Examples
+    --------
+    >>> by_max(2.0), by_max(1000.0), by_max(100.0), by_max(100.0, 128.0)
+    (False, True, False, True)
+    """
+    return p > 0 and not math.isinf(p) and p + _LOG2_MAX_ELEMS >= acc_max_exp2 - 1
 
 
 def parse_ord(ord: Any) -> float:
@@ -94,6 +118,7 @@ class Plan:
     device: Any = field(init=False)
     acc: Any = field(init=False)
     res: Any = field(init=False)
+    by_max: bool = field(init=False)
     _acc_info: Any = field(init=False)
     _dtype_infos: dict[Any, Any] = field(init=False)
 
@@ -108,6 +133,7 @@ class Plan:
         self.acc = xp.float64 if wide or _compat.has_float64(xp, self.device) else xp.float32
         self._acc_info = _compat.dtype_info(xp, self.acc)
         self._dtype_infos = by_dtype
+        self.by_max = by_max(self.p, self._acc_info.max_exp2)
 
     # -- small helpers ---------------------------------------------------------
     def info(self, index: int) -> Any:
@@ -219,7 +245,12 @@ class Plan:
             return Partial(xp.astype(xp.count_nonzero(a), self.acc), None, finite)
         if not scaled:
             return Partial(self._powsum(a), None, finite)
-        exp = self.exponent(xp.max(a))
+        m = xp.max(a)
+        if self.by_max:
+            # 1 where there is nothing to scale by (all zeros, NaN or inf).
+            top = xp.where(xp.isfinite(m) & (m > 0), m, self.const(1.0))
+            return Partial(self._powsum(a / top), top, finite)
+        exp = self.exponent(m)
         y = a * xp.pow(self.const(2.0), -exp)
         return Partial(self._powsum(y), exp, finite)
 
@@ -307,21 +338,49 @@ class Plan:
             return Partial(self._extreme(values, axis=0), None, finite)
         if kind == "zero" or all(q.exp is None for q in parts):
             return Partial(xp.sum(values, axis=0), None, finite)
-        zero = xp.zeros_like(values[0, ...])
-        exps = xp.stack([zero if q.exp is None else q.exp for q in parts])
-        # A sum of 0 (an empty or all-zero leaf) must not set the common
-        # exponent: at its 0 the tiny sums of other leaves (float64 values of
-        # 1e-300) would be rescaled to 0.
-        live = values != 0
-        floor = self.const(_NO_EXP)
-        top = xp.max(xp.where(live, exps, floor), axis=0)
-        top = xp.where(top == floor, zero, top)
-        # (Zero sums get weight 1: 2**(p * (0 - top)) may overflow, and lazy
-        # backends would warn about it in the user's code.)
-        weights = xp.pow(self.const(2.0), self.p * (xp.where(live, exps, top) - top))
-        # Zero and non-finite sums pass through unweighted: inf * 0 makes a NaN.
-        terms = xp.where(live & xp.isfinite(values), values * weights, values)
+        none = xp.full_like(values[0, ...], self.exp_none)
+        exps = xp.stack([none if q.exp is None else q.exp for q in parts])
+        top = xp.max(self.exp_live(values, exps), axis=0)
+        terms, top = self.at_top(values, exps, top)
         return Partial(xp.sum(terms, axis=0), top, finite)
+
+    @property
+    def exp_none(self) -> float:
+        """The ``exp`` of an unscaled partial: ``2**0`` or a maximum of 1."""
+        return 1.0 if self.by_max else 0.0
+
+    @property
+    def exp_floor(self) -> float:
+        """Below any ``exp`` a partial with a nonzero sum carries."""
+        return 0.0 if self.by_max else _NO_EXP
+
+    def exp_live(self, values: Any, exps: Any) -> Any:
+        """``exps``, or a floor below them all where the sum is 0; their max is the common one.
+
+        A sum of 0 (an empty or all-zero leaf) must not set the common
+        exponent: at its 0 the tiny sums of other leaves (float64 values of
+        1e-300) would be rescaled to 0.
+        """
+        return self.xp.where(values != 0, exps, self.const(self.exp_floor))
+
+    def at_top(self, values: Any, exps: Any, top: Any) -> tuple[Any, Any]:
+        """Sums ``values`` (scaled by ``exps``) rescaled to ``top``, the max of :meth:`exp_live`.
+
+        Returns the rescaled sums and the common exponent (``top``, or the
+        unscaled one where every sum is 0).
+        """
+        xp = self.xp
+        top = xp.where(top == self.exp_floor, self.const(self.exp_none), top)
+        # Zero sums get weight 1: 2**(p * (0 - top)) may overflow, and lazy
+        # backends would warn about it in the user's code.
+        live = values != 0
+        e = xp.where(live, exps, top)
+        if self.by_max:
+            weights = xp.pow(e / top, self.p)
+        else:
+            weights = xp.pow(self.const(2.0), self.p * (e - top))
+        # Zero and non-finite sums pass through unweighted: inf * 0 makes a NaN.
+        return xp.where(live & xp.isfinite(values), values * weights, values), top
 
     def norm(self, part: Partial, size: int, dtype: Any = None) -> Any:
         """Turn a partial reduction of ``size`` elements into a norm (in ``dtype``, default res)."""
@@ -338,7 +397,7 @@ class Plan:
             elif self.p != 1:
                 value = xp.pow(value, 1.0 / self.p)
             if part.exp is not None:
-                value = value * xp.pow(self.const(2.0), part.exp)
+                value = value * (part.exp if self.by_max else xp.pow(self.const(2.0), part.exp))
         return xp.astype(value, dtype)
 
     def finite(self, part: Partial) -> Any:

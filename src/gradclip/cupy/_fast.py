@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .. import _core
+from .._norms import by_max
 from .._stats import ClipStats, NonFiniteError
 from . import _launch
 from ._launch import Device
@@ -127,7 +128,8 @@ def _entry(generic: Any, body: Any) -> Any:
         xp: Any, leaves: list[Any], names: Sequence[str], *, device: Device | None = None, **kw: Any
     ) -> Any:
         dev = _device(leaves, device)
-        if dev is None:
+        # The kernels scale p-norms by powers of two, which overflow for very large p.
+        if dev is None or by_max(kw.get("p", 2.0)):
             return generic(xp, leaves, names, **kw)
         return body(dev, xp, leaves, names, **kw)
 

@@ -202,28 +202,20 @@ def _pnorm(leaves: Sequence[Any], p: float, zero: bool, axes: Axes, groups: Sequ
 
     def scaled() -> tuple[Any, Any]:
         # The two-pass reduction: each buffer scaled by a power of two near
-        # its largest entry, the pairs merged at the largest exponent.
+        # its largest entry (by that entry, for very large p), the pairs
+        # merged at the largest exponent.
         parts = [plan.leaf(i) for i in range(len(bufs))]
-        zero_ = jnp.zeros((), acc)
-        exps = [zero_ if q.exp is None else q.exp for q in parts]
-        lowest = jnp.asarray(-jnp.inf, acc)
-        top = _pmax(
-            jnp.max(
-                jnp.stack(
-                    [
-                        e if k not in masks else jnp.where(masks[k], e, lowest)
-                        for e, k in zip(exps, keys, strict=True)
-                    ]
-                )
-            ),
-            axes,
-        )
-        terms = []
-        for q, e in zip(parts, exps, strict=True):
-            w = q.value * jnp.exp2(p * (e - top))
-            # Non-finite sums pass through unweighted: inf * 0 would make a NaN.
-            terms.append(jnp.where(jnp.isfinite(q.value), w, q.value))
-        s = _psum(_masked_sum(terms, keys, masks), axes)
+        none = jnp.asarray(plan.exp_none, acc)
+        values = jnp.stack([q.value for q in parts])
+        exps = jnp.stack([none if q.exp is None else q.exp for q in parts])
+        # A sum of 0 (zeros, or a replica counted on another device) must not
+        # set the common exponent, or it would flush the others' tiny sums.
+        live = plan.exp_live(values, exps)
+        for j, k in enumerate(keys):
+            if k in masks:
+                live = live.at[j].set(jnp.where(masks[k], live[j], plan.exp_floor))
+        terms, top = plan.at_top(values, exps, _pmax(jnp.max(live), axes))
+        s = _psum(_masked_sum(list(terms), keys, masks), axes)
         norm = plan.norm(Partial(s, top, None), size)
         flag = finite if zero else jnp.isfinite(s)
         return norm, flag

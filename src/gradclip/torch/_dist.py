@@ -8,9 +8,9 @@ the partial, a count of ranks that saw a non-finite value, and a count of
 NaN partials (MAX and MIN may drop a NaN, which the norm must keep).
 
 A p-norm's partial may carry a power-of-two exponent (float64 leaves are
-accumulated that way, see :mod:`gradclip._norms`), so for p-norms a MAX
-all-reduce of the exponents (0 where a partial has none) comes first and the
-sums are added at that common scale. It runs whatever the dtypes, so ranks
+accumulated that way, see :mod:`gradclip._norms`; for very large ``p``, the
+largest magnitude instead), so for p-norms a MAX all-reduce of the exponents
+comes first and the sums are added at that common scale. It runs whatever the dtypes, so ranks
 holding different dtypes, or no gradients at all, make the same collective
 calls: ``ord`` alone decides them.
 
@@ -30,9 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-# _NO_EXP: the exponent of a partial that adds nothing, below any float64
-# exponent and finite (2**(p * (e - top)) stays 1, not NaN, when no rank holds any).
-from .._norms import _NO_EXP, Partial, Plan
+from .._norms import Partial, Plan
 
 __all__ = ["Scope", "reduce_scopes", "scopes"]
 
@@ -162,16 +160,13 @@ def reduce_scopes(plan: Plan, groups: Sequence[Any], parts: Sequence[Sequence[Pa
         value = local.value
         exp = local.exp
         if group is not None and kind == "p":
-            here = plan.const(0.0) if exp is None else exp
+            here = plan.const(plan.exp_none) if exp is None else exp
             # A rank whose sum is 0 (an empty shard, or zeros) must not raise
             # the common exponent: at 0 it would flush the other ranks' sums
             # of tiny float64 values (below 2**(-1074 / p)) to 0 when rescaled.
-            here = xp.where(value == 0, plan.const(_NO_EXP), here)
-            top = here.clone()
+            top = plan.exp_live(value, here)
             _all_reduce(top, dist.ReduceOp.MAX, group)
-            weight = xp.pow(plan.const(2.0), plan.p * (here - top))
-            value = xp.where(xp.isfinite(value), value * weight, value)
-            exp = top
+            value, exp = plan.at_top(value, here, top)
         bad = xp.astype(xp.logical_not(plan.finite(local)), plan.acc)
         nan = xp.astype(xp.isnan(value), plan.acc)
         packed = xp.stack([value, sign * bad, sign * nan])

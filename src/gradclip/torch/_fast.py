@@ -230,7 +230,8 @@ class TorchPlan(Plan):
             if views is not None:
                 self._host = NumpyPlan(np, self.p, views, zero_nonfinite=self.zero_nonfinite)
                 return
-        self._kernels = kernel_route(self.leaves)
+        if not self.by_max:  # the kernels scale by powers of two only (see _norms)
+            self._kernels = kernel_route(self.leaves)
 
     # -- the kernels ---------------------------------------------------------------
     def _res_np(self) -> Any:
