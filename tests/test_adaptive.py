@@ -233,7 +233,10 @@ def test_agc_jax_layout_matches_optax():
     optax = importorskip("optax")
     jnp = jax.numpy
     params, grads = _agc_tree(1)
-    params, grads = params[:3], grads[:3]  # optax takes 0-4 dims; () is covered elsewhere
+    rng = np.random.default_rng(4)
+    for shape in [(4, 3, 5), (2, 3, 3, 4, 5), (1, 7, 1)]:  # multi-head, DHWIO, a vector
+        params.append(rng.standard_normal(shape))
+        grads.append(rng.standard_normal(shape) * rng.choice([0.001, 0.5], size=shape))
     p = [jnp.asarray(a, jnp.float32) for a in params]
     g = [jnp.asarray(a, jnp.float32) for a in grads]
     tx = optax.adaptive_grad_clip(0.01, eps=1e-3)
@@ -274,6 +277,11 @@ def test_agc_in_place_and_errors(mutable_xp):
         agc.update(g, (), params=[xp.array(params[0], "float32")] * 2)
     with pytest.raises(ValueError, match="layout"):
         AGC()
+    six = [xp.array(np.ones((2,) * 6), "float32")]
+    with pytest.raises(ValueError, match=r"leaf \[0\] has 6 dimensions"):
+        AGC(layout="jax").update(six, (), params=six)
+    # An empty tree comes back as itself, like every other gradclip function.
+    assert agc.update({}, (), params={})[0] == {}
 
 
 # ---------------------------------------------------------------------- AdaGC

@@ -444,10 +444,12 @@ def _unit_axes(x: Any, layout: str, axis: Any, name: str) -> tuple[int, ...] | N
         return None
     if ndim in (2, 3):
         return (0,)
-    if ndim == 4:
+    if ndim == 4:  # HWIO
         return (0, 1, 2)
+    if ndim == 5:  # DHWIO (Conv3D)
+        return (0, 1, 2, 3)
     raise ValueError(
-        f"AGC: leaf {name} has {ndim} dimensions; layout='jax' (optax) takes 0-4, "
+        f"AGC: leaf {name} has {ndim} dimensions; layout='jax' (optax) takes 0-5, "
         "pass axis= for others"
     )
 
@@ -474,9 +476,10 @@ class AGC(_Clipper):
     to ``clipping * max(|W_unit|, eps)`` where its norm exceeds that. Which
     axes make a unit depends on how weights are laid out:
 
-    - ``layout="jax"``: in x out weights and HWIO kernels, as
+    - ``layout="jax"``: in x out weights and HWIO (DHWIO) kernels, as
       ``optax.adaptive_grad_clip`` (a unit per column: axis 0 of 2-d and
-      3-d leaves, axes 0-2 of 4-d ones; vectors and scalars whole);
+      3-d leaves, axes 0-2 of 4-d ones, 0-3 of 5-d ones; vectors and
+      scalars whole);
     - ``layout="torch"``: out x in weights and OIHW kernels, as timm's
       ``adaptive_clip_grad`` (a unit per row: every axis but 0);
     - ``axis=``: the axes to reduce, for every leaf.
@@ -542,7 +545,7 @@ class AGC(_Clipper):
         prep = _api._check(grads, fn, inplace=inplace)
         xp = prep.xp
         if xp is None:
-            return ([] if not inplace else None), state, _api._empty_stats(False)
+            return (grads.unflatten([]) if not inplace else None), state, _api._empty_stats(False)
         acc = xp.float64 if _compat.has_float64(xp, _compat.device_of(grads.leaves[0])) else None
         out, before, after, finite = [], [], [], []
         for i, (g, w) in enumerate(zip(grads.leaves, weights.leaves, strict=True)):
