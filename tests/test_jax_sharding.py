@@ -188,3 +188,22 @@ def test_sharded_inside_a_callers_jit(mesh):
     assert float(stats.norm) == pytest.approx(_ref(single), rel=1e-6)
     for k in sharded:
         assert out[k].sharding.is_equivalent_to(sharded[k].sharding, sharded[k].ndim), k
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_uncommitted_leaf_beside_sharded_leaves(mesh, where):
+    # jnp.ones(3) is not committed to a device: jit places it beside the
+    # sharded leaves, so it is not "on another device". A committed one is.
+    sharded, single = _trees(mesh)
+    loose = jnp.linspace(0.5, 2.0, 3)
+    assert not loose.committed
+    tree = {"0": loose, **sharded} if where == "first" else {**sharded, "~": loose}
+    want = math.hypot(_ref(single), float(np.linalg.norm(np.asarray(loose, np.float64))))
+    assert float(gc.global_norm(tree)) == pytest.approx(want, rel=1e-6)
+    out, stats = gc.clip_by_global_norm(tree, 1.0)
+    assert float(stats.norm) == pytest.approx(want, rel=1e-6)
+    for k in sharded:
+        assert out[k].sharding.is_equivalent_to(sharded[k].sharding, sharded[k].ndim), k
+    stray = jax.device_put(loose, jax.devices()[3])
+    with pytest.raises(ValueError, match=r"leaf \['~'\] is on .*move them to one device"):
+        gc.global_norm({**tree, "~": stray})

@@ -76,7 +76,7 @@ def _check(flat: Flat, fn: str, *, inplace: bool = False) -> _Prepared:
     paths = flat.paths  # computed only if an error message needs them
     xp: Any = None
     backend = ""
-    first = 0
+    first = placed = 0
     where: Any = None
     checked: type | None = None  # trees hold thousands of leaves of one type
     good_dtypes: set[Any] = set()
@@ -88,7 +88,7 @@ def _check(flat: Flat, fn: str, *, inplace: bool = False) -> _Prepared:
             leaf_xp = _compat.namespace(x)
             name = _compat.backend_name(leaf_xp)
             if xp is None:
-                xp, backend, first, where = leaf_xp, name, i, _compat.device_key(x)
+                xp, backend, first = leaf_xp, name, i
             elif name != backend:
                 raise TypeError(
                     f"{fn}: leaf {paths[i]} is a {name} array but leaf {paths[first]} is a "
@@ -114,10 +114,12 @@ def _check(flat: Flat, fn: str, *, inplace: bool = False) -> _Prepared:
             )
         if kind is not np.ndarray:  # NumPy arrays all live on the host
             key = _compat.device_key(x)
-            if key is not None and where is not None and key != where:
+            if where is None:
+                where, placed = key, i
+            elif key is not None and key != where:
                 raise ValueError(
-                    f"{fn}: leaf {paths[i]} is on {_fmt_device(key)} but leaf {paths[first]} is on "
-                    f"{_fmt_device(where)}; move them to one device first"
+                    f"{fn}: leaf {paths[i]} is on {_fmt_device(key)} but leaf {paths[placed]} is "
+                    f"on {_fmt_device(where)}; move them to one device first"
                 )
         if inplace and not (kind is np.ndarray and x.flags.writeable and 0 not in x.strides):
             problem = _compat.writable_problem(x)

@@ -102,7 +102,9 @@ def device_key(x: Any) -> Any:
         return "cpu"
     if aac.is_jax_array(x):
         jax = sys.modules["jax"]
-        if isinstance(x, jax.core.Tracer):
+        # An uncommitted array (jnp.ones(3), not device_put) goes wherever the
+        # computation runs: jit moves it beside sharded leaves.
+        if isinstance(x, jax.core.Tracer) or not x.committed:
             return None
         return frozenset(x.devices())
     return str(aac.device(x))
