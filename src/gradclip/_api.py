@@ -226,25 +226,25 @@ def _check_nonfinite(nonfinite: str, allowed: tuple[str, ...] = NONFINITE) -> st
     return nonfinite
 
 
+def _scalar_bound(value: Any, name: str, *, allow_array: bool = True) -> Any:
+    """A bound as a float, or a 0-d device array: its value unchecked, as reading it would sync."""
+    device = _compat.is_array(value) and not isinstance(value, np.ndarray | np.generic)
+    number = isinstance(value, int | float | np.number | np.ndarray) and not isinstance(value, bool)
+    if not (number or (device and allow_array)):
+        raise TypeError(f"{name} must be a number; got {type(value).__name__}")
+    shape = tuple(getattr(value, "shape", ()))  # known without a sync
+    if shape:
+        what = "a number or a 0-d array" if allow_array else "a number"
+        raise ValueError(f"{name} must be {what}; got an array of shape {shape}")
+    return value if device else float(value)
+
+
 def _check_bound(value: Any, name: str, *, allow_array: bool = True) -> Any:
-    """A non-negative, non-NaN number; 0-d device arrays pass unchecked (checking would sync)."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a number; got {value!r}")
-    if isinstance(value, int | float | np.floating | np.integer) or (
-        isinstance(value, np.ndarray) and value.ndim == 0
-    ):
-        v = float(value)
-        if math.isnan(v) or v < 0:
-            raise ValueError(f"{name} must be a number >= 0; got {value!r}")
-        return v
-    if allow_array and _compat.is_array(value):
-        if len(value.shape) != 0:  # shapes are known without a sync
-            raise ValueError(
-                f"{name} must be a number or a 0-d array; got an array of shape "
-                f"{tuple(value.shape)}"
-            )
-        return value
-    raise TypeError(f"{name} must be a number >= 0; got {type(value).__name__}")
+    """A bound ``>= 0`` (not NaN), or a 0-d device array (see :func:`_scalar_bound`)."""
+    v = _scalar_bound(value, name, allow_array=allow_array)
+    if isinstance(v, float) and not v >= 0:
+        raise ValueError(f"{name} must be a number >= 0; got {value!r}")
+    return v
 
 
 def _check_eps(eps: Any) -> float:
@@ -675,7 +675,7 @@ def clip_by_block_rms(
     >>> gc.clip_by_block_rms({"w": np.array([2.0, -2.0]), "b": np.array([0.5])}, 1.0)
     {'w': array([ 1., -1.]), 'b': array([0.5])}
     """
-    threshold = _scalar_limit(threshold, "threshold")
+    threshold = _check_bound(threshold, "threshold")
     _check_nonfinite(nonfinite)
     prep = _prepare(tree, "clip_by_block_rms")
     if prep.xp is None:
@@ -687,36 +687,23 @@ def clip_by_block_rms(
 # ---------------------------------------------------------------------- value clipping
 
 
-def _scalar_bound(value: Any, name: str) -> Any:
-    """A bound given as a number or a 0-d array; an array's value is not checked (sync)."""
-    if _compat.is_array(value) and not isinstance(value, np.ndarray):
-        shape = tuple(value.shape)
-        if shape:
-            raise ValueError(f"{name} must be a single number (0-d); got an array of shape {shape}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, int | float | np.number | np.ndarray):
-        raise TypeError(f"{name} must be a number; got {type(value).__name__}")
-    if np.ndim(value) != 0:
-        raise ValueError(f"{name} must be a single number (0-d); got shape {np.shape(value)}")
-    if math.isnan(float(value)):
+def _signed_bound(value: Any, name: str) -> Any:
+    """``lo`` or ``hi``: any number but NaN, or a 0-d device array (see :func:`_scalar_bound`)."""
+    v = _scalar_bound(value, name)
+    if isinstance(v, float) and math.isnan(v):
         raise ValueError(f"{name} must not be NaN")
-    return float(value)
-
-
-def _scalar_limit(value: Any, name: str) -> Any:
-    """A bound ``>= 0`` given as a number or a 0-d array (an array is not checked)."""
-    return _check_bound(_scalar_bound(value, name), name)
+    return v
 
 
 def _value_bounds(clip_value: Any, lo: Any, hi: Any) -> tuple[Any, Any]:
     if clip_value is not None:
         if lo is not None or hi is not None:
             raise TypeError("give either clip_value or lo=/hi=, not both")
-        c = _scalar_limit(clip_value, "clip_value")
+        c = _check_bound(clip_value, "clip_value")
         return -c, c
     if lo is None and hi is None:
         raise TypeError("give clip_value, or at least one of lo= and hi=")
-    low, high = (None if v is None else _scalar_bound(v, n) for n, v in (("lo", lo), ("hi", hi)))
+    low, high = (None if v is None else _signed_bound(v, n) for n, v in (("lo", lo), ("hi", hi)))
     if isinstance(low, float) and isinstance(high, float) and low > high:
         raise ValueError(f"lo must be <= hi; got lo={lo!r}, hi={hi!r}")
     return low, high
@@ -856,11 +843,11 @@ _SPLITS = ("uniform", "size")
 
 
 def _check_positive(value: Any, what: str) -> Any:
-    """A bound ``C > 0``; device arrays pass unchecked (checking would sync)."""
-    number = isinstance(value, int | float | np.number) and not isinstance(value, bool)
-    if number and not float(value) > 0:  # NaN too
+    """A bound ``C > 0``, or a 0-d device array (see :func:`_scalar_bound`)."""
+    v = _scalar_bound(value, what)
+    if isinstance(v, float) and not v > 0:  # NaN too
         raise ValueError(f"{what} must be > 0; got {value!r}")
-    return _check_bound(value, what)
+    return v
 
 
 def _batch_axes(flat: Flat, axis: Any) -> tuple[list[int], int]:

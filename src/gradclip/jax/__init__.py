@@ -390,7 +390,7 @@ def clip_by_block_rms(
     >>> float(jnp.sqrt(jnp.mean(out[0] ** 2)))
     1.0
     """
-    threshold = _api._scalar_limit(threshold, "threshold")
+    threshold = _api._check_bound(threshold, "threshold")
     return _call("block_rms", donate, (tree, threshold), nonfinite=nonfinite)
 
 
