@@ -125,7 +125,8 @@ def _scale_from_norm(plan: Plan, norm: Any, max_norm: Any, eps: float) -> Any:
     denom = norm + eps
     over = denom > max_norm
     scale = xp.where(over, max_norm / xp.where(over, denom, one), one)
-    nan = denom + max_norm  # NaN where either is (both are >= 0 or NaN)
+    # NaN where either is (both are >= 0 or NaN); a Python bound was checked.
+    nan = denom if isinstance(max_norm, int | float) else denom + max_norm
     return xp.where(xp.isnan(nan), nan, scale)
 
 
