@@ -10,9 +10,9 @@ NaN partials (MAX and MIN may drop a NaN, which the norm must keep).
 A p-norm's partial may carry a power-of-two exponent (float64 leaves are
 accumulated that way, see :mod:`gradclip._norms`; for very large ``p``, the
 largest magnitude instead), so for p-norms a MAX all-reduce of the exponents
-comes first and the sums are added at that common scale. It runs whatever the dtypes, so ranks
-holding different dtypes, or no gradients at all, make the same collective
-calls: ``ord`` alone decides them.
+comes first and the sums are added at that common scale. It runs whatever
+the dtypes, so ranks holding different dtypes, or no gradients at all, make
+the same collective calls: ``ord`` alone decides them.
 
 DTensor gradients are reduced from their local shards over their device
 mesh, one all-reduce per mesh (one per mesh dimension where a mesh of two or
