@@ -375,6 +375,27 @@ def test_given_norm_and_array_bound(
     _leaves_close(fast, ref, exact=True)
 
 
+@pytest.mark.parametrize("per_leaf", [False, True])
+def test_raise_with_a_non_finite_given_norm(dev: cuda_emulator.EmuDevice, per_leaf: bool) -> None:
+    # The given norm is what "raise" checks, before any launch.
+    leaves = _tree("float32")
+    before = [x.copy() for x in leaves]
+    norm = np.ones(len(leaves), np.float32) if per_leaf else np.float32(np.nan)
+    if per_leaf:
+        norm[2] = np.inf
+    fn = "clip_by_norm" if per_leaf else "clip_by_global_norm"
+    launched = len(dev.launches)
+    message = r"leaf \[2\]" if per_leaf else "the given norm is not finite"
+    with pytest.raises(NonFiniteError, match=message):
+        getattr(_fast, fn)(
+            xp, leaves, _names(leaves), max_norm=1.0, p=2.0, eps=1e-6, nonfinite="raise",
+            norm=norm, inplace=True, device=dev,
+        )  # fmt: skip
+    assert len(dev.launches) == launched
+    for x, y in zip(leaves, before, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_given_norm_shape_is_checked(dev: cuda_emulator.EmuDevice) -> None:
     leaves = _tree("float32")
     with pytest.raises(ValueError, match="one norm per leaf"):

@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import _core
 from .._norms import by_max
-from .._stats import ClipStats, NonFiniteError
+from .._stats import ClipStats
 from . import _launch
 from ._launch import Device
 
@@ -183,14 +183,9 @@ def _clip(
                 if per_leaf
                 else f"norm= must be a single number (0-d); got shape {tuple(given.shape)}"
             )
-        _launch.given(dev, lay, out, given, **bound)
         if nonfinite == "raise":
-            if per_leaf:
-                _check(dev, out, names)
-            elif not bool(_host(out.finite(dev))):
-                raise NonFiniteError(
-                    f"the given norm is not finite ({_host(given)}); nothing was modified"
-                )
+            _core.check_given(xp, given, names)
+        _launch.given(dev, lay, out, given, **bound)
     zero = nonfinite == "zero"
     new = _scaled(dev, lay, out, leaves, per_leaf=per_leaf, zero=zero, inplace=inplace)
     if per_leaf:
