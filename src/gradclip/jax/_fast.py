@@ -210,10 +210,8 @@ def _pnorm(leaves: Sequence[Any], p: float, zero: bool, axes: Axes, groups: Sequ
         exps = jnp.stack([none if q.exp is None else q.exp for q in parts])
         # A sum of 0 (zeros, or a replica counted on another device) must not
         # set the common exponent, or it would flush the others' tiny sums.
-        live = plan.exp_live(values, exps)
-        for j, k in enumerate(keys):
-            if k in masks:
-                live = live.at[j].set(jnp.where(masks[k], live[j], plan.exp_floor))
+        counted = jnp.stack([masks.get(k, True) for k in keys])  # not a replica elsewhere
+        live = jnp.where(counted, plan.exp_live(values, exps), plan.exp_floor)
         terms, top = plan.at_top(values, exps, _pmax(jnp.max(live), axes))
         s = _psum(_masked_sum(list(terms), keys, masks), axes)
         norm = plan.norm(Partial(s, top, None), size)
