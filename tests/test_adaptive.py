@@ -321,6 +321,20 @@ def test_adagc_matches_its_definition(xp):
             )
 
 
+def test_adagc_without_warmup_starts_the_ema_from_the_first_step(xp):
+    # warmup_steps=0 behaves like 1: the first step has no EMA to clip
+    # against, so it is clipped globally and its norms start the EMAs.
+    seq = _sequence(steps=8)
+    want = _adagc_reference(seq, 1.05, 0.98, 1, 2.0)
+    clipper = AdaGC(warmup_steps=0, max_grad_norm=2.0)
+    state = clipper.init([xp.array(a, "float32") for a in seq[0]])
+    for t, tree in enumerate(seq):
+        _, state, stats = clipper.update([xp.array(a, "float32") for a in tree], state)
+        state = _settle(state)
+        np.testing.assert_allclose(xp.numpy(stats.scale), want[t], rtol=1e-5, err_msg=str(t))
+    assert np.all(np.asarray(xp.numpy(state.ema)) > 0)
+
+
 # ------------------------------------------------------------------ state dicts
 
 

@@ -638,6 +638,8 @@ class AdaGC(_Clipper):
         EMA factor.
     warmup_steps : int, default 100
         Steps of global clipping before the per-tensor thresholds apply.
+        The first finite step is always one of them, since its norms start
+        the EMAs: ``warmup_steps=0`` behaves like 1.
     max_grad_norm : float, default 1.0
         The global bound during the warm-up.
     nonfinite : {"propagate", "zero", "skip", "raise"}, default "propagate"
@@ -704,12 +706,14 @@ class AdaGC(_Clipper):
         threshold = self.relative * state.ema
         above = norms + eps > threshold
         own = xp.where(above, threshold / xp.where(above, norms + eps, one), one)
-        warm = state.count < int(self.warmup_steps)
+        # Until a finite step has started the EMAs there is no per-tensor
+        # threshold (it would be 0 and zero the step, and the EMAs with it).
+        first = state.count == 0
+        warm = (state.count < int(self.warmup_steps)) | first
         scales = xp.where(warm, global_scale * one, own)
         if self.nonfinite == "skip":
             scales = xp.where(finite, scales, one)
         clipped_norms = norms * scales
-        first = state.count == 0
         ema = xp.where(
             first, clipped_norms, self.beta * state.ema + (1 - self.beta) * clipped_norms
         )
