@@ -335,6 +335,20 @@ def test_adagc_without_warmup_starts_the_ema_from_the_first_step(xp):
     assert np.all(np.asarray(xp.numpy(state.ema)) > 0)
 
 
+def test_adagc_warmup_propagates_nan_as_clip_by_global_norm(xp):
+    import gradclip as gc
+
+    tree = [np.full(4, 3.0), np.array([np.nan, 1.0, 1.0, 1.0])]
+    clipper = AdaGC(warmup_steps=5, max_grad_norm=1.0)  # nonfinite="propagate"
+    leaves = [xp.array(a, "float32") for a in tree]
+    out, state, stats = clipper.update(leaves, clipper.init(leaves))
+    want, _ = gc.clip_by_global_norm([xp.array(a, "float32") for a in tree], 1.0)
+    for a, b in zip(out, want, strict=True):
+        np.testing.assert_array_equal(xp.numpy(a), xp.numpy(b))  # NaN, as torch gives
+    assert np.all(np.isnan(xp.numpy(stats.scale)))
+    assert int(np.asarray(xp.numpy(state.skipped))) == 1
+
+
 # ------------------------------------------------------------------ state dicts
 
 

@@ -697,11 +697,16 @@ class AdaGC(_Clipper):
         finite = xp.all(xp.isfinite(norms))
         one = xp.ones_like(norms)
         eps = 1e-6
-        # Warm-up: global-norm clipping at max_grad_norm (torch's formula).
+        # Warm-up: global-norm clipping at max_grad_norm, with
+        # clip_by_global_norm's arithmetic: min(1, cap / (total + eps)),
+        # dividing only where the ratio is below 1 (no overflow), and a NaN
+        # total giving a NaN scale as torch does, not a silent 1.
         total = xp.sqrt(xp.sum(norms**2))
         cap = float(self.max_grad_norm)
-        over = total + eps > cap
-        global_scale = xp.where(over, cap / xp.where(over, total + eps, xp.ones_like(total)), 1.0)
+        denom = total + eps
+        over = denom > cap
+        global_scale = xp.where(over, cap / xp.where(over, denom, xp.ones_like(denom)), 1.0)
+        global_scale = xp.where(xp.isnan(denom), denom, global_scale)
         # After it: each tensor against its own EMA.
         threshold = self.relative * state.ema
         above = norms + eps > threshold
