@@ -92,7 +92,10 @@ def test_clip_grad_norm_matches_generic(kernels, dtype, ord):
     want = gct.get_total_norm(grads, ord, foreach=False)
     max_norm = 0.25 * float(want) if float(want) > 0 else 1.0
     ref = gct.clip_grad_norm_(ref_params, max_norm, ord, foreach=False)
+    versions = [p.grad._version for p in params]
     got = gct.clip_grad_norm_(params, max_norm, ord)
+    # The kernel writes behind torch's back; autograd must still see them.
+    assert all(p.grad._version > v for p, v in zip(params, versions, strict=True))
     assert got.dtype == ref.dtype
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
     for p, q in zip(params, ref_params, strict=True):

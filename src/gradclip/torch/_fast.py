@@ -108,6 +108,17 @@ def _numpy_views(leaves: list[Any], dtypes: set[Any]) -> list[Any] | None:
         return None
 
 
+def _written(leaves: list[Any]) -> None:
+    """Tell autograd that ``leaves`` were written in place behind torch's back.
+
+    Writes through NumPy views or CuPy kernels do not bump a tensor's version
+    counter, as torch's own in-place ops do; a gradient saved for a double
+    backward (``create_graph=True``, a gradient penalty) would then be used
+    modified without autograd's "modified by an inplace operation" error.
+    """
+    _torch().autograd.graph.increment_version(leaves)
+
+
 def _as_torch(part: Partial, device: Any) -> Partial:
     torch = _torch()
 
@@ -372,6 +383,9 @@ class TorchPlan(Plan):
         for dtype, members in self._groups().items():
             if dtype.is_complex:
                 continue
+            # torch's foreach max of an empty tensor raises; such a leaf's
+            # partial is the identity, from Plan.leaf.
+            members = [i for i in members if self.leaves[i].numel()]
             norms = torch._foreach_norm([self.leaves[i] for i in members], self.p)
             for i, n in zip(members, norms, strict=True):
                 out[i] = Partial(n.to(self.acc), None, None)
@@ -405,6 +419,7 @@ class TorchPlan(Plan):
         torch = _torch()
         if inplace and self._kernels is not None:
             self._kernel_scale(scales, per_leaf=per_leaf, zero=zero)
+            _written(self.leaves)
             return list(self.leaves)
         complex_ = any(info is None or info.complex for info in self._dtype_infos.values())
         if per_leaf or zero or complex_:
@@ -413,6 +428,7 @@ class TorchPlan(Plan):
                     self._host.scale_leaves(
                         scales.numpy(), per_leaf=per_leaf, zero=zero, inplace=True
                     )
+                _written(self.leaves)
                 return list(self.leaves)
             return super().scale_leaves(scales, per_leaf=per_leaf, zero=zero, inplace=inplace)
         if inplace and self.device.type == "cpu" and bool(scales == 1):
