@@ -435,6 +435,55 @@ def test_error_if_nonfinite_is_a_runtime_error_like_torch():
 
 
 @pytest.mark.parametrize("foreach", [None, False])
+def test_error_if_nonfinite_raises_on_a_norm_past_float32(route, foreach):
+    # Finite float32 gradients whose norm (6e38) is past float32's range:
+    # torch raises, and so must the drop-in, not zero the gradients.
+    def params():
+        p = torch.nn.Parameter(torch.zeros(4))
+        p.grad = torch.full((4,), 3e38)
+        return [p]
+
+    theirs = params()
+    with pytest.raises(RuntimeError, match="non-finite"):
+        torch.nn.utils.clip_grad_norm_(theirs, 1.0, error_if_nonfinite=True, foreach=foreach)
+    ours = params()
+    with pytest.raises(RuntimeError, match=r"overflows torch\.float32"):
+        clip_grad_norm_(ours, 1.0, error_if_nonfinite=True, foreach=foreach)
+    _assert_grads_equal([ours[0].grad], [theirs[0].grad])  # neither modified
+    with pytest.raises(RuntimeError, match="overflows"):
+        get_total_norm([ours[0].grad], error_if_nonfinite=True, foreach=foreach)
+
+
+@pytest.mark.parametrize("kwargs", [{"nonfinite": "zero"}, {}], ids=["zero", "complex"])
+def test_in_place_writes_bump_the_version_counter(route, kwargs):
+    # A gradient kept for a double backward (create_graph=True) and then
+    # clipped: autograd must see the write, as after torch's own clip, and
+    # refuse the stale saved tensor. Writes through NumPy views (nonfinite=
+    # "zero", complex gradients) do not bump the counter by themselves.
+    dtype = torch.float32 if kwargs else torch.complex64
+    x = torch.nn.Parameter(torch.tensor([3.0, 4.0], dtype=dtype))
+    # autograd.grad, not backward(create_graph=True), which warns of a cycle
+    (x.grad,) = torch.autograd.grad((x.abs() ** 2).sum(), x, create_graph=True)
+    penalty = (x.grad.abs() ** 2).sum()
+    before = x.grad._version
+    clip_grad_norm_([x], 1.0, **kwargs)
+    assert x.grad._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        penalty.backward()
+
+
+@pytest.mark.parametrize("foreach", FOREACH)
+def test_inf_norm_with_an_empty_gradient(route, foreach):
+    # torch's foreach max raises on an empty tensor; the empty leaf counts
+    # for nothing on every route, as on the generic one.
+    grads = [torch.zeros(0), torch.tensor([-4.0, 1.0])]
+    assert float(get_total_norm(grads, math.inf, foreach=foreach)) == 4.0
+    params = _params(*grads)
+    assert float(clip_grad_norm_(params, 1.0, math.inf, foreach=foreach)) == 4.0
+    assert params[1].grad.tolist() == pytest.approx([-1.0, 0.25], rel=1e-6)
+
+
+@pytest.mark.parametrize("foreach", [None, False])
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, -math.inf, 0.0])
 @pytest.mark.parametrize("bad", BAD)
 def test_zero_drops_nonfinite_entries(route, bad, norm_type, foreach):
@@ -758,6 +807,22 @@ def test_unscale_clip_twice_raises():
     # After update() a new step may unscale again.
     _backward(model, opt, scaler, torch.ones(4, 8), torch.zeros(4, 2), False)
     assert math.isfinite(float(unscale_clip_grad_norm_(scaler, opt, 1.0)))
+
+
+def test_unscale_clip_skips_optimizer_tensors_without_grad(route):
+    # An optimizer may hold a plain tensor that gets no gradient (frozen);
+    # GradScaler.unscale_ and clip_grad_norm_ skip it, and so must this.
+    model, _, scaler = _amp_setup()
+    frozen = torch.zeros(3)
+    opt = torch.optim.SGD([*model.parameters(), frozen], lr=0.1)
+    _backward(model, opt, scaler, torch.ones(4, 8), torch.full((4, 2), 3.0), False)
+    theirs = _copy(model)
+    for p in theirs.parameters():  # unscale_ by a power of two: exact
+        p.grad.mul_(1.0 / scaler.get_scale())
+    want = torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.1)
+    norm = unscale_clip_grad_norm_(scaler, opt, 0.1)
+    torch.testing.assert_close(norm, want, rtol=1e-6, atol=0)
+    _assert_grads_close(model, theirs)
 
 
 def test_unscale_clip_with_a_disabled_scaler(route):

@@ -226,7 +226,29 @@ def _total(
     scopes: list[_dist.Scope] | None,
     inv_scale: Any,
 ) -> tuple[Any, Any]:
-    """The global norm (result dtype, unscaled by ``inv_scale``) and the finite flag."""
+    """The global norm (result dtype, unscaled by ``inv_scale``) and the finite flag.
+
+    With ``policy="raise"`` (torch's ``error_if_nonfinite``) a norm that is
+    not finite raises, as in torch, though every value is: one past the
+    result dtype's range (float32 gradients near 3e38) would make the scale 0
+    and zero the gradients.
+    """
+    norm, finite = _norm_and_flag(plan, names, policy, scopes, inv_scale)
+    if policy == "raise" and not bool(plan.xp.isfinite(norm)):
+        raise NonFiniteError(
+            f"the total norm of order {plan.p} is {float(norm)}: it overflows {norm.dtype}, "
+            "though every gradient value is finite; nothing was modified"
+        )
+    return norm, finite
+
+
+def _norm_and_flag(
+    plan: Plan,
+    names: Paths | list[str],
+    policy: str,
+    scopes: list[_dist.Scope] | None,
+    inv_scale: Any,
+) -> tuple[Any, Any]:
     xp = plan.xp
     if scopes is None and (inv_scale is None or plan.kind == "zero"):
         # (The count of nonzero gradients, ord=0, does not change with a scale.)
@@ -610,7 +632,10 @@ def unscale_clip_grad_norm_(
     """
     from torch.amp.grad_scaler import OptState
 
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    # GradScaler.unscale_ skips parameters without a gradient, plain tensors
+    # too: the mistake clip_grad_norm_ guards against (passing gradients)
+    # cannot happen with an optimizer's parameters.
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     kwargs: dict[str, Any] = {
         "nonfinite": nonfinite,
         "process_group": process_group,
@@ -633,7 +658,7 @@ def unscale_clip_grad_norm_(
     inv_scale = scaler._scale.double().reciprocal().float()
     stats = clip_grad_norm_(params, max_norm, norm_type, inv_scale=inv_scale, **kwargs)
     found_inf = torch.logical_not(stats.finite).to(torch.float32)
-    devices = {p.grad.device for p in params if p.grad is not None} or {scaler._scale.device}
+    devices = {p.grad.device for p in params} or {scaler._scale.device}
     state["found_inf_per_device"] = {d: found_inf.to(d) for d in devices}
     state["stage"] = OptState.UNSCALED
     return stats if return_stats else stats.norm
