@@ -284,6 +284,28 @@ def test_agc_in_place_and_errors(mutable_xp):
     assert agc.update({}, (), params={})[0] == {}
 
 
+@pytest.mark.parametrize("layout", ["jax", "torch"])
+@pytest.mark.parametrize("shape", [(0,), (0, 3), (3, 0)])
+def test_agc_passes_zero_size_leaves_unchanged(xp, layout, shape):
+    # optax.adaptive_grad_clip passes them; a unit with no entries has no norm.
+    params, grads = _agc_tree(5)
+    agc = AGC(layout=layout)
+    g = [xp.array(np.zeros(shape), "float32"), xp.array(grads[0], "float32")]
+    p = [xp.array(np.zeros(shape), "float32"), xp.array(params[0], "float32")]
+    out, _, stats = agc.update(g, (), params=p)
+    assert tuple(out[0].shape) == shape
+    alone, _, want = agc.update(g[1:], (), params=p[1:])
+    np.testing.assert_array_equal(xp.numpy(out[1]), xp.numpy(alone[0]))
+    for name in ("norm", "scale", "clipped", "finite"):
+        got, ref = (np.asarray(xp.numpy(getattr(s, name))) for s in (stats, want))
+        np.testing.assert_array_equal(got, ref, err_msg=name)
+    # A tree of nothing but empty leaves: nothing to clip, a norm of 0.
+    out, _, stats = agc.update(g[:1], (), params=p[:1])
+    assert tuple(out[0].shape) == shape
+    assert float(np.asarray(xp.numpy(stats.norm))) == 0.0
+    assert float(np.asarray(xp.numpy(stats.scale))) == 1.0
+
+
 # ---------------------------------------------------------------------- AdaGC
 
 

@@ -555,6 +555,11 @@ class AGC(_Clipper):
                     f"{fn}: leaf {name} has shape {tuple(g.shape)} but its parameter has "
                     f"{tuple(w.shape)}"
                 )
+            if 0 in tuple(g.shape):
+                # No entries, no unit norm (the max has no identity): the leaf
+                # comes back as it is, as from optax.adaptive_grad_clip.
+                out.append(g)
+                continue
             info = _compat.dtype_info(xp, g.dtype)
             dtype = xp.float64 if info is not None and info.float64 else xp.float32
             axes = _unit_axes(g, self.layout or "", self.axis, name)
@@ -569,10 +574,14 @@ class AGC(_Clipper):
             before.append(xp.sum(xp.astype(g_norm, wide) ** 2))
             after.append(xp.sum(xp.astype(xp.where(keep, g_norm, max_norm), wide) ** 2))
             finite.append(xp.all(xp.isfinite(g_norm)))
+        res = xp.float64 if any(x.dtype == xp.float64 for x in out) else xp.float32
+        device = _compat.device_of(grads.leaves[0])
+        if not before:  # every leaf is empty: a norm of 0, nothing clipped
+            zero = xp.zeros((), dtype=acc or res, device=device)
+            before, after, finite = [zero], [zero], [xp.isfinite(zero)]
         norm = xp.sqrt(xp.sum(xp.stack(before)))
         norm_after = xp.sqrt(xp.sum(xp.stack(after)))
-        res = xp.float64 if any(x.dtype == xp.float64 for x in out) else xp.float32
-        one = xp.ones((), dtype=norm.dtype, device=_compat.device_of(norm))
+        one = xp.ones((), dtype=norm.dtype, device=device)
         scale = xp.where(norm > 0, norm_after / xp.where(norm > 0, norm, one), one)
         stats = ClipStats(
             *(
@@ -589,7 +598,8 @@ class AGC(_Clipper):
             return grads.unflatten(out), state, stats
         with _compat.inplace_guard(xp):
             for g, new in zip(grads.leaves, out, strict=True):
-                g[...] = new
+                if new is not g:
+                    g[...] = new
         return None, state, stats
 
     def state_dict(self, state: AGCState) -> dict[str, np.ndarray]:
