@@ -441,7 +441,11 @@ def clip_grad_norm_(
         (bar ``inv_scale``) when any value is NaN or inf.
     process_group, replicated : optional
         As for :func:`get_total_norm`: the norm of gradients sharded over
-        ranks; every rank gets the same norm and scale.
+        ranks; every rank gets the same norm and scale, in the result dtype
+        of its own gradients. A rank that holds float64 gradients while
+        another holds none computes them in float64 and the other in
+        float32, a rounding apart: agreeing on a dtype would cost a host
+        sync, so give every rank the same gradient dtypes.
     inv_scale : float or 0-d Tensor, optional
         ``1 / scale`` of a ``torch.amp.GradScaler``: the gradients are
         unscaled and clipped in one pass, and the norm returned is the
