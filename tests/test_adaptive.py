@@ -284,6 +284,45 @@ def test_agc_in_place_and_errors(mutable_xp):
     assert agc.update({}, (), params={})[0] == {}
 
 
+def test_agc_skips_the_parameters_of_none_gradients(xp):
+    # A frozen or unused parameter has grad None; timm skips it, and
+    # [p.grad for p in params] must still pair with params.
+    params, grads = _agc_tree(6)
+    agc = AGC(layout="torch")
+    p = [xp.array(a, "float32") for a in params]
+    g = [xp.array(a, "float32") for a in grads]
+    want, _, want_stats = agc.update([g[0], g[2]], (), params=[p[0], p[2]])
+    out, _, stats = agc.update([g[0], None, g[2], None], (), params=p)
+    assert out[1] is None and out[3] is None
+    for a, b in zip((out[0], out[2]), want, strict=True):
+        np.testing.assert_array_equal(xp.numpy(a), xp.numpy(b))
+    np.testing.assert_array_equal(xp.numpy(stats.norm), xp.numpy(want_stats.norm))
+    # By the gradients' structure: a None may stand for a whole frozen subtree.
+    tree = {"frozen": None, "b": g[0], "c": g[2]}
+    weights = {"frozen": {"w": p[1], "v": p[3]}, "b": p[0], "c": p[2]}
+    out, _, _ = agc.update(tree, (), params=weights)
+    assert out["frozen"] is None
+    np.testing.assert_array_equal(xp.numpy(out["b"]), xp.numpy(want[0]))
+    np.testing.assert_array_equal(xp.numpy(out["c"]), xp.numpy(want[1]))
+    # Structures that do not match still fail, clearly.
+    with pytest.raises(ValueError, match="gradient"):
+        agc.update([g[0], None, g[2]], (), params=p)
+    with pytest.raises(ValueError, match="gradient"):
+        agc.update({"a": None, "b": g[0]}, (), params={"b": p[0], "c": p[1], "d": p[2]})
+
+
+def test_agc_in_place_skips_none_gradients(mutable_xp):
+    xp = mutable_xp
+    params, grads = _agc_tree(7)
+    agc = AGC(layout="torch")
+    p = [xp.array(a, "float32") for a in params[:3]]
+    g = [xp.array(grads[0], "float32"), None, xp.array(grads[2], "float32")]
+    want, _, _ = agc.update([g[0], g[2]], (), params=[p[0], p[2]])
+    agc.update_(g, (), params=iter(p))  # model.parameters() is a generator
+    np.testing.assert_array_equal(xp.numpy(g[0]), xp.numpy(want[0]))
+    np.testing.assert_array_equal(xp.numpy(g[2]), xp.numpy(want[1]))
+
+
 @pytest.mark.parametrize("layout", ["jax", "torch"])
 @pytest.mark.parametrize("shape", [(0,), (0, 3), (3, 0)])
 def test_agc_passes_zero_size_leaves_unchanged(xp, layout, shape):

@@ -38,15 +38,17 @@ The clippers:
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
+import optree
 
 from . import _api, _compat
 from ._norms import Plan
 from ._stats import ClipStats, PerExampleStats
-from ._tree import flatten
+from ._tree import Flat, _materialise, flatten
 
 __all__ = [
     "AGC",
@@ -537,18 +539,16 @@ class AGC(_Clipper):
         fn = "AGC.update_" if inplace else "AGC.update"
         if params is None:
             raise TypeError(f"{fn}: AGC needs params= (the parameters the gradients belong to)")
-        grads, weights = flatten(tree), flatten(params)
-        if len(grads.leaves) != len(weights.leaves):
-            raise ValueError(
-                f"{fn}: {len(grads.leaves)} gradient leaves but {len(weights.leaves)} parameters"
-            )
+        tree, params = _materialise(tree), _materialise(params)
+        grads = flatten(tree)
+        weights = _paired_params(tree, params, grads, fn)
         prep = _api._check(grads, fn, inplace=inplace)
         xp = prep.xp
         if xp is None:
             return (grads.unflatten([]) if not inplace else None), state, _api._empty_stats(False)
         acc = xp.float64 if _compat.has_float64(xp, _compat.device_of(grads.leaves[0])) else None
         out, before, after, finite = [], [], [], []
-        for i, (g, w) in enumerate(zip(grads.leaves, weights.leaves, strict=True)):
+        for i, (g, w) in enumerate(zip(grads.leaves, weights, strict=True)):
             name = grads.paths[i]
             if tuple(g.shape) != tuple(w.shape):
                 raise ValueError(
@@ -609,6 +609,44 @@ class AGC(_Clipper):
     def load_state_dict(self, d: dict[str, Any], like: Any) -> AGCState:
         """AGC has no state."""
         return AGCState()
+
+
+def _paired_params(tree: Any, params: Any, grads: Flat, fn: str) -> list[Any]:
+    """The parameter of each of ``grads.leaves``, in their order.
+
+    A ``None`` gradient (a frozen or unused parameter, which timm skips) is
+    a position in ``tree`` whose parameter, or subtree of parameters, is
+    left out. Without one, the leaves pair in order, so a list of gradients
+    goes with a tuple or a generator of parameters.
+    """
+    weights = flatten(params).leaves
+    if len(weights) == len(grads.leaves):
+        return weights  # no None gradient: the common case, no second walk
+    jax = sys.modules.get("jax")
+    if jax is not None and any(isinstance(g, jax.Array) for g in grads.leaves):
+        # jax.tree_util, so flax and equinox nodes are walked as flatten does.
+        full, spec = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: x is None)
+    else:
+        full, spec = optree.tree_flatten(tree, none_is_leaf=True)
+    if type(tree) in (list, tuple) and type(params) in (list, tuple):
+        # A list of gradients goes with a tuple of parameters, or a generator.
+        params = type(tree)(params)
+    try:
+        paired = spec.flatten_up_to(params)
+    except (ValueError, TypeError) as exc:
+        why = str(exc)  # optree's ends with the whole subtree, arrays and all
+        raise ValueError(
+            f"{fn}: {len(grads.leaves)} gradient leaves but {len(weights)} parameters, "
+            f"and params= does not have the gradients' structure: "
+            f"{why if len(why) <= 300 else why[:300] + '...'}"
+        ) from None
+    out = [w for g, w in zip(full, paired, strict=True) if g is not None]
+    for i, w in enumerate(out):
+        if not _compat.is_array(w):
+            raise ValueError(
+                f"{fn}: the gradient at {grads.paths[i]} has no parameter array (got {type(w)})"
+            )
+    return out
 
 
 def _wide(xp: Any, g: Any, real: Any) -> Any:
