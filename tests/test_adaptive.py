@@ -323,6 +323,20 @@ def test_agc_in_place_skips_none_gradients(mutable_xp):
     np.testing.assert_array_equal(xp.numpy(g[2]), xp.numpy(want[1]))
 
 
+def test_agc_builds_no_autograd_graph_from_torch_parameters():
+    torch = importorskip("torch")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    (model(torch.randn(5, 4)) * 100).sum().backward()
+    params = list(model.parameters())
+    agc = AGC(layout="torch")
+    out, _, stats = agc.update([p.grad for p in params], (), params=params)
+    for x in (*out, *stats):
+        assert not x.requires_grad and x.grad_fn is None
+    out[0].numpy()  # what a graph would forbid
+    assert bool(stats.clipped)
+
+
 @pytest.mark.parametrize("layout", ["jax", "torch"])
 @pytest.mark.parametrize("shape", [(0,), (0, 3), (3, 0)])
 def test_agc_passes_zero_size_leaves_unchanged(xp, layout, shape):

@@ -547,6 +547,10 @@ class AGC(_Clipper):
         if xp is None:
             return (grads.unflatten([]) if not inplace else None), state, _api._empty_stats(False)
         acc = xp.float64 if _compat.has_float64(xp, _compat.device_of(grads.leaves[0])) else None
+        # nn.Parameters require grad: their norms would carry an autograd
+        # graph into the clipped gradients (and forbid .numpy() on them).
+        if _compat.backend_name(xp) == "torch":
+            weights = [w.detach() for w in weights]
         out, before, after, finite = [], [], [], []
         for i, (g, w) in enumerate(zip(grads.leaves, weights, strict=True)):
             name = grads.paths[i]
