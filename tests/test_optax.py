@@ -437,6 +437,16 @@ def test_raise_outside_and_inside_jit():
         jax.jit(tx.update)(_tree(1), state)
 
 
+@pytest.mark.parametrize("name", ["zclip", "autoclip", "adagc"])
+def test_adaptive_raise_inits_and_raises_outside_jit(name):
+    tx = getattr(gco, name)(nonfinite="raise")
+    params = _tree()
+    state = tx.init(params)  # traced to learn the stats' shapes: must not raise
+    _, state = tx.update(_tree(1), state, params)
+    with pytest.raises(gc.NonFiniteError, match=r"\['b'\]"):
+        tx.update(_grads("nan", 0), state, params)
+
+
 # ------------------------------------------------------------------ find_stats
 
 

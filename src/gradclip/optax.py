@@ -19,6 +19,7 @@ Unlike ``import gradclip``, importing this module imports jax and optax.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -667,9 +668,15 @@ def adaptive(clipper: Any) -> Any:
     """
     skip = getattr(clipper, "nonfinite", "propagate") == "skip"
 
+    # Traced in init to learn the stats' shapes: "raise" cannot be traced (it
+    # reads the norm on the host), and the shapes do not depend on the policy.
+    traced = clipper
+    if getattr(clipper, "nonfinite", None) == "raise":
+        traced = dataclasses.replace(clipper, nonfinite="propagate")
+
     def init(params: Any) -> AdaptiveState:
         inner = clipper.init(params)
-        shapes = jax.eval_shape(lambda p, s: clipper.update(p, s, p)[2], params, inner)
+        shapes = jax.eval_shape(lambda p, s: traced.update(p, s, p)[2], params, inner)
         return AdaptiveState(inner, _new_state(shapes))
 
     def update(updates: Any, state: AdaptiveState, params: Any = None) -> tuple[Any, Any]:
