@@ -168,6 +168,32 @@ def test_threads_are_deterministic():
     assert all(gc.global_norm(tree).tobytes() == first for _ in range(10))
 
 
+@pytest.mark.parametrize("alias", ["same", "overlapping", "disjoint"])
+def test_leaves_sharing_memory_are_scaled_one_after_the_other(monkeypatch, alias):
+    # One array given twice is scaled twice, as torch's foreach clip does. On
+    # threads, each reading entries before the other wrote them, some would
+    # be scaled once: the runs over such leaves take one thread.
+    base = np.ones(4 * TASK, np.float32)
+    leaves = {
+        "same": [base, base],
+        "overlapping": [base[: 3 * TASK], base[TASK:]],
+        "disjoint": [base[: 2 * TASK], base[2 * TASK :]],  # views, but no shared entry
+    }[alias]
+    seen = []
+    run = _numpy._run
+    monkeypatch.setattr(
+        _numpy, "_run", lambda tasks, local=None: seen.append(len(tasks)) or run(tasks, local)
+    )
+    norm = float(gc.global_norm(leaves))
+    seen.clear()
+    gc.clip_by_global_norm_(leaves, norm / 2, eps=0.0)  # scale 0.5
+    assert (seen[-1] == 1) == (alias != "disjoint")  # the scale's tasks (the norm's first)
+    want = {"same": {0.25}, "overlapping": {0.5, 0.25}, "disjoint": {0.5}}[alias]
+    assert set(np.unique(base).tolist()) == want
+    if alias == "overlapping":
+        assert np.all(base[TASK : 3 * TASK] == 0.25)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
 def test_result_does_not_depend_on_the_thread_count(monkeypatch, threads):
     """Pieces start at fixed offsets and are added exactly (fsum): any split gives the same bits."""

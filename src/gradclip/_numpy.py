@@ -474,13 +474,32 @@ class NumpyPlan(Plan):
             else:
                 small = [*small, i]  # strided: one multiply call handles the layout
         flats = {i: (leaves[i].reshape(-1), outs[i].reshape(-1)) for i, _ in spans}
-        tasks = [functools.partial(_scale_run, run, flats, factors) for run in _runs(spans)]
+        runs = _runs(spans)
+        if inplace and len(runs) > 1 and _overlap([leaves[i] for i, _ in spans]):
+            # The same memory given twice is scaled twice (as torch's foreach
+            # clip does), one write after the other: threads each reading
+            # it before the other writes would scale some entries once.
+            runs = [[piece for run in runs for piece in run]]
+        tasks = [functools.partial(_scale_run, run, flats, factors) for run in runs]
         # Small leaves cost a Python call each, which threads cannot overlap
         # (the GIL): they run here while the pool streams the large ones.
         # x *= f casts "same_kind", which ml_dtypes has not from float32 to bfloat16.
         imul = inplace and all(d == r for d, r in real.items())
         _run(tasks, local=functools.partial(_multiply_each, leaves, outs, small, factors, imul))
         return list(outs)
+
+
+def _overlap(arrays: list[np.ndarray]) -> bool:
+    """Whether two of these C-contiguous arrays share memory (one array given twice, say).
+
+    Only arrays with the same owner can: the address ranges are compared
+    for those alone, as reading an address costs a microsecond an array.
+    """
+    owners = [id(x) if x.base is None else id(x.base) for x in arrays]
+    if len(set(owners)) == len(owners):
+        return False
+    spans = sorted((x.ctypes.data, x.ctypes.data + x.nbytes) for x in arrays)
+    return any(b[0] < a[1] for a, b in itertools.pairwise(spans))
 
 
 def _scale_run(
