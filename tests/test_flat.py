@@ -89,6 +89,40 @@ def test_copy_has_its_own_buffers(xp):
 
 
 @flat_backends
+@pytest.mark.parametrize("build", ["from_tree", "zeros_like"])
+def test_a_flattree_of_a_flattree_is_laid_out_like_its_tree(xp, build):
+    # An accumulator made with zeros_like(flat): its .tree is the original
+    # tree of views into its own buffers, not yet another FlatTree.
+    flat = gc.FlatTree.from_tree(_tree(xp, mixed=True))
+    new = getattr(gc.FlatTree, build)(flat)
+    view = new.tree
+    assert isinstance(view, dict) and view["b"][1] is None
+    for got, want in zip(_leaves(view), _leaves(flat.tree), strict=True):
+        assert tuple(got.shape) == tuple(want.shape) and got.dtype == want.dtype
+        want_values = xp.numpy(want) if build == "from_tree" else np.zeros(want.shape)
+        np.testing.assert_array_equal(xp.numpy(got), want_values)
+    assert _same_memory(xp, view["w"], new.buffers[view["w"].dtype])
+
+
+@flat_backends
+def test_copies_and_pickles(xp):
+    import copy
+    import pickle
+
+    flat = gc.FlatTree.from_tree(_tree(xp, mixed=True))
+    shallow, deep = copy.copy(flat), copy.deepcopy(flat)
+    gc.clip_by_global_norm_(flat, 1e-3)  # shared by the shallow copy only
+    assert float(gc.global_norm(shallow)) == pytest.approx(1e-3, rel=1e-4)
+    assert float(gc.global_norm(deep)) > 1
+    if xp.name != "cupy":  # CuPy arrays pickle only where a GPU takes them back
+        back = pickle.loads(pickle.dumps(deep))
+        assert repr(back) == repr(deep)
+        for got, want in zip(_leaves(back.tree), _leaves(deep.tree), strict=True):
+            np.testing.assert_array_equal(xp.numpy(got), xp.numpy(want))
+        assert {str(k) for k in back.buffers} == {str(k) for k in deep.buffers}
+
+
+@flat_backends
 @pytest.mark.parametrize("ord", [2.0, 1.0, 3.0, math.inf, -math.inf, 0.0])
 @pytest.mark.parametrize("mixed", [False, True])
 def test_norms_equal_the_plain_tree(xp, ord, mixed):

@@ -132,7 +132,10 @@ class FlatTree:
             sizes[x.dtype] = start + math.prod(x.shape)
         device = _compat.device_of(leaves[0]) if leaves else None
         buffers = {key: xp.zeros((n,), dtype=key, device=device) for key, n in sizes.items()}
-        self = cls._adopt(xp, buffers, slots, prep.flat)
+        # A FlatTree given here is laid out like its own tree, not like itself:
+        # prep.flat would rebuild a FlatTree from the new views, a copy.
+        like = tree._flat if isinstance(tree, FlatTree) else prep.flat
+        self = cls._adopt(xp, buffers, slots, like)
         if copy and leaves:
             with _compat.inplace_guard(xp):
                 for view, x in zip(self._flat.leaves, leaves, strict=True):
@@ -168,6 +171,19 @@ class FlatTree:
         """
         buffers = {key: self._xp.asarray(b, copy=True) for key, b in self._buffers.items()}
         return self._adopt(self._xp, buffers, self._slots, self._flat)
+
+    def __copy__(self) -> FlatTree:
+        # The same buffers, as a shallow copy of the tree would share its leaves.
+        return self._adopt(self._xp, dict(self._buffers), self._slots, self._flat)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FlatTree:
+        return self.copy()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The namespace (a module) and the tree's unflatten (a closure) do not
+        # pickle; the tree of views does, and from_tree lays it out again the
+        # same way (leaves grouped by dtype, in flattening order).
+        return (FlatTree.from_tree, (self.tree,))
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{key}: {b.shape[0]}" for key, b in self._buffers.items())
