@@ -325,6 +325,32 @@ def test_changed_leaves_raise():
         GradMonitor().update([None])
 
 
+def test_other_leaves_of_the_same_count_raise(xp):
+    # Recording them under the first step's names would mislabel every norm.
+    mon = GradMonitor(log_every=10)
+    mon.update({"encoder": xp.array(np.ones(4), "float32"), "head": xp.array(np.zeros(2))})
+    with pytest.raises(ValueError, match=r"leaves changed.*\['decoder'\]"):
+        mon.update({"decoder": xp.array(np.ones(4), "float32"), "norm": xp.array(np.zeros(2))})
+    a, b = xp.array(np.ones(2), "float32"), xp.array(np.ones(3), "float32")
+    mon = GradMonitor(log_every=10)
+    mon.update([a, None, b])
+    mon.update([a, None, b])
+    with pytest.raises(ValueError, match=r"leaves changed.*\[1\]"):
+        mon.update([a, b, None])  # a None moved: leaf [2] became [1]
+    assert mon.history.step.tolist() == [0, 1]  # nothing recorded by the failed calls
+
+
+def test_other_parameters_with_grads_raise():
+    torch = _only("torch")
+    params = [torch.nn.Parameter(torch.ones(2)) for _ in range(3)]
+    params[0].grad, params[1].grad = torch.ones(2), torch.ones(2)
+    mon = GradMonitor(log_every=10)
+    mon.update(params)
+    params[1].grad, params[2].grad = None, torch.ones(2)
+    with pytest.raises(ValueError, match=r"leaves changed.*\[2\]"):
+        mon.update(params)
+
+
 def test_bad_leaf_named_by_its_path():
     mon = GradMonitor()
     with pytest.raises(TypeError, match=r"leaf \['b'\]\[1\] has dtype int64"):

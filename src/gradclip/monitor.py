@@ -23,16 +23,18 @@ import operator
 import os
 import re
 import sys
-from collections.abc import Iterator, MappingView
+from collections.abc import Callable, Iterator, MappingView
 from typing import Any, NamedTuple
 
 import numpy as np
+import optree
 
 from . import _compat
 from ._api import global_norm, leaf_norms
-from ._flat import unit
+from ._flat import FlatTree, unit
 from ._norms import parse_ord
 from ._stats import ClipStats
+from ._tree import Paths
 
 __all__ = ["GLOBAL", "GradMonitor", "History"]
 
@@ -216,6 +218,43 @@ def _host_backend(xp: Any, x: Any) -> bool:
     return name == "torch" and getattr(x.device, "type", None) == "cpu"
 
 
+@functools.cache
+def _array_type(kind: type) -> bool:
+    """Whether ``kind`` is an array type, a leaf to optree and to JAX."""
+    if issubclass(kind, np.ndarray):
+        return True
+    for module, base in (("torch", "Tensor"), ("jax", "Array")):
+        lib = sys.modules.get(module)  # imported by the time its arrays reach us
+        if lib is not None and issubclass(kind, getattr(lib, base)):
+            return True
+    return (kind.__module__, kind.__name__) == ("cupy", "ndarray")
+
+
+def _structure(tree: Any, leaves: list[Any]) -> Any:
+    """A key of ``tree``'s structure, equal for two trees whose leaves have the same paths.
+
+    Compared every step, so it costs no Python per leaf: ``(list, n)`` for a
+    list or tuple of arrays (the common ``[p.grad for p in params]``), the
+    ``Paths`` object of a :class:`~gradclip.FlatTree` (the same object for
+    the same FlatTree), else the treedef of the library that ``flatten``
+    walked the tree with.
+    """
+    kind = type(tree)
+    if (kind is list or kind is tuple) and all(map(_array_type, set(map(type, tree)))):
+        return kind, len(tree)
+    if isinstance(tree, FlatTree):
+        return tree._flat.paths
+    jax = sys.modules.get("jax")
+    if jax is not None and any(isinstance(x, jax.Array) for x in leaves[:1]):
+        return jax.tree_util.tree_structure(tree)
+    return optree.tree_structure(tree)
+
+
+def _same_key(a: Any, b: Any) -> bool:
+    # Keys of different kinds never match; Paths objects only by identity.
+    return a is b or (type(a) is type(b) and not isinstance(a, Paths) and bool(a == b))
+
+
 def _check_limit(value: Any, name: str) -> float | None:
     if value is None:
         return None
@@ -393,6 +432,7 @@ class GradMonitor:
         self._sink_started: set[str] = set()
 
         self.names: list[str] = []
+        self._key: Any = None  # the first step's tree structure (see _structure)
         self._xp: Any = None
         self._started = False
         self._next_step = 0
@@ -411,8 +451,13 @@ class GradMonitor:
         self._seen = np.zeros(0, np.int64)
 
     # ------------------------------------------------------------------ recording
-    def _leaves(self, tree: Any) -> tuple[list[Any], list[str] | None]:
-        """The arrays to measure, and their names when they come as pairs."""
+    def _leaves(self, tree: Any) -> tuple[list[Any], Any, Callable[[], list[str]]]:
+        """The arrays to measure, a key of the tree's structure, and their names.
+
+        Two trees with equal keys have the same leaves under the same names.
+        The key is a treedef (one walk in C, no Python per leaf); the names,
+        a string per leaf, are only computed when the keys differ.
+        """
         if isinstance(tree, Iterator | MappingView):
             tree = list(tree)  # type: ignore[arg-type]  # a MappingView is iterable
         if _is_named(tree):
@@ -422,18 +467,39 @@ class GradMonitor:
                 if g is not None:
                     names.append(name)
                     leaves.append(g)
-            return leaves, names
+            return leaves, names, lambda: names
         flat = unit(tree, whole=False)
         leaves = [_grad(x) for x in flat.leaves]
+        key = _structure(tree, flat.leaves)
         if any(g is None for g in leaves):
-            # Parameters without a gradient are skipped, as None leaves are.
+            # Parameters without a gradient are skipped, as None leaves are;
+            # which ones are kept is part of the structure.
             keep = [i for i, g in enumerate(leaves) if g is not None]
-            if not self._started:
-                return [leaves[i] for i in keep], [flat.paths[i] for i in keep]
-            return [leaves[i] for i in keep], None
-        if not self._started:
-            return leaves, list(flat.paths)
-        return leaves, None
+            return (
+                [leaves[i] for i in keep],
+                (key, tuple(keep)),
+                lambda: [flat.paths[i] for i in keep],
+            )
+        return leaves, key, lambda: list(flat.paths)
+
+    def _check_same_leaves(self, key: Any, names: Callable[[], list[str]]) -> None:
+        """Raise unless this step's leaves are the first step's, naming the first that is not."""
+        if _same_key(key, self._key):
+            return
+        now = names()
+        if now == self.names:  # another container with the same leaves (a tuple for a list)
+            return
+        first = self.names
+        # The first position whose name differs; else the shorter list's end.
+        pairs = enumerate(zip(first, now, strict=False))
+        i = next((i for i, (a, b) in pairs if a != b), min(len(first), len(now)))
+        had = first[i] if i < len(first) else "no leaf"
+        has = now[i] if i < len(now) else "no leaf"
+        raise ValueError(
+            f"GradMonitor.update: the leaves changed at leaf {i}: the first step had {had}, "
+            f"this one has {has} ({len(first)} leaves then, {len(now)} now). "
+            "Use a new GradMonitor for a different tree."
+        )
 
     def update(self, tree: Any, stats: ClipStats | None = None, *, step: int | None = None) -> None:
         """Measure one step's gradients (and the clip call's stats, if given).
@@ -458,22 +524,16 @@ class GradMonitor:
         ------
         ValueError
             If the tree holds no arrays, or its leaves differ from the first
-            step's.
+            step's (the message names the first leaf that differs).
         """
-        leaves, names = self._leaves(tree)
+        leaves, key, names = self._leaves(tree)
         if not leaves:
             raise ValueError(
                 "GradMonitor.update: nothing to measure; the tree holds no arrays "
                 "(parameters without a .grad are skipped)"
             )
-        if self._started and (
-            len(leaves) != len(self.names) or (names is not None and names != self.names)
-        ):
-            got = names if names is not None else f"{len(leaves)} leaves"
-            raise ValueError(
-                f"GradMonitor.update: the leaves changed; the first step had {self.names}, "
-                f"this one has {got}. Use a new GradMonitor for a different tree."
-            )
+        if self._started:
+            self._check_same_leaves(key, names)
         if step is None:
             step = self._next_step
         elif isinstance(step, bool) or not isinstance(step, int | np.integer):
@@ -487,9 +547,10 @@ class GradMonitor:
             )
         if len(self._rows) >= self.log_every:
             self._flush()
-        row, counts = self._measure(leaves, names if names is not None else self.names)
-        if not self._started:
-            self._start(leaves, names)
+        first_names = None if self._started else names()
+        row, counts = self._measure(leaves, self.names if first_names is None else first_names)
+        if first_names is not None:
+            self._start(leaves, first_names, key)
         self._next_step = int(step) + 1
         self._steps.append(int(step))
         self._rows.append(row)
@@ -520,9 +581,10 @@ class GradMonitor:
             )
             raise type(exc)(f"GradMonitor.update: {msg}") from exc
 
-    def _start(self, leaves: list[Any], names: list[str] | None) -> None:
+    def _start(self, leaves: list[Any], names: list[str], key: Any) -> None:
         self._started = True
-        self.names = list(names) if names is not None else []
+        self.names = list(names)
+        self._key = key
         self._xp = _compat.namespace(leaves[0])
         size = len(leaves) + 1
         self._mean = np.zeros(size)
