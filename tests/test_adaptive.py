@@ -452,6 +452,27 @@ def test_state_dict_round_trips_across_backends(xp, clipper):
         clipper.load_state_dict({}, like)
 
 
+def test_load_state_dict_checks_shapes_against_the_hyperparameters(xp):
+    like = [xp.array(np.ones(3), "float32")]
+    saved = AutoClip(history_size=3).state_dict(AutoClip(history_size=3).init(like))
+    with pytest.raises(ValueError, match=r"history.*\(3,\).*\(8,\).*history_size=8"):
+        AutoClip(history_size=8).load_state_dict(saved, like)
+    saved = ZClip(warmup_steps=1).state_dict(ZClip(warmup_steps=1).init(like))
+    with pytest.raises(ValueError, match=r"buffer.*\(1,\).*\(25,\).*warmup_steps=25"):
+        ZClip(warmup_steps=25).load_state_dict(saved, like)
+    two = [xp.array(np.ones(3), "float32"), xp.array(np.ones(2), "float32")]
+    saved = AdaGC().state_dict(AdaGC().init(two))
+    with pytest.raises(ValueError, match=r"ema.*\(2,\).*\(1,\).*per leaf"):
+        AdaGC().load_state_dict(saved, like)
+    # A (1,) array does not broadcast into a 0-d field.
+    clipper = AutoClip(history_size=4)
+    saved = clipper.state_dict(clipper.init(like))
+    with pytest.raises(ValueError, match=r"count.*\(1,\).*\(\)"):
+        clipper.load_state_dict({**saved, "count": np.zeros(1, np.int32)}, like)
+    with pytest.raises(KeyError, match="mean"):
+        clipper.load_state_dict({**saved, "mean": np.zeros(())}, like)  # ZClip's, not AutoClip's
+
+
 class _NumpyF32:
     """The reference backend for the runs above: NumPy float32."""
 

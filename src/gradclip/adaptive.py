@@ -89,12 +89,35 @@ def _state_dict(state: NamedTuple) -> dict[str, np.ndarray]:
     return {name: _compat.to_numpy(value) for name, value in state._asdict().items()}
 
 
-def _load(cls: Any, d: dict[str, Any], like: Any, fn: str) -> Any:
+def _load(d: dict[str, Any], like: Any, fn: str, ref: Any, why: Any) -> Any:
+    """``d`` as a state like ``ref`` (init's for ``like``), every field checked against it.
+
+    A field of another shape would fail steps later with a bare broadcast
+    error, or (a ``(1,)`` array for a 0-d one) silently broadcast: ``why(field)``
+    says which hyperparameter sets its shape.
+    """
     xp, device, _ = _namespace_of(like, fn)
-    missing = set(cls._fields) - set(d)
+    fields = type(ref)._fields
+    missing = set(fields) - set(d)
     if missing:
         raise KeyError(f"{fn}: the state dict lacks {sorted(missing)}")
-    return cls(**{k: xp.asarray(np.asarray(d[k]), device=device) for k in cls._fields})
+    extra = set(d) - set(fields)
+    if extra:
+        raise KeyError(
+            f"{fn}: the state dict has {sorted(extra)}, which {type(ref).__name__} has not "
+            f"(its fields are {list(fields)}): is it another clipper's?"
+        )
+    out = {}
+    for k, want in zip(fields, ref, strict=True):
+        value = np.asarray(d[k])
+        if value.shape != tuple(want.shape):
+            raise ValueError(
+                f"{fn}: {k!r} has shape {value.shape} but this clipper's is "
+                f"{tuple(want.shape)}{why(k)}; the state was saved with other "
+                "hyperparameters or for another tree"
+            )
+        out[k] = xp.asarray(value, device=device)
+    return type(ref)(**out)
 
 
 def _check_policy(nonfinite: str) -> None:
@@ -142,14 +165,36 @@ class _Stateful:
     """``state_dict`` and ``load_state_dict`` for a state held in ``_State`` (a NamedTuple)."""
 
     _State: Any
+    # (field, the hyperparameter that sets its shape), for load_state_dict's errors.
+    _sized_by: tuple[str, str] | None = None
+
+    def init(self, tree: Any) -> Any:
+        raise NotImplementedError
 
     def state_dict(self, state: Any) -> dict[str, np.ndarray]:
         """The state as NumPy arrays (loadable on any backend)."""
         return _state_dict(state)
 
     def load_state_dict(self, d: dict[str, Any], like: Any) -> Any:
-        """A state from :meth:`state_dict`, in ``like``'s namespace and on its device."""
-        return _load(self._State, d, like, f"{type(self).__name__}.load_state_dict")
+        """A state from :meth:`state_dict`, in ``like``'s namespace and on its device.
+
+        Raises
+        ------
+        KeyError
+            If ``d`` lacks a field of the state or has one it does not.
+        ValueError
+            If a field's shape is not the one :meth:`init` gives for ``like``
+            (the state was saved with another ``history_size``,
+            ``warmup_steps`` or tree); the message names the field.
+        """
+        fn = f"{type(self).__name__}.load_state_dict"
+        return _load(d, like, fn, self.init(like), self._why_shape)
+
+    def _why_shape(self, field: str) -> str:
+        if self._sized_by is None or self._sized_by[0] != field:
+            return ""
+        name = self._sized_by[1]
+        return f" ({name}={getattr(self, name)!r})"
 
 
 class _Clipper(_Stateful):
@@ -281,6 +326,7 @@ class ZClip(_Clipper):
         return ZClipState(count, buffer, zero, zero, count)
 
     _State = ZClipState
+    _sized_by = ("buffer", "warmup_steps")
 
     def _step(
         self, tree: Any, state: ZClipState, params: Any, inplace: bool
@@ -395,6 +441,7 @@ class AutoClip(_Clipper):
         return AutoClipState(history, zero, zero)
 
     _State = AutoClipState
+    _sized_by = ("history", "history_size")
 
     def _step(
         self, tree: Any, state: AutoClipState, params: Any, inplace: bool
@@ -733,6 +780,9 @@ class AdaGC(_Clipper):
         return AdaGCState(xp.zeros((n,), dtype=res, device=device), zero, zero)
 
     _State = AdaGCState
+
+    def _why_shape(self, field: str) -> str:
+        return " (one entry per leaf of the tree)" if field == "ema" else ""
 
     def _step(
         self, tree: Any, state: AdaGCState, params: Any, inplace: bool
