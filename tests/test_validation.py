@@ -41,6 +41,36 @@ def test_max_norm_array_that_is_not_0d(xp, fn):
     assert all(np.array_equal(xp.numpy(x), np.full(3, 2.0)) for x in tree["encoder"])
 
 
+@pytest.mark.parametrize("fn", [gc.clip_by_global_norm, *INPLACE[:1]])
+def test_given_global_norm_that_is_not_0d(xp, fn):
+    # One global norm: a (1,) or (2,) array would broadcast into per-entry
+    # scales, or fail between two leaves' writes.
+    tree = _tree(xp)
+    for bad in (np.array([20.0], "float32"), np.array([20.0, 20.0], "float32")):
+        with pytest.raises(ValueError, match=r"norm= is the global norm, .* shape"):
+            fn(tree, 1.0, norm=xp.array(bad))
+    assert all(np.array_equal(xp.numpy(x), np.full(3, 2.0)) for x in tree["encoder"])
+
+
+def test_bound_from_another_library():
+    # A torch bound for NumPy leaves (or the reverse) is refused by name,
+    # not failed on deep in the arithmetic.
+    torch = importorskip("torch")
+    tree = {"encoder": [np.full(3, 2.0, np.float32) for _ in range(4)], "head": None}
+    for call in (
+        lambda: gc.clip_by_global_norm_(tree, torch.tensor(1.0)),
+        lambda: gc.clip_by_norm_(tree, torch.tensor(1.0)),
+        lambda: gc.clip_by_value_(tree, lo=torch.tensor(-1.0)),
+        lambda: gc.clip_by_global_norm_(tree, 1.0, norm=torch.tensor(5.0)),
+    ):
+        with pytest.raises(TypeError, match="is a torch array but the leaves are numpy arrays"):
+            call()
+    assert all(np.array_equal(x, np.full(3, 2.0)) for x in tree["encoder"])
+    grads = [torch.full((3,), 2.0)]
+    gc.clip_by_global_norm_(grads, np.asarray(1.0, np.float32))  # a NumPy 0-d bound: a number
+    assert float(gc.global_norm(grads)) == pytest.approx(1.0, rel=1e-5)
+
+
 @pytest.mark.parametrize("bad", [-1e-6, math.nan, math.inf])
 def test_bad_eps(xp, bad):
     with pytest.raises(ValueError, match="eps"):

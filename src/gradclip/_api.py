@@ -212,7 +212,19 @@ def _load(module: str) -> Any:
 
 
 def _run(prep: _Prepared, fused: bool | None, fn: str, **kwargs: Any) -> Any:
-    """Call ``fn`` of the chosen implementation on the prepared leaves."""
+    """Call ``fn`` of the chosen implementation on the prepared leaves.
+
+    An array argument (a device bound, a given norm) must come from the
+    leaves' library: one from another would fail deep in the arithmetic.
+    """
+    for name, value in kwargs.items():
+        if not isinstance(value, int | float | str | None) and _compat.is_array(value):
+            other = _compat.backend_name(_compat.namespace(value))
+            if other != prep.backend:
+                raise TypeError(
+                    f"{name} is a {other} array but the leaves are {prep.backend} arrays; "
+                    f"pass a number or a 0-d {prep.backend} array"
+                )
     impl = getattr(_impl(prep, fused), fn)
     with _compat.quiet(prep.xp):
         return impl(prep.xp, prep.flat.leaves, prep.flat.paths, **kwargs)
@@ -390,6 +402,12 @@ def _clip_norm(
     max_norm = _check_bound(max_norm, "max_norm")
     eps = _check_eps(eps)
     _check_nonfinite(nonfinite)
+    if not per_leaf and tuple(getattr(norm, "shape", ())):
+        # One global norm; a 1-d array would broadcast into per-entry scales.
+        shape = tuple(norm.shape)
+        raise ValueError(
+            f"{fn}: norm= is the global norm, a number or a 0-d array; got shape {shape}"
+        )
     whole = not per_leaf and p != 0 and nonfinite != "raise"
     prep = _prepare(tree, fn, inplace=inplace, whole=whole)
     if prep.xp is None:
