@@ -194,6 +194,30 @@ def test_inside_jit_and_grad():
     np.testing.assert_allclose(np.asarray(g), np.asarray(x) / 13.0 * 1e30, rtol=1e-5)
 
 
+@pytest.mark.parametrize(("p", "scale"), [(100.0, 1.0), (3.5, 1e30), (3.5, 1.0)])
+def test_grad_where_the_one_pass_sum_overflows(p, scale):
+    # The one-pass sum of a**p overflows (ord=100 near 4, ord=3.5 near 1e30)
+    # and the scaled branch gives the norm; the gradient must be that of
+    # the generic path, not 0 * inf = NaN from the discarded sum.
+    x = jnp.asarray([3.0, -4.0]) * scale
+    weights = jnp.asarray([1.0, 2.0])
+
+    def clipped(fused):
+        return lambda v: jnp.sum(
+            gc.clip_by_global_norm([v], 1.0, ord=p, eps=0.0, fused=fused)[0][0] * weights
+        )
+
+    for f in (lambda v: gcj.global_norm([v], p), clipped(None)):
+        assert np.all(np.isfinite(np.asarray(jax.grad(f)(x))))
+    want = jax.grad(lambda v: gc.global_norm([v], p, fused=False))(x)
+    np.testing.assert_allclose(
+        np.asarray(jax.grad(lambda v: gcj.global_norm([v], p))(x)), np.asarray(want), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        np.asarray(jax.grad(clipped(None))(x)), np.asarray(jax.grad(clipped(False))(x)), rtol=1e-5
+    )
+
+
 def test_registered_pytree_nodes():
     @jax.tree_util.register_dataclass
     @dataclasses.dataclass

@@ -172,6 +172,24 @@ def _masked_sum(values: list[Any], keys: list[Any], masks: dict[Any, Any]) -> An
     return total
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _power(a: Any, p: float) -> Any:
+    """``a**p`` for the one-pass sum, whose derivative never multiplies 0 by inf."""
+    return a**p
+
+
+def _power_jvp(p: float, primals: tuple[Any], tangents: tuple[Any]) -> tuple[Any, Any]:
+    (a,), (t,) = primals, tangents
+    # Where p * a**(p - 1) overflows, so did the one-pass sum, and lax.cond
+    # took the scaled branch, which gives that sum a zero cotangent: 0 * inf
+    # would make the whole gradient NaN (jax.grad through a clip, ord=100).
+    d = p * a ** (p - 1)
+    return a**p, jnp.where(jnp.isfinite(d), d, jnp.zeros_like(d)) * t
+
+
+_power.defjvp(_power_jvp)  # not as a decorator: jax is typed Any here
+
+
 def _pnorm(leaves: Sequence[Any], p: float, zero: bool, axes: Axes, groups: Sequence[Any]) -> Any:
     """Global ``p``-norm (finite ``p > 0``) and the finite flag, overflow-safe."""
     bufs, keys = _buffers(leaves, groups)
@@ -187,7 +205,7 @@ def _pnorm(leaves: Sequence[Any], p: float, zero: bool, axes: Axes, groups: Sequ
         a = plan._magnitude(b, plan.is_complex(i))
         if zero:
             a = jnp.where(jnp.isfinite(a), a, jnp.zeros_like(a))
-        return jnp.sum(a * a if p == 2 else a if p == 1 else a**p)
+        return jnp.sum(a * a if p == 2 else a if p == 1 else _power(a, p))
 
     total = _psum(_masked_sum([powsum(i, b) for i, b in enumerate(bufs)], keys, masks), axes)
     if zero:
