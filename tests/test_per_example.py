@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gradclip as gc
-from conftest import importorskip, need
+from conftest import importorskip, need, np_dtype
 
 B = 6
 SHAPES = [(B, 3, 4), (B, 5), (B,), (B, 2, 1, 3)]
@@ -114,6 +114,29 @@ def test_flat_matches_float64_reference(xp, dtype, reduce):
     np.testing.assert_array_equal(xp.numpy(stats.clipped), [True, False] * 3)
     assert int(xp.numpy(stats.num_clipped)) == 3
     assert xp.numpy(stats.finite).all() and xp.numpy(stats.finite).shape == (B,)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("reduce", ["sum", None])
+def test_heavily_clipped_half_examples_do_not_vanish(xp, dtype, reduce):
+    # Scales of 1.6e-6 and 1.6e-8: in float16 a subnormal (1% off) and 0, so
+    # the example vanished from the sum. They multiply in float32 and round
+    # once, as clip_by_global_norm does; 2**20 + 5 columns take more than
+    # one float32 block on the eager backends.
+    need(xp, dtype)
+    cols = 2**20 + 5
+    host = np.zeros((2, cols))
+    host[0] = 500.0
+    host[1, -3:] = 1.0
+    x = xp.array(host, dtype)
+    for bound in (0.05 * math.sqrt(cols / 4096), 5e-4 * math.sqrt(cols / 4096)):
+        out, _ = gc.per_example_clip([x], bound, eps=0.0, reduce=reduce)
+        got = xp.numpy(out[0]).astype(np.float64)
+        factors = np.minimum(1.0, bound / np.linalg.norm(host, axis=1))
+        want = host * factors[:, None]
+        want = (want if reduce is None else want.sum(axis=0)).astype(np_dtype(dtype))
+        np.testing.assert_array_equal(got, want.astype(np.float64))
+        assert got.ravel()[0] != 0
 
 
 def test_opacus_flat_formula(xp):
