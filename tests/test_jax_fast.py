@@ -354,6 +354,19 @@ def test_per_example_clip_compiled_matches_the_top_level(per_layer, reduce):
         gcj.per_example_clip(tree, [1.0, 0.0] if per_layer else 0.0, per_layer=per_layer)
 
 
+@pytest.mark.parametrize("array", [np.asarray, jnp.asarray])
+def test_per_example_clip_takes_per_layer_bounds_as_a_1d_array(array):
+    # As the top-level function does: one bound per leaf, in flattening order.
+    tree = {"a": jnp.asarray([[3.0, 4.0], [0.3, 0.4]]), "b": jnp.asarray([[12.0], [1.0]])}
+    bounds = array([1.0, 2.0])
+    _, want = gc.per_example_clip(tree, bounds, per_layer=True, eps=0.0)
+    _, got = gcj.per_example_clip(tree, bounds, per_layer=True, eps=0.0)
+    np.testing.assert_array_equal(np.asarray(got.scale), np.asarray(want.scale))
+    if array is np.asarray:  # host values are checked; device ones would need a sync
+        with pytest.raises(ValueError, match="max_norm must be > 0"):
+            gcj.per_example_clip(tree, array([1.0, -2.0]), per_layer=True)
+
+
 def test_per_example_clip_donates_when_it_keeps_the_examples():
     grads = {"w": jnp.ones((4, 3)) * 2.0}
     kept = grads["w"]

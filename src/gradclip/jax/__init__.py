@@ -440,7 +440,11 @@ def per_example_clip(
     >>> summed["w"], stats.num_clipped
     (Array([0.90000004, 1.2       ], dtype=float32), Array(1, dtype=int32))
     """
-    jax.tree_util.tree_map(lambda bound: _api._check_positive(bound, "max_norm"), max_norm)
+    # Host values are checked here, as under jit they are tracers; a 1-d
+    # array holds one bound per leaf (device ones go unchecked: a sync).
+    for leaf in jax.tree_util.tree_leaves(max_norm):
+        for bound in leaf if getattr(leaf, "ndim", 0) == 1 else [leaf]:
+            _api._check_positive(bound, "max_norm")
     return _call(  # type: ignore[no-any-return]
         "per_example",
         donate,
