@@ -35,7 +35,7 @@ from typing import Any, TypeAlias, TypeVar, cast
 import torch
 
 from .. import _api, _compat, _core
-from .._norms import Plan, parse_ord
+from .._norms import Partial, Plan, parse_ord
 from .._stats import NonFiniteError
 from .._tree import Flat, Paths
 from . import _dist, _fast
@@ -233,8 +233,22 @@ def _total(
     result dtype's range (float32 gradients near 3e38) would make the scale 0
     and zero the gradients.
     """
-    norm, finite = _norm_and_flag(plan, names, policy, scopes, inv_scale)
-    if policy == "raise" and not bool(plan.xp.isfinite(norm)):
+    xp = plan.xp
+    if scopes is None and (inv_scale is None or plan.kind == "zero"):
+        # (The count of nonzero gradients, ord=0, does not change with a scale.)
+        norm, finite = plan.total(_core._reduce(plan, names, policy, per_leaf=False))
+    else:
+        if scopes is None:
+            merged = plan.merge(_core._reduce(plan, names, policy, per_leaf=False))
+            size = plan.size()
+        else:
+            merged = _all_reduced(plan, names, policy, scopes)
+            size = 1  # ranks hold different sizes; an empty whole is handled there
+        norm = plan.norm(merged, size, dtype=plan.acc)
+        if inv_scale is not None:
+            norm = norm * xp.astype(inv_scale, plan.acc)
+        norm, finite = xp.astype(norm, plan.res), plan.finite(merged)
+    if policy == "raise" and not bool(xp.isfinite(norm)):
         raise NonFiniteError(
             f"the total norm of order {plan.p} is {float(norm)}: it overflows {norm.dtype}, "
             "though every gradient value is finite; nothing was modified"
@@ -242,49 +256,34 @@ def _total(
     return norm, finite
 
 
-def _norm_and_flag(
-    plan: Plan,
-    names: Paths | list[str],
-    policy: str,
-    scopes: list[_dist.Scope] | None,
-    inv_scale: Any,
-) -> tuple[Any, Any]:
+def _all_reduced(
+    plan: Plan, names: Paths | list[str], policy: str, scopes: list[_dist.Scope]
+) -> Partial:
+    """The rank's partials all-reduced over their scopes' groups: the same on every rank."""
     xp = plan.xp
-    if scopes is None and (inv_scale is None or plan.kind == "zero"):
-        # (The count of nonzero gradients, ord=0, does not change with a scale.)
-        return plan.total(_core._reduce(plan, names, policy, per_leaf=False))
-    if scopes is None:
-        merged = plan.merge(_core._reduce(plan, names, policy, per_leaf=False))
-        size = plan.size()
-    else:
-        # Every rank must reach the all-reduce, so "raise" is decided after it.
-        per_leaf = (
-            policy == "raise"
-            or len(scopes) > 1
-            or any(len(s.members) != len(plan.leaves) for s in scopes)
+    # Every rank must reach the all-reduce, so "raise" is decided after it.
+    per_leaf = (
+        policy == "raise"
+        or len(scopes) > 1
+        or any(len(s.members) != len(plan.leaves) for s in scopes)
+    )
+    parts = plan.leaf_parts() if per_leaf else plan.global_parts()
+    # Without per-leaf parts there is one scope, holding every leaf.
+    own = [[parts[i] for i in s.members] for s in scopes] if per_leaf else [parts]
+    merged = _dist.reduce_scopes(plan, [s.group for s in scopes], own)
+    if policy == "raise" and not bool(plan.finite(merged)):
+        bad = [i for i, q in enumerate(parts) if not bool(plan.finite(q))] if per_leaf else []
+        if bad:
+            _core.raise_nonfinite(names, bad)
+        raise NonFiniteError(
+            "non-finite gradient values on another rank of the process group; nothing was modified"
         )
-        parts = plan.leaf_parts() if per_leaf else plan.global_parts()
-        # Without per-leaf parts there is one scope, holding every leaf.
-        own = [[parts[i] for i in s.members] for s in scopes] if per_leaf else [parts]
-        merged = _dist.reduce_scopes(plan, [s.group for s in scopes], own)
-        if policy == "raise" and not bool(plan.finite(merged)):
-            bad = [i for i, q in enumerate(parts) if not bool(plan.finite(q))] if per_leaf else []
-            if bad:
-                _core.raise_nonfinite(names, bad)
-            raise NonFiniteError(
-                "non-finite gradient values on another rank of the process group; nothing was "
-                "modified"
-            )
-        if plan.kind == "-inf":
-            # A min of +inf over finite entries means no rank held any: the
-            # norm of nothing is 0, as for one process.
-            empty = xp.isinf(merged.value) & plan.finite(merged)
-            merged = merged._replace(value=xp.where(empty, plan.const(0.0), merged.value))
-        size = 1  # ranks hold different sizes; an empty whole is handled above
-    norm = plan.norm(merged, size, dtype=plan.acc)
-    if inv_scale is not None:
-        norm = norm * xp.astype(inv_scale, plan.acc)
-    return xp.astype(norm, plan.res), plan.finite(merged)
+    if plan.kind == "-inf":
+        # A min of +inf over finite entries means no rank held any: the
+        # norm of nothing is 0, as for one process.
+        empty = xp.isinf(merged.value) & plan.finite(merged)
+        merged = merged._replace(value=xp.where(empty, plan.const(0.0), merged.value))
+    return merged
 
 
 def _check_inv_scale(inv_scale: Any, fn: str) -> Any:
