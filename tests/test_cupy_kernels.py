@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import array_api_compat.numpy as xp
 import numpy as np
@@ -225,6 +226,23 @@ def test_norm_does_not_overflow_or_underflow(
     assert math.isfinite(got)
     assert got > 0
     assert got == pytest.approx(ref_norm(leaves, ord), rel=1e-6)
+
+
+@pytest.mark.parametrize("ord", [0.01, 0.001])
+def test_small_ord_does_not_overflow(dev: cuda_emulator.EmuDevice, ord: float) -> None:
+    # The scaled sum of 2000 entries to the power 1/p (2000**100) overflows
+    # though the norm (1e-150 * 2000**100 = 1.3e180) does not: taken in logs.
+    leaves = [np.full(2000, 1e-150), np.full(3, 2e-150)]
+    log_want = math.log(1e-150) + math.log(2000 + 3 * 2.0**ord) / ord
+    for fn in ("global_norm", "leaf_norms"):
+        fast, ref = _both(dev, fn, leaves, p=ord, nonfinite="propagate")
+        _close(fast, ref)
+    got = float(fast_global(dev, leaves, ord))
+    if ord == 0.01:
+        assert got == pytest.approx(math.exp(log_want), rel=1e-6)
+    else:  # 1e-150 * 2003**1000: past float64, inf on both paths
+        assert log_want > math.log(sys.float_info.max)
+        assert got == math.inf
 
 
 def test_extremes_in_one_leaf(dev: cuda_emulator.EmuDevice) -> None:

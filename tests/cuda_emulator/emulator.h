@@ -33,9 +33,11 @@ inline std::barrier<>* gc_block_barrier = nullptr;
 
 using std::exp2;
 using std::fabs;
+using std::floor;
 using std::hypot;
 using std::ilogb;
 using std::ldexp;
+using std::log2;
 using std::pow;
 using std::sqrt;
 

@@ -217,6 +217,14 @@ template <int KIND, int PK> __device__ double gc_value(Acc a, double p, bool zer
     if (KIND == GC_P) {
         if (inf) return gc_inf();
         double r = PK == 2 ? sqrt(a.v) : PK == 1 ? a.v : pow(a.v, 1.0 / p);
+        if (PK == 0 && r > GC_DBL_MAX) {
+            // For small p the power overflows before 2**e brings it back
+            // (2000 entries of 1e-150, p = 0.01: 2000**100 = 1e330 for a norm
+            // of 1e180): in logs instead, the exponent held below int's range.
+            double t = log2(a.v) / p + a.e, it = floor(t);
+            it = it > 4096.0 ? 4096.0 : it;  // past any double: ldexp gives inf
+            return ldexp(exp2(t - it), (int)it);
+        }
         return ldexp(r, a.e);
     }
     if (KIND == GC_INF && inf) return gc_inf();
