@@ -423,6 +423,22 @@ def test_given_norm_shape_is_checked(dev: cuda_emulator.EmuDevice) -> None:
         )  # fmt: skip
 
 
+def test_clip_by_value_bounds_past_a_dtype_range_do_not_warn(dev: cuda_emulator.EmuDevice) -> None:
+    # The bounds are rounded to every real dtype on the host; 1e5 is past
+    # float16's range and 1e40 past float32's, even for leaves of neither.
+    # Warnings are errors in this suite, and the call is made without the
+    # errstate _both adds.
+    leaves = [x.astype(np.float32) * 1e6 for x in _tree("float64")]
+    fast = _fast.clip_by_value(
+        xp, _copy(leaves), _names(leaves), lo=-1e40, hi=1e5, nonfinite="propagate",
+        inplace=False, device=dev,
+    )  # fmt: skip
+    _, ref = _both(
+        dev, "clip_by_value", leaves, lo=-1e40, hi=1e5, nonfinite="propagate", inplace=False
+    )
+    _leaves_close(fast, ref, exact=True)
+
+
 @pytest.mark.parametrize("nonfinite", ["propagate", "zero", "skip"])
 @pytest.mark.parametrize(("lo", "hi"), [(-0.1, 0.3), (None, 0.3), (-0.7, None)])
 @pytest.mark.parametrize("inplace", [True, False])

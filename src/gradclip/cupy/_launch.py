@@ -312,11 +312,14 @@ def _bits(value: float | None, dtype: Any) -> tuple[Any, ...]:
     """``value`` in every real dtype, rounded as ``asarray(value, dtype=...)`` rounds it."""
     if value is None:
         return np.uint32(0), np.uint32(0), np.float32(0), np.float64(0)
-    half = np.uint32(np.asarray(value, np.float16).view(np.uint16))
-    bf16 = np.uint32(0)
-    if dtype is not None:  # ml_dtypes' bfloat16, present only when a leaf uses it
-        bf16 = np.uint32(np.asarray(value, dtype).view(np.uint16))
-    return half, bf16, np.float32(value), np.float64(value)
+    # A bound past a dtype's range rounds to inf there, as intended; NumPy's
+    # overflow warning would reach the caller (an error under -W error).
+    with np.errstate(over="ignore"):
+        half = np.uint32(np.asarray(value, np.float16).view(np.uint16))
+        bf16 = np.uint32(0)
+        if dtype is not None:  # ml_dtypes' bfloat16, present only when a leaf uses it
+            bf16 = np.uint32(np.asarray(value, dtype).view(np.uint16))
+        return half, bf16, np.float32(value), np.float64(value)
 
 
 def clamp(
