@@ -177,6 +177,23 @@ def test_norm_of_subnormals(xp):
     assert got > 0
 
 
+@pytest.mark.parametrize("fused", [None, False])
+@pytest.mark.parametrize(("value", "ord"), [(5e-324, 30.0), (1e-320, 100.0), (1e-310, 500.0)])
+def test_float64_subnormals_with_a_large_ord(xp, value, ord, fused):
+    # The scale 2**-exp once stopped at 2**1022, leaving subnormal entries
+    # near 2**-51, whose 30th power is 0: the norm came out 0.
+    need(xp, "float64")
+    if xp.name.startswith("jax"):
+        pytest.skip("XLA on CPU flushes subnormals to zero")
+    leaves = [xp.array(np.full(4, value), "float64"), xp.array(np.ones(3), "float64")]
+    want = value * 4 ** (1 / ord)
+    np.testing.assert_allclose(
+        float(gc.leaf_norms(leaves, ord=ord, fused=fused)[0]), want, rtol=1e-6
+    )
+    _, stats = gc.clip_by_norm(leaves, 1.0, ord=ord, fused=fused)
+    np.testing.assert_allclose(float(stats.norm[0]), want, rtol=1e-6)
+
+
 def test_complex_uses_modulus(xp):
     need(xp, "complex64")
     z = xp.array(np.array([3 + 4j, 0, -6 - 8j]), "complex64")

@@ -251,8 +251,7 @@ class Plan:
             top = xp.where(xp.isfinite(m) & (m > 0), m, self.const(1.0))
             return Partial(self._powsum(a / top), top, finite)
         exp = self.exponent(m)
-        y = a * xp.pow(self.const(2.0), -exp)
-        return Partial(self._powsum(y), exp, finite)
+        return Partial(self._powsum(self.scale_down(a, exp)), exp, finite)
 
     def exponent(self, m: Any) -> Any:
         """The power-of-two exponent that scales magnitudes up to ``m`` into ``[0, 2)``.
@@ -262,11 +261,23 @@ class Plan:
         xp = self.xp
         ok = xp.isfinite(m) & (m > 0)
         exp = xp.floor(xp.log2(xp.where(ok, m, self.const(1.0))))
-        # 2**-exp must be finite and normal (XLA on CPU flushes subnormals to
-        # zero): blocks at the ends of the range are scaled as far as allowed.
+        # Over the whole range, subnormals included: scale_down applies it in
+        # two halves. (Clamped to 2**-exp normal, subnormal float64 entries
+        # came out near 2**-51, and their 30th power was 0.)
         acc = self._acc_info
-        exp = xp.clip(exp, 1.0 - math.floor(acc.max_exp2), -acc.normal_exp2)
+        exp = xp.clip(exp, math.floor(acc.tiny_exp2), math.floor(acc.max_exp2))
         return xp.where(ok, exp, self.const(0.0))
+
+    def scale_down(self, a: Any, exp: Any) -> Any:
+        """``a * 2**-exp``, exactly, as two powers of two that are finite and normal.
+
+        One factor ``2**-exp`` would be subnormal or infinite at the ends of
+        the range, and XLA on the CPU flushes subnormals to zero.
+        """
+        xp = self.xp
+        two = self.const(2.0)
+        half = xp.floor(exp / 2)
+        return a * xp.pow(two, -half) * xp.pow(two, half - exp)
 
     def leaf(self, index: int) -> Partial:
         """Reduce one leaf, block by block."""
@@ -306,7 +317,7 @@ class Plan:
             if scaled:
                 m = xp.max(a, axis=others, keepdims=True) if others else a
                 exp = self.exponent(m)
-                a = a * xp.pow(self.const(2.0), -exp)
+                a = self.scale_down(a, exp)
                 exps.append(xp.reshape(exp, (-1,)))
             values.append(xp.sum(a * a, axis=others) if others else a * a)
 
