@@ -284,9 +284,8 @@ class TorchPlan(Plan):
         exp = None
         if self.kind == "p":
             ok = xp.isfinite(v) & (v > 0)
-            one, zero = self.const(1.0), self.const(0.0)
-            exp = xp.where(ok, xp.floor(xp.log2(xp.where(ok, v, one))), zero)
-            v = xp.where(ok, xp.pow(v * xp.pow(self.const(2.0), -exp), self.p), v)
+            exp = self.exponent(v)
+            v = xp.where(ok, xp.pow(self.scale_down(v, exp), self.p), v)
         if not per_leaf:
             return [Partial(v, exp, flags)]
         return [
