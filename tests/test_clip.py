@@ -229,9 +229,15 @@ def test_clip_by_block_rms(xp):
         np.testing.assert_allclose(xp.numpy(got), want / max(1.0, rms / 2.0), rtol=1e-6)
 
 
-def test_clip_by_block_rms_extreme(xp):
+@pytest.mark.parametrize("fused", [None, False])
+def test_clip_by_block_rms_extreme(xp, fused):
     leaf = xp.array(np.full(8, 1e30), "float32")
-    np.testing.assert_allclose(xp.numpy(gc.clip_by_block_rms([leaf], 1.0)[0]), 1.0, rtol=1e-6)
+    out = gc.clip_by_block_rms([leaf], 1.0, fused=fused)[0]
+    np.testing.assert_allclose(xp.numpy(out), 1.0, rtol=1e-6)
+    # An rms of 1e37 whose norm (1e39) is past float32: inf / sqrt(n) zeroed it.
+    leaf = xp.array(np.full(10_000, 1e37), "float32")
+    out = gc.clip_by_block_rms([leaf], 1.0, fused=fused)[0]
+    np.testing.assert_allclose(xp.numpy(out), 1.0, rtol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])

@@ -218,7 +218,11 @@ def clip_by_block_rms(
     out = []
     for i, (x, part) in enumerate(zip(leaves, parts, strict=True)):
         size = math.prod(x.shape)
-        rms = plan.norm(part, size) / math.sqrt(max(size, 1))
+        # The mean of the squares, then the root: the norm itself (1e39 for
+        # 1e4 entries of 1e37) may overflow the result dtype where the rms
+        # does not, and inf / sqrt(n) zeroed the leaf.
+        mean = part._replace(value=part.value / max(size, 1))
+        rms = plan.norm(mean, size)
         scale = 1.0 / xp.maximum(plan.const(1.0, plan.res), rms / threshold)
         if nonfinite == "skip":
             scale = xp.where(plan.finite(part), scale, plan.const(1.0, plan.res))
