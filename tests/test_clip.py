@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import gradclip as gc
-from conftest import FLOATS, need, np_dtype, ref_norm
+from conftest import FLOATS, importorskip, need, np_dtype, ref_norm
 
 
 def _leaves(xp, dtype="float32", seed=0, scale=10.0):
@@ -451,3 +451,19 @@ def test_fused_true_without_a_fast_path_raises(xp):
         gc.clip_by_global_norm(leaves, 1.0, fused=True)
     with pytest.raises(TypeError, match="fused"):
         gc.global_norm(leaves, fused="yes")
+
+
+@pytest.mark.parametrize("fn", ["clip_by_global_norm_", "clip_by_value_"])
+def test_strided_array_api_strict_leaf_in_place(fn):
+    # A Fortran-order leaf over one block is walked in row slices; the
+    # slices' index must be (slice, ...), which array-api-strict requires of
+    # a 2-d array. It raised IndexError after writing the leaves before it.
+    xs = importorskip("array_api_strict")
+    small = xs.asarray(np.full(8, 3.0, np.float32))
+    big = xs.asarray(np.asfortranarray(np.ones((1100, 1000), np.float32)))
+    getattr(gc, fn)([small, big], 0.5, fused=False)
+    np.testing.assert_allclose(
+        np.asarray(big), 0.5 if fn == "clip_by_value_" else np.asarray(big)[0, 0]
+    )
+    if fn == "clip_by_global_norm_":
+        assert float(gc.global_norm([small, big])) == pytest.approx(0.5, rel=1e-5)

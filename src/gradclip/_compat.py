@@ -263,8 +263,9 @@ def blocks(xp: Any, x: Any, chunk: int | None) -> Iterator[Block]:
     rows = max(1, chunk // row)
     for start in range(0, shape[0], rows):
         stop = min(start + rows, shape[0])
-        piece = x[start:stop, ...]
-        yield Block(x, slice(start, stop), (stop - start, *shape[1:]), xp.reshape(piece, (-1,)))
+        index = (slice(start, stop), ...)  # array-api-strict refuses a bare slice on 2-d+
+        piece = x[index]
+        yield Block(x, index, (stop - start, *shape[1:]), xp.reshape(piece, (-1,)))
 
 
 def writable_problem(x: Any) -> str | None:
