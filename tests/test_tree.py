@@ -93,3 +93,13 @@ def test_a_sequence_of_arrays_flattens_as_optree_does(kind, xp):
     one = xp.array(np.ones(2), "float32")
     mixed = kind([one, None, [one], 3.0])
     assert len(flatten(mixed).leaves) == 3
+
+
+def test_dict_keys_of_mixed_types_with_jax_imported():
+    # jax.tree_util cannot sort {0: ..., "head": ...}; optree can, and a NumPy
+    # tree must not stop working because jax was imported somewhere.
+    importorskip("jax")
+    tree = {0: np.array([3.0], np.float32), "head": np.array([4.0], np.float32)}
+    assert float(gc.global_norm(tree)) == 5.0
+    out, _ = gc.clip_by_global_norm(tree, 1.0, eps=0.0)
+    assert set(out) == {0, "head"} and float(out["head"][0]) == pytest.approx(0.8)

@@ -100,7 +100,13 @@ def _jax_flatten(tree: Any) -> Flat | None:
     if jax is None:
         return None
     tu = jax.tree_util
-    leaves, treedef = tu.tree_flatten(tree)
+    try:
+        leaves, treedef = tu.tree_flatten(tree)
+    except (TypeError, ValueError):
+        # jax cannot sort a dict's keys of mixed types ({0: a, "head": b});
+        # optree can. (A flax or equinox node in such a tree would then be a
+        # leaf, refused by name as not an array.)
+        return None
     if not any(isinstance(leaf, jax.Array) for leaf in leaves):
         return None
 
