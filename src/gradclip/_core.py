@@ -218,11 +218,13 @@ def clip_by_block_rms(
     out = []
     for i, (x, part) in enumerate(zip(leaves, parts, strict=True)):
         size = math.prod(x.shape)
-        # The mean of the squares, then the root: the norm itself (1e39 for
-        # 1e4 entries of 1e37) may overflow the result dtype where the rms
-        # does not, and inf / sqrt(n) zeroed the leaf.
-        mean = part._replace(value=part.value / max(size, 1))
-        rms = plan.norm(mean, size)
+        norm = plan.norm(part, size)
+        rms = norm / math.sqrt(max(size, 1))  # as the CUDA kernel computes it
+        # The norm (1e39 for 1e4 entries of 1e37) may overflow the result
+        # dtype where the rms does not, and inf / sqrt(n) zeroed the leaf:
+        # there, the root of the mean of the squares.
+        mean = plan.norm(part._replace(value=part.value / max(size, 1)), size)
+        rms = xp.where(xp.isinf(norm) & xp.isfinite(mean), mean, rms)
         scale = 1.0 / xp.maximum(plan.const(1.0, plan.res), rms / threshold)
         if nonfinite == "skip":
             scale = xp.where(plan.finite(part), scale, plan.const(1.0, plan.res))
