@@ -34,7 +34,7 @@ from ._api import global_norm, leaf_norms
 from ._flat import FlatTree, unit
 from ._norms import parse_ord
 from ._stats import ClipStats
-from ._tree import Paths
+from ._tree import Paths, _plain_array
 
 __all__ = ["GLOBAL", "GradMonitor", "History"]
 
@@ -218,29 +218,18 @@ def _host_backend(xp: Any, x: Any) -> bool:
     return name == "torch" and getattr(x.device, "type", None) == "cpu"
 
 
-@functools.cache
-def _array_type(kind: type) -> bool:
-    """Whether ``kind`` is an array type, a leaf to optree and to JAX."""
-    if issubclass(kind, np.ndarray):
-        return True
-    for module, base in (("torch", "Tensor"), ("jax", "Array")):
-        lib = sys.modules.get(module)  # imported by the time its arrays reach us
-        if lib is not None and issubclass(kind, getattr(lib, base)):
-            return True
-    return (kind.__module__, kind.__name__) == ("cupy", "ndarray")
-
-
 def _structure(tree: Any, leaves: list[Any]) -> Any:
     """A key of ``tree``'s structure, equal for two trees whose leaves have the same paths.
 
     Compared every step, so it costs no Python per leaf: ``(list, n)`` for a
-    list or tuple of arrays (the common ``[p.grad for p in params]``), the
+    list or tuple of NumPy, CuPy or torch arrays (the common
+    ``[p.grad for p in params]``; others, Parameters too, get a treedef), the
     ``Paths`` object of a :class:`~gradclip.FlatTree` (the same object for
     the same FlatTree), else the treedef of the library that ``flatten``
     walked the tree with.
     """
     kind = type(tree)
-    if (kind is list or kind is tuple) and all(map(_array_type, set(map(type, tree)))):
+    if (kind is list or kind is tuple) and all(map(_plain_array, set(map(type, tree)))):
         return kind, len(tree)
     if isinstance(tree, FlatTree):
         return tree._flat.paths
