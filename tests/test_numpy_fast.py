@@ -217,7 +217,7 @@ def test_runs_cover_every_leaf_once_in_fixed_pieces(monkeypatch, sizes):
     covered = {i: [] for i in range(len(sizes))}
     for run in runs:
         for i, start, stop in run:
-            assert start % _numpy._CHUNK == 0 and start < stop <= sizes[i]
+            assert start % _numpy._DOT == 0 and start < stop <= sizes[i]
             covered[i].append((start, stop))
     for i, ranges in covered.items():
         ranges.sort()
@@ -225,7 +225,7 @@ def test_runs_cover_every_leaf_once_in_fixed_pieces(monkeypatch, sizes):
         assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
     totals = [sum(stop - start for _, start, stop in run) for run in runs]
     if sum(sizes) >= _numpy._PARALLEL:  # balanced to within a piece per leaf and run
-        slack = _numpy._CHUNK * (len(sizes) + len(runs))
+        slack = _numpy._DOT * (len(sizes) + len(runs))
         assert len(runs) >= 2 and max(totals) - min(totals) <= slack
 
 

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-__all__ = ["Dsdot", "accurate", "dsdot", "short_sdot"]
+__all__ = ["PIECE", "Dsdot", "accurate", "dsdot", "short_sdot"]
 
 # (n, x address, x stride, y address, y stride) -> the float64 sum of x * y
 Dsdot = Callable[[int, int, int, int, int], float]
@@ -37,6 +37,8 @@ Dsdot = Callable[[int, int, int, int, int], float]
 # ILP64 interface has the _64 suffix.
 _NAMES = ("scipy_cblas_dsdot64_", "cblas_dsdot64_", "cblas_dsdot_64")
 _TOLERANCE = 2.0**-20  # relative, on a sum of squares: 5e-7 on the norm
+# The longest vector gradclip._numpy hands dsdot, and the length it is checked at.
+PIECE = 1 << 20
 
 
 def _libraries() -> Iterator[str]:
@@ -93,7 +95,7 @@ def dsdot() -> Dsdot | None:
             fn.restype = ctypes.c_double
             n, address = ctypes.c_int64, ctypes.c_void_p  # n and strides: 64-bit (ILP64)
             fn.argtypes = [n, address, n, address, n]
-            if accurate(_call(fn), 1 << 17):
+            if accurate(_call(fn), PIECE):
                 return fn  # type: ignore[no-any-return]
     return None
 

@@ -3,8 +3,8 @@
 Clipping is memory-bound: its floor is one read of every gradient for the
 norm, plus one read and one write to scale. This path gets close to it by:
 
-- reducing each leaf in ``_CHUNK``-element pieces with BLAS dots (which
-  release the GIL) and adding the pieces in float64. float32 pieces go to
+- reducing each leaf in pieces with BLAS dots (which release the GIL) and
+  adding the pieces in float64. float32 pieces (``_DOT`` elements) go to
   ``dsdot`` (:mod:`gradclip._blas`), which adds in float64 at ``sdot``'s
   speed: ``np.dot`` adds in float32, and one large square among many small
   ones makes it lose the small ones (1e-4 relative). Without ``dsdot``
@@ -55,7 +55,11 @@ __all__ = [
     "per_example_clip",
 ]
 
-_CHUNK = 1 << 17  # elements per BLAS call: fits in L2, error ~1e-8 on 64M
+_CHUNK = 1 << 17  # elements widened to float64 per BLAS call: the buffer fits in L2
+# float32 elements per dsdot call, read where they are. Its error does not
+# grow with the length (see gradclip._blas); pieces of _CHUNK were 10% slower
+# on a 64M leaf than one call a task, in call overhead and prefetch restarts.
+_DOT = _blas.PIECE
 _TASK = 1 << 21  # elements a thread task takes, at most
 # Below this many elements one thread does it all: waking another costs about
 # 80 us here, more than it saves on data that sits in the L3 cache.
@@ -135,8 +139,9 @@ _Run = list[tuple[int, int, int]]  # (leaf, start, stop) ranges of flattened lea
 def _runs(spans: list[tuple[int, int]]) -> list[_Run]:
     """Cut leaves ``(index, size)`` into runs of about equal size, one per task.
 
-    Cuts fall on multiples of ``_CHUNK`` from the start of a leaf, so a leaf
-    is always reduced in the same pieces whichever run holds them.
+    Cuts fall on multiples of ``_DOT`` (a multiple of ``_CHUNK``) from the
+    start of a leaf, so a leaf is always reduced in the same pieces whichever
+    run holds them.
     """
     total = sum(size for _, size in spans)
     if total == 0:
@@ -151,7 +156,7 @@ def _runs(spans: list[tuple[int, int]]) -> list[_Run]:
             if room <= 0:
                 runs.append([])
                 room = quota
-            stop = min(size, start + -(-room // _CHUNK) * _CHUNK)
+            stop = min(size, start + -(-room // _DOT) * _DOT)
             runs[-1].append((i, start, stop))
             room -= stop - start
             start = stop
@@ -184,7 +189,11 @@ def _work_dtype(dtype: np.dtype) -> np.dtype | None:
 def _sumsq_run(
     run: _Run, flats: dict[int, np.ndarray], works: dict[int, np.dtype]
 ) -> list[tuple[int, float]]:
-    """``(leaf, sum of squares)`` of every ``_CHUNK`` piece of a run, by BLAS dot."""
+    """``(leaf, sum of squares)`` of every piece of a run, by BLAS dot.
+
+    float32 pieces are ``_DOT`` long, read in place by ``dsdot``; others are
+    ``_CHUNK`` long, widened into a reused float64 buffer where needed.
+    """
     out = []
     buf: np.ndarray | None = None
     for i, start, stop in run:
@@ -193,8 +202,8 @@ def _sumsq_run(
             # one address per leaf, offsets per piece: .ctypes costs 2 us a call
             dsdot, address = _blas.dsdot(), flat.ctypes.data
             assert dsdot is not None
-            for a in range(start, stop, _CHUNK):
-                at, n = address + 4 * a, min(_CHUNK, stop - a)
+            for a in range(start, stop, _DOT):
+                at, n = address + 4 * a, min(_DOT, stop - a)
                 out.append((i, dsdot(n, at, 1, at, 1)))
             continue
         for a in range(start, stop, _CHUNK):
