@@ -10,7 +10,11 @@ read pass over that buffer.
 
 Every timed call gets fresh gradients that need clipping, copied in untimed
 from a pristine source; after each row the harness checks, untimed, that the
-row really clipped (or, with nothing to clip, left the norm unchanged). JAX
+row really clipped (or, with nothing to clip, left the norm unchanged). On
+the CPU the rows of a tree's case are timed in turns, one call each a round,
+so that drifts in the shared machine's memory bandwidth reach every row
+alike; on a GPU, where each row's buffers are sized to the device, each row
+is timed alone. JAX
 rows are compiled once per tree, from scratch (JAX's in-memory caches are
 cleared before each tree), and that compile is timed on its own and reported
 as ``compile_s``: XLA takes minutes on a CPU for optax's clip of the
@@ -1681,23 +1685,41 @@ def _peak_bytes(timed: _Timed) -> int:
         tracemalloc.stop()
 
 
-def _time(timed: _Timed, reps: int, budget: float) -> tuple[list[float], Any]:
-    """Seconds per call: at least ``reps`` calls, more while within ``budget`` seconds."""
-    times: list[float] = []
-    out: Any = None
-    start = time.perf_counter()
-    while len(times) < reps * _MAX_REPS_FACTOR:
-        # Release the last result untimed: freeing a JAX row's 200 MB output
-        # costs milliseconds, and inside the timed call it would count.
-        out = None
-        timed.fresh()
-        t0 = time.perf_counter()
-        out = timed.call()
-        timed.done(out)
-        times.append(time.perf_counter() - t0)
-        if len(times) >= reps and time.perf_counter() - start >= budget:
-            break
-    return times, out
+def _time(timeds: Sequence[_Timed], reps: int, budget: float) -> list[tuple[list[float], Any]]:
+    """Each row's seconds per call and last result: ``reps`` calls at least, more within ``budget``.
+
+    The rows take turns, one call each a round, and a row leaves the rounds
+    once it has its calls. On a shared machine memory bandwidth drifts
+    between phases seconds apart (a 256 MB multiply here: 6.5 ms in one,
+    10.5 ms in the next); rows timed one after the other would each meet a
+    different phase, and their ratios would measure the machine. In turns
+    they meet the same ones.
+    """
+    times: list[list[float]] = [[] for _ in timeds]
+    spent = [0.0] * len(timeds)  # each row's seconds, its untimed fresh() included
+    outs: list[Any] = [None] * len(timeds)
+    active = list(range(len(timeds)))
+    while active:
+        for k in active:
+            timed = timeds[k]
+            # Release the last result untimed: freeing a JAX row's 200 MB output
+            # costs milliseconds, and inside the timed call it would count.
+            outs[k] = None
+            start = time.perf_counter()
+            timed.fresh()
+            t0 = time.perf_counter()
+            outs[k] = timed.call()
+            timed.done(outs[k])
+            end = time.perf_counter()
+            times[k].append(end - t0)
+            spent[k] += end - start
+        active = [
+            k
+            for k in active
+            if len(times[k]) < reps * _MAX_REPS_FACTOR
+            and (len(times[k]) < reps or spent[k] < budget)
+        ]
+    return list(zip(times, outs, strict=True))
 
 
 @contextlib.contextmanager
@@ -2271,20 +2293,33 @@ def bench(
             for case in CASES:
                 bound = max_norm if case == "clip" else NO_CLIP
                 section: list[dict[str, Any]] = []
-                for row in plan:
-                    if case not in row.cases or not runs(row, name):
-                        continue
+                active = [row for row in plan if case in row.cases and runs(row, name)]
+                # A JAX row compiles once per tree (max_norm is an argument):
+                # measured in its first case, reused by the other.
+                first = {row.key: row.jax and row.key not in compiled for row in active}
+                compiled.update(row.key for row in active)
+                if not ctx.gpu:
+                    # Every row built and warmed up, then timed in turns (see
+                    # _time). The CPU trees fit in memory five times over; the
+                    # GPU's are sized to the device, one row's buffers at a time.
+                    readies = []
+                    for row in active:
+                        bar.start(f"{name} {case}: {row.label} (warm-up)")
+                        readies.append(_ready(ctx, data, row, bound, compile=first[row.key]))
+                    bar.start(f"{name} {case}: {len(active)} rows, timed in turns")
+                    timings = _time([ready.timed for ready in readies], reps, budget)
+                    for row, ready, (times, out) in zip(active, readies, timings, strict=True):
+                        done = _report(data, row, case, bound, ready, times, out)
+                        section.append(done)
+                        bar.done(f"{name} {case}: {row.label}", _summary(done))
+                for row in active if ctx.gpu else ():  # one at a time
                     what = f"{name} {case}: {row.label}"
                     bar.start(what)
-                    # A JAX row compiles once per tree (max_norm is an argument):
-                    # measured in its first case, reused by the other.
-                    first = row.jax and row.key not in compiled
-                    compiled.add(row.key)
                     try:
-                        done = _run_row(ctx, data, row, case, bound, reps, budget, compile=first)
+                        done = _run_row(
+                            ctx, data, row, case, bound, reps, budget, compile=first[row.key]
+                        )
                     except Exception as exc:
-                        if not ctx.gpu:
-                            raise
                         # A GPU lease is short: one row that fails (out of
                         # memory, a dtype a library lacks) is reported, and
                         # the others still run.
@@ -2293,10 +2328,7 @@ def bench(
                         bar.done(what, "FAILED")
                         continue
                     section.append(done)
-                    summary = f"{done['median_ms']:.3f} ms"
-                    if done["compile_s"] is not None:
-                        summary += f", compiled in {done['compile_s']:.1f} s"
-                    bar.done(what, summary)
+                    bar.done(what, _summary(done))
                 by_key = {r["key"]: r for r in section}
                 if ctx.gpu and case == "clip" and "copy" in by_key:
                     floor, bandwidth = _floor_from_copy(by_key["copy"], data.nbytes)
@@ -2350,21 +2382,21 @@ def _gpu_data(ctx: _Context, name: str, size_factor: int, dtype: Any) -> _Data:
     return _device_data(name, size_factor, dtype)
 
 
-def _run_row(
-    ctx: _Context,
-    data: _Data,
-    row: _Row,
-    case: str,
-    max_norm: float,
-    reps: int,
-    budget: float,
-    *,
-    compile: bool = False,
-) -> dict[str, Any]:
-    """Build one row's buffers, warm it up, measure it, and check its result.
+@dataclass
+class _Ready:
+    """A row built, compiled where it is a JAX row, and warmed up: ready to time."""
 
-    With ``compile``, a JAX row's compile is measured first (:func:`_measure_compile`).
-    """
+    timed: _Timed
+    compiled: dict[str, Any]  # _COMPILE_FIELDS
+    warmup_s: float
+    warmup_compiles: int | None
+    peak_temp_bytes: int | None
+
+
+def _ready(
+    ctx: _Context, data: _Data, row: _Row, max_norm: float, *, compile: bool = False
+) -> _Ready:
+    """Build one row's buffers and warm it up; ``compile``: first measure a JAX row's compile."""
     timed = row.make(ctx, data, max_norm)
     compiled: dict[str, Any] = dict.fromkeys(_COMPILE_FIELDS)
     if compile and timed.compile is not None:
@@ -2377,7 +2409,20 @@ def _run_row(
         timed.done(timed.call())  # warm-up: first touches, thread pools, jit dispatch
     warmup = time.perf_counter() - start
     peak = _peak_bytes(timed) if row.numpy_memory else None
-    times, out = _time(timed, reps, budget)
+    return _Ready(timed, compiled, warmup, len(again) if row.jax else None, peak)
+
+
+def _report(
+    data: _Data,
+    row: _Row,
+    case: str,
+    max_norm: float,
+    ready: _Ready,
+    times: list[float],
+    out: Any,
+) -> dict[str, Any]:
+    """One row's figures, and the check of its last result."""
+    timed = ready.timed
     before = data.norm if timed.reference is None else timed.reference
     if timed.check is not None:  # a per-example row: its sum against the reference
         checked = timed.check(out)
@@ -2396,14 +2441,38 @@ def _run_row(
         "median_ms": statistics.median(ms),
         "min_ms": min(ms),
         "reps": len(ms),
-        "peak_temp_bytes": peak,
-        "warmup_s": warmup,
-        **compiled,
-        "warmup_compiles": len(again) if row.jax else None,
+        "peak_temp_bytes": ready.peak_temp_bytes,
+        "warmup_s": ready.warmup_s,
+        **ready.compiled,
+        "warmup_compiles": ready.warmup_compiles,
         "norm_before": before,
         **checked,
         "times_ms": ms,
     }
+
+
+def _run_row(
+    ctx: _Context,
+    data: _Data,
+    row: _Row,
+    case: str,
+    max_norm: float,
+    reps: int,
+    budget: float,
+    *,
+    compile: bool = False,
+) -> dict[str, Any]:
+    """Build one row, warm it up, time it alone, and check its result (see :func:`_ready`)."""
+    ready = _ready(ctx, data, row, max_norm, compile=compile)
+    [(times, out)] = _time([ready.timed], reps, budget)
+    return _report(data, row, case, max_norm, ready, times, out)
+
+
+def _summary(done: dict[str, Any]) -> str:
+    summary = f"{done['median_ms']:.3f} ms"
+    if done["compile_s"] is not None:
+        summary += f", compiled in {done['compile_s']:.1f} s"
+    return summary
 
 
 # ---------------------------------------------------------------------- output
