@@ -287,3 +287,59 @@ def test_wide_range_of_squares_with_and_without_dsdot(monkeypatch, blas):
     batch = [np.ones((4, 0), np.float32), np.full((4, 3), 2.0, np.float32)]  # an empty leaf
     _, stats = gc.per_example_clip(batch, 1.0)
     assert stats.norm.tolist() == [np.float32(math.sqrt(12.0))] * 4
+
+
+def _buffer(dtype, size, kind, seed=0):
+    x = (np.random.default_rng(seed).standard_normal(size) * 3).astype(dtype)
+    if kind == "nan":
+        x[size // 2] = np.nan
+    elif kind == "zeros":
+        x[:] = 0
+    elif kind == "tiny":
+        x *= np.finfo(dtype).tiny  # squares underflow: the plan redoes the sum
+    elif kind == "huge":
+        x *= 1e20 if dtype == "float32" else 1e160  # squares overflow: the plan redoes it
+    return x
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("size", [_numpy._SMALL, 3 * _numpy._SMALL + 5, _numpy._PARALLEL + 7])
+@pytest.mark.parametrize("kind", ["normal", "nan", "zeros", "tiny", "huge"])
+@pytest.mark.parametrize("max_norm", [0.0, 0.5, 3e4, 1e30])
+def test_one_buffer_lane_is_the_plan_bit_for_bit(dtype, size, kind, max_norm):
+    """A bare array or a FlatTree's one buffer skips the tree machinery; nothing else changes."""
+    want = _buffer(dtype, size, kind)
+    want_stats = gc.clip_by_global_norm_([want], max_norm)  # a list: the plan's path
+    bare = _buffer(dtype, size, kind)
+    flat = gc.FlatTree.from_tree({"w": _buffer(dtype, size, kind)})
+    for tree, out in ((bare, bare), (flat, flat.tree["w"])):
+        stats = gc.clip_by_global_norm_(tree, max_norm)
+        assert out.tobytes() == want.tobytes()
+        for got, ref in zip(stats, want_stats, strict=True):
+            assert type(got) is np.ndarray and (got.dtype, got.shape) == (ref.dtype, ())
+            assert got.tobytes() == ref.tobytes()
+
+
+def test_one_buffer_lane_skips_the_plan(monkeypatch):
+    def plan_used(*args, **kwargs):
+        raise AssertionError("the plan ran")
+
+    monkeypatch.setattr(_numpy.NumpyPlan, "__post_init__", plan_used)
+    x = np.full(_numpy._SMALL, 2.0, np.float32)
+    stats = gc.clip_by_global_norm_(gc.FlatTree.from_tree([x.copy()]), 1.0)
+    assert float(stats.norm) == 2.0 * math.sqrt(x.size) and bool(stats.clipped)
+    gc.clip_by_global_norm_(x, 1.0)
+    assert float(np.linalg.norm(x.astype(np.float64))) == pytest.approx(1.0, rel=1e-6)
+    # Everything else takes the plan: other dtypes, small or strided buffers,
+    # several buffers, other arguments.
+    for call in (
+        lambda: gc.clip_by_global_norm_(x.astype(np.float16), 1.0),
+        lambda: gc.clip_by_global_norm_(x[: _numpy._SMALL - 1], 1.0),
+        lambda: gc.clip_by_global_norm_(x[::2], 1.0),
+        lambda: gc.clip_by_global_norm_(gc.FlatTree.from_tree([x, x.astype(np.float64)]), 1.0),
+        lambda: gc.clip_by_global_norm_(x, 1.0, ord=3),
+        lambda: gc.clip_by_global_norm_(x, 1.0, nonfinite="skip"),
+        lambda: gc.clip_by_global_norm_(x, 1.0, norm=2.0),
+    ):
+        with pytest.raises(AssertionError, match="the plan ran"):
+            call()

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import _compat, _core
-from ._flat import structure, unit
+from ._flat import FlatTree, structure, unit
 from ._norms import parse_ord
 from ._stats import ClipStats, PerExampleStats
 from ._tree import Flat, flatten
@@ -184,6 +184,16 @@ def _plain(leaves: list[Any], inplace: bool) -> str | None:
     return backend
 
 
+def _numpy_buffer(tree: Any) -> np.ndarray | None:
+    """The one writable NumPy array a tree is: a bare array, or a FlatTree's only buffer."""
+    if isinstance(tree, FlatTree):
+        buffers = tree._buffers
+        tree = next(iter(buffers.values())) if len(buffers) == 1 else None
+    if type(tree) is np.ndarray and tree.flags.writeable:
+        return tree
+    return None
+
+
 def _fmt_device(key: Any) -> str:
     if isinstance(key, frozenset):
         return ", ".join(sorted(str(d) for d in key))
@@ -240,6 +250,8 @@ def _check_nonfinite(nonfinite: str, allowed: tuple[str, ...] = NONFINITE) -> st
 
 def _scalar_bound(value: Any, name: str, *, allow_array: bool = True) -> Any:
     """A bound as a float, or a 0-d device array: its value unchecked, as reading it would sync."""
+    if type(value) is float:  # the common case, without the array checks
+        return value
     device = _compat.is_array(value) and not isinstance(value, np.ndarray | np.generic)
     number = isinstance(value, int | float | np.number | np.ndarray) and not isinstance(value, bool)
     if not (number or (device and allow_array)):
@@ -408,6 +420,15 @@ def _clip_norm(
         raise ValueError(
             f"{fn}: norm= is the global norm, a number or a 0-d array; got shape {shape}"
         )
+    if inplace and not per_leaf and p == 2 and nonfinite == "propagate" and norm is None:
+        buffer = _numpy_buffer(tree)
+        if buffer is not None and fused is not False and isinstance(max_norm, float) and not extra:
+            # One NumPy buffer: the fast path's lane for it, without the tree
+            # machinery (None where the full path must do it).
+            with _compat.quiet(np):
+                stats = _load(_FAST_PATHS["numpy"]).clip_buffer_(buffer, max_norm, eps)
+            if stats is not None:
+                return tree, stats
     whole = not per_leaf and p != 0 and nonfinite != "raise"
     prep = _prepare(tree, fn, inplace=inplace, whole=whole)
     if prep.xp is None:

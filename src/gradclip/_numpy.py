@@ -44,6 +44,7 @@ import numpy as np
 
 from . import _blas, _core
 from ._norms import Partial, Plan
+from ._stats import ClipStats
 
 __all__ = [
     "clip_by_block_rms",
@@ -536,6 +537,50 @@ def _multiply_each(
     else:
         for i in indices:
             np.multiply(leaves[i], factors[i], out=outs[i], casting="unsafe")
+
+
+def clip_buffer_(x: np.ndarray, max_norm: float, eps: float) -> ClipStats | None:
+    """:func:`clip_by_global_norm_` of one float32/float64 buffer (``ord=2``, ``"propagate"``).
+
+    What :class:`NumpyPlan` computes, bit for bit: the same BLAS pieces and
+    exactly rounded sum, the norm rounded into the buffer's dtype, the scale
+    in the same NumPy arithmetic as ``_core._scale_from_norm``, the same
+    threaded multiply. It skips the plan's machinery, which a FlatTree's
+    buffer does not need: on a 2000-leaf model's 8 MB buffer, its caches
+    cold from the gradients' own traffic, that Python took 0.4 ms of 0.9.
+    ``None`` (nothing computed or written) where the plan must do it: other
+    dtypes and layouts, a buffer small enough to be gathered (its sum would
+    come from a copy), a sum that may have overflowed or lost entries.
+    """
+    dtype = x.dtype
+    if dtype not in (_F32, _F64) or x.size < _SMALL or not x.flags.c_contiguous:
+        return None
+    work = _work_dtype(dtype)
+    assert work is not None
+    flat = x.reshape(-1)
+    runs = _runs([(0, flat.size)])
+    if len(runs) == 1:
+        results = [_sumsq_run(runs[0], {0: flat}, {0: work})]
+    else:
+        results = _run([functools.partial(_sumsq_run, run, {0: flat}, {0: work}) for run in runs])
+    sumsq = _fsum(value for result in results for _, value in result)
+    if not _trusted(work, sumsq, [x]):
+        return None
+    total = np.float64(sumsq)
+    norm = np.sqrt(total).astype(dtype)
+    denom = norm + eps
+    if np.isnan(denom):
+        scale = denom  # NaN: torch's arithmetic
+    elif denom > max_norm:
+        scale = max_norm / denom
+    else:
+        scale = dtype.type(1.0)
+    if scale != 1:
+        factor = [np.asarray(scale)]
+        _run([functools.partial(_scale_run, run, {0: (flat, flat)}, factor) for run in runs])
+    return ClipStats(
+        np.asarray(norm), np.asarray(scale), np.asarray(scale < 1), np.asarray(np.isfinite(total))
+    )
 
 
 def _fast(fn: Callable[..., Any]) -> Callable[..., Any]:
