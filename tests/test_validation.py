@@ -104,6 +104,31 @@ def test_integer_and_bool_leaves(xp, dtype):
         gc.clip_by_global_norm(tree, 1.0)
 
 
+@pytest.mark.parametrize("name", ["float8_e4m3fn", "float8_e5m2", "float4_e2m1fn"])
+def test_float8_and_narrower_leaves_are_named(name):
+    ml_dtypes = importorskip("ml_dtypes")
+    if not hasattr(ml_dtypes, name):
+        pytest.skip(f"ml_dtypes {ml_dtypes.__version__} has no {name}")
+    tree = {"w": np.ones(3, np.float32), "b": np.ones(2, dtype=getattr(ml_dtypes, name))}
+    for fn in (gc.global_norm, gc.leaf_norms, lambda t: gc.clip_by_global_norm_(t, 1.0)):
+        with pytest.raises(TypeError, match=r"leaf \['b'\] has dtype .*; gradients must be"):
+            fn(tree)
+    assert tree["b"].tolist() == [1.0, 1.0]
+
+
+def test_float8_torch_leaves_are_named():
+    torch = importorskip("torch")
+    grads = [torch.ones(3), torch.ones(2, dtype=torch.float8_e4m3fn)]
+    with pytest.raises(TypeError, match=r"leaf \[1\] has dtype .*; gradients must be"):
+        gc.clip_by_global_norm_(grads, 1.0)
+
+
+def test_fused_must_be_a_flag():
+    for bad in (1, 0, "yes", np.bool_(True)):
+        with pytest.raises(TypeError, match="fused must be None, True or False"):
+            gc.global_norm([np.ones(3)], fused=bad)
+
+
 @pytest.mark.parametrize("dtype", [np.longdouble, np.clongdouble])
 @pytest.mark.parametrize("fused", [None, False])
 def test_numpy_longdouble_leaves_are_named(dtype, fused):

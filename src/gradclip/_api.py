@@ -202,7 +202,7 @@ def _fmt_device(key: Any) -> str:
 
 def _impl(prep: _Prepared, fused: bool | None) -> Any:
     """The module that computes: a registered fast path, or the generic core."""
-    if fused not in (None, True, False):
+    if fused is not None and type(fused) is not bool:  # 1 == True, but 1 is not a flag
         raise TypeError(f"fused must be None, True or False; got {fused!r}")
     module = _FAST_PATHS.get(prep.backend)
     if fused is False or (module is None and fused is None):

@@ -181,6 +181,11 @@ def _dtype_info(xp: Any, dtype: Any) -> DtypeInfo | None:
         # NumPy's longdouble and clongdouble: wider than the float64
         # accumulator, and no other library or kernel takes them.
         return None
+    if fi.bits < 16:
+        # float8/float6/float4 (ml_dtypes, torch): scales rounded to 2-4
+        # significant bits, formats without inf (float8_e4m3fn overflows to
+        # NaN), and no kernel for them. Training keeps their gradients wider.
+        return None
     return DtypeInfo(
         complex=is_complex,
         float64=max_v > 1e300,
