@@ -424,6 +424,22 @@ def test_adagc_warmup_propagates_nan_as_clip_by_global_norm(xp):
     assert int(np.asarray(xp.numpy(state.skipped))) == 1
 
 
+def test_adagc_after_warmup_propagates_nan_as_clip_by_norm(xp):
+    import gradclip as gc
+
+    clipper = AdaGC(warmup_steps=1, max_grad_norm=100.0)  # nonfinite="propagate"
+    leaves = [xp.array(np.full(4, 3.0), "float32"), xp.array(np.ones(4), "float32")]
+    _, state, _ = clipper.update(leaves, clipper.init(leaves))
+    tree = [np.array([np.nan, 1.0, 1.0, 1.0]), np.full(4, 10.0)]
+    out, state, stats = clipper.update([xp.array(a, "float32") for a in tree], _settle(state))
+    scale = np.asarray(xp.numpy(stats.scale))
+    assert np.isnan(scale[0]) and 0 < scale[1] < 1  # the finite leaf is still clipped
+    assert np.all(np.isnan(xp.numpy(out[0])))
+    _, want = gc.clip_by_norm([xp.array(tree[0], "float32")], 1.0)
+    assert np.isnan(np.asarray(xp.numpy(want.scale))[0])  # the same arithmetic
+    assert int(np.asarray(xp.numpy(state.skipped))) == 1
+
+
 # ------------------------------------------------------------------ state dicts
 
 

@@ -813,6 +813,7 @@ class AdaGC(_Clipper):
         threshold = self.relative * state.ema
         above = norms + eps > threshold
         own = xp.where(above, threshold / xp.where(above, norms + eps, one), one)
+        own = xp.where(xp.isnan(norms), norms, own)  # NaN, as clip_by_norm gives, not a silent 1
         # Until a finite step has started the EMAs there is no per-tensor
         # threshold (it would be 0 and zero the step, and the EMAs with it).
         first = state.count == 0
