@@ -356,6 +356,16 @@ def test_clip_by_block_rms(dev: cuda_emulator.EmuDevice, dtype: str, nonfinite: 
     _leaves_close(fast, ref, exact=False)
 
 
+def test_block_rms_where_the_norm_overflows_float32(dev: cuda_emulator.EmuDevice) -> None:
+    # 10**4 entries of 1e37: the norm (1e39) overflows float32, the rms
+    # (1e37) does not. inf / sqrt(n) would zero the leaf.
+    leaves = [np.full(10**4, 1e37, np.float32), np.full(7, 3.0, np.float32)]
+    fast, ref = _both(dev, "clip_by_block_rms", leaves, threshold=1e36, nonfinite="propagate")
+    _leaves_close(fast, ref, exact=True)
+    np.testing.assert_allclose(np.asarray(fast[0]), 1e36, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(fast[1]), 3.0)
+
+
 def test_array_threshold_and_value_bounds(dev: cuda_emulator.EmuDevice) -> None:
     # A scheduled bound arrives as a 0-d device array: the rms kernel reads
     # the threshold on the device; the clamp kernel takes bounds by value, so

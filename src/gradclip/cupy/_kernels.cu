@@ -421,8 +421,15 @@ template <typename R> __device__ R gc_clip_scale(R norm, R max_norm, R eps) {
 }
 
 // optax's clip_by_block_rms: 1 / max(1, (norm / sqrt(size)) / threshold).
-template <typename R> __device__ R gc_rms_scale(R norm, i64 size, R threshold) {
-    R rms = norm / (R)sqrt((double)(size > 1 ? size : 1));
+// ``value`` is the norm in double, ``norm`` the same rounded into R.
+template <typename R> __device__ R gc_rms_scale(double value, R norm, i64 size, R threshold) {
+    double root = sqrt((double)(size > 1 ? size : 1));
+    R rms = norm / (R)root;
+    // The norm (1e39 for 1e4 entries of 1e37) may overflow R where the rms
+    // does not, and inf / sqrt(n) would zero the leaf: there, the rms taken
+    // in double, as the generic path takes the root of the mean square.
+    R mean = (R)(value / root);
+    if (norm - norm != norm - norm && mean - mean == mean - mean) rms = mean;  // inf, finite
     R q = rms / threshold;
     R m = q != q ? q : (q > (R)1 ? q : (R)1);  // maximum() propagates NaN
     return (R)1 / m;
@@ -434,9 +441,11 @@ struct Bound {
     const void* max_norm_at;  // or a 0-d device array in the result dtype
 };
 
-template <typename R> __device__ R gc_scale_of(const Bound& b, R norm, bool finite, i64 size) {
+template <typename R>
+__device__ R gc_scale_of(const Bound& b, double value, bool finite, i64 size) {
     R bound = b.max_norm_at ? *(const R*)b.max_norm_at : (R)b.max_norm;
-    R s = b.mode == GC_RMS ? gc_rms_scale<R>(norm, size, bound)
+    R norm = (R)value;
+    R s = b.mode == GC_RMS ? gc_rms_scale<R>(value, norm, size, bound)
                            : gc_clip_scale<R>(norm, bound, (R)b.eps);
     return b.skip && !finite ? (R)1 : s;
 }
@@ -450,7 +459,7 @@ __device__ void gc_emit(const Out& o, const Bound& b, bool scaled, double value,
     if (!scaled) return;
     double s;
     if (o.res64) s = gc_scale_of<double>(b, value, finite, size);
-    else s = (double)gc_scale_of<float>(b, (float)value, finite, size);
+    else s = (double)gc_scale_of<float>(b, value, finite, size);
     o.put(scale_byte, k, s);
     o.flag(clipped_byte + k, s < 1.0);
 }
