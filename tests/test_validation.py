@@ -104,6 +104,17 @@ def test_integer_and_bool_leaves(xp, dtype):
         gc.clip_by_global_norm(tree, 1.0)
 
 
+def test_bounds_past_float32_do_not_warn(xp):
+    # 1e300 rounds to inf in float32: no clipping; eps=1e300 scales by 0.
+    tree = [xp._to(np.full(4, 2.0, np.float32))]
+    out, stats = gc.clip_by_global_norm(tree, 1e300)
+    assert float(xp.numpy(stats.scale)) == 1.0
+    np.testing.assert_array_equal(xp.numpy(out[0]), 2.0)
+    out, stats = gc.clip_by_global_norm(tree, 1.0, eps=1e300)
+    assert float(xp.numpy(stats.scale)) == 0.0
+    np.testing.assert_array_equal(xp.numpy(gc.clip_by_block_rms(tree, 1e300)[0]), 2.0)
+
+
 @pytest.mark.parametrize("name", ["float8_e4m3fn", "float8_e5m2", "float4_e2m1fn"])
 def test_float8_and_narrower_leaves_are_named(name):
     ml_dtypes = importorskip("ml_dtypes")
