@@ -219,6 +219,21 @@ def _sumsq_run(
     return out
 
 
+def _sums(
+    flats: dict[int, np.ndarray],
+    works: dict[int, np.dtype],
+    local: Callable[[], None] | None = None,
+) -> dict[int, float]:
+    """Each flat leaf's sum of squares: its pieces on every core, added exactly rounded."""
+    runs = _runs([(i, flat.size) for i, flat in flats.items()])
+    pieces: dict[int, list[float]] = {i: [] for i in flats}
+    tasks = [functools.partial(_sumsq_run, run, flats, works) for run in runs]
+    for result in _run(tasks, local):
+        for i, value in result:
+            pieces[i].append(value)
+    return {i: _fsum(values) for i, values in pieces.items()}
+
+
 def _sumsq_gathered(arrays: list[np.ndarray], work: np.dtype, direct: bool) -> float:
     """Sum of squares of ``arrays`` gathered into one buffer of dtype ``work``.
 
@@ -355,13 +370,7 @@ class NumpyPlan(Plan):
             work = _work_dtype(x.dtype)
             if work is not None and x.flags.c_contiguous:  # else: complex or strided
                 flats[i], works[i] = x.reshape(-1), work
-        runs = _runs([(i, flat.size) for i, flat in flats.items()])
-        pieces: dict[int, list[float]] = {i: [] for i in flats}
-        tasks = [functools.partial(_sumsq_run, run, flats, works) for run in runs]
-        for result in _run(tasks, local):
-            for i, value in result:
-                pieces[i].append(value)
-        return {i: _fsum(values) for i, values in pieces.items()}
+        return _sums(flats, works, local)
 
     def leaf_parts(self) -> list[Partial]:
         """Per-leaf partials, computed with threaded BLAS dots."""
@@ -558,12 +567,7 @@ def clip_buffer_(x: np.ndarray, max_norm: float, eps: float) -> ClipStats | None
     work = _work_dtype(dtype)
     assert work is not None
     flat = x.reshape(-1)
-    runs = _runs([(0, flat.size)])
-    if len(runs) == 1:
-        results = [_sumsq_run(runs[0], {0: flat}, {0: work})]
-    else:
-        results = _run([functools.partial(_sumsq_run, run, {0: flat}, {0: work}) for run in runs])
-    sumsq = _fsum(value for result in results for _, value in result)
+    sumsq = _sums({0: flat}, {0: work})[0]
     if not _trusted(work, sumsq, [x]):
         return None
     total = np.float64(sumsq)
@@ -577,6 +581,7 @@ def clip_buffer_(x: np.ndarray, max_norm: float, eps: float) -> ClipStats | None
         scale = dtype.type(1.0)
     if scale != 1:
         factor = [np.asarray(scale)]
+        runs = _runs([(0, flat.size)])
         _run([functools.partial(_scale_run, run, {0: (flat, flat)}, factor) for run in runs])
     return ClipStats(
         np.asarray(norm), np.asarray(scale), np.asarray(scale < 1), np.asarray(np.isfinite(total))
