@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import optree
 
-from . import _api, _compat
+from . import _api, _compat, _core
 from ._norms import Plan
 from ._stats import ClipStats, PerExampleStats
 from ._tree import Flat, _materialise, flatten
@@ -799,21 +799,14 @@ class AdaGC(_Clipper):
         finite = xp.all(xp.isfinite(norms))
         one = xp.ones_like(norms)
         eps = 1e-6
-        # Warm-up: global-norm clipping at max_grad_norm, with
-        # clip_by_global_norm's arithmetic: min(1, cap / (total + eps)),
-        # dividing only where the ratio is below 1 (no overflow), and a NaN
-        # total giving a NaN scale as torch does, not a silent 1.
+        zero = self.nonfinite == "zero"  # ("raise" raised in leaf_norms, before any write)
+        plan = Plan(prep.xp, 2.0, prep.flat.leaves, zero_nonfinite=zero)
+        # Warm-up: global-norm clipping at max_grad_norm; after it, each
+        # tensor against its own EMA. Both with clip_by_global_norm's
+        # arithmetic (no overflow; a NaN norm gives a NaN scale, as in torch).
         total = xp.sqrt(xp.sum(norms**2))
-        cap = float(self.max_grad_norm)
-        denom = total + eps
-        over = denom > cap
-        global_scale = xp.where(over, cap / xp.where(over, denom, xp.ones_like(denom)), 1.0)
-        global_scale = xp.where(xp.isnan(denom), denom, global_scale)
-        # After it: each tensor against its own EMA.
-        threshold = self.relative * state.ema
-        above = norms + eps > threshold
-        own = xp.where(above, threshold / xp.where(above, norms + eps, one), one)
-        own = xp.where(xp.isnan(norms), norms, own)  # NaN, as clip_by_norm gives, not a silent 1
+        global_scale = _core._scale_from_norm(plan, total, float(self.max_grad_norm), eps)
+        own = _core._scale_from_norm(plan, norms, self.relative * state.ema, eps)
         # Until a finite step has started the EMAs there is no per-tensor
         # threshold (it would be 0 and zero the step, and the EMAs with it).
         first = state.count == 0
@@ -828,8 +821,6 @@ class AdaGC(_Clipper):
         ema = xp.where(finite, ema, state.ema)
         count = state.count + xp.astype(finite, xp.int32)
         skipped = state.skipped + xp.astype(~finite, xp.int32)
-        zero = self.nonfinite == "zero"  # ("raise" raised in leaf_norms, before any write)
-        plan = Plan(prep.xp, 2.0, prep.flat.leaves, zero_nonfinite=zero)
         scales = xp.astype(scales, plan.res)
         leaves = plan.scale_leaves(scales, per_leaf=True, zero=zero, inplace=inplace)
         stats = ClipStats(
