@@ -324,7 +324,7 @@ def test_value_and_rms_bounds_are_arguments_of_the_program():
         np.testing.assert_array_equal(np.asarray(out), np.clip(host, -c / 2, c))
         rms = float(jnp.sqrt(jnp.mean(gcj.clip_by_block_rms(x, jnp.asarray(c))[0] ** 2)))
         assert rms == pytest.approx(c, rel=1e-6)
-        programs = (gcj._program(body, False, static) for body in ("value", "block_rms"))
+        programs = (gcj._program(body, False, static, ()) for body in ("value", "block_rms"))
         sizes.append([p._cache_size() for p in programs])
     assert sizes[1] == sizes[0]  # new bounds, nothing compiled
     with pytest.raises(ValueError, match="threshold must be a number >= 0"):
@@ -337,9 +337,8 @@ def test_per_example_clip_compiled_matches_the_top_level(per_layer, reduce):
     rng = np.random.default_rng(3)
     tree = {"w": jnp.asarray(rng.standard_normal((6, 4, 3)), jnp.float32), "b": jnp.ones((6, 5))}
     kwargs = {"reduce": reduce, "per_layer": per_layer, "split": "uniform", "eps": 1e-6}
-    program = gcj._program(
-        "per_example", False, tuple(sorted({**kwargs, "axis": 0, "nonfinite": "propagate"}.items()))
-    )
+    static = tuple(sorted({**kwargs, "axis": 0, "nonfinite": "propagate"}.items()))
+    program = gcj._program("per_example", False, static, ())
     sizes = []
     for bound in (0.5, 2.0):
         got, gstats = gcj.per_example_clip(tree, bound, **kwargs)
@@ -374,3 +373,76 @@ def test_per_example_clip_donates_when_it_keeps_the_examples():
     assert kept.is_deleted()
     np.testing.assert_allclose(np.asarray(out["w"]), 1 / np.sqrt(3), rtol=1e-5)
     assert int(stats.num_clipped) == 4
+
+
+def _many_shapes(rng):
+    """Leaves of 256 distinct small sizes on the CPU: XLA compiles a kernel for each."""
+    cpu = jax.devices("cpu")[0]
+    sizes = range(1, _fast._MANY_SHAPES + 1)
+    return [jax.device_put(np.float32(rng.standard_normal(n) * 10), cpu) for n in sizes]
+
+
+def test_compile_options_only_for_many_small_distinct_leaves():
+    many = _many_shapes(np.random.default_rng(5))
+    assert gcj.compiler_options(many) == _fast.FAST_COMPILE
+    assert gcj.compiler_options(many[:-1]) == {}  # one distinct shape too few
+    assert gcj.compiler_options([many[-1]] * 300) == {}  # one shape: one kernel, compiled once
+    # 257 shapes, but a large leaf: -O0 code is slow on it
+    assert gcj.compiler_options([*many, jnp.ones(600_000, device=many[0].device)]) == {}
+    seen = []
+    jax.jit(lambda tree: seen.append(gcj.compiler_options(tree)))(many)
+    assert seen == [{}]  # a trace: its caller compiles the program
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e30])  # the one-pass sum, and the scaled fallback
+def test_fast_compile_gives_the_bits_of_xla_defaults(scale):
+    tree = _many_shapes(np.random.default_rng(6))
+    tree[7] = tree[7] * scale
+    # Inside the caller's jit: compiled with XLA's defaults.
+    want, want_stats = jax.jit(lambda t: gc.clip_by_global_norm(t, 1.0))(tree)
+    static = {"axis_name": None, "eps": 1e-6, "layout": None, "nonfinite": "propagate", "ord": 2.0}
+    options = tuple(sorted(_fast.FAST_COMPILE.items()))
+    fast = gcj._program("clip", True, tuple(static.items()), options)
+    norm = ref_norm(tree)
+    got, stats = gcj.clip_by_global_norm(tree, 1.0, donate=True)
+    assert fast._cache_size() == 1  # this program ran, compiled with these options
+    assert float(stats.norm) == float(want_stats.norm) == pytest.approx(norm, rel=1e-6)
+    assert float(stats.scale) == float(want_stats.scale)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_constants_inside_a_callers_jit_compile_with_its_options():
+    # Concrete leaves inside a trace: gradclip's program is nested in the
+    # caller's and takes no options of its own (jax refuses them there).
+    tree = _many_shapes(np.random.default_rng(7))
+    got, stats = jax.jit(lambda bound: gc.clip_by_global_norm(tree, bound))(1.0)
+    want, want_stats = gc.clip_by_global_norm(tree, 1.0)
+    assert float(stats.norm) == float(want_stats.norm)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_an_xla_without_the_options_compiles_with_its_defaults(monkeypatch):
+    monkeypatch.setattr(_fast, "FAST_COMPILE", {**_fast.FAST_COMPILE, "xla_no_such_option": 1})
+    monkeypatch.setattr(_fast, "_REJECTED", [])
+    tree = _many_shapes(np.random.default_rng(8))
+    want = ref_norm(tree)
+    out, stats = gcj.clip_by_global_norm(tree, 1.0, donate=True)  # the refused compile ran nothing
+    assert "xla_no_such_option" in _fast._REJECTED[0]
+    assert float(stats.norm) == pytest.approx(want, rel=1e-6)
+    assert float(gc.global_norm(out)) == pytest.approx(1.0, rel=1e-5)
+    assert gcj.compiler_options(tree) == {}  # not tried again
+
+
+def test_raise_names_the_bad_leaf_among_many_small_ones():
+    rng = np.random.default_rng(9)
+    tree = [*_many_shapes(rng), jnp.ones(_fast.GATHER), jnp.ones(3, jnp.bfloat16)]
+    tree[100] = tree[100].at[-1].set(jnp.nan)
+    tree[-2] = tree[-2].at[5].set(-jnp.inf)
+    with pytest.raises(gc.NonFiniteError, match=r"leaf \[100\] \(and 1 more\)"):
+        gcj.global_norm(tree, nonfinite="raise")
+    tree[100], tree[-2] = tree[99][:101], jnp.ones(_fast.GATHER)
+    tree[-1] = tree[-1].at[1].set(jnp.nan)  # alone in its dtype's group
+    with pytest.raises(gc.NonFiniteError, match=rf"leaf \[{len(tree) - 1}\];"):
+        gc.clip_by_global_norm(tree, 1.0, nonfinite="raise")
