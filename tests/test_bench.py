@@ -184,13 +184,16 @@ def test_jax_compile_is_measured_on_its_own_and_reused_by_the_calls():
     rng = np.random.default_rng(4)
     data = _data([rng.standard_normal(n, dtype=np.float32) for n in (5, 7, 9)])
     jax_rows = [r for r in rows if r.jax]
-    assert {r.key for r in jax_rows} == {"gradclip", "optax", "perleaf"}
-    assert not any(r.jax for r in rows if r.key not in ("gradclip", "optax", "perleaf"))
+    assert {r.key for r in jax_rows} == {"gradclip", "gcjax", "optax", "perleaf"}
+    assert not any(r.jax for r in rows if r.key not in ("gradclip", "gcjax", "optax", "perleaf"))
     for row in jax_rows:
         clip = _bench._run_row(ctx, data, row, "clip", 1.0, reps=2, budget=0.0, compile=True)
         assert clip["check_ok"], clip
         assert clip["xla_compiles"] >= 1  # XLA really compiled inside the measurement
-        assert 0 < clip["lower_s"] < clip["compile_s"]
+        if row.key == "gcjax":  # its first call: compiled inside gradclip.jax, then run
+            assert clip["lower_s"] is None and clip["compile_s"] > 0
+        else:
+            assert 0 < clip["lower_s"] < clip["compile_s"]
         assert 0 < clip["xla_compile_s"] <= clip["compile_s"]
         assert clip["warmup_compiles"] == 0  # the first call ran the executable measured
         # The other case reuses it: nothing measured, nothing compiled.
@@ -246,6 +249,9 @@ def test_jax_targets_are_issue_4s():
         _target_row("huge", "clip", "gradclip", 50.0, ratio_anchor=1.3, check_ok=False),
         _target_row("llm", "noclip", "gradclip", 5.0, ratio_anchor=1.1),
         _target_row("small", "noclip", "gradclip", 5.0, ratio_anchor=1.25),
+        _target_row(
+            "small", "clip", "gcjax", 20.0, ratio_optax=0.69, compile_s=4.5, xla_compiles=1
+        ),
     ]
     small = rows[2]
     for compile_s, xla_compiles, value, met in (
@@ -255,7 +261,7 @@ def test_jax_targets_are_issue_4s():
     ):
         small.update(compile_s=compile_s, xla_compiles=xla_compiles)
         targets = {t["target"]: t for t in _bench._targets(rows, "jax")}
-        assert len(targets) == 8
+        assert len(targets) == 10
         compiled = targets["small: gradclip compile <= 10 s"]
         assert (compiled["value"], compiled["met"], compiled["unit"]) == (value, met, "s")
         assert compiled["optax_compile_s"] == 110.0
@@ -266,6 +272,8 @@ def test_jax_targets_are_issue_4s():
         "huge clip: gradclip <= 1.25x floor": False,
         "small clip: gradclip <= 0.3x optax clip_by_global_norm": False,  # 0.31x
         "small: gradclip compile <= 10 s": None,
+        "small clip: gradclip.jax <= 0.3x optax clip_by_global_norm": False,  # 0.69x
+        "small: gradclip.jax compile <= 10 s": True,  # 4.5 s
         "llm no-clip: gradclip <= 1.2x one read pass": True,
         "huge no-clip: gradclip <= 1.2x one read pass": None,  # not run
         "small no-clip: gradclip <= 1.2x one read pass": False,
@@ -280,6 +288,7 @@ def test_jax_targets_are_issue_4s():
     assert unmeasured == {
         "llm clip: gradclip <= 1x optax clip_by_global_norm",
         "small clip: gradclip <= 0.3x optax clip_by_global_norm",
+        "small clip: gradclip.jax <= 0.3x optax clip_by_global_norm",
         "small: gradclip compile <= 10 s",  # still a cache hit from above
         "huge no-clip: gradclip <= 1.2x one read pass",
     }
@@ -380,12 +389,12 @@ def test_jax_report_has_compile_times_floor_rows_and_targets():
     clip = {r["key"]: r for r in report["rows"] if r["case"] == "clip"}
     noclip = {r["key"]: r for r in report["rows"] if r["case"] == "noclip"}
     # the same torch floor and read pass as the numpy backend's
-    assert set(clip) == {"gradclip", "torch", "optax", "perleaf", "floor"}
-    assert set(noclip) == {"gradclip", "torch", "optax", "read"}  # perleaf always writes
+    assert set(clip) == {"gradclip", "gcjax", "torch", "optax", "perleaf", "floor"}
+    assert set(noclip) == {"gradclip", "gcjax", "torch", "optax", "read"}  # perleaf always writes
     assert "(torch)" in clip["floor"]["row"] and "(torch)" in noclip["read"]["row"]
     for r in report["rows"]:
         assert r["check_ok"], r
-    for key in ("gradclip", "optax"):
+    for key in ("gradclip", "gcjax", "optax"):
         assert clip[key]["compile_s"] > 0 and clip[key]["xla_compiles"] >= 1, clip[key]
         assert clip[key]["warmup_compiles"] == noclip[key]["warmup_compiles"] == 0
         assert noclip[key]["compile_s"] is None
@@ -412,9 +421,10 @@ def test_jax_report_has_compile_times_floor_rows_and_targets():
 
     # Another run in the same process compiles again: caches are cleared per tree.
     again = _bench.bench("jax", ["llm"], skip=["optax", "torch", "naive", "perleaf"], **quick)
-    assert {r["key"] for r in again["rows"]} == {"gradclip", "floor", "read"}
-    gradclip = next(r for r in again["rows"] if r["key"] == "gradclip" and r["case"] == "clip")
-    assert gradclip["xla_compiles"] >= 1 and gradclip["compile_s"] > 0
+    assert {r["key"] for r in again["rows"]} == {"gradclip", "gcjax", "floor", "read"}
+    for key in ("gradclip", "gcjax"):  # gradclip.jax's own cached jit objects too
+        row = next(r for r in again["rows"] if r["key"] == key and r["case"] == "clip")
+        assert row["xla_compiles"] >= 1 and row["compile_s"] > 0
     assert (
         "optax clip_by_global_norm (jit, donated): skipped on every tree (--skip)"
         in (again["notes"])
@@ -1249,7 +1259,7 @@ def test_torch_and_jax_gpu_targets_are_labelled():
         "(issue 4's CPU target, for information)"
     )
     assert jax["value"] == 0.8 and jax["met"] is True
-    assert len(_bench._targets(rows, "jax")) == 8  # the CPU's issue 4 targets
+    assert len(_bench._targets(rows, "jax")) == 10  # the CPU's issue 4 targets
     assert _bench._targets(rows, "cupy", gpu=True) == _bench._targets(rows, "cupy")
 
 
@@ -1389,8 +1399,11 @@ def test_jax_bfloat16_on_the_cpu():
     assert info["norm"] == want
     keys = {(r["case"], r["key"]) for r in report["rows"]}
     assert keys == {
-        *(("clip", k) for k in ("gradclip", "torch", "optax", "perleaf", "naive", "floor")),
-        *(("noclip", k) for k in ("gradclip", "torch", "optax", "naive", "read")),
+        *(
+            ("clip", k)
+            for k in ("gradclip", "gcjax", "torch", "optax", "perleaf", "naive", "floor")
+        ),
+        *(("noclip", k) for k in ("gradclip", "gcjax", "torch", "optax", "naive", "read")),
     }
     for r in report["rows"]:
         assert r["check_ok"], r

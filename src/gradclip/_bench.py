@@ -22,7 +22,10 @@ as ``compile_s``: XLA takes minutes on a CPU for optax's clip of the
 persistent cache crashes loading that program). ``--backend jax`` also times
 the least any jitted clip of the tree costs, whatever its norm: every leaf
 multiplied by the scale, known in advance (``perleaf``), since XLA runs and
-compiles one kernel per leaf it writes.
+compiles one kernel per leaf it writes. Those rows are jitted as a user's
+step is, with XLA's default options; ``gcjax`` calls gradclip.jax's own
+compiled function, which picks its options by the tree
+(:func:`gradclip.jax.compiler_options`), and its compile is its first call.
 
 GPUs (``--device gpu``; the default wherever the backend sees one): ``--backend
 cupy`` always runs on a CUDA GPU (issue 5), ``--backend torch`` where
@@ -857,7 +860,8 @@ class _Timed:
     result: Callable[[Any], list[Any]]  # what ``call`` produced, for _Data.measure
     # JAX rows: trace, lower and compile ``call``'s program ahead of time,
     # returning (seconds to trace and lower, seconds in all); see _measure_compile.
-    compile: Callable[[], tuple[float, float]] | None = None
+    # gradclip.jax's row has no lowering of its own to time: (None, first call).
+    compile: Callable[[], tuple[float | None, float]] | None = None
     # Per-example rows: the result check's fields from ``call``'s output
     # (_Examples.check), in place of the norm check of ``result``.
     check: Callable[[Any], dict[str, Any]] | None = None
@@ -888,6 +892,11 @@ def _in_place(
 
 def _gradclip_jax(grads: Tree, max_norm: Any) -> Any:
     return gc.clip_by_global_norm(grads, max_norm)[0]
+
+
+def _gcjax(grads: Tree, max_norm: Any) -> Any:
+    """gradclip.jax's own program, donated: compiled with :func:`gradclip.jax.compiler_options`."""
+    return _load("gradclip.jax").clip_by_global_norm(grads, max_norm, donate=True)[0]
 
 
 def _optax_jax(grads: Tree, max_norm: Any) -> Any:
@@ -953,15 +962,18 @@ def _jax_row(
     max_norm: float,
     *,
     flat: bool = False,
+    own_jit: bool = False,
 ) -> _Timed:
     """``fn(grads, max_norm)`` under ``jax.jit``, the grads donated and fresh every call.
 
     The grads are ``data.tree``, or with ``flat`` the flat buffer, copied
     onto the row's device (``jax.device_put(..., may_alias=False)``: from
     the host on a CPU, device to device on a GPU) before every call.
+    ``own_jit``: ``fn`` compiles itself and donates (gradclip.jax); its
+    compile is timed as its first call, which also runs the step once.
     """
     jax = _load("jax")
-    jitted = _jitted(fn)
+    jitted: Any = fn if own_jit else _jitted(fn)
     device = _jax_device(ctx.gpu)
     source = data.flat() if flat else data.tree  # concatenated once, not per call
     pending: list[Tree] = [None]
@@ -975,12 +987,15 @@ def _jax_row(
         grads, pending[0] = pending[0], None  # donated: hold no reference to it
         return jitted(grads, max_norm)
 
-    def compile_() -> tuple[float, float]:
+    def compile_() -> tuple[float | None, float]:
+        fresh()
+        start = time.perf_counter()
+        if own_jit:  # no jitted function to lower: gradclip.jax builds it inside
+            jax.block_until_ready(call())
+            return None, time.perf_counter() - start
         # Lowered from the very arrays the timed calls get (the same avals,
         # weak types and placement), so the executable built here is the one
         # jax.jit's cache hands the first call: nothing is compiled twice.
-        fresh()
-        start = time.perf_counter()
         lowered = jitted.lower(pending[0], max_norm)
         traced = time.perf_counter()
         lowered.compile()
@@ -1118,6 +1133,10 @@ def _torch_dlpack_setup(max_norm: float) -> Callable[[list[Any]], Callable[[], A
         return lambda: torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
 
     return setup
+
+
+def _gcjax_row(ctx: _Context, data: _Data, max_norm: float) -> _Timed:
+    return _jax_row(ctx, data, _gcjax, max_norm, own_jit=True)
 
 
 def _optax_row(ctx: _Context, data: _Data, max_norm: float) -> _Timed:
@@ -1314,7 +1333,7 @@ def _floor_from_copy(copy: dict[str, Any], nbytes: int) -> tuple[dict[str, Any],
 
 @dataclass(frozen=True)
 class _Row:
-    # stable id: gradclip, dropin, flattree, torch, optax, perleaf, naive, floor, read;
+    # stable id: gradclip, gcjax, dropin, flattree, torch, optax, perleaf, naive, floor, read;
     # GPU: flat, copy
     key: str
     label: str
@@ -1402,6 +1421,10 @@ def _plan(backend: str, device: str | None = None) -> tuple[_Context, list[_Row]
             jax=backend == "jax",
         )
     ]
+    if backend == "jax" and not gpu:  # called as it is, not inside a jit of the caller's
+        # (on a GPU it compiles as the gradclip row does: XLA's defaults)
+        label = "gradclip.jax (its own jit, donated)"
+        rows.append(_Row("gcjax", label, _gcjax_row, jax=True))
     if backend == "torch":  # the drop-in, called as torch's is: on parameters
         rows.append(_Row("dropin", "gradclip.torch.clip_grad_norm_", _dropin_row))
     if backend != "jax":  # a FlatTree's leaves are views: numpy, torch and cupy only
@@ -1808,9 +1831,11 @@ class _Target:
         return f"{text} ({self.note})" if self.note else text
 
     def _describe(self) -> str:
-        who = {"flattree": "gradclip FlatTree", "dropin": "gradclip.torch.clip_grad_norm_"}.get(
-            self.key, "gradclip"
-        )
+        who = {
+            "flattree": "gradclip FlatTree",
+            "dropin": "gradclip.torch.clip_grad_norm_",
+            "gcjax": "gradclip.jax",
+        }.get(self.key, "gradclip")
         if self.per == "compile":
             return f"{self.tree}{self.where}: {who} compile <= {self.limit:g} s"
         case = ("clip" if self.case == "clip" else "no-clip") + self.where
@@ -1883,6 +1908,8 @@ TARGETS: dict[str, tuple[_Target, ...]] = {
         _Target("huge", "clip", "gradclip", 1.25, "anchor"),
         _Target("small", "clip", "gradclip", 0.3, "optax"),
         _Target("small", "clip", "gradclip", 10.0, "compile"),
+        _Target("small", "clip", "gcjax", 0.3, "optax"),
+        _Target("small", "clip", "gcjax", 10.0, "compile"),
         *(_Target(tree, "noclip", "gradclip", 1.2, "anchor") for tree in TREES),
     ),
     # Issue 6: the torch drop-in, called on parameters as torch's is, against
@@ -2653,6 +2680,11 @@ def format_report(report: dict[str, Any]) -> str:
             "compile s: jax.jit(f, donate_argnums=0).lower(grads, max_norm).compile(), "
             "wall time (trace, lower, XLA), JAX's caches cleared before each tree; "
             "once per tree, in the clip case (the no-clip case reuses the executable)"
+            + (
+                "; gradclip.jax, which compiles inside: its first call, one step included"
+                if any(r["key"] == "gcjax" for r in report["rows"])
+                else ""
+            )
         )
     lines.append(f"{report['wall_s']:.0f} s in all")
     return "\n".join(lines)
