@@ -446,3 +446,4 @@ def test_raise_names_the_bad_leaf_among_many_small_ones():
     tree[-1] = tree[-1].at[1].set(jnp.nan)  # alone in its dtype's group
     with pytest.raises(gc.NonFiniteError, match=rf"leaf \[{len(tree) - 1}\];"):
         gc.clip_by_global_norm(tree, 1.0, nonfinite="raise")
+    assert float(gcj.global_norm([jnp.ones(0)] * 2, nonfinite="raise")) == 0.0  # nothing to flag
