@@ -436,13 +436,14 @@ def test_an_xla_without_the_options_compiles_with_its_defaults(monkeypatch):
 
 
 def test_raise_names_the_bad_leaf_among_many_small_ones():
-    rng = np.random.default_rng(9)
-    tree = [*_many_shapes(rng), jnp.ones(_fast.GATHER), jnp.ones(3, jnp.bfloat16)]
+    many = _many_shapes(np.random.default_rng(9))
+    cpu = many[0].device
+    tree = [*many, jnp.ones(_fast.GATHER, device=cpu), jnp.ones(3, jnp.bfloat16, device=cpu)]
     tree[100] = tree[100].at[-1].set(jnp.nan)
     tree[-2] = tree[-2].at[5].set(-jnp.inf)
     with pytest.raises(gc.NonFiniteError, match=r"leaf \[100\] \(and 1 more\)"):
         gcj.global_norm(tree, nonfinite="raise")
-    tree[100], tree[-2] = tree[99][:101], jnp.ones(_fast.GATHER)
+    tree[100], tree[-2] = many[100], jnp.ones(_fast.GATHER, device=cpu)
     tree[-1] = tree[-1].at[1].set(jnp.nan)  # alone in its dtype's group
     with pytest.raises(gc.NonFiniteError, match=rf"leaf \[{len(tree) - 1}\];"):
         gc.clip_by_global_norm(tree, 1.0, nonfinite="raise")
