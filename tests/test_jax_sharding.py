@@ -106,7 +106,7 @@ def _program_hlo(sharded):
     leaves = jax.tree_util.tree_leaves(sharded)
     layout = _fast.mesh_layout(leaves)
     assert layout is not None
-    fn = _fast._compiled(True, (2.0, 1e-6, "propagate", None), layout)
+    fn = _fast._compiled(True, (2.0, 1e-6, "propagate", None), layout, ())
     return fn.lower(leaves, 1.0, None).compile().as_text()
 
 
