@@ -207,3 +207,14 @@ def test_uncommitted_leaf_beside_sharded_leaves(mesh, where):
     stray = jax.device_put(loose, jax.devices()[3])
     with pytest.raises(ValueError, match=r"leaf \['~'\] is on .*move them to one device"):
         gc.global_norm({**tree, "~": stray})
+
+
+@pytest.mark.parametrize("bad", ["both", "replicated"])  # split leaves stay whole, others join
+def test_raise_names_the_bad_sharded_leaf(mesh, bad):
+    sharded, _ = _trees(mesh)
+    assert float(gcj.global_norm(sharded, nonfinite="raise")) > 0
+    host = np.array(sharded[bad])
+    host[0, 1] = np.nan
+    sharded[bad] = jax.device_put(host, sharded[bad].sharding)
+    with pytest.raises(gc.NonFiniteError, match=rf"leaf \['{bad}'\];"):
+        gcj.clip_by_global_norm(sharded, 1.0, nonfinite="raise")

@@ -208,25 +208,38 @@ def _replicated(mesh: Any, spec: Any) -> tuple[str, ...]:
 # --------------------------------------------------------------------- norms
 
 
+def _partition(
+    leaves: Sequence[Any], groups: Sequence[Any]
+) -> tuple[list[int], dict[Any, list[int]]]:
+    """Indices of the leaves reduced whole (large or split), and of the rest per ``(dtype, group)``.
+
+    Empty leaves are in neither.
+    """
+    whole: list[int] = []
+    small: dict[Any, list[int]] = {}
+    for i, (x, group) in enumerate(zip(leaves, groups, strict=True)):
+        if x.size >= GATHER or _split(x):
+            whole.append(i)
+        elif x.size:
+            small.setdefault((x.dtype, group), []).append(i)
+    return whole, small
+
+
 def _buffers(leaves: Sequence[Any], groups: Sequence[Any]) -> tuple[list[Any], list[Any]]:
     """The arrays to reduce: large or sharded leaves whole, small ones concatenated.
 
-    Small leaves are raveled and concatenated per ``(dtype, group)``.
+    Small leaves are raveled and concatenated per ``(dtype, group)``, in the
+    order of :func:`_partition`.
 
     ``groups[i]`` is hashable and separates leaves that may not be summed
     together (different replication on a mesh). Returns the buffers and each
     buffer's group, in a fixed order.
     """
-    bufs: list[Any] = []
-    keys: list[Any] = []
-    small: dict[Any, list[Any]] = {}
-    for x, group in zip(leaves, groups, strict=True):
-        if x.size >= GATHER or _split(x):
-            bufs.append(x)  # reduced whole, in its own shape
-            keys.append(group)
-        elif x.size:
-            small.setdefault((x.dtype, group), []).append(jnp.ravel(x))
-    for (_, group), parts in small.items():
+    whole, small = _partition(leaves, groups)
+    bufs = [leaves[i] for i in whole]  # reduced whole, in their own shapes
+    keys = [groups[i] for i in whole]
+    for (_, group), members in small.items():
+        parts = [jnp.ravel(leaves[i]) for i in members]
         bufs.append(parts[0] if len(parts) == 1 else jnp.concatenate(parts))
         keys.append(group)
     return bufs, keys
@@ -419,15 +432,14 @@ def _generic(fn: str, statics: tuple[tuple[str, Any], ...], options: Options) ->
     return jit_with(run, options)
 
 
-def _finite(large: list[Any], small: list[list[Any]]) -> Any:
-    flags = [jnp.all(jnp.isfinite(x)) for x in large]
-    flags += [jnp.all(jnp.isfinite(jnp.concatenate([jnp.ravel(x) for x in g]))) for g in small]
-    return jnp.stack(flags)
+def _finite(leaves: list[Any]) -> Any:
+    bufs, _ = _buffers(leaves, [()] * len(leaves))
+    return jnp.stack([jnp.all(jnp.isfinite(b)) for b in bufs])
 
 
 @functools.cache
 def _finite_flags(options: Options) -> Any:
-    """A flag per large leaf and per dtype's small leaves concatenated, one compiled pass.
+    """A flag per buffer of :func:`_buffers` (large leaves, small ones concatenated), one pass.
 
     One reduction per leaf, as this used to be, took 75 s to compile on a
     tree of 2000 small leaves (a kernel per distinct shape, see
@@ -442,20 +454,12 @@ def _nonfinite_leaves(leaves: Sequence[Any]) -> list[int]:
     Where a group of small leaves is flagged, its members are read back and
     checked one by one; the call raises then, so the copy costs no step.
     """
-    large: list[int] = []
-    small: dict[Any, list[int]] = {}
-    for i, x in enumerate(leaves):
-        if x.size >= GATHER:
-            large.append(i)
-        elif x.size:
-            small.setdefault(x.dtype, []).append(i)
-    groups = list(small.values())
-    if not (large or groups):
+    whole, small = _partition(leaves, [()] * len(leaves))
+    if not (whole or small):
         return []  # only empty leaves
-    args = ([leaves[i] for i in large], [[leaves[i] for i in g] for g in groups])
-    flags = np.asarray(run_compiled(_finite_flags, leaves, *args))
-    bad = [i for i, ok in zip(large, flags[: len(large)], strict=True) if not ok]
-    for members, ok in zip(groups, flags[len(large) :], strict=True):
+    flags = np.asarray(run_compiled(_finite_flags, leaves, list(leaves)))
+    bad = [i for i, ok in zip(whole, flags[: len(whole)], strict=True) if not ok]
+    for members, ok in zip(small.values(), flags[len(whole) :], strict=True):
         if not ok:
             bad += [i for i in members if not np.isfinite(np.asarray(leaves[i])).all()]
     return sorted(bad)
