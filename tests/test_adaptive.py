@@ -309,6 +309,10 @@ def test_agc_skips_the_parameters_of_none_gradients(xp):
         agc.update([g[0], None, g[2]], (), params=p)
     with pytest.raises(ValueError, match="gradient"):
         agc.update({"a": None, "b": g[0]}, (), params={"b": p[0], "c": p[1], "d": p[2]})
+    # A None parameter pairs by position too: g[0] has none here, though
+    # the counts agree and the one parameter there has its shape.
+    with pytest.raises(ValueError, match=r"gradient at \[0\] has no parameter"):
+        agc.update([g[0], None], (), params=[None, p[0]])
 
 
 def test_agc_in_place_skips_none_gradients(mutable_xp):

@@ -37,8 +37,10 @@ The clippers:
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -667,18 +669,23 @@ def _paired_params(tree: Any, params: Any, grads: Flat, fn: str) -> list[Any]:
 
     A ``None`` gradient (a frozen or unused parameter, which timm skips) is
     a position in ``tree`` whose parameter, or subtree of parameters, is
-    left out. Without one, the leaves pair in order, so a list of gradients
-    goes with a tuple or a generator of parameters.
+    left out. Where the parameters have no ``None`` and the counts agree,
+    the leaves pair in order, so a list of gradients goes with a tuple or a
+    generator of parameters.
     """
     weights = flatten(params).leaves
-    if len(weights) == len(grads.leaves):
-        return weights  # no None gradient: the common case, no second walk
     jax = sys.modules.get("jax")
+    walk: Callable[[Any], tuple[list[Any], Any]]
     if jax is not None and any(isinstance(g, jax.Array) for g in grads.leaves):
         # jax.tree_util, so flax and equinox nodes are walked as flatten does.
-        full, spec = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: x is None)
+        walk = functools.partial(jax.tree_util.tree_flatten, is_leaf=lambda x: x is None)
     else:
-        full, spec = optree.tree_flatten(tree, none_is_leaf=True)
+        walk = functools.partial(optree.tree_flatten, none_is_leaf=True)
+    if len(weights) == len(grads.leaves) and len(walk(params)[0]) == len(weights):
+        # No None parameter: the leaves pair in order. With one, they pair by
+        # position, or [g, None] with [None, w] would put g with w.
+        return weights
+    full, spec = walk(tree)
     if type(tree) in (list, tuple) and type(params) in (list, tuple):
         # A list of gradients goes with a tuple of parameters, or a generator.
         params = type(tree)(params)
