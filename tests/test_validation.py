@@ -250,6 +250,18 @@ def test_immutable_arrays_rejected_in_place(name):
     np.testing.assert_array_equal(ok, 5.0)
 
 
+def test_unknown_sizes_rejected_where_needed():
+    # dask's shape after boolean indexing is NaN until computed: an rms and a
+    # batch axis need it (NaN leaves, or a failed cast, before); norms do not.
+    da = importorskip("dask.array")
+    x = da.from_array(np.arange(1.0, 11.0).reshape(5, 2), chunks=(2, 2))
+    tree = {"w": x[x[:, 0] > 2]}  # rows 3 to 10, no chunk left empty
+    for fn in (gc.clip_by_block_rms, gc.per_example_clip):
+        with pytest.raises(ValueError, match=r"leaf \['w'\] has shape \(nan, 2\), not known"):
+            fn(tree, 1.0)
+    assert float(gc.global_norm(tree)) == pytest.approx(math.sqrt(np.sum(np.arange(3.0, 11) ** 2)))
+
+
 def test_clip_by_value_arguments(xp):
     tree = _tree(xp)
     with pytest.raises(TypeError, match="not both"):

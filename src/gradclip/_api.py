@@ -184,6 +184,24 @@ def _plain(leaves: list[Any], inplace: bool) -> str | None:
     return backend
 
 
+def _known_sizes(prep: _Prepared, fn: str) -> None:
+    """Raise where a leaf's shape is not known until it is computed.
+
+    dask gives NaN for such a dimension (after boolean indexing, say) and
+    the array API ``None``. The global norms do not need the sizes; an rms
+    (``clip_by_block_rms``) and a batch axis (``per_example_clip``) do, and
+    would be NaN or fail in a cast without this.
+    """
+    if prep.backend in ("numpy", "cupy", "torch", "jax"):  # shapes always known
+        return
+    for i, x in enumerate(prep.flat.leaves):
+        if any(d is None or d != d for d in x.shape):
+            raise ValueError(
+                f"{fn}: leaf {prep.flat.paths[i]} has shape {tuple(x.shape)}, not known until "
+                f"it is computed; {fn} needs each leaf's size (dask: x.compute_chunk_sizes())"
+            )
+
+
 def _numpy_buffer(tree: Any) -> np.ndarray | None:
     """The one writable NumPy array a tree is: a bare array, or a FlatTree's only buffer."""
     if isinstance(tree, FlatTree):
@@ -719,6 +737,7 @@ def clip_by_block_rms(
     prep = _prepare(tree, "clip_by_block_rms")
     if prep.xp is None:
         return prep.flat.unflatten([])
+    _known_sizes(prep, "clip_by_block_rms")
     leaves = _run(prep, fused, "clip_by_block_rms", threshold=threshold, nonfinite=nonfinite)
     return prep.flat.unflatten(leaves)
 
@@ -1074,6 +1093,7 @@ def per_example_clip(
         if _one_bound(max_norm):
             _check_positive(max_norm, "max_norm")
         return rebuild([]), _empty_example_stats(per_layer)
+    _known_sizes(prep, fn)
     axes, batch = _batch_axes(prep.flat, axis)
     if per_layer:
         bounds = _layer_bounds(max_norm, split, prep.flat, axes, batch)
