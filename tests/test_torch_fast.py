@@ -15,6 +15,7 @@ import pytest
 
 import gradclip as gc
 from conftest import importorskip, ref_norm
+from gradclip import _blas
 
 torch = importorskip("torch")
 
@@ -90,10 +91,30 @@ def test_row_norms_match_the_reference(case):
 
 def test_rows_are_used_for_large_float32_leaves(monkeypatch):
     seen = []
-    real = _fast._rows_sumsq
-    monkeypatch.setattr(_fast, "_rows_sumsq", lambda x: seen.append(x.numel()) or real(x))
+    real = _fast._rows_sumsqs
+    counted = lambda xs: seen.extend(map(torch.numel, xs)) or real(xs)  # noqa: E731
+    monkeypatch.setattr(_fast, "_rows_sumsqs", counted)
     gc.global_norm([torch.ones(N), torch.ones(10), torch.ones(N, dtype=torch.float64)])
     assert seen == [N]  # not the small leaf, not float64
+
+
+@pytest.mark.parametrize("blas", ["dsdot", "widened"])
+def test_row_sums_with_and_without_dsdot(monkeypatch, blas):
+    # The rows' norms are squared and added by dsdot, or widened by NumPy
+    # where BLAS has no accurate one; a tail shorter than a row is added too.
+    if blas == "widened":
+        monkeypatch.setattr(_blas, "dsdot", lambda: None)
+    elif _blas.dsdot() is None:
+        pytest.skip("NumPy's BLAS has no accurate dsdot here")
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal(n).astype(np.float32) for n in (N, 3 * _fast._ROW + 5)]
+    xs[0][::4099] = 3000.0
+    totals = _fast._rows_sumsqs([torch.from_numpy(x) for x in xs])
+    for x, total in zip(xs, totals, strict=True):
+        assert total == pytest.approx(ref_norm([x], 2.0) ** 2, rel=1e-6)
+    # A sum that overflows, or one that may have lost squares to underflow: None.
+    big, tiny = np.full(N, 1e30, np.float32), np.full(N, 1e-25, np.float32)
+    assert _fast._rows_sumsqs([torch.from_numpy(big), torch.from_numpy(tiny)]) == [None, None]
 
 
 def test_row_check_rejects_rows_too_long_for_float32_sums(monkeypatch):
@@ -107,7 +128,7 @@ def test_row_check_rejects_rows_too_long_for_float32_sums(monkeypatch):
 def test_without_accurate_rows_large_leaves_take_numpy(monkeypatch):
     seen = []
     monkeypatch.setattr(_fast, "_rows_accurate", lambda: False)
-    monkeypatch.setattr(_fast, "_rows_sumsq", lambda x: seen.append(x) or None)
+    monkeypatch.setattr(_fast, "_rows_sumsqs", lambda xs: seen.extend(xs) or [None] * len(xs))
     x = np.ones(N, np.float32)
     x[::16384] = 4096.0
     want = ref_norm([x], 2.0)
