@@ -47,7 +47,7 @@ import numpy as np
 
 from .. import _blas, _core
 from .._norms import Partial, Plan
-from .._numpy import NumpyPlan
+from .._numpy import NumpyPlan, _sumsq, _work_dtype
 
 __all__ = [
     "USE_NUMPY_VIEWS",
@@ -200,8 +200,9 @@ def _rows_accurate() -> bool:
 def _rows_sumsqs(xs: list[Any]) -> list[float | None]:
     """Sums of squares of contiguous float32 CPU tensors from their rows' norms, if exact enough.
 
-    torch writes every leaf's row norms into one buffer, and ``dsdot``
-    squares and adds each leaf's part of it in float64, one BLAS call a
+    torch writes every leaf's row norms into one buffer, and NumPy's
+    :func:`gradclip._numpy._sumsq` squares and adds each leaf's part of it
+    in float64 (``dsdot``, or widened where BLAS has none), one BLAS call a
     leaf: the squares and sums as torch ops cost three dispatches a leaf,
     0.5 ms of 7.5 on the llm tree's 49 large leaves. ``None`` where that
     overflowed (inf), or where the sum may have lost too much to underflow:
@@ -215,21 +216,14 @@ def _rows_sumsqs(xs: list[Any]) -> list[float | None]:
     sizes = list(map(torch.Tensor.numel, xs))
     rows = [size // _ROW for size in sizes]
     norms = torch.empty(sum(rows), dtype=torch.float32)
+    host, work = norms.numpy(), _work_dtype(np.dtype(np.float32))
+    out: list[float | None] = []
     at = 0
     for x, size, n in zip(xs, sizes, rows, strict=True):
         main = x.view(n, _ROW) if n * _ROW == size else x.view(-1)[: n * _ROW].view(n, _ROW)
         torch.linalg.vector_norm(main, dim=1, out=norms[at : at + n])
-        at += n
-    dsdot, host = _blas.dsdot(), norms.numpy()
-    address = host.ctypes.data  # 2 us a call: once
-    out: list[float | None] = []
-    at = 0
-    for x, size, n in zip(xs, sizes, rows, strict=True):
-        if dsdot is not None:
-            total = dsdot(n, address + 4 * at, 1, address + 4 * at, 1) if n else 0.0
-        else:
-            wide = host[at : at + n].astype(np.float64)
-            total = float(np.dot(wide, wide))
+        part = host[at : at + n]
+        total = _sumsq(part if part.dtype == work else part.astype(work))
         at += n
         if n * _ROW < size:
             total += float(torch.linalg.vector_norm(x.view(-1)[n * _ROW :])) ** 2
