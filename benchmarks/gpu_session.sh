@@ -46,6 +46,14 @@ export PYTHONUNBUFFERED=1
 # CuPy, torch and the 1B-element trees need it.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 
+# pytest-xdist, where installed (the GPU image has it), spreads a test stage
+# over the machine's cores; GRADCLIP_GPU_WORKERS=0 runs them in one process.
+WORKERS=${GRADCLIP_GPU_WORKERS:-8}
+PAR=()
+if [ "$WORKERS" != 0 ] && "$PY" -c 'import xdist' 2>/dev/null; then
+    PAR=(-n "$WORKERS")
+fi
+
 failed=()
 
 # run STAGE LIMIT_S COMMAND...: one step of a stage, logged to $OUT/STAGE.log.
@@ -83,14 +91,14 @@ print("gradclip", gradclip.__version__, gradclip.__file__)'
 }
 
 stage_tests_cupy() {  # the CuPy kernels, then the whole suite on CuPy arrays and CUDA tensors
-    run tests-cupy 300 "$PY" -m pytest tests/test_cupy_gpu.py -q -rs -p no:cacheprovider
+    run tests-cupy 300 "$PY" -m pytest "${PAR[@]}" tests/test_cupy_gpu.py -q -rs -p no:cacheprovider
     GRADCLIP_TEST_BACKENDS=cupy,torch_cuda JAX_PLATFORMS=cpu \
-        run tests-cupy 420 "$PY" -m pytest tests src -q -rs -p no:cacheprovider \
+        run tests-cupy 420 "$PY" -m pytest "${PAR[@]}" tests src -q -rs -p no:cacheprovider \
         --ignore=tests/test_cupy_gpu.py
 }
 
 stage_tests_jax() {  # gradclip.jax, the optax transforms and per-example clipping on the GPU
-    GRADCLIP_TEST_BACKENDS=jax,jax64 run tests-jax 480 "$PY" -m pytest -q -rs -p no:cacheprovider \
+    GRADCLIP_TEST_BACKENDS=jax,jax64 run tests-jax 480 "$PY" -m pytest "${PAR[@]}" -q -rs -p no:cacheprovider \
         tests/test_clip.py tests/test_norms.py tests/test_jax.py tests/test_jax_fast.py \
         tests/test_optax.py tests/test_per_example.py tests/test_adaptive.py
 }
