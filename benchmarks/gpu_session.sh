@@ -48,10 +48,11 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
 
 # pytest-xdist, where installed (the GPU image has it), spreads a test stage
 # over the machine's cores; GRADCLIP_GPU_WORKERS=0 runs them in one process.
+# (pytest-benchmark, also there, warns under xdist, and warnings are errors.)
 WORKERS=${GRADCLIP_GPU_WORKERS:-8}
 PAR=()
 if [ "$WORKERS" != 0 ] && "$PY" -c 'import xdist' 2>/dev/null; then
-    PAR=(-n "$WORKERS")
+    PAR=(-n "$WORKERS" -p no:benchmark)
 fi
 
 failed=()
