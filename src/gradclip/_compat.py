@@ -87,6 +87,16 @@ def as_array(value: Any) -> Any:
     return np.asarray(value) if isinstance(value, np.generic) else value
 
 
+def where(xp: Any, cond: Any, x: Any, y: Any) -> Any:
+    """``xp.where(cond, x, y)`` in ``x``'s dtype.
+
+    CuPy 14 has no ``where`` loop for ml_dtypes' bfloat16 and picks its
+    float32 one; the values are bfloat16's, so the cast back is exact.
+    """
+    out = xp.where(cond, x, y)
+    return out if out.dtype == x.dtype else xp.astype(out, x.dtype)
+
+
 def device_of(x: Any) -> Any:
     """The device to create constants on, or ``None`` to let the library choose."""
     # JAX places constants itself and a sharded array has no single device;

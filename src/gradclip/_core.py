@@ -258,13 +258,13 @@ def clip_by_value(
         dtype = block.dtype
         out = block
         if zero:
-            out = xp.where(xp.isfinite(out), out, xp.zeros_like(out))
+            out = _compat.where(xp, xp.isfinite(out), out, xp.zeros_like(out))
         if lo is not None:
             out = xp.maximum(out, xp.asarray(lo, dtype=dtype, device=plan.device))
         if hi is not None:
             out = xp.minimum(out, xp.asarray(hi, dtype=dtype, device=plan.device))
         if keep is not None:
-            out = xp.where(keep, block, out)
+            out = _compat.where(xp, keep, block, out)
         return _compat.as_array(out)
 
     if not inplace:

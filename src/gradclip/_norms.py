@@ -459,9 +459,9 @@ class Plan:
             # The libraries multiply by the complex factor + 0j, which turns
             # inf into inf + nanj: a scale of 1 (nonfinite="skip") must leave
             # the leaf as it is.
-            out = xp.where(factor == 1, block, out)
+            out = _compat.where(xp, factor == 1, block, out)
         if zero_nonfinite:
-            out = xp.where(xp.isfinite(block), out, xp.zeros_like(out))
+            out = _compat.where(xp, xp.isfinite(block), out, xp.zeros_like(out))
         return _compat.as_array(out)
 
     def scale_leaves(self, scales: Any, *, per_leaf: bool, zero: bool, inplace: bool) -> list[Any]:

@@ -621,7 +621,9 @@ class AGC(_Clipper):
             max_norm = xp.maximum(w_norm, xp.asarray(self.eps, dtype=dtype)) * self.clipping
             factor = max_norm / xp.maximum(g_norm, xp.asarray(1e-6, dtype=dtype))
             keep = g_norm < max_norm
-            new = xp.where(keep, g, xp.astype(xp.astype(g, _wide(xp, g, dtype)) * factor, g.dtype))
+            new = _compat.where(
+                xp, keep, g, xp.astype(xp.astype(g, _wide(xp, g, dtype)) * factor, g.dtype)
+            )
             out.append(_compat.as_array(new))
             wide = acc or dtype
             before.append(xp.sum(xp.astype(g_norm, wide) ** 2))
