@@ -139,6 +139,24 @@ class Kernels:
     from_torch: Callable[[Any], Any]  # a tensor as a device array (same memory)
 
 
+class _StreamHandle:
+    """A raw CUDA stream under the CUDA stream protocol, which CuPy 14 takes."""
+
+    def __init__(self, handle: int) -> None:
+        self.handle = handle
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.handle)
+
+
+def _cupy_stream(cupy: Any, handle: int, index: int) -> Any:
+    """The stream ``handle`` of torch as a CuPy stream (CuPy 14 deprecates ``ExternalStream``)."""
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is None:  # CuPy 13
+        return cupy.cuda.ExternalStream(handle, index)
+    return from_external(_StreamHandle(handle))
+
+
 def _cuda_kernels(leaves: list[Any]) -> Kernels | None:
     """The kernels for CUDA tensors when CuPy is installed and takes them, else ``None``."""
     torch = _torch()
@@ -156,7 +174,7 @@ def _cuda_kernels(leaves: list[Any]) -> Kernels | None:
     index = device.index if device.index is not None else torch.cuda.current_device()
     # Launches go on torch's current stream, so they are ordered with the
     # backward pass that wrote the gradients and the step that reads them.
-    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream, index)
+    stream = _cupy_stream(cupy, torch.cuda.current_stream(device).cuda_stream, index)
 
     @contextlib.contextmanager
     def on() -> Any:
