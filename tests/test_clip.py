@@ -417,7 +417,8 @@ def test_nan_in_a_large_leaf_reaches_max_and_min_norms(xp, ord, fused):
     assert math.isnan(float(xp.numpy(gc.leaf_norms(tree, ord=ord, fused=fused))[0]))
     out, stats = gc.clip_by_global_norm(tree, 1.0, ord=ord, nonfinite="skip", fused=fused)
     assert not bool(stats.finite)
-    assert xp.numpy(out[0]).tobytes() == host.tobytes()
+    # Equal values, NaN for NaN: a GPU's x * 1 turns a NaN into its canonical one.
+    np.testing.assert_array_equal(xp.numpy(out[0]), host)
 
 
 # ------------------------------------------------------------------------- fused

@@ -11,7 +11,7 @@ import gradclip as gc
 from conftest import need, selected_backends
 from gradclip._flat import unit
 
-FLAT_BACKENDS = ("numpy", "torch", "cupy")
+FLAT_BACKENDS = ("numpy", "torch", "torch_cuda", "cupy")
 # The backends whose slices are writable views, which FlatTree needs; the
 # others are tested to be rejected in test_rejections.
 flat_backends = pytest.mark.parametrize(
