@@ -132,10 +132,25 @@ stage_bench_dp() {  # issue 8: per-example clipping on each GPU backend
     bench bench-dp bench-dp-torch-gpu --backend torch --tree dp
 }
 
+stage_profile() {  # where the time goes: cProfile of the small tree, the kernels alone, ncu
+    run profile 240 "$PY" benchmarks/gpu_profile.py host
+    run profile 240 "$PY" benchmarks/gpu_profile.py kernels
+    local ncu
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    run profile 240 "$ncu" --kernel-name regex:gc_ --launch-skip 2 --launch-count 3 \
+        --section SpeedOfLight --section Occupancy --section LaunchStats \
+        --section WarpStateStats --section MemoryWorkloadAnalysis \
+        "$PY" -c 'import cupy as cp, gradclip as gc
+x = cp.random.standard_normal(1 << 28, dtype=cp.float32)
+for _ in range(2):
+    gc.clip_by_global_norm([x], 1e-3)
+cp.cuda.Device().synchronize()'
+}
+
 for stage in "$@"; do
     fn="stage_${stage//-/_}"
     if ! declare -F "$fn" >/dev/null; then
-        echo "unknown stage $stage; stages: env tests-cupy tests-jax bench-cupy bench-torch bench-jax bench-jax-small bench-dp" >&2
+        echo "unknown stage $stage; stages: env tests-cupy tests-jax bench-cupy bench-torch bench-jax bench-jax-small bench-dp profile" >&2
         exit 2
     fi
     "$fn"

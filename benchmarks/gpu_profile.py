@@ -1,0 +1,98 @@
+"""Where the GPU paths spend their time: a diagnostic for a GPU session, not a benchmark.
+
+    python3 benchmarks/gpu_profile.py host    # cProfile of the small tree's calls
+    python3 benchmarks/gpu_profile.py kernels # the kernels alone, by CUDA events
+
+``host``: 30 calls of ``gradclip.clip_by_global_norm`` on the benchmark's
+small tree (2000 leaves) as CuPy arrays, and of ``gradclip.torch.clip_grad_norm_``
+on it as CUDA tensors, under cProfile: the functions with the most own time.
+
+``kernels``: ``global_norm`` (the norm kernel) and the in-place clip with and
+without a clip (norm kernel, then a scale kernel that writes or not) on one
+leaf of 2**28 elements, float32 and bfloat16, each against a device-to-device
+copy of the same bytes and CuPy's own sum of squares, in GB/s.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import pstats
+import sys
+
+import cupy as cp
+import numpy as np
+
+import gradclip as gc
+from gradclip import _bench
+
+
+def _host() -> None:
+    import torch
+
+    import gradclip.torch as gct
+
+    sizes = _bench.tree_sizes("small", gpu=True)
+    rng = np.random.default_rng(0)
+    host = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    cupy_tree = [cp.asarray(h) for h in host]
+    torch_tree = [torch.tensor(h, device="cuda", requires_grad=True) for h in host]
+    for p in torch_tree:
+        p.grad = torch.ones_like(p)
+    calls = {
+        "cupy clip_by_global_norm": lambda: gc.clip_by_global_norm(cupy_tree, 1.0),
+        "cupy clip_by_global_norm_": lambda: gc.clip_by_global_norm_(cupy_tree, 1e30),
+        "torch clip_grad_norm_": lambda: gct.clip_grad_norm_(torch_tree, 1.0),
+    }
+    for name, call in calls.items():
+        for _ in range(3):  # compile, cache the layout
+            call()
+        cp.cuda.Device().synchronize()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(30):
+            call()
+        cp.cuda.Device().synchronize()
+        prof.disable()
+        print(f"\n===== {name}: 30 calls")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+
+
+def _events(fn, reps: int = 20) -> float:
+    """Median milliseconds of ``fn`` on the current stream."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, stop))
+    return float(np.median(times))
+
+
+def _rows(x: cp.ndarray) -> None:
+    y = cp.empty_like(x)
+    rows = {
+        "copy (read + write)": (lambda: y.__setitem__(..., x), 2),
+        "cupy sum of squares": (lambda: cp.sum(cp.square(x.astype(np.float32, copy=False))), 1),
+        "gradclip global_norm": (lambda: gc.global_norm(x), 1),
+        "gradclip clip_ no clip": (lambda: gc.clip_by_global_norm_([x], 1e30), 1),
+        "gradclip clip (new array)": (lambda: gc.clip_by_global_norm([x], 1e-3), 3),
+    }
+    print(f"\n===== one leaf of {x.size} {x.dtype.name} ({x.nbytes / 2**30:.2f} GiB)")
+    for name, (fn, passes) in rows.items():
+        ms = _events(fn)
+        print(f"  {name:26s} {ms:8.3f} ms  {passes * x.nbytes / ms / 1e6:7.0f} GB/s")
+
+
+def _kernels() -> None:
+    import ml_dtypes
+
+    for dtype in (np.float32, ml_dtypes.bfloat16):
+        _rows(cp.random.standard_normal(1 << 28, dtype=np.float32).astype(dtype))
+        cp.get_default_memory_pool().free_all_blocks()
+
+
+if __name__ == "__main__":
+    {"host": _host, "kernels": _kernels}[sys.argv[1]]()
