@@ -1,7 +1,8 @@
 """The CuPy raw kernels where there is no GPU.
 
-- The CUDA source compiles with NVRTC for sm_80 and sm_90, with warnings as
-  errors (the ``cupy`` nox session installs NVRTC, and there this must run).
+- The CUDA source compiles with NVRTC for sm_80 and sm_90 with no warning,
+  and with CuPy's -ftz=true nothing in it flushes float32 subnormals (the
+  ``cupy`` nox session installs NVRTC, and there this must run).
 - The kernels, built for the CPU by ``tests/cuda_emulator``, run under the real
   launcher and fast path (``gradclip.cupy._fast`` with ``device=``) over NumPy
   leaves, and must agree with the generic path: bit for bit where the
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 
 import array_api_compat.numpy as xp
@@ -70,7 +72,11 @@ def test_nvrtc_compiles_without_warnings(arch: str) -> None:
             pytest.fail(f"the cupy session needs NVRTC for the compile check: {exc!r}")
         pytest.skip(f"NVRTC not available: {exc!r}")
     program = nvrtc.createProgram(_launch.source(), "_kernels.cu", [], [])
-    options = [*_launch.OPTIONS, f"--gpu-architecture={arch}", "-Werror=all-warnings"]
+    # As cupy.RawModule compiles it: CuPy appends -ftz=true to every compile
+    # (cupy/cuda/compiler.py), after the caller's options. No -Werror: NVRTC
+    # 13.0 rejects every spelling of it (NVRTC_ERROR_INVALID_OPTION), and a
+    # warning is in the log, which must be empty.
+    options = [*_launch.OPTIONS, f"--gpu-architecture={arch}", "-ftz=true"]
     try:
         nvrtc.compileProgram(program, options)
     except nvrtc.NVRTCError:
@@ -79,6 +85,39 @@ def test_nvrtc_compiles_without_warnings(arch: str) -> None:
     cubin = nvrtc.getCUBIN(program)
     for kernel in (*_launch._NORM_KERNELS.values(), "gc_given", "gc_scale", "gc_clamp_kernel"):
         assert kernel.encode() in cubin
+    flushing = _flushing(nvrtc.getPTX(program).decode())
+    assert not flushing, f"{len(flushing)} float32 instructions flush subnormals: {flushing[:5]}"
+
+
+_HIGH_WORD = re.compile(r"mov\.b32\s+%f\d+,\s*%r\d+;")
+
+
+def _flushing(ptx: str) -> list[str]:
+    """The float32 instructions in ``ptx`` that flush subnormals (``.ftz``), but for CUDA's own.
+
+    CUDA's float64 functions (exp2, pow, log) test the high word of a double
+    moved into a float32 register (``abs`` and ``setp`` only), which is safe
+    under -ftz, and ``rcp/rsqrt.approx.ftz.f64`` exist only in that form.
+    Anything else, a multiply or a conversion, would flush a float32
+    subnormal entry, norm or scale to zero (the kernels' own float32
+    arithmetic goes through PTX without .ftz, or through float64).
+    """
+    bad = []
+    written: dict[str, str] = {}  # register -> the last instruction that wrote it
+    for line in ptx.splitlines():
+        op, _, args = line.strip().partition(" ")
+        if ".ftz" in op and ".f32" in op:
+            regs = re.findall(r"%f\d+", args)
+            sources = regs if op.startswith("setp.") else regs[1:]
+            safe = op.startswith(("abs.", "setp.")) and all(
+                _HIGH_WORD.match(written.get(r, "")) or written.get(r, "").startswith("abs.ftz.f32")
+                for r in sources
+            )
+            if not safe:
+                bad.append(line.strip())
+        if dest := re.match(r"\s*(%f\d+),", args):
+            written[dest.group(1)] = line.strip()
+    return bad
 
 
 # ------------------------------------------------------------------ emulation
@@ -243,6 +282,40 @@ def test_small_ord_does_not_overflow(dev: cuda_emulator.EmuDevice, ord: float) -
     else:  # 1e-150 * 2003**1000: past float64, inf on both paths
         assert log_want > math.log(sys.float_info.max)
         assert got == math.inf
+
+
+@pytest.mark.parametrize(("value", "ord"), [(5e-324, 30.0), (1e-320, 100.0), (1e-310, 500.0)])
+def test_float64_subnormals_with_a_large_ord(
+    dev: cuda_emulator.EmuDevice, value: float, ord: float
+) -> None:
+    # Scaled by at most 2**1023, subnormal entries came out below 2**-51 and
+    # their 30th power was 0: the norm was 0.
+    leaves = [np.full(700, value), np.ones(3), np.full(5, value)]
+    fast, ref = _both(dev, "leaf_norms", leaves, p=ord, nonfinite="propagate")
+    _close(fast, ref)
+    assert float(fast[0]) > 0
+    assert float(fast[0]) == pytest.approx(ref_norm(leaves[:1], ord), rel=1e-3)
+
+
+@pytest.mark.parametrize("ord", ORDS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "complex64"])
+def test_float32_subnormals(dev: cuda_emulator.EmuDevice, dtype: str, ord: float) -> None:
+    # Norms, scales and clipped entries of float32 subnormals (bfloat16 shares
+    # their range), bit for bit with the generic path; on a GPU the same
+    # arithmetic must not flush them (test_nvrtc_compiles_without_warnings).
+    leaves = [np.full(700, 3e-39).astype(_dtype(dtype)), np.full(3, 1e-40).astype(_dtype(dtype))]
+    for fn in ("global_norm", "leaf_norms"):
+        fast, ref = _both(dev, fn, leaves, p=ord, nonfinite="propagate")
+        _close(fast, ref, exact=_exact(ord, (dtype,)))
+        assert (np.asarray(fast) > 0).all()
+    norm = float(fast_global(dev, leaves, ord))
+    for fn in ("clip_by_global_norm", "clip_by_norm"):
+        kwargs = {"max_norm": norm / 4, "p": ord, "eps": 0.0, "nonfinite": "propagate"}
+        (fast, fstats), (ref, rstats) = _both(dev, fn, leaves, inplace=False, norm=None, **kwargs)
+        for a, b in zip(fstats, rstats, strict=True):
+            _close(a, b, exact=bool(np.all(fstats.norm == rstats.norm)))
+        assert np.asarray(fstats.clipped).any()
+        _leaves_close(fast, ref, exact=bool(np.all(fstats.scale == rstats.scale)))
 
 
 def test_extremes_in_one_leaf(dev: cuda_emulator.EmuDevice) -> None:

@@ -18,7 +18,16 @@
 // over the leaves. Accumulators are float64, and a p-norm is kept as
 // (exponent e, sum s) with norm**p = 2**(p*e) * s, rescaled by powers of two
 // (exact) whenever a larger element arrives, so no sum can overflow or lose
-// small entries to underflow, for float64 leaves too.
+// small entries to underflow, for float64 leaves too (subnormals included).
+//
+// Subnormals are kept, as torch and NumPy keep them, although CuPy compiles
+// every kernel with -ftz=true (cupy/cuda/compiler.py appends it after the
+// caller's options, and NVRTC takes the last): float32 instructions would then
+// flush subnormal inputs and results to zero, and a float32 leaf of 3e-39 would
+// have a norm of 0. So no float32 arithmetic, comparison or conversion is
+// written here as such: they go through gc_wide, gc_narrow and gc_mul (PTX
+// without .ftz), or are done in float64, which -ftz leaves alone, and rounded
+// to float32 once (tests/test_cupy_kernels.py checks the PTX for .ftz).
 
 #ifndef GC_THREADS
 #define GC_THREADS 256  // threads per block; the launcher passes the same value
@@ -53,23 +62,65 @@ typedef unsigned short u16;
 #define GC_INFF 2u
 
 #define GC_DBL_MAX 1.7976931348623157e308
-#define GC_FLT_MAX 3.4028234663852886e38f
-#define GC_TWO_1023 8.98846567431158e307       // 2**1023
-#define GC_TWO_M1022 2.2250738585072014e-308  // 2**-1022
-#define GC_E0 (-1023)  // exponent of an empty p-norm partial
+#define GC_E0 (-1100)  // exponent of an empty p-norm partial: below any element's (2**-1074)
 
 __device__ __forceinline__ double gc_inf() { return __longlong_as_double(0x7ff0000000000000LL); }
 __device__ __forceinline__ double gc_nan() { return __longlong_as_double(0x7ff8000000000000LL); }
+__device__ __forceinline__ double gc_tiny() { return __longlong_as_double(1LL); }  // 2**-1074
+
+// ------------------------------------------------------- float32 without FTZ
+// Exact IEEE float32 operations whatever -ftz says (see the top of the file).
+// The CPU emulator has no FTZ: there they are the plain operations.
+
+#ifdef __CUDA_ARCH__
+__device__ __forceinline__ double gc_wide(float x) {
+    double r;
+    asm("cvt.f64.f32 %0, %1;" : "=d"(r) : "f"(x));
+    return r;
+}
+__device__ __forceinline__ float gc_narrow(double x) {  // round to nearest even
+    float r;
+    asm("cvt.rn.f32.f64 %0, %1;" : "=f"(r) : "d"(x));
+    return r;
+}
+__device__ __forceinline__ float gc_mul(float a, float b) {
+    float r;
+    asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+#else
+__device__ __forceinline__ double gc_wide(float x) { return (double)x; }
+__device__ __forceinline__ float gc_narrow(double x) { return (float)x; }
+__device__ __forceinline__ float gc_mul(float a, float b) { return a * b; }
+#endif
+__device__ __forceinline__ double gc_wide(double x) { return x; }
+__device__ __forceinline__ double gc_mul(double a, double b) { return a * b; }
+
+// x rounded to R (float or double), held in a double. float32 arithmetic done
+// in float64 and rounded to float32 once per operation gives the float32
+// result bit for bit (53 >= 2 * 24 + 2 bits: rounding twice is harmless for
+// + - * / and sqrt), subnormals included.
+template <typename R> __device__ __forceinline__ double gc_r(double x) {
+    return sizeof(R) == 4 ? gc_wide(gc_narrow(x)) : x;
+}
+
+// A value of R at p, as a double.
+template <typename R> __device__ __forceinline__ double gc_read(const void* p) {
+    return sizeof(R) == 4 ? gc_wide(*(const float*)p) : *(const double*)p;
+}
+
+// A double as R: the scale kernel's factor (float32 for all but float64 leaves).
+template <typename R> __device__ __forceinline__ R gc_as(double x);
+template <> __device__ __forceinline__ float gc_as<float>(double x) { return gc_narrow(x); }
+template <> __device__ __forceinline__ double gc_as<double>(double x) { return x; }
 
 // ---------------------------------------------------------------- half floats
 // Bit conversions written out (no cuda_fp16.h): exact, round to nearest even.
 
 __device__ __forceinline__ float gc_half_to_float(u32 h) {
     u32 sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
-    if (e == 0) {  // zero or subnormal: m * 2**-24, exact in float
-        float f = (float)m * 5.9604644775390625e-08f;
-        return sign ? -f : f;
-    }
+    if (e == 0)  // zero or subnormal: m * 2**-24, exact in float (and normal)
+        return __uint_as_float(sign | __float_as_uint(gc_mul((float)m, 5.9604644775390625e-08f)));
     if (e == 31) return __uint_as_float(sign | 0x7f800000u | (m << 13));
     return __uint_as_float(sign | ((e + 112u) << 23) | (m << 13));
 }
@@ -80,8 +131,8 @@ __device__ __forceinline__ u16 gc_float_to_half(float f) {
     if (ax > 0x7f800000u) return (u16)(sign | 0x7e00u);  // NaN
     if (ax >= 0x477ff000u) return (u16)(sign | 0x7c00u);  // rounds to inf (>= 65520)
     if (ax < 0x38800000u) {  // below 2**-14: a subnormal half, m * 2**-24
-        float m = __uint_as_float(ax) * 16777216.0f;  // exact
-        return (u16)(sign | (u32)rintf(m));  // rintf rounds half to even; 1024 is the smallest normal
+        double m = gc_wide(__uint_as_float(ax)) * 16777216.0;  // exact
+        return (u16)(sign | (u32)rint(m));  // rint rounds half to even; 1024 is the smallest normal
     }
     u32 r = ax - 0x38000000u;  // rebias 127 -> 15
     r = (r + 0x0fffu + ((r >> 13) & 1u)) >> 13;
@@ -105,15 +156,15 @@ struct gc_c128 { double re, im; };
 template <int C> struct Elem;
 template <> struct Elem<GC_F16> {
     typedef u16 T;
-    static __device__ __forceinline__ double mag(T x) { return fabs((double)gc_half_to_float(x)); }
+    static __device__ __forceinline__ double mag(T x) { return fabs(gc_wide(gc_half_to_float(x))); }
 };
 template <> struct Elem<GC_BF16> {
     typedef u16 T;
-    static __device__ __forceinline__ double mag(T x) { return fabs((double)gc_bf16_to_float(x)); }
+    static __device__ __forceinline__ double mag(T x) { return fabs(gc_wide(gc_bf16_to_float(x))); }
 };
 template <> struct Elem<GC_F32> {
     typedef float T;
-    static __device__ __forceinline__ double mag(T x) { return fabs((double)x); }
+    static __device__ __forceinline__ double mag(T x) { return fabs(gc_wide(x)); }
 };
 template <> struct Elem<GC_F64> {
     typedef double T;
@@ -121,7 +172,7 @@ template <> struct Elem<GC_F64> {
 };
 template <> struct Elem<GC_C64> {
     typedef gc_c64 T;
-    static __device__ __forceinline__ double mag(T x) { return hypot((double)x.re, (double)x.im); }
+    static __device__ __forceinline__ double mag(T x) { return hypot(gc_wide(x.re), gc_wide(x.im)); }
 };
 template <> struct Elem<GC_C128> {
     typedef gc_c128 T;
@@ -157,22 +208,32 @@ template <int PK> __device__ __forceinline__ double gc_powp(double y, double p) 
     return pow(y, p);
 }
 
-// Running state of one thread's p-norm: 1 / 2**e and 2**(e + 1).
+// Running state of one thread's p-norm: 1 / 2**e = inv * inv2, and 2**(e + 1).
 struct Scale {
-    double inv, hi;
+    double inv, inv2, hi;
+};
+
+// W: magnitudes may be float64 subnormals (float64 and complex128 leaves),
+// whose 2**-e passes 2**1023: the scale is then two factors. Scaled by 2**1023
+// alone, they came out below 2**-51, and their 30th power was 0.
+template <int C> struct Wide {
+    enum { value = C == GC_F64 || C == GC_C128 };
 };
 
 // A new largest element: rescale the sum (exactly). Rare, so kept out of
 // line: inlined into every unrolled element it made compiling take minutes.
-template <int PK> __device__ __noinline__ void gc_rescale(Acc& a, Scale& s, double m, double p) {
+template <int PK, bool W>
+__device__ __noinline__ void gc_rescale(Acc& a, Scale& s, double m, double p) {
     int e = ilogb(m);
     a.v *= gc_pow2p<PK>(a.e - e, p);
     a.e = e;
-    s.inv = ldexp(1.0, -e);
+    int h = W ? -e / 2 : -e;
+    s.inv = ldexp(1.0, h);
+    s.inv2 = ldexp(1.0, -e - h);
     s.hi = ldexp(1.0, e + 1);
 }
 
-template <int KIND, int PK>
+template <int KIND, int PK, bool W>
 __device__ __forceinline__ void gc_add(Acc& a, Scale& s, double m, double p, bool zero) {
     if (!(m <= GC_DBL_MAX)) {  // NaN or inf: flagged; the policy decides at the end
         a.f |= m != m ? GC_NANF : GC_INFF;
@@ -187,8 +248,10 @@ __device__ __forceinline__ void gc_add(Acc& a, Scale& s, double m, double p, boo
     } else if (KIND == GC_ZERO) {
         a.v += m != 0.0 ? 1.0 : 0.0;
     } else {
-        if (m >= s.hi) gc_rescale<PK>(a, s, m, p);
-        a.v += gc_powp<PK>(m * s.inv, p);
+        if (m >= s.hi) gc_rescale<PK, W>(a, s, m, p);
+        double y = m * s.inv;
+        if (W) y *= s.inv2;
+        a.v += gc_powp<PK>(y, p);
     }
 }
 
@@ -272,10 +335,12 @@ template <int C, int KIND, int PK>
 __device__ void gc_chunk(Acc& a, const void* base, i64 start, i64 n, double p, bool zero) {
     typedef typename Elem<C>::T T;
     typedef Pack<T> P;
+    const bool W = Wide<C>::value;
     const T* x = (const T*)base + start;
-    Scale s;
-    s.inv = GC_TWO_1023;
-    s.hi = GC_TWO_M1022;
+    Scale s;  // the first nonzero element sets it
+    s.inv = 1.0;
+    s.inv2 = 1.0;
+    s.hi = gc_tiny();
     i64 done = 0;
     if (gc_aligned(x)) {
         const P* px = (const P*)x;
@@ -287,17 +352,17 @@ __device__ void gc_chunk(Acc& a, const void* base, i64 start, i64 n, double p, b
 #pragma unroll
             for (int u = 0; u < 4; ++u)
 #pragma unroll
-                for (int k = 0; k < P::N; ++k) gc_add<KIND, PK>(a, s, Elem<C>::mag(v[u].v[k]), p, zero);
+                for (int k = 0; k < P::N; ++k) gc_add<KIND, PK, W>(a, s, Elem<C>::mag(v[u].v[k]), p, zero);
         }
         for (; i < packs; i += GC_THREADS) {
             P v = px[i];
 #pragma unroll
-            for (int k = 0; k < P::N; ++k) gc_add<KIND, PK>(a, s, Elem<C>::mag(v.v[k]), p, zero);
+            for (int k = 0; k < P::N; ++k) gc_add<KIND, PK, W>(a, s, Elem<C>::mag(v.v[k]), p, zero);
         }
         done = packs * P::N;
     }
     for (i64 i = done + threadIdx.x; i < n; i += GC_THREADS)
-        gc_add<KIND, PK>(a, s, Elem<C>::mag(x[i]), p, zero);
+        gc_add<KIND, PK, W>(a, s, Elem<C>::mag(x[i]), p, zero);
 }
 
 // y[i] = op(x[i]) over one chunk, by packs where source and destination are
@@ -405,7 +470,7 @@ struct Out {
     int n, res64;
     __device__ __forceinline__ void put(i64 byte, i64 k, double x) const {
         if (res64) ((double*)(base + byte))[k] = x;
-        else ((float*)(base + byte))[k] = (float)x;
+        else ((float*)(base + byte))[k] = gc_narrow(x);
     }
     __device__ __forceinline__ void flag(i64 byte, bool x) const { ((bool*)base)[byte] = x; }
 };
@@ -413,26 +478,29 @@ struct Out {
 // min(1, max_norm / (norm + eps)) in the result dtype R, operation for
 // operation as the generic path (gradclip._core._scale_from_norm), so that
 // the two agree bit for bit. A NaN norm gives a NaN scale, like torch.
-template <typename R> __device__ R gc_clip_scale(R norm, R max_norm, R eps) {
-    R denom = norm + eps;
-    R s = denom > max_norm ? max_norm / denom : (R)1;
-    R nan = denom + max_norm;  // NaN where either is: a NaN bound must not give 1
+// Arguments and results are values of R held in doubles, each operation
+// rounded to R (gc_r: float32 arithmetic without -ftz's flushing).
+template <typename R> __device__ double gc_clip_scale(double norm, double max_norm, double eps) {
+    double denom = gc_r<R>(norm + eps);
+    double s = denom > max_norm ? gc_r<R>(max_norm / denom) : 1.0;
+    double nan = denom + max_norm;  // NaN where either is: a NaN bound must not give 1
     return nan != nan ? nan : s;
 }
 
 // optax's clip_by_block_rms: 1 / max(1, (norm / sqrt(size)) / threshold).
 // ``value`` is the norm in double, ``norm`` the same rounded into R.
-template <typename R> __device__ R gc_rms_scale(double value, R norm, i64 size, R threshold) {
+template <typename R>
+__device__ double gc_rms_scale(double value, double norm, i64 size, double threshold) {
     double root = sqrt((double)(size > 1 ? size : 1));
-    R rms = norm / (R)root;
+    double rms = gc_r<R>(norm / gc_r<R>(root));
     // The norm (1e39 for 1e4 entries of 1e37) may overflow R where the rms
     // does not, and inf / sqrt(n) would zero the leaf: there, the rms taken
     // in double, as the generic path takes the root of the mean square.
-    R mean = (R)(value / root);
+    double mean = gc_r<R>(value / root);
     if (norm - norm != norm - norm && mean - mean == mean - mean) rms = mean;  // inf, finite
-    R q = rms / threshold;
-    R m = q != q ? q : (q > (R)1 ? q : (R)1);  // maximum() propagates NaN
-    return (R)1 / m;
+    double q = gc_r<R>(rms / threshold);
+    double m = q != q ? q : (q > 1.0 ? q : 1.0);  // maximum() propagates NaN
+    return gc_r<R>(1.0 / m);
 }
 
 struct Bound {
@@ -441,13 +509,14 @@ struct Bound {
     const void* max_norm_at;  // or a 0-d device array in the result dtype
 };
 
+// The scale in R (held in a double).
 template <typename R>
-__device__ R gc_scale_of(const Bound& b, double value, bool finite, i64 size) {
-    R bound = b.max_norm_at ? *(const R*)b.max_norm_at : (R)b.max_norm;
-    R norm = (R)value;
-    R s = b.mode == GC_RMS ? gc_rms_scale<R>(value, norm, size, bound)
-                           : gc_clip_scale<R>(norm, bound, (R)b.eps);
-    return b.skip && !finite ? (R)1 : s;
+__device__ double gc_scale_of(const Bound& b, double value, bool finite, i64 size) {
+    double bound = b.max_norm_at ? gc_read<R>(b.max_norm_at) : gc_r<R>(b.max_norm);
+    double norm = gc_r<R>(value);
+    double s = b.mode == GC_RMS ? gc_rms_scale<R>(value, norm, size, bound)
+                                : gc_clip_scale<R>(norm, bound, gc_r<R>(b.eps));
+    return b.skip && !finite ? 1.0 : s;
 }
 
 // Write a norm, its finite flag and, if asked, its scale and clipped flag.
@@ -457,9 +526,8 @@ __device__ void gc_emit(const Out& o, const Bound& b, bool scaled, double value,
     o.put(norm_byte, k, value);
     o.flag(finite_byte + k, finite);
     if (!scaled) return;
-    double s;
-    if (o.res64) s = gc_scale_of<double>(b, value, finite, size);
-    else s = (double)gc_scale_of<float>(b, value, finite, size);
+    double s = o.res64 ? gc_scale_of<double>(b, value, finite, size)
+                       : gc_scale_of<float>(b, value, finite, size);
     o.put(scale_byte, k, s);
     o.flag(clipped_byte + k, s < 1.0);
 }
@@ -597,7 +665,8 @@ extern "C" __global__ void gc_given(const void* norms, int count, const i64* siz
     b.max_norm = max_norm;
     b.eps = eps;
     b.max_norm_at = max_norm_at;
-    double value = res64 ? ((const double*)norms)[k] : (double)((const float*)norms)[k];
+    double value = res64 ? gc_read<double>((const double*)norms + k)
+                         : gc_read<float>((const float*)norms + k);
     bool finite = value <= GC_DBL_MAX && value >= -GC_DBL_MAX;
     i64 n8 = 8 * (i64)count;
     if (mode == GC_GLOBAL) gc_emit(o, b, true, value, finite, 0, 0, 8, 16, 17, 0);
@@ -606,7 +675,9 @@ extern "C" __global__ void gc_given(const void* norms, int count, const i64* siz
 
 // --------------------------------------------------------------------- scale
 
-__device__ __forceinline__ bool gc_finite(float x) { return fabsf(x) <= GC_FLT_MAX; }
+__device__ __forceinline__ bool gc_finite(float x) {
+    return (__float_as_uint(x) & 0x7fffffffu) < 0x7f800000u;
+}
 __device__ __forceinline__ bool gc_finite(double x) { return fabs(x) <= GC_DBL_MAX; }
 
 // x * s in the leaf's dtype; `zero`: NaN/inf entries become 0. `s` is the
@@ -616,14 +687,16 @@ __device__ __forceinline__ bool gc_finite(double x) { return fabs(x) <= GC_DBL_M
 template <typename R> struct ScaleReal {  // float32, float64
     R s;
     bool zero;
-    __device__ __forceinline__ R operator()(R x) const { return zero && !gc_finite(x) ? (R)0 : x * s; }
+    __device__ __forceinline__ R operator()(R x) const {
+        return zero && !gc_finite(x) ? (R)0 : gc_mul(x, s);
+    }
 };
 template <bool HALF> struct Scale16 {  // half, bfloat16 as bits
     float s;
     bool zero;
     __device__ __forceinline__ u16 operator()(u16 x) const {
         float v = HALF ? gc_half_to_float(x) : gc_bf16_to_float(x);
-        float r = zero && !gc_finite(v) ? 0.0f : v * s;
+        float r = zero && !gc_finite(v) ? 0.0f : gc_mul(v, s);
         return HALF ? gc_float_to_half(r) : gc_float_to_bf16(r);
     }
 };
@@ -633,8 +706,8 @@ template <typename Z, typename R> struct ScaleComplex {  // each component on it
     __device__ __forceinline__ Z operator()(Z x) const {
         bool bad = zero && !(gc_finite(x.re) && gc_finite(x.im));
         Z r;
-        r.re = bad ? (R)0 : x.re * s;
-        r.im = bad ? (R)0 : x.im * s;
+        r.re = bad ? (R)0 : gc_mul(x.re, s);
+        r.im = bad ? (R)0 : gc_mul(x.im, s);
         return r;
     }
 };
@@ -650,7 +723,7 @@ template <int C>
 __device__ void gc_scale_chunk(const void* src, void* dst, i64 start, i64 n, double s, bool zero) {
     typedef typename Elem<C>::T T;
     ScaleOp<C> op;
-    op.s = (decltype(op.s))s;  // a float64 scale rounded to float32 for the others
+    op.s = gc_as<decltype(op.s)>(s);  // a float64 scale rounded to float32 for the others
     op.zero = zero;
     gc_map<T>((const T*)src + start, (T*)dst + start, n, op);
 }
@@ -669,7 +742,8 @@ extern "C" __global__ void gc_scale(const i64* tab, int n, int chunks, int nbig,
     int c = blockIdx.x;
     int l = (int)t.chunk_leaf[c];
     i64 k = per_leaf ? l : 0;
-    double s = res64 ? ((const double*)scales)[k] : (double)((const float*)scales)[k];
+    double s = res64 ? gc_read<double>((const double*)scales + k)
+                     : gc_read<float>((const float*)scales + k);
     if (!out_base && !zero && s == 1.0) return;
     i64 start = t.chunk_start[c], left = t.size[l] - start;
     i64 len = left < chunk ? left : chunk;
@@ -699,13 +773,16 @@ struct Bounds {
 
 // max(lo), then min(hi), in the leaf's dtype (V: float for half, bfloat16
 // and float32, double for float64); maximum() and minimum() propagate NaN.
+// Compared as doubles (exact), as float32 comparisons flush under -ftz.
 template <typename V> struct Clamp {
     V lo, hi;
     bool has_lo, has_hi, zero;
     __device__ __forceinline__ V operator()(V v) const {
         if (zero && !gc_finite(v)) v = (V)0;
-        if (has_lo && v == v) v = v < lo ? lo : v;
-        if (has_hi && v == v) v = v > hi ? hi : v;
+        double w = gc_wide(v);
+        if (has_lo && w == w && w < gc_wide(lo)) v = lo;
+        w = gc_wide(v);
+        if (has_hi && w == w && w > gc_wide(hi)) v = hi;
         return v;
     }
 };
@@ -717,7 +794,8 @@ template <bool HALF> struct Clamp16 {
     __device__ __forceinline__ u16 operator()(u16 x) const {
         float v = HALF ? gc_half_to_float(x) : gc_bf16_to_float(x);
         float r = c(v);
-        if (r == v || r != r) return x;
+        double wr = gc_wide(r), wv = gc_wide(v);
+        if (wr == wv || wr != wr) return x;
         return HALF ? gc_float_to_half(r) : gc_float_to_bf16(r);
     }
 };
