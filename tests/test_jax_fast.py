@@ -241,13 +241,20 @@ def test_max_norm_array_does_not_recompile():
 
 def test_many_small_leaves_are_reduced_together():
     # 500 leaves below the gather threshold: one concatenation and a handful
-    # of reductions in the compiled program, not one per leaf.
+    # of reductions in the program gradclip emits, not one per leaf (a sum
+    # per leaf emits 500). Counted before XLA's passes, on any platform: after
+    # them, a GPU's text names each reduction fusion several times, and its
+    # horizontal fusion would hide reductions per leaf anyway.
     rng = np.random.default_rng(4)
-    leaves = [
-        jnp.asarray(rng.standard_normal(int(n)), jnp.float32) for n in rng.integers(16, 2048, 500)
-    ]
-    hlo = jax.jit(gc.global_norm).lower(leaves).compile().as_text()
-    assert hlo.count(" reduce(") + hlo.count("reduce_fusion") < 20
+    host = [np.float32(rng.standard_normal(int(n))) for n in rng.integers(16, 2048, 500)]
+    leaves = [jnp.asarray(x) for x in host]
+    emitted = jax.jit(gc.global_norm).lower(leaves).as_text()
+    assert 0 < emitted.count("stablehlo.reduce") < 20
+    # And XLA's CPU compiler keeps them together (it compiles a kernel per reduction).
+    cpu = jax.devices("cpu")[0]
+    on_cpu = [jax.device_put(x, cpu) for x in host]
+    hlo = jax.jit(gc.global_norm).lower(on_cpu).compile().as_text()
+    assert 0 < hlo.count(" reduce(") + hlo.count("reduce_fusion") < 20
     assert float(gcj.global_norm(leaves)) == pytest.approx(ref_norm(leaves), rel=1e-6)
 
 
@@ -376,15 +383,26 @@ def test_per_example_clip_donates_when_it_keeps_the_examples():
 
 
 def _many_shapes(rng):
-    """Leaves of 256 distinct small sizes on the CPU: XLA compiles a kernel for each."""
+    """Leaves of 256 distinct small sizes on the CPU: XLA compiles a kernel for each.
+
+    Committed to the CPU device whatever the default backend, so that the
+    programs over them compile for the CPU, whose options these tests are about.
+    """
     cpu = jax.devices("cpu")[0]
     sizes = range(1, _fast._MANY_SHAPES + 1)
     return [jax.device_put(np.float32(rng.standard_normal(n) * 10), cpu) for n in sizes]
 
 
+def _fast_compile():
+    """The part of FAST_COMPILE this XLA's CPU compiler has (it has -O0 at least)."""
+    options = dict(_fast._accepted(tuple(sorted(_fast.FAST_COMPILE.items()))))
+    assert options.get("xla_backend_optimization_level") == 0
+    return options
+
+
 def test_compile_options_only_for_many_small_distinct_leaves():
     many = _many_shapes(np.random.default_rng(5))
-    assert gcj.compiler_options(many) == _fast.FAST_COMPILE
+    assert gcj.compiler_options(many) == _fast_compile()
     assert gcj.compiler_options(many[:-1]) == {}  # one distinct shape too few
     assert gcj.compiler_options([many[-1]] * 300) == {}  # one shape: one kernel, compiled once
     # 257 shapes, but a large leaf: -O0 code is slow on it
@@ -394,17 +412,37 @@ def test_compile_options_only_for_many_small_distinct_leaves():
     assert seen == [{}]  # a trace: its caller compiles the program
 
 
+def test_compile_options_only_for_programs_compiled_for_the_cpu(monkeypatch):
+    # The options are the CPU compiler's: they follow the platform jax.jit
+    # compiles for, that of the committed leaves, else of the default device.
+    cpu = jax.devices("cpu")[0]
+    with jax.default_device(cpu):
+        loose = [jnp.asarray(np.asarray(x)) for x in _many_shapes(np.random.default_rng(5))]
+        assert not any(x.committed for x in loose)
+        assert gcj.compiler_options(loose) == _fast_compile()
+    on_cpu = jax.default_backend() == "cpu"
+    assert gcj.compiler_options(loose) == (_fast_compile() if on_cpu else {})
+    # Moved to a GPU's default device if there is one: no CPU options for its compile.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert gcj.compiler_options(loose) == {}
+    committed = [jax.device_put(x, cpu) for x in loose]
+    assert gcj.compiler_options(committed) == _fast_compile()  # jit compiles these for the CPU
+    assert gcj.compiler_options([*loose, committed[0]]) == _fast_compile()  # moved to the CPU
+
+
 @pytest.mark.parametrize("scale", [1.0, 1e30])  # the one-pass sum, and the scaled fallback
-def test_fast_compile_gives_the_bits_of_xla_defaults(scale):
+def test_fast_compile_gives_the_bits_of_xla_defaults(monkeypatch, scale):
+    monkeypatch.setattr(_fast, "_REJECTED", [])
     tree = _many_shapes(np.random.default_rng(6))
     tree[7] = tree[7] * scale
     # Inside the caller's jit: compiled with XLA's defaults.
     want, want_stats = jax.jit(lambda t: gc.clip_by_global_norm(t, 1.0))(tree)
     static = {"axis_name": None, "eps": 1e-6, "layout": None, "nonfinite": "propagate", "ord": 2.0}
-    options = tuple(sorted(_fast.FAST_COMPILE.items()))
+    options = tuple(sorted(_fast_compile().items()))
     fast = gcj._program("clip", True, tuple(static.items()), options)
     norm = ref_norm(tree)
     got, stats = gcj.clip_by_global_norm(tree, 1.0, donate=True)
+    assert _fast._REJECTED == []  # XLA took the options: no fallback to its defaults
     assert fast._cache_size() == 1  # this program ran, compiled with these options
     assert float(stats.norm) == float(want_stats.norm) == pytest.approx(norm, rel=1e-6)
     assert float(stats.scale) == float(want_stats.scale)
@@ -423,8 +461,23 @@ def test_constants_inside_a_callers_jit_compile_with_its_options():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_an_xla_without_the_options_compiles_with_its_defaults(monkeypatch):
+def test_options_this_xla_lacks_are_left_out(monkeypatch):
+    # XLA removes options (jaxlib 0.11 has no xla_cpu_use_fusion_emitters):
+    # the rest are still taken.
     monkeypatch.setattr(_fast, "FAST_COMPILE", {**_fast.FAST_COMPILE, "xla_no_such_option": 1})
+    monkeypatch.setattr(_fast, "_REJECTED", [])
+    tree = _many_shapes(np.random.default_rng(8))
+    options = gcj.compiler_options(tree)
+    assert "xla_no_such_option" not in options
+    assert options.get("xla_backend_optimization_level") == 0
+    _, stats = gcj.clip_by_global_norm(tree, 1.0)
+    assert _fast._REJECTED == []
+    assert float(stats.norm) == pytest.approx(ref_norm(tree), rel=1e-6)
+
+
+def test_an_xla_without_the_options_compiles_with_its_defaults(monkeypatch):
+    # Options that passed the probe but that the program's compile refuses.
+    monkeypatch.setattr(_fast, "_accepted", lambda options: (("xla_no_such_option", 1),))
     monkeypatch.setattr(_fast, "_REJECTED", [])
     tree = _many_shapes(np.random.default_rng(8))
     want = ref_norm(tree)

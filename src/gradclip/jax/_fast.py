@@ -32,6 +32,7 @@ import functools
 import importlib
 import math
 import operator
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -87,6 +88,10 @@ def _trusted_above(plan: Plan) -> float:
 # its loop; the step took 19.8 against 20.1 ms) but about 0.7 ns an element on
 # large ones (a 64M-element leaf clipped in 71 ms instead of 31, leaves of
 # 2K-6K elements 27% slower). So only trees of many small leaves take them.
+# XLA has since removed the legacy emitters (jaxlib 0.11 refuses the option):
+# there -O0 alone is taken, 13 s instead of 20 on a tree of 1556 sizes, at the
+# same run time. Both are options of the CPU compiler: a program compiled for
+# another platform never gets them.
 FAST_COMPILE: dict[str, Any] = {
     "xla_cpu_use_fusion_emitters": False,
     "xla_backend_optimization_level": 0,
@@ -94,25 +99,68 @@ FAST_COMPILE: dict[str, Any] = {
 _MANY_SHAPES = 256  # distinct leaf types (shape, dtype), each a kernel of its own
 _SMALL_MEAN = 2048  # elements, averaged over those types
 _REJECTED: list[str] = []  # the message of an XLA that refused FAST_COMPILE, once seen
+_NO_SUCH_OPTION = re.compile(r"No such compile option: '([^']+)'")
 
 Options = tuple[tuple[str, Any], ...]  # hashable, for the caches of jitted programs
 _aval = operator.attrgetter("aval")
 _shape = operator.attrgetter("shape")
+_committed = operator.attrgetter("committed")
+
+
+@functools.cache
+def _accepted(options: Options) -> Options:
+    """The ``options`` this XLA's CPU compiler knows: a tiny program compiled with them, once.
+
+    An option XLA no longer has is refused by name at compile time; it is
+    dropped and the rest tried again. Any other refusal drops them all.
+    """
+    cpu = jax.devices("cpu")[0]
+    arg = jax.ShapeDtypeStruct((), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(cpu))
+    kept = dict(options)
+    while kept:
+        try:
+            jax.jit(lambda x: x + 1, compiler_options=kept).lower(arg).compile()
+        except jax.errors.JaxRuntimeError as err:
+            missing = _NO_SUCH_OPTION.search(str(err))
+            if missing is None or missing.group(1) not in kept:
+                return ()
+            del kept[missing.group(1)]
+        else:
+            break
+    return tuple(sorted(kept.items()))
+
+
+def _platform(leaves: Sequence[Any]) -> str | None:
+    """The platform ``jax.jit`` compiles a program over these concrete arrays for.
+
+    That of the committed ones, if any (``jit`` moves the others there, and
+    refuses committed arrays on two devices); else that of the default device,
+    where uncommitted arrays are put, whatever device they were made on.
+    """
+    held = next(filter(_committed, leaves), None)
+    if held is not None:
+        platforms = {d.platform for d in held.devices()}
+        return platforms.pop() if len(platforms) == 1 else None
+    device = jax.config.jax_default_device
+    if device is None:
+        return str(jax.default_backend())
+    return device if isinstance(device, str) else str(device.platform)
 
 
 def compile_options(leaves: Sequence[Any]) -> Options:
     """The XLA options a top-level program over ``leaves`` compiles with: ``()`` or FAST_COMPILE.
 
-    FAST_COMPILE where the leaves are concrete arrays on the CPU (a trace's
-    program is its caller's to compile) of at least 256 distinct types whose
-    mean size is at most 2048 elements.
+    FAST_COMPILE (the part of it this XLA has) where the leaves are concrete
+    arrays compiled for the CPU (a trace's program is its caller's to
+    compile) of at least 256 distinct types whose mean size is at most 2048
+    elements.
     """
     if len(leaves) < _MANY_SHAPES or _REJECTED:
         return ()
     first = leaves[0]
     if set(map(type, leaves)) != {type(first)} or isinstance(first, jax.core.Tracer):
         return ()
-    if not isinstance(first, jax.Array) or {d.platform for d in first.devices()} != {"cpu"}:
+    if not isinstance(first, jax.Array):
         return ()
     # 0.3 ms on 2000 leaves; jax.typeof costs 4 ms, an aval's .size 0.4 ms
     kinds = set(map(_aval, leaves))
@@ -120,7 +168,9 @@ def compile_options(leaves: Sequence[Any]) -> Options:
         return ()
     if sum(map(math.prod, map(_shape, kinds))) > _SMALL_MEAN * len(kinds):
         return ()
-    return tuple(sorted(FAST_COMPILE.items()))
+    if _platform(leaves) != "cpu":  # 0.1 ms on 2000 leaves
+        return ()
+    return _accepted(tuple(sorted(FAST_COMPILE.items())))
 
 
 def run_compiled(make: Callable[[Options], Any], leaves: Sequence[Any], *args: Any) -> Any:
