@@ -591,8 +591,16 @@ def test_optax_transform_takes_an_injected_bound():
         state.hyperparams["max_norm"] = jnp.asarray(bound, jnp.float32)
         updates, state = update(leaves, state, params)
         want, _ = gc.per_example_clip(leaves, bound)
-        for u, w in zip(updates, want, strict=True):
-            np.testing.assert_allclose(u, w, rtol=1e-6)
+        terms, _ = gc.per_example_clip(leaves, bound, reduce=None)
+        for u, w, t in zip(updates, want, terms, strict=True):
+            # A sum over the batch, taken by two programs that XLA fuses (and
+            # so rounds) differently: where the examples cancel (0.0054 from
+            # terms of 0.68 in all, on a GPU) they differ by a rounding error
+            # of the terms, not of the sum. Seen: 0.16 ulp of sum(|terms|).
+            u, w = np.asarray(u, np.float64), np.asarray(w, np.float64)
+            ulps = 8 * np.finfo(np.float32).eps * np.sum(np.abs(np.asarray(t, np.float64)), axis=0)
+            off = np.abs(u - w) - (ulps + 1e-6 * np.abs(w))
+            assert np.all(off <= 0), f"{u} != {w}, off by {np.abs(u - w)}, allowed {ulps}"
 
 
 def test_optax_transform_bad_input():
