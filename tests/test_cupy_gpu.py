@@ -397,8 +397,15 @@ def _expect_raise(call: Callable[[bool, Any], Any], build: Build, bad: Any, what
     return tree
 
 
-def check_norms(build: Build, ord: float = 2.0, *, nonfinite: str = "propagate", bad: Any = None):
-    """global_norm and leaf_norms."""
+def check_norms(
+    build: Build,
+    ord: float = 2.0,
+    *,
+    nonfinite: str = "propagate",
+    bad: Any = None,
+    generic: bool = True,
+):
+    """global_norm and leaf_norms; ``generic=False``: not compared with the generic path."""
 
     def call(fn: str) -> Callable[[bool, Any], Any]:
         return lambda fused, tree: getattr(gc, fn)(tree, ord=ord, nonfinite=nonfinite, fused=fused)
@@ -418,11 +425,12 @@ def check_norms(build: Build, ord: float = 2.0, *, nonfinite: str = "propagate",
         "leaf_norms": ([_ref_leaf_norm(w, ord) for w in wide], (len(leaves),)),
     }
     for fn, (ref, shape) in want.items():
-        fused, generic = call(fn)(True, tree), call(fn)(False, tree)
+        fused, generic_out = call(fn)(True, tree), call(fn)(False, tree)
         what = f"{fn}(ord={ord}, nonfinite={nonfinite!r})"
         _check_array(fused, _res_dtype(leaves), shape, _device_id(leaves[0]), what)
         _assert_norms(fused, ref, exact=exact, what=f"{what}: fused vs float64")
-        _assert_norms(fused, _host(generic), exact=exact, what=f"{what}: fused vs generic")
+        if generic:
+            _assert_norms(fused, _host(generic_out), exact=exact, what=f"{what}: fused vs generic")
     _assert_unchanged(leaves, before, "global_norm/leaf_norms")
     return tree
 
@@ -436,8 +444,12 @@ def check_clip(
     eps: float = 1e-6,
     nonfinite: str = "propagate",
     bad: Any = None,
+    generic: bool = True,
 ):
-    """clip_by_global_norm(_) and clip_by_norm(_): stats, outputs, inputs."""
+    """clip_by_global_norm(_) and clip_by_norm(_): stats, outputs, inputs.
+
+    ``generic=False``: the generic path runs but is not compared with.
+    """
     inplace, per_leaf = fn.endswith("_"), fn.startswith("clip_by_norm")
 
     def call(fused: bool, tree: Any) -> Any:
@@ -463,7 +475,7 @@ def check_clip(
         runs[fused] = (tree, [_host(o) for o in outs], stats, before)
 
     tree, outs, stats, before = runs[True]
-    _, generic_outs, generic, _ = runs[False]
+    _, generic_outs, generic_stats, _ = runs[not generic]
     wide = [_wide(h) for h in before]
     finite = [bool(np.isfinite(w).all()) for w in wide]
     if nonfinite == "zero":
@@ -479,14 +491,15 @@ def check_clip(
     exact = ord in EXACT_ORDS and _is_real(_leaves(tree))
     what = f"{fn}(ord={ord}, nonfinite={nonfinite!r}) stats"
     _assert_norms(stats.norm, np.reshape(norms, shape), exact=exact, what=f"{what}.norm vs float64")
-    _assert_norms(stats.norm, generic.norm, exact=exact, what=f"{what}.norm vs generic")
-    for ref, label in ((np.reshape(scales, shape), "float64"), (generic.scale, "generic")):
+    _assert_norms(stats.norm, generic_stats.norm, exact=exact, what=f"{what}.norm vs generic")
+    for ref, label in ((np.reshape(scales, shape), "float64"), (generic_stats.scale, "generic")):
         np.testing.assert_allclose(
             stats.scale, ref, rtol=RTOL, atol=0, err_msg=f"{what}.scale vs {label}"
         )
     for name, ref in (("clipped", [s < 1 for s in scales]), ("finite", finite)):
         np.testing.assert_array_equal(getattr(stats, name), np.reshape(ref, shape), what + name)
-        np.testing.assert_array_equal(getattr(stats, name), getattr(generic, name), what + name)
+        got, ref = getattr(stats, name), getattr(generic_stats, name)
+        np.testing.assert_array_equal(got, ref, what + name)
 
     zero = nonfinite == "zero"
     for i, (o, g, x) in enumerate(zip(outs, generic_outs, before, strict=True)):
@@ -496,7 +509,7 @@ def check_clip(
         # Compared with the generic leaf only where the paths' arithmetic is the
         # same: bit-identical scales, and no complex leaf holding an infinity
         # (see the module docstring).
-        same_scale = stats.scale[j].tobytes() == generic.scale[j].tobytes()
+        same_scale = stats.scale[j].tobytes() == generic_stats.scale[j].tobytes()
         plain = not np.iscomplexobj(x) or bool(np.isfinite(_wide(x)).all())
         if same_scale and plain:
             _assert_values(o, g, f"{label}: fused vs generic")
@@ -941,6 +954,9 @@ EXTREMES = {
 }
 
 
+FLUSHED_BY_CUPY = {"float32 3e-39 (subnormal)"}
+
+
 @pytest.mark.parametrize("fn", ["norms", *NORM_CLIPS])
 @pytest.mark.parametrize("ord", [2.0, 1.0, 3.5, math.inf])
 @pytest.mark.parametrize("case", list(EXTREMES))
@@ -951,11 +967,14 @@ def test_overflow_and_underflow(case, ord, fn):
     representable, so the clipped leaves are exact too.
     """
     build = _constants(EXTREMES[case])
+    # CuPy compiles its own kernels with -ftz=true: the generic path flushes
+    # float32 subnormals to 0 there (the kernels do not; see _kernels.cu).
+    generic = case not in FLUSHED_BY_CUPY
     if fn == "norms":
-        check_norms(build, ord)
+        check_norms(build, ord, generic=generic)
         return
     norm = _ref_global_norm([_wide(_host(x)) for x in _leaves(build())], ord)
-    check_clip(build, fn, norm / 4, ord=ord, eps=0.0)
+    check_clip(build, fn, norm / 4, ord=ord, eps=0.0, generic=generic)
 
 
 @pytest.mark.parametrize(
