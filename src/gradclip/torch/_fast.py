@@ -295,7 +295,10 @@ class TorchPlan(Plan):
             assert k is not None
             with k.stream():
                 lay = _launch.layout(k.dev, k.arrays)
-                out = _launch.outputs(k.dev, len(k.arrays), self._res_np())
+                # float64 norms: the generic code takes them on from here in
+                # float64, and a float32 leaf's norm (1e39 for 1e4 entries of
+                # 1e37, whose rms is 1e37) must not overflow on the way.
+                out = _launch.outputs(k.dev, len(k.arrays), np.float64)
                 _launch.norm(k.dev, lay, out, kind=self.kind, p=self.p, zero=self.zero_nonfinite)
             self._reduced = (lay, out)
         return self._reduced
@@ -476,6 +479,11 @@ class TorchPlan(Plan):
                 if inplace:
                     torch._foreach_mul_(tensors, factor)
                     continue
+                if factor.dtype != dtype and self.device.type != "cpu":
+                    # CUDA's foreach multiply rounds a tensor factor to the
+                    # leaves' dtype first; the kernels' in-place result is the
+                    # float32 product rounded once.
+                    tensors = [t.to(factor.dtype) for t in tensors]
                 for i, new in zip(members, torch._foreach_mul(tensors, factor), strict=True):
                     # a 0-d half leaf times the 0-d float32 factor is float32
                     out[i] = new if new.dtype == dtype else new.to(dtype)
