@@ -56,7 +56,8 @@ def _kind(p: float) -> str:
 
 def _res(leaves: Sequence[Any]) -> Any:
     """float64 when any leaf is float64 or complex128, else float32 (the contract)."""
-    wide = any(x.dtype.name in ("float64", "complex128") for x in leaves)
+    # Over the distinct dtypes: a NumPy dtype's name costs microseconds, 2000 leaves 10 ms.
+    wide = any(d.name in ("float64", "complex128") for d in {x.dtype for x in leaves})
     return np.float64 if wide else np.float32
 
 
@@ -236,7 +237,7 @@ def _clip_by_value(
         _, out = _reduce(dev, leaves, names, p=math.inf, nonfinite=nonfinite)
         finite = out.finite(dev) if nonfinite == "skip" else None
     buf, new = (None, list(leaves)) if inplace else _new_leaves(dev, lay, leaves)
-    bf16 = next((x.dtype for x in leaves if x.dtype.name == "bfloat16"), None)
+    bf16 = next((d for d in {x.dtype for x in leaves} if d.name == "bfloat16"), None)
     _launch.clamp(
         dev, lay, lo=lo, hi=hi, zero=nonfinite == "zero", finite=finite, dst=buf, bf16=bf16
     )

@@ -41,7 +41,7 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -188,9 +188,33 @@ def _cuda_kernels(leaves: list[Any]) -> Kernels | None:
             return cupy.from_dlpack(t.detach().view(torch.int16)).view(ml_dtypes.bfloat16)
         return cupy.from_dlpack(t.detach())
 
-    with on():
-        arrays = [from_torch(x) for x in leaves]
+    # The launcher reads only each leaf's address, size and dtype: no DLPack
+    # round trip per leaf (2000 leaves took 120 ms through cupy.from_dlpack).
+    np_dtype = {d: _np_dtype(d) for d in {x.dtype for x in leaves}}
+    arrays = [_Leaf(_Address(x.data_ptr()), x.numel(), np_dtype[x.dtype]) for x in leaves]
     return Kernels(_launch.CupyDevice(index), arrays, on, torch.from_dlpack, from_torch)
+
+
+class _Address(NamedTuple):
+    ptr: int  # as cupy.ndarray.data.ptr
+
+
+class _Leaf(NamedTuple):
+    """What the kernels' launcher reads of a CUDA tensor, as of a CuPy array."""
+
+    data: _Address
+    size: int
+    dtype: Any  # a NumPy dtype
+
+
+def _np_dtype(dtype: Any) -> Any:
+    """The NumPy (or ml_dtypes) dtype of a torch dtype the kernels take."""
+    name = str(dtype).removeprefix("torch.")
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
 
 
 kernel_route: Callable[[list[Any]], Kernels | None] = _cuda_kernels
