@@ -132,6 +132,11 @@ stage_bench_dp() {  # issue 8: per-example clipping on each GPU backend
     bench bench-dp bench-dp-torch-gpu --backend torch --tree dp
 }
 
+stage_bench_small() {  # the 2000-leaf tree alone, CuPy and the torch drop-in (host cost per call)
+    bench bench-small bench-cupy-gpu-small --backend cupy --tree small
+    bench bench-small bench-torch-gpu-small --backend torch --tree small
+}
+
 stage_profile() {  # where the time goes: cProfile of the small tree, the kernels alone, ncu
     run profile 240 "$PY" benchmarks/gpu_profile.py host
     run profile 240 "$PY" benchmarks/gpu_profile.py kernels
@@ -150,7 +155,7 @@ cp.cuda.Device().synchronize()'
 for stage in "$@"; do
     fn="stage_${stage//-/_}"
     if ! declare -F "$fn" >/dev/null; then
-        echo "unknown stage $stage; stages: env tests-cupy tests-jax bench-cupy bench-torch bench-jax bench-jax-small bench-dp profile" >&2
+        echo "unknown stage $stage; stages: env tests-cupy tests-jax bench-cupy bench-torch bench-jax bench-jax-small bench-dp bench-small profile" >&2
         exit 2
     fi
     "$fn"
