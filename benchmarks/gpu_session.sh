@@ -22,8 +22,9 @@
 #   bash benchmarks/gpu_session.sh bench-jax bench-jax-small
 #
 # Every stage runs even if an earlier one failed; the script exits non-zero if
-# any did. Logs and JSON results go to $OUT (the device tool's folder, whose
-# files come back; at most 8 files a call) or, elsewhere, benchmarks/results/gpu.
+# any did. One log (session.log) and the JSON results go to $OUT (the device
+# tool's folder, whose files come back, at most 8 a call: name few bench
+# stages in one call) or, elsewhere, benchmarks/results/gpu.
 # Copy the JSONs into benchmarks/results/ and commit them with the GPU model
 # (each JSON records it).
 set -u -o pipefail
@@ -55,15 +56,18 @@ if [ "$WORKERS" != 0 ] && "$PY" -c 'import xdist' 2>/dev/null; then
     PAR=(-n "$WORKERS" -p no:benchmark)
 fi
 
+# One log for every stage: the device tool returns at most 8 files a call,
+# and the JSON reports need those.
+LOG="$OUT/session.log"
 failed=()
 
-# run STAGE LIMIT_S COMMAND...: one step of a stage, logged to $OUT/STAGE.log.
+# run STAGE LIMIT_S COMMAND...: one step of a stage, logged to $LOG.
 run() {
     local stage=$1 limit=$2
     shift 2
-    echo "== $stage: $*" | tee -a "$OUT/$stage.log"
-    if ! timeout "$limit" "$@" 2>&1 | tee -a "$OUT/$stage.log"; then
-        echo "== $stage: FAILED (exit ${PIPESTATUS[0]}): $*" | tee -a "$OUT/$stage.log"
+    echo "== $stage: $*" | tee -a "$LOG"
+    if ! timeout "$limit" "$@" 2>&1 | tee -a "$LOG"; then
+        echo "== $stage: FAILED (exit ${PIPESTATUS[0]}): $*" | tee -a "$LOG"
         failed+=("$stage: $*")
     fi
 }
