@@ -1272,8 +1272,35 @@ def _result_arrays(result: Any) -> list[Any]:
 
 def _outcome(result: Any, tree: Any = None) -> list[bytes]:
     """Every array a call returned, then every leaf of ``tree``, as host bytes."""
+    return [h.tobytes() for h in _outcome_arrays(result, tree)]
+
+
+def _outcome_arrays(result: Any, tree: Any = None) -> list[np.ndarray]:
+    """``_outcome``'s arrays, on the host, with their dtypes and shapes."""
     arrays = _result_arrays(result) + ([] if tree is None else _leaves(tree))
-    return [_host(a).tobytes() for a in arrays]
+    return [_host(a) for a in arrays]
+
+
+def _differences(got: list[np.ndarray], want: list[np.ndarray], limit: int = 4) -> list[str]:
+    """Where two outcomes differ: array index, entry count, the first entries (flat index)."""
+    if len(got) != len(want):
+        return [f"{len(got)} arrays against {len(want)}"]
+    lines = []
+    for k, (g, w) in enumerate(zip(got, want, strict=True)):
+        if g.tobytes() == w.tobytes():
+            continue
+        if g.shape != w.shape or g.dtype != w.dtype:
+            lines.append(f"array {k}: {g.dtype}{g.shape} against {w.dtype}{w.shape}")
+            continue
+        gf, wf = g.reshape(-1), w.reshape(-1)
+        bits = _UINT.get(g.dtype.itemsize)
+        differ = np.flatnonzero(gf.view(bits) != wf.view(bits)) if bits else np.arange(gf.size)
+        first = ", ".join(f"[{i}] {gf[i]!r} vs {wf[i]!r}" for i in differ[:limit])
+        span = f"[{differ[0]}] to [{differ[-1]}]" if differ.size else "-"
+        lines.append(
+            f"array {k} ({g.dtype}, {g.size} entries): {differ.size} differ, {span}: {first}"
+        )
+    return lines
 
 
 def test_the_gate_lets_queued_work_wait_and_sees_a_host_sync():
@@ -1313,8 +1340,23 @@ def test_no_host_sync(fn, nonfinite, flat):
         second = _call(fn, tree, nonfinite)
         waited = passed.done
     assert not waited, f"gc.{fn}(nonfinite={nonfinite!r}) waited for the device (a host sync)"
-    want = [_outcome(_call(fn, ref, nonfinite)), _outcome(_call(fn, ref, nonfinite), ref)]
-    assert [_outcome(first), _outcome(second, tree)] == want
+    want = [
+        _outcome_arrays(_call(fn, ref, nonfinite)),
+        _outcome_arrays(_call(fn, ref, nonfinite), ref),
+    ]
+    got = [_outcome_arrays(first), _outcome_arrays(second, tree)]
+    lines = [f"call {c + 1}: {line}" for c in range(2) for line in _differences(got[c], want[c])]
+    if lines:
+        # A control for the report: the same two calls, unheld, on a third build.
+        again = build()
+        control = [
+            _outcome_arrays(_call(fn, again, nonfinite)),
+            _outcome_arrays(_call(fn, again, nonfinite), again),
+        ]
+        unheld = [line for c in range(2) for line in _differences(control[c], want[c])]
+        lines.append(f"unheld calls on a third build differ from the reference in {len(unheld)}")
+        lines += [f"  {line}" for line in unheld]
+    assert not lines, "held calls differ from unheld ones:\n" + "\n".join(lines)
 
 
 @pytest.mark.parametrize("fn", ["clip_by_global_norm", "clip_by_global_norm_"])
