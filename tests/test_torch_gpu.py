@@ -94,3 +94,33 @@ def test_amp_loop_on_cuda():
         scaler.update()
         assert bool(stats.finite) == (step != 1)
     assert scaler.get_scale() == 2.0**11
+
+
+@pytest.mark.parametrize("inplace", [True, False], ids=["in place", "functional"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_leaves_off_the_kernels_are_multiplied_in_float32(dtype, inplace):
+    """Strided CUDA leaves go to torch's foreach multiply, not the kernels.
+
+    There too a float16/bfloat16 leaf is multiplied by the float32 scale and
+    rounded once: CUDA's foreach multiply by a 0-d tensor would round the
+    scale to the leaf's dtype first, 1 ulp off in many entries.
+    """
+    g = torch.Generator(device="cuda").manual_seed(3)
+    grads = [
+        (torch.randn(300, 70, generator=g, device="cuda") * 3).to(dtype).t(),  # strided
+        (torch.randn(5000, generator=g, device="cuda") * 3).to(dtype),
+    ]
+    before = [x.clone() for x in grads]
+    plan = _fast.TorchPlan(gc._compat.namespace(grads[0]), 2.0, grads)
+    assert plan._kernels is None  # a strided leaf keeps the tree off the kernels
+    if inplace:
+        stats = gc.clip_by_global_norm_(grads, 1.0)
+        out = grads
+    else:
+        out, stats = gc.clip_by_global_norm(grads, 1.0)
+    scale = stats.scale.to(torch.float32)
+    assert float(scale) < 1.0
+    for x, x0 in zip(out, before, strict=True):
+        want = (x0.to(torch.float32) * scale).to(dtype)
+        assert torch.equal(x, want)
+        assert not torch.equal(want, x0 * scale.to(dtype))  # the case this test is about

@@ -499,15 +499,17 @@ class TorchPlan(Plan):
                 # float32 and rounds once (see Plan.factor_dtype).
                 factor = scales.to(self.factor_dtype(dtype))
                 tensors = [out[i] for i in members]
-                if inplace:
-                    torch._foreach_mul_(tensors, factor)
-                    continue
+                factors: Any = factor
                 if factor.dtype != dtype and self.device.type != "cpu":
-                    # CUDA's foreach multiply rounds a tensor factor to the
-                    # leaves' dtype first; the kernels' in-place result is the
-                    # float32 product rounded once.
-                    tensors = [t.to(factor.dtype) for t in tensors]
-                for i, new in zip(members, torch._foreach_mul(tensors, factor), strict=True):
+                    # CUDA's foreach multiply by a 0-d tensor rounds it to the
+                    # leaves' dtype first. A float32 factor expanded to each
+                    # leaf's shape (no copy) takes part in type promotion as
+                    # a tensor, so the product is float32, rounded once.
+                    factors = [factor.expand(t.shape) for t in tensors]
+                if inplace:
+                    torch._foreach_mul_(tensors, factors)
+                    continue
+                for i, new in zip(members, torch._foreach_mul(tensors, factors), strict=True):
                     # a 0-d half leaf times the 0-d float32 factor is float32
                     out[i] = new if new.dtype == dtype else new.to(dtype)
         return out
