@@ -1475,3 +1475,38 @@ def test_leaves_on_a_device_that_is_not_the_current_one(device1, fn):
     assert [_device_id(a) for a in arrays] == [device1] * len(arrays)
     with cp.cuda.Device(device1):
         assert _outcome(result, tree) == want
+
+
+@pytest.mark.parametrize("how", ["fused=False", "FlatTree"])
+@pytest.mark.parametrize("fn", STREAM_FNS)
+def test_generic_path_and_flat_tree_on_a_device_that_is_not_the_current_one(device1, fn, how):
+    """As above, for the generic path and for a FlatTree built from device-1 leaves.
+
+    CuPy creates arrays and runs kernels on the current device whatever the
+    operands' device, so gradclip makes the leaves' device current.
+    """
+
+    def build() -> Any:
+        return gc.FlatTree.from_tree(SYNC_TREE()) if how == "FlatTree" else SYNC_TREE()
+
+    def call(tree: Any) -> Any:
+        if how == "FlatTree":
+            return _call(fn, tree)
+        f = getattr(gc, fn)
+        if fn in ("global_norm", "leaf_norms"):
+            return f(tree, fused=False)
+        if fn in VALUE_CLIPS:
+            return f(tree, CLIP_VALUE, fused=False)
+        return f(tree, MAX_NORM if fn == "clip_by_block_rms" else 1.0, fused=False)
+
+    with cp.cuda.Device(device1):
+        ref = build()
+        want = _outcome(call(ref), ref)
+        leaves = SYNC_TREE()
+    # Device 0 current from here: the FlatTree is built with it current, too.
+    tree = gc.FlatTree.from_tree(leaves) if how == "FlatTree" else leaves
+    result = call(tree)
+    arrays = _result_arrays(result) + _leaves(tree)
+    assert [_device_id(a) for a in arrays] == [device1] * len(arrays)
+    with cp.cuda.Device(device1):
+        assert _outcome(result, tree) == want

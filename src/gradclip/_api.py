@@ -254,8 +254,9 @@ def _run(prep: _Prepared, fused: bool | None, fn: str, **kwargs: Any) -> Any:
                     f"pass a number or a 0-d {prep.backend} array"
                 )
     impl = getattr(_impl(prep, fused), fn)
-    with _compat.quiet(prep.xp):
-        return impl(prep.xp, prep.flat.leaves, prep.flat.paths, **kwargs)
+    leaves = prep.flat.leaves
+    with _compat.quiet(prep.xp), _compat.current_device(leaves[0]):
+        return impl(prep.xp, leaves, prep.flat.paths, **kwargs)
 
 
 def _check_nonfinite(nonfinite: str, allowed: tuple[str, ...] = NONFINITE) -> str:

@@ -23,6 +23,7 @@ __all__ = [
     "backend_name",
     "blocks",
     "chunk_elems",
+    "current_device",
     "device_key",
     "device_of",
     "dtype_info",
@@ -104,6 +105,21 @@ def device_of(x: Any) -> Any:
     if aac.is_jax_array(x):
         return None
     return aac.device(x)
+
+
+def current_device(x: Any) -> contextlib.AbstractContextManager[Any]:
+    """Make ``x``'s device the current one while gradclip works on it (CuPy only).
+
+    CuPy creates arrays and runs kernels on the *current* device, whatever
+    device the operands live on, and array-api-compat's ``zeros(device=...)``
+    for CuPy ignores the device. Leaves on device 1 while device 0 is
+    current would get constants, scratch and results on device 0 (and peer
+    reads, or an error where there is no peer access). Entering the current
+    device costs no switch. Every other library places arrays by ``device=``.
+    """
+    if aac.is_cupy_array(x):
+        return x.device  # type: ignore[no-any-return]  # cupy.cuda.Device is a context manager
+    return contextlib.nullcontext()
 
 
 def device_key(x: Any) -> Any:

@@ -130,16 +130,19 @@ class FlatTree:
             start = sizes.get(x.dtype, 0)
             slots.append(_Slot(x.dtype, start, tuple(x.shape)))
             sizes[x.dtype] = start + math.prod(x.shape)
-        device = _compat.device_of(leaves[0]) if leaves else None
-        buffers = {key: xp.zeros((n,), dtype=key, device=device) for key, n in sizes.items()}
         # A FlatTree given here is laid out like its own tree, not like itself:
         # prep.flat would rebuild a FlatTree from the new views, a copy.
         like = tree._flat if isinstance(tree, FlatTree) else prep.flat
-        self = cls._adopt(xp, buffers, slots, like)
-        if copy and leaves:
-            with _compat.inplace_guard(xp):
-                for view, x in zip(self._flat.leaves, leaves, strict=True):
-                    view[...] = x
+        if not leaves:
+            return cls._adopt(xp, {}, [], like)
+        device = _compat.device_of(leaves[0])
+        with _compat.current_device(leaves[0]):
+            buffers = {key: xp.zeros((n,), dtype=key, device=device) for key, n in sizes.items()}
+            self = cls._adopt(xp, buffers, slots, like)
+            if copy:
+                with _compat.inplace_guard(xp):
+                    for view, x in zip(self._flat.leaves, leaves, strict=True):
+                        view[...] = x
         return self
 
     @classmethod
@@ -169,8 +172,13 @@ class FlatTree:
         -------
         FlatTree
         """
-        buffers = {key: self._xp.asarray(b, copy=True) for key, b in self._buffers.items()}
+        with self._on_device():
+            buffers = {key: self._xp.asarray(b, copy=True) for key, b in self._buffers.items()}
         return self._adopt(self._xp, buffers, self._slots, self._flat)
+
+    def _on_device(self) -> Any:
+        """The buffers' device made current where the library needs that (CuPy)."""
+        return _compat.current_device(next(iter(self._buffers.values()), None))
 
     def __copy__(self) -> FlatTree:
         # The same buffers, as a shallow copy of the tree would share its leaves.
@@ -215,15 +223,16 @@ class FlatTree:
     def _from_leaves(self, leaves: Sequence[Any]) -> FlatTree:
         if all(new is old for new, old in zip(leaves, self._flat.leaves, strict=True)):
             return self
-        out = self._adopt(
-            self._xp,
-            {key: self._xp.empty_like(b) for key, b in self._buffers.items()},
-            self._slots,
-            self._flat,
-        )
-        with _compat.inplace_guard(self._xp):
-            for view, x in zip(out._flat.leaves, leaves, strict=True):
-                view[...] = x
+        with self._on_device():
+            out = self._adopt(
+                self._xp,
+                {key: self._xp.empty_like(b) for key, b in self._buffers.items()},
+                self._slots,
+                self._flat,
+            )
+            with _compat.inplace_guard(self._xp):
+                for view, x in zip(out._flat.leaves, leaves, strict=True):
+                    view[...] = x
         return out
 
 
