@@ -1510,3 +1510,26 @@ def test_generic_path_and_flat_tree_on_a_device_that_is_not_the_current_one(devi
     assert [_device_id(a) for a in arrays] == [device1] * len(arrays)
     with cp.cuda.Device(device1):
         assert _outcome(result, tree) == want
+
+
+def test_adaptive_clipping_and_monitor_on_a_device_that_is_not_the_current_one(device1):
+    """ZClip, AGC and GradMonitor keep their state and results on the leaves' device."""
+    from gradclip.adaptive import AGC, ZClip
+    from gradclip.monitor import GradMonitor
+
+    with cp.cuda.Device(device1):
+        tree = SYNC_TREE()
+        params = SYNC_TREE()
+    zclip = ZClip(warmup_steps=2)
+    state = zclip.init(tree)
+    for _ in range(3):
+        out, state, stats = zclip.update(tree, state)
+    agc = AGC(layout="torch")
+    agc_out, _, agc_stats = agc.update(tree, agc.init(tree), params=params)
+    monitor = GradMonitor(log_every=2)
+    for _ in range(3):
+        monitor.update(tree, stats)
+    monitor.flush()
+    arrays = [*state, *_leaves(out), *stats, *_leaves(agc_out), *agc_stats]
+    assert [_device_id(a) for a in arrays] == [device1] * len(arrays)
+    assert len(monitor.history.step) == 3

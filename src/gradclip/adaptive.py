@@ -37,10 +37,11 @@ The clippers:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -70,8 +71,13 @@ _POLICIES = ("propagate", "zero", "skip", "raise")
 # ---------------------------------------------------------------------- helpers
 
 
-def _namespace_of(tree: Any, fn: str) -> tuple[Any, Any, Any]:
-    """``(xp, device, float dtype of the norm)`` for ``tree``'s leaves."""
+@contextlib.contextmanager
+def _namespace_of(tree: Any, fn: str) -> Iterator[tuple[Any, Any, Any]]:
+    """``(xp, device, float dtype of the norm)`` for ``tree``'s leaves, their device current.
+
+    CuPy creates arrays on the current device whatever ``device=`` says
+    (see :func:`gradclip._compat.current_device`).
+    """
     flat = flatten(tree)
     leaves = flat.leaves
     if not leaves:
@@ -79,7 +85,13 @@ def _namespace_of(tree: Any, fn: str) -> tuple[Any, Any, Any]:
     xp = _api._check(flat, fn).xp
     infos = [_compat.dtype_info(xp, x.dtype) for x in leaves]
     res = xp.float64 if any(i is not None and i.float64 for i in infos) else xp.float32
-    return xp, _compat.device_of(leaves[0]), res
+    with _compat.current_device(leaves[0]):
+        yield xp, _compat.device_of(leaves[0]), res
+
+
+def _on_state_device(state: Any) -> Any:
+    """The device of a state's arrays made current (CuPy); states hold arrays on the leaves'."""
+    return _compat.current_device(next(iter(state), None))
 
 
 def _norm_policy(nonfinite: str) -> str:
@@ -98,7 +110,11 @@ def _load(d: dict[str, Any], like: Any, fn: str, ref: Any, why: Any) -> Any:
     error, or (a ``(1,)`` array for a 0-d one) silently broadcast: ``why(field)``
     says which hyperparameter sets its shape.
     """
-    xp, device, _ = _namespace_of(like, fn)
+    with _namespace_of(like, fn) as (xp, device, _):
+        return _load_fields(d, fn, ref, why, xp, device)
+
+
+def _load_fields(d: dict[str, Any], fn: str, ref: Any, why: Any, xp: Any, device: Any) -> Any:
     fields = type(ref)._fields
     missing = set(fields) - set(d)
     if missing:
@@ -213,11 +229,13 @@ class _Clipper(_Stateful):
 
     def update(self, tree: Any, state: Any, params: Any = None) -> tuple[Any, Any, ClipStats]:
         """Clip ``tree`` (new arrays) and advance the state: ``(tree, state, stats)``."""
-        return self._step(tree, state, params, False)
+        with _on_state_device(state):
+            return self._step(tree, state, params, False)
 
     def update_(self, tree: Any, state: Any, params: Any = None) -> tuple[Any, ClipStats]:
         """Clip ``tree`` in place (NumPy, CuPy, torch) and advance the state: ``(state, stats)``."""
-        _, state, stats = self._step(tree, state, params, True)
+        with _on_state_device(state):
+            _, state, stats = self._step(tree, state, params, True)
         return state, stats
 
 
@@ -321,10 +339,10 @@ class ZClip(_Clipper):
 
     def init(self, tree: Any) -> ZClipState:
         """Empty statistics in the namespace and on the device of ``tree``'s leaves."""
-        xp, device, res = _namespace_of(tree, "ZClip.init")
-        zero = xp.zeros((), dtype=res, device=device)
-        count = xp.zeros((), dtype=xp.int32, device=device)
-        buffer = xp.zeros((int(self.warmup_steps),), dtype=res, device=device)
+        with _namespace_of(tree, "ZClip.init") as (xp, device, res):
+            zero = xp.zeros((), dtype=res, device=device)
+            count = xp.zeros((), dtype=xp.int32, device=device)
+            buffer = xp.zeros((int(self.warmup_steps),), dtype=res, device=device)
         return ZClipState(count, buffer, zero, zero, count)
 
     _State = ZClipState
@@ -437,9 +455,9 @@ class AutoClip(_Clipper):
 
     def init(self, tree: Any) -> AutoClipState:
         """An empty history in the namespace and on the device of ``tree``'s leaves."""
-        xp, device, res = _namespace_of(tree, "AutoClip.init")
-        history = xp.zeros((int(self.history_size),), dtype=res, device=device)
-        zero = xp.zeros((), dtype=xp.int32, device=device)
+        with _namespace_of(tree, "AutoClip.init") as (xp, device, res):
+            history = xp.zeros((int(self.history_size),), dtype=res, device=device)
+            zero = xp.zeros((), dtype=xp.int32, device=device)
         return AutoClipState(history, zero, zero)
 
     _State = AutoClipState
@@ -595,67 +613,70 @@ class AGC(_Clipper):
         xp = prep.xp
         if xp is None:
             return (grads.unflatten([]) if not inplace else None), state, _api._empty_stats(False)
-        acc = xp.float64 if _compat.has_float64(xp, _compat.device_of(grads.leaves[0])) else None
-        # nn.Parameters require grad: their norms would carry an autograd
-        # graph into the clipped gradients (and forbid .numpy() on them).
-        if _compat.backend_name(xp) == "torch":
-            weights = [w.detach() for w in weights]
-        out, before, after, finite = [], [], [], []
-        for i, (g, w) in enumerate(zip(grads.leaves, weights, strict=True)):
-            name = grads.paths[i]
-            if tuple(g.shape) != tuple(w.shape):
-                raise ValueError(
-                    f"{fn}: leaf {name} has shape {tuple(g.shape)} but its parameter has "
-                    f"{tuple(w.shape)}"
-                )
-            if 0 in tuple(g.shape):
-                # No entries, no unit norm (the max has no identity): the leaf
-                # comes back as it is, as from optax.adaptive_grad_clip.
-                out.append(g)
-                continue
-            info = _compat.dtype_info(xp, g.dtype)
-            dtype = xp.float64 if info is not None and info.float64 else xp.float32
-            axes = _unit_axes(g, self.layout or "", self.axis, name)
-            g_norm = _unit_norm(xp, g, axes, dtype)
-            w_norm = _unit_norm(xp, w, axes, dtype)
-            max_norm = xp.maximum(w_norm, xp.asarray(self.eps, dtype=dtype)) * self.clipping
-            factor = max_norm / xp.maximum(g_norm, xp.asarray(1e-6, dtype=dtype))
-            keep = g_norm < max_norm
-            new = _compat.where(
-                xp, keep, g, xp.astype(xp.astype(g, _wide(xp, g, dtype)) * factor, g.dtype)
+        with _compat.current_device(grads.leaves[0]):  # CuPy: the leaves' device
+            acc = (
+                xp.float64 if _compat.has_float64(xp, _compat.device_of(grads.leaves[0])) else None
             )
-            out.append(_compat.as_array(new))
-            wide = acc or dtype
-            before.append(xp.sum(xp.astype(g_norm, wide) ** 2))
-            after.append(xp.sum(xp.astype(xp.where(keep, g_norm, max_norm), wide) ** 2))
-            finite.append(xp.all(xp.isfinite(g_norm)))
-        res = xp.float64 if any(x.dtype == xp.float64 for x in out) else xp.float32
-        device = _compat.device_of(grads.leaves[0])
-        if not before:  # every leaf is empty: a norm of 0, nothing clipped
-            zero = xp.zeros((), dtype=acc or res, device=device)
-            before, after, finite = [zero], [zero], [xp.isfinite(zero)]
-        norm = xp.sqrt(xp.sum(xp.stack(before)))
-        norm_after = xp.sqrt(xp.sum(xp.stack(after)))
-        one = xp.ones((), dtype=norm.dtype, device=device)
-        scale = xp.where(norm > 0, norm_after / xp.where(norm > 0, norm, one), one)
-        stats = ClipStats(
-            *(
-                _compat.as_array(v)
-                for v in (
-                    xp.astype(norm, res),
-                    xp.astype(scale, res),
-                    norm_after < norm,
-                    xp.all(xp.stack(finite)),
+            # nn.Parameters require grad: their norms would carry an autograd
+            # graph into the clipped gradients (and forbid .numpy() on them).
+            if _compat.backend_name(xp) == "torch":
+                weights = [w.detach() for w in weights]
+            out, before, after, finite = [], [], [], []
+            for i, (g, w) in enumerate(zip(grads.leaves, weights, strict=True)):
+                name = grads.paths[i]
+                if tuple(g.shape) != tuple(w.shape):
+                    raise ValueError(
+                        f"{fn}: leaf {name} has shape {tuple(g.shape)} but its parameter has "
+                        f"{tuple(w.shape)}"
+                    )
+                if 0 in tuple(g.shape):
+                    # No entries, no unit norm (the max has no identity): the leaf
+                    # comes back as it is, as from optax.adaptive_grad_clip.
+                    out.append(g)
+                    continue
+                info = _compat.dtype_info(xp, g.dtype)
+                dtype = xp.float64 if info is not None and info.float64 else xp.float32
+                axes = _unit_axes(g, self.layout or "", self.axis, name)
+                g_norm = _unit_norm(xp, g, axes, dtype)
+                w_norm = _unit_norm(xp, w, axes, dtype)
+                max_norm = xp.maximum(w_norm, xp.asarray(self.eps, dtype=dtype)) * self.clipping
+                factor = max_norm / xp.maximum(g_norm, xp.asarray(1e-6, dtype=dtype))
+                keep = g_norm < max_norm
+                new = _compat.where(
+                    xp, keep, g, xp.astype(xp.astype(g, _wide(xp, g, dtype)) * factor, g.dtype)
+                )
+                out.append(_compat.as_array(new))
+                wide = acc or dtype
+                before.append(xp.sum(xp.astype(g_norm, wide) ** 2))
+                after.append(xp.sum(xp.astype(xp.where(keep, g_norm, max_norm), wide) ** 2))
+                finite.append(xp.all(xp.isfinite(g_norm)))
+            res = xp.float64 if any(x.dtype == xp.float64 for x in out) else xp.float32
+            device = _compat.device_of(grads.leaves[0])
+            if not before:  # every leaf is empty: a norm of 0, nothing clipped
+                zero = xp.zeros((), dtype=acc or res, device=device)
+                before, after, finite = [zero], [zero], [xp.isfinite(zero)]
+            norm = xp.sqrt(xp.sum(xp.stack(before)))
+            norm_after = xp.sqrt(xp.sum(xp.stack(after)))
+            one = xp.ones((), dtype=norm.dtype, device=device)
+            scale = xp.where(norm > 0, norm_after / xp.where(norm > 0, norm, one), one)
+            stats = ClipStats(
+                *(
+                    _compat.as_array(v)
+                    for v in (
+                        xp.astype(norm, res),
+                        xp.astype(scale, res),
+                        norm_after < norm,
+                        xp.all(xp.stack(finite)),
+                    )
                 )
             )
-        )
-        if not inplace:
-            return grads.unflatten(out), state, stats
-        with _compat.inplace_guard(xp):
-            for g, new in zip(grads.leaves, out, strict=True):
-                if new is not g:
-                    g[...] = new
-        return None, state, stats
+            if not inplace:
+                return grads.unflatten(out), state, stats
+            with _compat.inplace_guard(xp):
+                for g, new in zip(grads.leaves, out, strict=True):
+                    if new is not g:
+                        g[...] = new
+            return None, state, stats
 
     def state_dict(self, state: AGCState) -> dict[str, np.ndarray]:
         """AGC has no state: an empty dict."""
@@ -783,10 +804,10 @@ class AdaGC(_Clipper):
 
     def init(self, tree: Any) -> AdaGCState:
         """Zero EMAs, one per leaf, in the leaves' namespace and on their device."""
-        xp, device, res = _namespace_of(tree, "AdaGC.init")
-        n = len(flatten(tree).leaves)
-        zero = xp.zeros((), dtype=xp.int32, device=device)
-        return AdaGCState(xp.zeros((n,), dtype=res, device=device), zero, zero)
+        with _namespace_of(tree, "AdaGC.init") as (xp, device, res):
+            n = len(flatten(tree).leaves)
+            zero = xp.zeros((), dtype=xp.int32, device=device)
+            return AdaGCState(xp.zeros((n,), dtype=res, device=device), zero, zero)
 
     _State = AdaGCState
 
@@ -926,12 +947,12 @@ class QuantileBound(_Stateful):
 
     def init(self, tree: Any) -> QuantileBoundState:
         """The initial bound, in the namespace and on the device of ``tree``'s leaves."""
-        xp, device, res = _namespace_of(tree, "QuantileBound.init")
-        return QuantileBoundState(
-            xp.asarray(float(self.initial), dtype=res, device=device),
-            xp.asarray(math.nan, dtype=res, device=device),
-            xp.zeros((), dtype=xp.int32, device=device),
-        )
+        with _namespace_of(tree, "QuantileBound.init") as (xp, device, res):
+            return QuantileBoundState(
+                xp.asarray(float(self.initial), dtype=res, device=device),
+                xp.asarray(math.nan, dtype=res, device=device),
+                xp.zeros((), dtype=xp.int32, device=device),
+            )
 
     def update(
         self, norms: Any, state: QuantileBoundState, *, noise: Any = 0.0, batch_size: Any = None
@@ -960,15 +981,16 @@ class QuantileBound(_Stateful):
                 "QuantileBound.update: norms must be 1-d, one per example (flat clipping); "
                 f"got shape {tuple(norms.shape)}"
             )
-        dtype = state.bound.dtype
-        norms = xp.astype(norms, dtype)
-        # b_i = 1[norm_i <= C]: a NaN norm counts as clipped.
-        unclipped = xp.sum(xp.astype(norms <= state.bound, dtype))
-        size = norms.shape[0] if batch_size is None else batch_size
-        fraction = (unclipped + noise) / size
-        step = self.learning_rate * (fraction - self.target_quantile)
-        bound = state.bound * xp.exp(-step) if self.geometric else state.bound - step
-        bound = xp.clip(bound, float(self.min_bound), float(self.max_bound))
-        return QuantileBoundState(
-            xp.astype(bound, dtype), xp.astype(fraction, dtype), state.count + 1
-        )
+        with _on_state_device(state):
+            dtype = state.bound.dtype
+            norms = xp.astype(norms, dtype)
+            # b_i = 1[norm_i <= C]: a NaN norm counts as clipped.
+            unclipped = xp.sum(xp.astype(norms <= state.bound, dtype))
+            size = norms.shape[0] if batch_size is None else batch_size
+            fraction = (unclipped + noise) / size
+            step = self.learning_rate * (fraction - self.target_quantile)
+            bound = state.bound * xp.exp(-step) if self.geometric else state.bound - step
+            bound = xp.clip(bound, float(self.min_bound), float(self.max_bound))
+            return QuantileBoundState(
+                xp.astype(bound, dtype), xp.astype(fraction, dtype), state.count + 1
+            )

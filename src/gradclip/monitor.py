@@ -558,7 +558,7 @@ class GradMonitor:
                 measure = _jitted(self._p, self._fused, _jax_on_cpu(leaves[0]))
                 return measure(leaves)  # type: ignore[no-any-return]
             skip = "host" if _host_backend(xp, leaves[0]) else None
-            with _compat.quiet(xp):
+            with _compat.quiet(xp), _compat.current_device(leaves[0]):
                 return _measure(leaves, p=self._p, fused=self._fused, skip=skip)
         except (TypeError, ValueError) as exc:
             # The reductions see the flat list of leaves, so their messages
@@ -608,7 +608,8 @@ class GradMonitor:
             scale, clipped = xp.min(scale), xp.any(clipped)
         elif scale.ndim != 0:
             raise ValueError(f"stats.scale must be 0-d or 1-d; got shape {tuple(scale.shape)}")
-        self._clip[-1] = xp.stack([xp.astype(scale, dtype), xp.astype(clipped, dtype)])
+        with _compat.current_device(self._rows[-1]):
+            self._clip[-1] = xp.stack([xp.astype(scale, dtype), xp.astype(clipped, dtype)])
 
     # ------------------------------------------------------------------- flushing
     def flush(self) -> None:
@@ -631,14 +632,16 @@ class GradMonitor:
         if not self._rows:
             return
         xp, n = self._xp, len(self.names)
-        rows = _compat.to_numpy(xp.stack(self._rows)).astype(np.float64)
-        counts = _compat.to_numpy(xp.stack(self._counts)).astype(np.int64)
+        with _compat.current_device(self._rows[0]):
+            rows = _compat.to_numpy(xp.stack(self._rows)).astype(np.float64)
+            counts = _compat.to_numpy(xp.stack(self._counts)).astype(np.int64)
         size = len(self._rows)
         scale = np.full(size, np.nan)
         clipped = np.zeros(size, bool)
         has_clip = np.array([c is not None for c in self._clip])
         if has_clip.any():
-            clip = _compat.to_numpy(xp.stack([c for c in self._clip if c is not None]))
+            with _compat.current_device(self._rows[0]):
+                clip = _compat.to_numpy(xp.stack([c for c in self._clip if c is not None]))
             scale[has_clip] = clip[:, 0]
             clipped[has_clip] = clip[:, 1] != 0
         window = History(
