@@ -614,69 +614,73 @@ class AGC(_Clipper):
         if xp is None:
             return (grads.unflatten([]) if not inplace else None), state, _api._empty_stats(False)
         with _compat.current_device(grads.leaves[0]):  # CuPy: the leaves' device
-            acc = (
-                xp.float64 if _compat.has_float64(xp, _compat.device_of(grads.leaves[0])) else None
-            )
-            # nn.Parameters require grad: their norms would carry an autograd
-            # graph into the clipped gradients (and forbid .numpy() on them).
-            if _compat.backend_name(xp) == "torch":
-                weights = [w.detach() for w in weights]
-            out, before, after, finite = [], [], [], []
-            for i, (g, w) in enumerate(zip(grads.leaves, weights, strict=True)):
-                name = grads.paths[i]
-                if tuple(g.shape) != tuple(w.shape):
-                    raise ValueError(
-                        f"{fn}: leaf {name} has shape {tuple(g.shape)} but its parameter has "
-                        f"{tuple(w.shape)}"
-                    )
-                if 0 in tuple(g.shape):
-                    # No entries, no unit norm (the max has no identity): the leaf
-                    # comes back as it is, as from optax.adaptive_grad_clip.
-                    out.append(g)
-                    continue
-                info = _compat.dtype_info(xp, g.dtype)
-                dtype = xp.float64 if info is not None and info.float64 else xp.float32
-                axes = _unit_axes(g, self.layout or "", self.axis, name)
-                g_norm = _unit_norm(xp, g, axes, dtype)
-                w_norm = _unit_norm(xp, w, axes, dtype)
-                max_norm = xp.maximum(w_norm, xp.asarray(self.eps, dtype=dtype)) * self.clipping
-                factor = max_norm / xp.maximum(g_norm, xp.asarray(1e-6, dtype=dtype))
-                keep = g_norm < max_norm
-                new = _compat.where(
-                    xp, keep, g, xp.astype(xp.astype(g, _wide(xp, g, dtype)) * factor, g.dtype)
+            return self._clip(xp, grads, weights, fn, inplace, state)
+
+    def _clip(
+        self, xp: Any, grads: Flat, weights: list[Any], fn: str, inplace: bool, state: AGCState
+    ) -> tuple[Any, AGCState, ClipStats]:
+        """Each leaf's unitwise clip, and the stats of the whole tree."""
+        acc = xp.float64 if _compat.has_float64(xp, _compat.device_of(grads.leaves[0])) else None
+        # nn.Parameters require grad: their norms would carry an autograd
+        # graph into the clipped gradients (and forbid .numpy() on them).
+        if _compat.backend_name(xp) == "torch":
+            weights = [w.detach() for w in weights]
+        out, before, after, finite = [], [], [], []
+        for i, (g, w) in enumerate(zip(grads.leaves, weights, strict=True)):
+            name = grads.paths[i]
+            if tuple(g.shape) != tuple(w.shape):
+                raise ValueError(
+                    f"{fn}: leaf {name} has shape {tuple(g.shape)} but its parameter has "
+                    f"{tuple(w.shape)}"
                 )
-                out.append(_compat.as_array(new))
-                wide = acc or dtype
-                before.append(xp.sum(xp.astype(g_norm, wide) ** 2))
-                after.append(xp.sum(xp.astype(xp.where(keep, g_norm, max_norm), wide) ** 2))
-                finite.append(xp.all(xp.isfinite(g_norm)))
-            res = xp.float64 if any(x.dtype == xp.float64 for x in out) else xp.float32
-            device = _compat.device_of(grads.leaves[0])
-            if not before:  # every leaf is empty: a norm of 0, nothing clipped
-                zero = xp.zeros((), dtype=acc or res, device=device)
-                before, after, finite = [zero], [zero], [xp.isfinite(zero)]
-            norm = xp.sqrt(xp.sum(xp.stack(before)))
-            norm_after = xp.sqrt(xp.sum(xp.stack(after)))
-            one = xp.ones((), dtype=norm.dtype, device=device)
-            scale = xp.where(norm > 0, norm_after / xp.where(norm > 0, norm, one), one)
-            stats = ClipStats(
-                *(
-                    _compat.as_array(v)
-                    for v in (
-                        xp.astype(norm, res),
-                        xp.astype(scale, res),
-                        norm_after < norm,
-                        xp.all(xp.stack(finite)),
-                    )
+            if 0 in tuple(g.shape):
+                # No entries, no unit norm (the max has no identity): the leaf
+                # comes back as it is, as from optax.adaptive_grad_clip.
+                out.append(g)
+                continue
+            info = _compat.dtype_info(xp, g.dtype)
+            dtype = xp.float64 if info is not None and info.float64 else xp.float32
+            axes = _unit_axes(g, self.layout or "", self.axis, name)
+            g_norm = _unit_norm(xp, g, axes, dtype)
+            w_norm = _unit_norm(xp, w, axes, dtype)
+            max_norm = xp.maximum(w_norm, xp.asarray(self.eps, dtype=dtype)) * self.clipping
+            factor = max_norm / xp.maximum(g_norm, xp.asarray(1e-6, dtype=dtype))
+            keep = g_norm < max_norm
+            new = _compat.where(
+                xp, keep, g, xp.astype(xp.astype(g, _wide(xp, g, dtype)) * factor, g.dtype)
+            )
+            out.append(_compat.as_array(new))
+            wide = acc or dtype
+            before.append(xp.sum(xp.astype(g_norm, wide) ** 2))
+            after.append(xp.sum(xp.astype(xp.where(keep, g_norm, max_norm), wide) ** 2))
+            finite.append(xp.all(xp.isfinite(g_norm)))
+        res = xp.float64 if any(x.dtype == xp.float64 for x in out) else xp.float32
+        device = _compat.device_of(grads.leaves[0])
+        if not before:  # every leaf is empty: a norm of 0, nothing clipped
+            zero = xp.zeros((), dtype=acc or res, device=device)
+            before, after, finite = [zero], [zero], [xp.isfinite(zero)]
+        norm = xp.sqrt(xp.sum(xp.stack(before)))
+        norm_after = xp.sqrt(xp.sum(xp.stack(after)))
+        one = xp.ones((), dtype=norm.dtype, device=device)
+        scale = xp.where(norm > 0, norm_after / xp.where(norm > 0, norm, one), one)
+        stats = ClipStats(
+            *(
+                _compat.as_array(v)
+                for v in (
+                    xp.astype(norm, res),
+                    xp.astype(scale, res),
+                    norm_after < norm,
+                    xp.all(xp.stack(finite)),
                 )
             )
-            if not inplace:
-                return grads.unflatten(out), state, stats
-            with _compat.inplace_guard(xp):
-                for g, new in zip(grads.leaves, out, strict=True):
-                    if new is not g:
-                        g[...] = new
-            return None, state, stats
+        )
+        if not inplace:
+            return grads.unflatten(out), state, stats
+        with _compat.inplace_guard(xp):
+            for g, new in zip(grads.leaves, out, strict=True):
+                if new is not g:
+                    g[...] = new
+        return None, state, stats
 
     def state_dict(self, state: AGCState) -> dict[str, np.ndarray]:
         """AGC has no state: an empty dict."""
