@@ -614,9 +614,9 @@ class AGC(_Clipper):
         if xp is None:
             return (grads.unflatten([]) if not inplace else None), state, _api._empty_stats(False)
         with _compat.current_device(grads.leaves[0]):  # CuPy: the leaves' device
-            return self._clip(xp, grads, weights, fn, inplace, state)
+            return self._clip_leaves(xp, grads, weights, fn, inplace, state)
 
-    def _clip(
+    def _clip_leaves(
         self, xp: Any, grads: Flat, weights: list[Any], fn: str, inplace: bool, state: AGCState
     ) -> tuple[Any, AGCState, ClipStats]:
         """Each leaf's unitwise clip, and the stats of the whole tree."""
