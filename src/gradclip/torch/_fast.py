@@ -13,8 +13,9 @@ how the passes over memory are made:
   when it is installed.
 - **CUDA tensors, with CuPy installed**: gradclip's own kernels
   (:mod:`gradclip.cupy`), on the tensors' memory (their addresses, no
-  DLPack per tensor) and on torch's current stream: one launch for every norm and flag, one to scale
-  (which leaves the memory untouched when the scale is 1).
+  DLPack per tensor) and on torch's current stream: one launch for every
+  norm and flag, one to scale (which leaves the memory untouched when the
+  scale is 1).
 - **Other devices** (and CUDA without CuPy): ``torch._foreach_norm`` per dtype
   group for ``ord=inf``, a max, exact in any dtype. torch's foreach p-norms
   add in float32, which overflows for float32 and bfloat16 squares and is
@@ -473,7 +474,9 @@ class TorchPlan(Plan):
         and complex leaves go through the NumPy views on the CPU (in place),
         else the generic path. ``torch._foreach_mul_`` beats NumPy's threaded
         multiply on large CPU tensors here (10.0 against 11.6 ms on 64M
-        float32), and costs about as much per small one.
+        float32), and costs about as much per small one. float16/bfloat16
+        leaves off the CPU get the factor expanded to their shapes, which
+        torch multiplies tensor by tensor (see the comment below).
         """
         torch = _torch()
         if inplace and self._kernels is not None:
