@@ -391,6 +391,37 @@ def test_skip_leaves_infinite_complex_entries_unchanged(xp, fused):
         assert xp.numpy(out["z"]).tobytes() == z.tobytes()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "complex64"])
+@pytest.mark.parametrize("max_norm", [1.0, 0.0])
+@pytest.mark.parametrize("nonfinite", ["zero", "skip"])
+@pytest.mark.parametrize("fn", ["clip_by_global_norm", "clip_by_norm", "clip_by_block_rms"])
+def test_zero_and_skip_do_no_invalid_arithmetic_in_a_lazy_compute(fn, nonfinite, max_norm, dtype):
+    """dask runs the arithmetic in the caller's ``compute()``, outside gradclip's errstate.
+
+    inf * 0 (a zero bound) and inf + 0j times a factor + 0j (a complex
+    leaf) would raise NumPy's invalid-value warning there, an error under
+    ``-W error``, for entries that ``"zero"`` drops and ``"skip"`` keeps.
+    """
+    da = importorskip("dask.array")
+    if fn == "clip_by_block_rms" and max_norm == 0:
+        pytest.skip("a zero threshold divides by zero in optax's formula itself")
+    host = {
+        "a": np.array([[1.0, math.nan, math.inf], [-math.inf, 2.0, 0.0]], dtype),
+        "b": np.array([3.0, 4.0], dtype),
+    }
+    clip = getattr(gc, fn)
+
+    def clipped(tree):
+        out = clip(tree, max_norm, nonfinite=nonfinite)
+        return out[0] if isinstance(out, tuple) else out
+
+    out = clipped({k: da.from_array(v, chunks=1) for k, v in host.items()})
+    want = clipped(host)  # NumPy, at once: gradclip's errstate holds
+    for key in host:
+        got = np.asarray(out[key])  # the compute: a warning here is an error
+        assert got.tobytes() == want[key].tobytes(), key
+
+
 def test_skip_still_clips_finite_trees(xp):
     leaves, _ = _leaves(xp)
     out, stats = gc.clip_by_global_norm(leaves, 1.0, nonfinite="skip")

@@ -451,11 +451,21 @@ class Plan:
         xp = self.xp
         real = self.real_dtype(index)
         factor = xp.astype(scale, real)
+        complex_ = self.is_complex(index)
+        # Products that are thrown away below are taken of zeros instead:
+        # inf * 0 (a zero scale) and inf + 0j times the factor + 0j (a complex
+        # leaf) raise NumPy's invalid-value warning, which a lazy library
+        # (dask) reports in the caller's compute(), outside gradclip's errstate.
+        src = block
+        if zero_nonfinite:
+            src = _compat.where(xp, xp.isfinite(block), block, xp.zeros_like(block))
+        elif complex_:
+            src = _compat.where(xp, factor == 1, xp.zeros_like(block), block)
         if self.info(index).narrow:  # in float32, rounded once (see factor_dtype)
-            out = xp.astype(xp.astype(block, real) * factor, block.dtype)
+            out = xp.astype(xp.astype(src, real) * factor, block.dtype)
         else:
-            out = block * factor
-        if self.is_complex(index):
+            out = src * factor
+        if complex_:
             # The libraries multiply by the complex factor + 0j, which turns
             # inf into inf + nanj: a scale of 1 (nonfinite="skip") must leave
             # the leaf as it is.
