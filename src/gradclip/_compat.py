@@ -236,6 +236,11 @@ def reductions_drop_nan(xp: Any) -> bool:
     return backend_name(xp) == "jax"
 
 
+def warns_later(xp: Any) -> bool:
+    """Whether ``xp``'s arithmetic runs later, in NumPy, outside :func:`quiet` (dask)."""
+    return backend_name(xp) == "dask"
+
+
 def chunk_elems(xp: Any) -> int | None:
     """Block size for eager backends; ``None`` where the compiler fuses (JAX, dask)."""
     return None if backend_name(xp) in IMMUTABLE_BACKENDS else _CHUNK

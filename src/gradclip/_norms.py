@@ -121,11 +121,13 @@ class Plan:
     by_max: bool = field(init=False)
     _acc_info: Any = field(init=False)
     _dtype_infos: dict[Any, Any] = field(init=False)
+    _warns_later: bool = field(init=False)
 
     def __post_init__(self) -> None:
         xp = self.xp
         self.device = _compat.device_of(self.leaves[0]) if self.leaves else None
         self.chunk = _compat.chunk_elems(xp)
+        self._warns_later = _compat.warns_later(xp)
         # A handful of dtypes over up to thousands of leaves: look each up once.
         by_dtype = {d: _compat.dtype_info(xp, d) for d in set(map(_dtype, self.leaves))}
         wide = any(info is not None and info.float64 for info in by_dtype.values())
@@ -452,15 +454,17 @@ class Plan:
         real = self.real_dtype(index)
         factor = xp.astype(scale, real)
         complex_ = self.is_complex(index)
-        # Products that are thrown away below are taken of zeros instead:
-        # inf * 0 (a zero scale) and inf + 0j times the factor + 0j (a complex
-        # leaf) raise NumPy's invalid-value warning, which a lazy library
-        # (dask) reports in the caller's compute(), outside gradclip's errstate.
         src = block
-        if zero_nonfinite:
-            src = _compat.where(xp, xp.isfinite(block), block, xp.zeros_like(block))
-        elif complex_:
-            src = _compat.where(xp, factor == 1, xp.zeros_like(block), block)
+        if self._warns_later:
+            # Products thrown away below are taken of zeros instead: inf * 0
+            # (a zero scale) and inf + 0j times the factor + 0j (a complex
+            # leaf) raise NumPy's invalid-value warning, which dask reports in
+            # the caller's compute(), outside gradclip's errstate. (A pass
+            # more: eager NumPy is silenced by _compat.quiet instead.)
+            if zero_nonfinite:
+                src = _compat.where(xp, xp.isfinite(block), block, xp.zeros_like(block))
+            elif complex_:
+                src = _compat.where(xp, factor == 1, xp.zeros_like(block), block)
         if self.info(index).narrow:  # in float32, rounded once (see factor_dtype)
             out = xp.astype(xp.astype(src, real) * factor, block.dtype)
         else:
