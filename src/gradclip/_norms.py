@@ -454,6 +454,7 @@ class Plan:
         real = self.real_dtype(index)
         factor = xp.astype(scale, real)
         complex_ = self.is_complex(index)
+        finite = xp.isfinite(block) if zero_nonfinite else None
         src = block
         if self._warns_later:
             # Products thrown away below are taken of zeros instead: inf * 0
@@ -461,8 +462,8 @@ class Plan:
             # leaf) raise NumPy's invalid-value warning, which dask reports in
             # the caller's compute(), outside gradclip's errstate. (A pass
             # more: eager NumPy is silenced by _compat.quiet instead.)
-            if zero_nonfinite:
-                src = _compat.where(xp, xp.isfinite(block), block, xp.zeros_like(block))
+            if finite is not None:
+                src = _compat.where(xp, finite, block, xp.zeros_like(block))
             elif complex_:
                 src = _compat.where(xp, factor == 1, xp.zeros_like(block), block)
         if self.info(index).narrow:  # in float32, rounded once (see factor_dtype)
@@ -474,8 +475,8 @@ class Plan:
             # inf into inf + nanj: a scale of 1 (nonfinite="skip") must leave
             # the leaf as it is.
             out = _compat.where(xp, factor == 1, block, out)
-        if zero_nonfinite:
-            out = _compat.where(xp, xp.isfinite(block), out, xp.zeros_like(out))
+        if finite is not None:
+            out = _compat.where(xp, finite, out, xp.zeros_like(out))
         return _compat.as_array(out)
 
     def scale_leaves(self, scales: Any, *, per_leaf: bool, zero: bool, inplace: bool) -> list[Any]:
