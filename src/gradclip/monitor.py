@@ -632,16 +632,16 @@ class GradMonitor:
         if not self._rows:
             return
         xp, n = self._xp, len(self.names)
+        clips = [c for c in self._clip if c is not None]
         with _compat.current_device(self._rows[0]):
             rows = _compat.to_numpy(xp.stack(self._rows)).astype(np.float64)
             counts = _compat.to_numpy(xp.stack(self._counts)).astype(np.int64)
+            clip = _compat.to_numpy(xp.stack(clips)) if clips else None
         size = len(self._rows)
         scale = np.full(size, np.nan)
         clipped = np.zeros(size, bool)
         has_clip = np.array([c is not None for c in self._clip])
-        if has_clip.any():
-            with _compat.current_device(self._rows[0]):
-                clip = _compat.to_numpy(xp.stack([c for c in self._clip if c is not None]))
+        if clip is not None:
             scale[has_clip] = clip[:, 0]
             clipped[has_clip] = clip[:, 1] != 0
         window = History(
