@@ -179,8 +179,10 @@ def _measure(
     norms = leaf_norms(leaves, p, fused=fused)
     maxabs = leaf_norms(leaves, math.inf, fused=fused)
     # The norm of the per-leaf norms is the global norm for every ord
-    # (torch's get_total_norm), overflow-safe like the per-leaf ones.
-    total = global_norm(norms, p)
+    # (torch's get_total_norm), overflow-safe like the per-leaf ones. For
+    # ord 0 that is the number of leaves with a nonzero entry: the vector of
+    # counts given as one leaf would be counted twice (0 or 1).
+    total = xp.sum(xp.astype(norms != 0, norms.dtype)) if p == 0 else global_norm(norms, p)
     row = xp.concat([xp.reshape(total, (1,)), norms, maxabs])
     if skip is None:
         return row, _nonfinite_counts(xp, leaves)
