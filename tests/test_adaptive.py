@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from conftest import importorskip
+import gradclip as gc
+from conftest import importorskip, selected_backends
 from gradclip.adaptive import AGC, AdaGC, AutoClip, ZClip
 
 # A run's gradient norms: steady around 3, with spikes and a slow drift.
@@ -491,6 +492,43 @@ def test_load_state_dict_checks_shapes_against_the_hyperparameters(xp):
         clipper.load_state_dict({**saved, "count": np.zeros(1, np.int32)}, like)
     with pytest.raises(KeyError, match="mean"):
         clipper.load_state_dict({**saved, "mean": np.zeros(())}, like)  # ZClip's, not AutoClip's
+
+
+# ------------------------------------------------------------------ FlatTree
+
+
+FLAT_BACKENDS = ("numpy", "torch", "torch_cuda", "cupy")  # as in test_flat.py
+
+
+@pytest.mark.parametrize(
+    "xp", [b for b in selected_backends() if b in FLAT_BACKENDS], indirect=True
+)
+@pytest.mark.parametrize(
+    "clipper",
+    [ZClip(warmup_steps=3), AutoClip(history_size=4), AdaGC(warmup_steps=2), AGC(layout="torch")],
+    ids=["zclip", "autoclip", "adagc", "agc"],
+)
+@pytest.mark.parametrize("inplace", [False, True], ids=["functional", "inplace"])
+def test_clippers_take_a_flat_tree(xp, clipper, inplace):
+    """init, update(_), state_dict and load_state_dict on a FlatTree: as on its tree."""
+    seq = _sequence(steps=6)
+    weights = [xp.array(np.full(np.shape(a), 20.0), "float32") for a in seq[0]]
+    params = gc.FlatTree.from_tree(weights) if isinstance(clipper, AGC) else None
+    plain = _run(clipper, xp, seq, inplace=inplace, params=params and weights)[0]
+    flat = gc.FlatTree.from_tree([xp.array(a, "float32") for a in seq[0]])
+    state = clipper.load_state_dict(clipper.state_dict(clipper.init(flat)), flat)
+    for t, tree in enumerate(seq):
+        for view, a in zip(flat.tree, tree, strict=True):
+            view[...] = xp.array(a, "float32")
+        if inplace:
+            state, stats = clipper.update_(flat, state, params)
+            out = flat
+        else:
+            out, state, stats = clipper.update(flat, state, params)
+        assert isinstance(out, gc.FlatTree)
+        np.testing.assert_array_equal(np.asarray(xp.numpy(stats.norm), np.float64), plain[t][0])
+        for got, want in zip(out.tree, plain[t][2], strict=True):
+            np.testing.assert_array_equal(xp.numpy(got).astype(np.float64), want)
 
 
 class _NumpyF32:

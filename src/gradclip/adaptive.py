@@ -49,6 +49,7 @@ import numpy as np
 import optree
 
 from . import _api, _compat, _core
+from ._flat import FlatTree, unit
 from ._norms import Plan
 from ._stats import ClipStats, PerExampleStats
 from ._tree import Flat, _materialise, flatten
@@ -72,13 +73,14 @@ _POLICIES = ("propagate", "zero", "skip", "raise")
 
 
 @contextlib.contextmanager
-def _namespace_of(tree: Any, fn: str) -> Iterator[tuple[Any, Any, Any]]:
-    """``(xp, device, float dtype of the norm)`` for ``tree``'s leaves, their device current.
+def _namespace_of(tree: Any, fn: str) -> Iterator[tuple[Flat, Any, Any, Any]]:
+    """``(leaves, xp, device, float dtype of the norm)`` of ``tree``, its device current.
 
-    CuPy creates arrays on the current device whatever ``device=`` says
-    (see :func:`gradclip._compat.current_device`).
+    The leaves of a :class:`~gradclip.FlatTree` are its views, one per
+    tensor. CuPy creates arrays on the current device whatever ``device=``
+    says (see :func:`gradclip._compat.current_device`).
     """
-    flat = flatten(tree)
+    flat = unit(tree, whole=False)
     leaves = flat.leaves
     if not leaves:
         raise ValueError(f"{fn}: the tree has no array leaves")
@@ -86,7 +88,7 @@ def _namespace_of(tree: Any, fn: str) -> Iterator[tuple[Any, Any, Any]]:
     infos = [_compat.dtype_info(xp, x.dtype) for x in leaves]
     res = xp.float64 if any(i is not None and i.float64 for i in infos) else xp.float32
     with _compat.current_device(leaves[0]):
-        yield xp, _compat.device_of(leaves[0]), res
+        yield flat, xp, _compat.device_of(leaves[0]), res
 
 
 def _on_state_device(state: Any) -> Any:
@@ -110,7 +112,7 @@ def _load(d: dict[str, Any], like: Any, fn: str, ref: Any, why: Any) -> Any:
     error, or (a ``(1,)`` array for a 0-d one) silently broadcast: ``why(field)``
     says which hyperparameter sets its shape.
     """
-    with _namespace_of(like, fn) as (xp, device, _):
+    with _namespace_of(like, fn) as (_, xp, device, _):
         return _load_fields(d, fn, ref, why, xp, device)
 
 
@@ -339,7 +341,7 @@ class ZClip(_Clipper):
 
     def init(self, tree: Any) -> ZClipState:
         """Empty statistics in the namespace and on the device of ``tree``'s leaves."""
-        with _namespace_of(tree, "ZClip.init") as (xp, device, res):
+        with _namespace_of(tree, "ZClip.init") as (_, xp, device, res):
             zero = xp.zeros((), dtype=res, device=device)
             count = xp.zeros((), dtype=xp.int32, device=device)
             buffer = xp.zeros((int(self.warmup_steps),), dtype=res, device=device)
@@ -455,7 +457,7 @@ class AutoClip(_Clipper):
 
     def init(self, tree: Any) -> AutoClipState:
         """An empty history in the namespace and on the device of ``tree``'s leaves."""
-        with _namespace_of(tree, "AutoClip.init") as (xp, device, res):
+        with _namespace_of(tree, "AutoClip.init") as (_, xp, device, res):
             history = xp.zeros((int(self.history_size),), dtype=res, device=device)
             zero = xp.zeros((), dtype=xp.int32, device=device)
         return AutoClipState(history, zero, zero)
@@ -607,8 +609,9 @@ class AGC(_Clipper):
         if params is None:
             raise TypeError(f"{fn}: AGC needs params= (the parameters the gradients belong to)")
         tree, params = _materialise(tree), _materialise(params)
-        grads = flatten(tree)
-        weights = _paired_params(tree, params, grads, fn)
+        # A FlatTree's views, one per tensor; a functional call returns a FlatTree.
+        grads = unit(tree, whole=False)
+        weights = _paired_params(_plain(tree), _plain(params), grads, fn)
         prep = _api._check(grads, fn, inplace=inplace)
         xp = prep.xp
         if xp is None:
@@ -734,6 +737,11 @@ def _paired_params(tree: Any, params: Any, grads: Flat, fn: str) -> list[Any]:
     return out
 
 
+def _plain(tree: Any) -> Any:
+    """A :class:`~gradclip.FlatTree`'s tree of views; any other tree as it is."""
+    return tree.tree if isinstance(tree, FlatTree) else tree
+
+
 def _wide(xp: Any, g: Any, real: Any) -> Any:
     """The dtype a gradient is multiplied in: its own, widened to float32 for halves."""
     if _is_complex(xp, g):
@@ -808,8 +816,8 @@ class AdaGC(_Clipper):
 
     def init(self, tree: Any) -> AdaGCState:
         """Zero EMAs, one per leaf, in the leaves' namespace and on their device."""
-        with _namespace_of(tree, "AdaGC.init") as (xp, device, res):
-            n = len(flatten(tree).leaves)
+        with _namespace_of(tree, "AdaGC.init") as (flat, xp, device, res):
+            n = len(flat.leaves)
             zero = xp.zeros((), dtype=xp.int32, device=device)
             return AdaGCState(xp.zeros((n,), dtype=res, device=device), zero, zero)
 
@@ -951,7 +959,7 @@ class QuantileBound(_Stateful):
 
     def init(self, tree: Any) -> QuantileBoundState:
         """The initial bound, in the namespace and on the device of ``tree``'s leaves."""
-        with _namespace_of(tree, "QuantileBound.init") as (xp, device, res):
+        with _namespace_of(tree, "QuantileBound.init") as (_, xp, device, res):
             return QuantileBoundState(
                 xp.asarray(float(self.initial), dtype=res, device=device),
                 xp.asarray(math.nan, dtype=res, device=device),
