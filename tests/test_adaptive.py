@@ -276,6 +276,13 @@ def test_agc_in_place_and_errors(mutable_xp):
         agc.update(g, (), None)
     with pytest.raises(ValueError, match=r"leaf \[1\] has shape"):
         agc.update(g, (), params=[xp.array(params[0], "float32")] * 2)
+    # Parameters from another library: named, before anything is written.
+    other = np if xp.name != "numpy" else importorskip("torch")
+    before = [xp.numpy(a).copy() for a in g]
+    with pytest.raises(TypeError, match=r"parameter of leaf \[1\] is a (numpy|torch) array"):
+        agc.update_(g, (), params=[g[0], other.ones(params[1].shape)])
+    for a, b in zip(g, before, strict=True):
+        np.testing.assert_array_equal(xp.numpy(a), b)
     with pytest.raises(ValueError, match="layout"):
         AGC()
     six = [xp.array(np.ones((2,) * 6), "float32")]
