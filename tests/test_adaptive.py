@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -450,6 +451,30 @@ def test_adagc_after_warmup_propagates_nan_as_clip_by_norm(xp):
     _, want = gc.clip_by_norm([xp.array(tree[0], "float32")], 1.0)
     assert np.isnan(np.asarray(xp.numpy(want.scale))[0])  # the same arithmetic
     assert int(np.asarray(xp.numpy(state.skipped))) == 1
+
+
+@pytest.mark.parametrize("nonfinite", ["propagate", "zero", "skip"])
+@pytest.mark.parametrize(
+    "clipper",
+    [ZClip(warmup_steps=1), AutoClip(), AdaGC(warmup_steps=1)],
+    ids=["zclip", "autoclip", "adagc"],
+)
+def test_an_inf_norm_is_counted_not_warned(xp, clipper, nonfinite):
+    """inf gradients (inf - inf in a statistic) raise no NumPy warning (errors here)."""
+    clipper = dataclasses.replace(clipper, nonfinite=nonfinite)
+    bad = [xp.array([np.inf, 1.0], "float32")]
+    for first in (True, False):  # AutoClip's empty history; the others after warm-up
+        state = clipper.init(bad)
+        if not first:
+            _, state, _ = clipper.update([xp.array([1.0, 1.0], "float32")], state)
+        out, state, _ = clipper.update(bad, state)
+        # "zero" zeroes the inf before the norm, which is then finite
+        assert int(np.asarray(xp.numpy(state.skipped))) == (nonfinite != "zero")
+        got = xp.numpy(out[0])
+        if nonfinite == "zero":
+            assert np.isfinite(got).all()
+        if nonfinite == "skip":  # the gradients come back unchanged
+            np.testing.assert_array_equal(got, [np.inf, 1.0])
 
 
 # ------------------------------------------------------------------ state dicts

@@ -91,9 +91,17 @@ def _namespace_of(tree: Any, fn: str) -> Iterator[tuple[Flat, Any, Any, Any]]:
         yield flat, xp, _compat.device_of(leaves[0]), res
 
 
-def _on_state_device(state: Any) -> Any:
-    """The device of a state's arrays made current (CuPy); states hold arrays on the leaves'."""
-    return _compat.current_device(next(iter(state), None))
+@contextlib.contextmanager
+def _stepping(state: Any) -> Iterator[None]:
+    """A step's context: the state's device current, NaN/inf arithmetic silent.
+
+    States hold arrays on the leaves' device (made current for CuPy). A NaN
+    or inf norm is counted in the state and reported in ``ClipStats``, not
+    by NumPy's warnings (``inf - inf`` in a statistic), as the plain
+    functions do (:func:`gradclip._compat.quiet`).
+    """
+    with _compat.current_device(next(iter(state), None)), _compat.quiet(None):
+        yield
 
 
 def _norm_policy(nonfinite: str) -> str:
@@ -231,12 +239,12 @@ class _Clipper(_Stateful):
 
     def update(self, tree: Any, state: Any, params: Any = None) -> tuple[Any, Any, ClipStats]:
         """Clip ``tree`` (new arrays) and advance the state: ``(tree, state, stats)``."""
-        with _on_state_device(state):
+        with _stepping(state):
             return self._step(tree, state, params, False)
 
     def update_(self, tree: Any, state: Any, params: Any = None) -> tuple[Any, ClipStats]:
         """Clip ``tree`` in place (NumPy, CuPy, torch) and advance the state: ``(state, stats)``."""
-        with _on_state_device(state):
+        with _stepping(state):
             _, state, stats = self._step(tree, state, params, True)
         return state, stats
 
@@ -1008,7 +1016,7 @@ class QuantileBound(_Stateful):
                 "QuantileBound.update: norms must be 1-d, one per example (flat clipping); "
                 f"got shape {tuple(norms.shape)}"
             )
-        with _on_state_device(state):
+        with _stepping(state):
             dtype = state.bound.dtype
             norms = xp.astype(norms, dtype)
             # b_i = 1[norm_i <= C]: a NaN norm counts as clipped.
