@@ -72,6 +72,35 @@ def test_grad_through_clip():
     np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "clip",
+    [
+        lambda v, **kw: gc.clip_by_global_norm([v], 1.0, eps=0.0, **kw)[0][0],
+        lambda v, **kw: gc.clip_by_global_norm([v], 1.0, eps=0.0, ord=3.0, **kw)[0][0],
+        lambda v, **kw: gc.clip_by_norm([v], 1.0, eps=0.0, **kw)[0][0],
+        lambda v, **kw: gc.clip_by_block_rms([v], 1.0, **kw)[0],
+    ],
+    ids=["global", "global-ord3", "norm", "block_rms"],
+)
+@pytest.mark.parametrize("fused", [None, False])
+def test_grad_through_a_clip_of_a_huge_norm(clip, fused):
+    """clip(s * x) == clip(x) for s >= 1, so its gradient at s * x is the one at x over s.
+
+    At s = 1e20 the derivative of ``1 / norm`` (``norm ** -2``) is 0 in
+    float32: the path through the norm was dropped, silently.
+    """
+    x = jnp.asarray([3.0, 4.0], jnp.float32)
+    weights = jnp.asarray([1.0, 2.0])
+
+    def loss(v):
+        return jnp.sum(jnp.sin(clip(v, fused=fused)) * weights)
+
+    want = np.asarray(jax.grad(loss)(x))
+    got = np.asarray(jax.grad(loss)(x * 1e20)) * 1e20
+    # float32 terms that nearly cancel: 1e-5 apart; without the fix, O(1) apart
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
 def test_vmap_over_a_batch_of_trees():
     batch = {"w": jnp.arange(12.0).reshape(3, 4)}
     norms = jax.vmap(lambda t: gc.global_norm(t))(batch)

@@ -8,6 +8,7 @@ imported.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ __all__ = [
     "current_device",
     "device_key",
     "device_of",
+    "divide",
     "dtype_info",
     "has_float64",
     "inplace_guard",
@@ -86,6 +88,37 @@ def backend_name(xp: Any) -> str:
 def as_array(value: Any) -> Any:
     """``value`` as an array: NumPy reductions return scalars, not 0-d arrays."""
     return np.asarray(value) if isinstance(value, np.generic) else value
+
+
+def divide(xp: Any, a: Any, b: Any) -> Any:
+    """``a / b``, whose derivative stays representable on JAX where ``b`` is huge.
+
+    JAX differentiates ``a / b`` through ``b ** -2``, which is 0 in float32
+    for ``b`` above 2**64 (a clip's norm of 1e20): ``jax.grad`` then drops
+    the path through the norm, silently. Here the tangent is
+    ``da / b - (a / b) * (db / b)``, whose transpose (``jax.grad``) takes
+    each factor in range. Other libraries divide as they do.
+    """
+    if backend_name(xp) != "jax":
+        return a / b
+    return _jax_divide()(a, b)
+
+
+def _div(a: Any, b: Any) -> Any:
+    return a / b
+
+
+def _div_jvp(primals: tuple[Any, Any], tangents: tuple[Any, Any]) -> tuple[Any, Any]:
+    (a, b), (da, db) = primals, tangents
+    out = a / b
+    return out, da / b - out * (db / b)
+
+
+@functools.cache
+def _jax_divide() -> Any:
+    div = sys.modules["jax"].custom_jvp(_div)
+    div.defjvp(_div_jvp)  # not as decorators: jax is typed Any here
+    return div
 
 
 def where(xp: Any, cond: Any, x: Any, y: Any) -> Any:

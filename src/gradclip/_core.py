@@ -124,7 +124,7 @@ def _scale_from_norm(plan: Plan, norm: Any, max_norm: Any, eps: float) -> Any:
     one = plan.const(1.0, plan.res)
     denom = norm + eps
     over = denom > max_norm
-    scale = xp.where(over, max_norm / xp.where(over, denom, one), one)
+    scale = xp.where(over, _compat.divide(xp, max_norm, xp.where(over, denom, one)), one)
     # NaN where either is (both are >= 0 or NaN); a Python bound was checked.
     nan = denom if isinstance(max_norm, int | float) else denom + max_norm
     return xp.where(xp.isnan(nan), nan, scale)
@@ -225,7 +225,7 @@ def clip_by_block_rms(
         # there, the root of the mean of the squares.
         mean = plan.norm(part._replace(value=part.value / max(size, 1)), size)
         rms = xp.where(xp.isinf(norm) & xp.isfinite(mean), mean, rms)
-        scale = 1.0 / xp.maximum(plan.const(1.0, plan.res), rms / threshold)
+        scale = _compat.divide(xp, 1.0, xp.maximum(plan.const(1.0, plan.res), rms / threshold))
         if nonfinite == "skip":
             scale = xp.where(plan.finite(part), scale, plan.const(1.0, plan.res))
         out.append(plan.scaled(i, x, scale, zero))
