@@ -47,8 +47,10 @@ def test_given_global_norm_that_is_not_0d(xp, fn):
     # scales, or fail between two leaves' writes.
     tree = _tree(xp)
     for bad in (np.array([20.0], "float32"), np.array([20.0, 20.0], "float32")):
-        with pytest.raises(ValueError, match=r"norm= is the global norm, .* shape"):
+        with pytest.raises(ValueError, match=r"norm= \(the global norm\) must be .* shape"):
             fn(tree, 1.0, norm=xp.array(bad))
+    with pytest.raises(TypeError, match=r"norm= \(the global norm\) must be a number; got list"):
+        fn(tree, 1.0, norm=[20.0])
     assert all(np.array_equal(xp.numpy(x), np.full(3, 2.0)) for x in tree["encoder"])
 
 

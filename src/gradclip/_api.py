@@ -433,12 +433,9 @@ def _clip_norm(
     max_norm = _check_bound(max_norm, "max_norm")
     eps = _check_eps(eps)
     _check_nonfinite(nonfinite)
-    if not per_leaf and tuple(getattr(norm, "shape", ())):
+    if not per_leaf and norm is not None:
         # One global norm; a 1-d array would broadcast into per-entry scales.
-        shape = tuple(norm.shape)
-        raise ValueError(
-            f"{fn}: norm= is the global norm, a number or a 0-d array; got shape {shape}"
-        )
+        norm = _scalar_bound(norm, f"{fn}: norm= (the global norm)")
     if inplace and not per_leaf and p == 2 and nonfinite == "propagate" and norm is None:
         buffer = _numpy_buffer(tree)
         if buffer is not None and fused is not False and isinstance(max_norm, float) and not extra:
