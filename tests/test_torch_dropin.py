@@ -712,6 +712,50 @@ def test_bad_max_norm_modifies_nothing(max_norm):
     _assert_grads_equal(_grads(model), before)
 
 
+def test_bad_total_norm_modifies_nothing():
+    # One norm: a (2,) tensor would scale entry by entry, or fail between writes.
+    model = _copy(_trained("mixed"))
+    before = [g.clone() for g in _grads(model)]
+    cases = [(torch.tensor([13.0, 26.0]), ValueError), (torch.tensor([13.0]), ValueError)]
+    cases += [([13.0], TypeError), (None, TypeError)]
+    for total_norm, error in cases:
+        for foreach in FOREACH:
+            with pytest.raises(error, match="total_norm must be a number"):
+                clip_grads_with_norm_(model.parameters(), 1.0, total_norm, foreach=foreach)
+    _assert_grads_equal(_grads(model), before)
+
+
+def test_foreach_is_taken_for_its_truth_like_torch():
+    model, theirs = _copy(_trained("float32")), _copy(_trained("float32"))
+    torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.1, foreach=False)
+    clip_grad_norm_(model.parameters(), 0.1, foreach=0)
+    _assert_grads_close(model, theirs)
+    for call in (
+        lambda f: clip_grad_norm_([], 1.0, foreach=f),
+        lambda f: get_total_norm([], foreach=f),
+        lambda f: clip_grad_value_([], 1.0, foreach=f),
+    ):
+        call(1)
+        with pytest.raises(TypeError, match="foreach must be None or a bool; got 'yes'"):
+            call("yes")  # checked with no gradients too
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["float32", "mixed"])
+def test_negative_bit_grads_are_scaled_and_the_rest_with_them(route, mixed):
+    # x.conj().imag is a view with the negative bit, which torch's foreach
+    # refuses to write: with a float64 group written first, a refusal left
+    # the gradients half clipped.
+    for foreach in FOREACH:
+        first = torch.tensor([3.0, 4.0], dtype=torch.float64 if mixed else torch.float32)
+        params = _params(first, torch.zeros(1))
+        params[1].grad = torch.tensor([1 + 12j]).conj().imag  # -12, as a negative-bit view
+        assert params[1].grad.is_neg()
+        norm = clip_grad_norm_(params, 1.0, foreach=foreach)
+        assert float(norm) == 13.0
+        torch.testing.assert_close(params[0].grad, first / 13.0, rtol=1e-6, atol=0)
+        torch.testing.assert_close(params[1].grad, torch.tensor([-12.0 / 13.0]), rtol=1e-6, atol=0)
+
+
 def test_bad_norm_type_modifies_nothing():
     model = _copy(_trained("float32"))
     before = [g.clone() for g in _grads(model)]

@@ -188,11 +188,17 @@ def _policy(error_if_nonfinite: bool, nonfinite: str | None) -> str:
     return nonfinite
 
 
-def _fused(foreach: bool | None) -> bool | None:
-    """The ``foreach=`` of torch: None picks, True is the grouped fast path, False the generic."""
-    if foreach not in (None, True, False):
-        raise TypeError(f"foreach must be None, True or False; got {foreach!r}")
-    return foreach
+def _fused(foreach: Any) -> bool | None:
+    """The ``fused=`` of a ``foreach=``: None picks, true is the grouped fast path.
+
+    torch tests ``foreach`` for truth, so ``foreach=1`` is taken as it is
+    there; a value that is not a bool or an integer is a mistake.
+    """
+    if foreach is None:
+        return None
+    if not isinstance(foreach, bool | int):
+        raise TypeError(f"foreach must be None or a bool; got {foreach!r}")
+    return bool(foreach)
 
 
 def _plan(
@@ -212,7 +218,7 @@ def _plan(
         if plan.device is None and group is not None and dist.get_backend(group) == "nccl":
             plan.device = torch.device("cuda", torch.cuda.current_device())
         return plan
-    plan_cls = Plan if _api._impl(prep, _fused(foreach)) is _core else _fast.TorchPlan
+    plan_cls = Plan if _api._impl(prep, foreach) is _core else _fast.TorchPlan
     return plan_cls(prep.xp, p, prep.flat.leaves, zero_nonfinite=zero)
 
 
@@ -372,6 +378,7 @@ def get_total_norm(
     tensor(2.0000e+30)
     """
     fn = "get_total_norm"
+    foreach = _fused(foreach)
     policy = _policy(error_if_nonfinite, nonfinite)
     _api._check_nonfinite(policy, ("propagate", "raise", "zero"))
     p = parse_ord(norm_type)
@@ -475,6 +482,7 @@ def clip_grad_norm_(
     False
     """
     fn = "clip_grad_norm_"
+    foreach = _fused(foreach)
     policy = _policy(error_if_nonfinite, nonfinite)
     p = parse_ord(norm_type)
     max_norm = _api._check_bound(max_norm, "max_norm")
@@ -533,7 +541,9 @@ def clip_grads_with_norm_(
     tensor([0.6000, 0.8000])
     """
     fn = "clip_grads_with_norm_"
+    foreach = _fused(foreach)
     max_norm = _api._check_bound(max_norm, "max_norm")
+    total_norm = _api._scalar_bound(total_norm, "total_norm")  # one norm: a 1-d one would broadcast
     eps = _api._check_eps(eps)
     inv_scale = _check_inv_scale(inv_scale, fn)
     flat, owners, _ = _grads(parameters, fn)
@@ -574,10 +584,11 @@ def clip_grad_value_(parameters: _Tensors, clip_value: float, foreach: bool | No
     tensor([-1.0000,  0.2000,  1.0000])
     """
     fn = "clip_grad_value_"
+    foreach = _fused(foreach)
     low, high = _api._value_bounds(clip_value, None, None)
     flat, _, _ = _grads(parameters, fn)
     prep = _api._check(flat, fn, inplace=True)
-    _api._clip_value_checked(fn, prep, low, high, "propagate", _fused(foreach), True)
+    _api._clip_value_checked(fn, prep, low, high, "propagate", foreach, True)
 
 
 # ------------------------------------------------------------------ AMP

@@ -495,9 +495,14 @@ class TorchPlan(Plan):
             return super().scale_leaves(scales, per_leaf=per_leaf, zero=zero, inplace=inplace)
         if inplace and self.device.type == "cpu" and bool(scales == 1):
             return list(self.leaves)  # reading the scale costs no device sync here
+        groups = self._groups()
+        if inplace and len(groups) > 1 and any(map(torch.Tensor.is_neg, self.leaves)):
+            # torch's foreach refuses to write a negative-bit view (x.conj().imag):
+            # a later group refused would leave the earlier ones written.
+            return super().scale_leaves(scales, per_leaf=False, zero=False, inplace=True)
         out = list(self.leaves)
         with torch.no_grad() if inplace else contextlib.nullcontext():
-            for dtype, members in self._groups().items():
+            for dtype, members in groups.items():
                 # float32 for float16/bfloat16 too: torch multiplies those in
                 # float32 and rounds once (see Plan.factor_dtype).
                 factor = scales.to(self.factor_dtype(dtype))
@@ -510,7 +515,15 @@ class TorchPlan(Plan):
                     # a tensor, so the product is float32, rounded once.
                     factors = [factor.expand(t.shape) for t in tensors]
                 if inplace:
-                    torch._foreach_mul_(tensors, factors)
+                    try:
+                        torch._foreach_mul_(tensors, factors)
+                    except RuntimeError:
+                        if not any(map(torch.Tensor.is_neg, tensors)):
+                            raise
+                        # The one group, refused before any write (see above).
+                        return super().scale_leaves(
+                            scales, per_leaf=False, zero=False, inplace=True
+                        )
                     continue
                 for i, new in zip(members, torch._foreach_mul(tensors, factors), strict=True):
                     # a 0-d half leaf times the 0-d float32 factor is float32
