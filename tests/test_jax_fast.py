@@ -100,6 +100,17 @@ def test_float32_sum_of_many_entries_is_accurate():
     assert float(gcj.global_norm([x])) == pytest.approx(2**12.5, rel=1e-6)
 
 
+def test_ord_as_an_array_scalar():
+    # The programs are cached by their options: a jnp scalar ord (unhashable)
+    # is parsed to a float first, as the top-level functions do.
+    tree = [jnp.asarray([3.0, 4.0])]
+    for p in (jnp.float32(2.0), np.float64(2.0), "2"):
+        assert float(gcj.global_norm(tree, p)) == 5.0
+        assert float(gcj.leaf_norms(tree, p)[0]) == 5.0
+        assert float(gcj.clip_by_global_norm(tree, 1.0, ord=p)[1].norm) == 5.0
+        assert float(gcj.clip_by_norm(tree, 1.0, ord=p)[1].norm[0]) == 5.0
+
+
 def test_complex_leaves():
     z = jnp.asarray([3 + 4j, 1e30 + 0j], jnp.complex64)
     assert float(gcj.global_norm([z])) == pytest.approx(1e30, rel=1e-6)

@@ -156,6 +156,8 @@ def _call(body: str, donate: bool, dynamic: tuple[Any, ...], **static: Any) -> A
         given = rest[1] if body.startswith("clip") else None
         _fast.check_finite(fn, flat.leaves, flat.paths, given)
         static["nonfinite"] = "propagate"
+    if "ord" in static:  # a float, hashable for the programs' cache (a jnp 2.0 is not)
+        static["ord"] = parse_ord(static["ord"])
     make = functools.partial(_program, body, donate, tuple(sorted(static.items())))
     return _fast.run_compiled(make, jax.tree_util.tree_leaves(tree), tree, *rest)
 
@@ -193,7 +195,6 @@ def global_norm(
     >>> gcj.global_norm([jnp.array([3.0, 4.0]), jnp.array([12.0])])
     Array(13., dtype=float32)
     """
-    parse_ord(ord)
     return _call(
         "norm",
         False,
