@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import optree
 import pytest
 
 import gradclip as gc
@@ -420,6 +421,19 @@ def test_zero_and_skip_do_no_invalid_arithmetic_in_a_lazy_compute(fn, nonfinite,
     for key in host:
         got = np.asarray(out[key])  # the compute: a warning here is an error
         assert got.tobytes() == want[key].tobytes(), key
+
+
+@pytest.mark.parametrize(
+    "fn", ["clip_by_global_norm", "clip_by_norm", "clip_by_block_rms", "per_example_clip"]
+)
+def test_a_bound_past_float32_is_rounded_before_a_lazy_compute(fn):
+    """max_norm=1e300 is inf in float32: rounded in gradclip's errstate, not in compute()."""
+    da = importorskip("dask.array")
+    host = {"a": np.array([[3.0, 4.0], [1.0, 2.0]], np.float32)}
+    out = getattr(gc, fn)({"a": da.from_array(host["a"], chunks=1)}, 1e300)
+    want = getattr(gc, fn)(host, 1e300)  # NumPy, at once: gradclip's errstate holds
+    for got, ref in zip(optree.tree_leaves(out), optree.tree_leaves(want), strict=True):
+        assert np.asarray(got).tobytes() == np.asarray(ref).tobytes()  # a warning: an error
 
 
 def test_skip_still_clips_finite_trees(xp):

@@ -106,8 +106,15 @@ def leaf_norms(
 
 
 def _bound(plan: Plan, value: Any) -> Any:
-    """A Python bound as is; an array bound (a device value, unchecked) in the result dtype."""
-    return value if isinstance(value, int | float) else plan.xp.astype(value, plan.res)
+    """A Python bound as is; an array bound (a device value, unchecked) in the result dtype.
+
+    On dask a Python bound is made a 0-d array here, rounded to the result
+    dtype now, under gradclip's error state: dask would round it in the
+    caller's ``compute()`` (``max_norm=1e300`` to inf in float32, warned).
+    """
+    if isinstance(value, int | float):
+        return plan.const(value, plan.res) if plan._warns_later else value
+    return plan.xp.astype(value, plan.res)
 
 
 def _scale_from_norm(plan: Plan, norm: Any, max_norm: Any, eps: float) -> Any:
