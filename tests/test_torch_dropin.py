@@ -481,6 +481,8 @@ def test_inf_norm_with_an_empty_gradient(route, foreach):
     params = _params(*grads)
     assert float(clip_grad_norm_(params, 1.0, math.inf, foreach=foreach)) == 4.0
     assert params[1].grad.tolist() == pytest.approx([-1.0, 0.25], rel=1e-6)
+    # Only empty ones (a rank's empty shard): no foreach norm of no tensors.
+    assert float(get_total_norm(grads[:1], math.inf, foreach=foreach)) == 0.0
 
 
 @pytest.mark.parametrize("foreach", [None, False])

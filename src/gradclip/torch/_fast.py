@@ -446,6 +446,8 @@ class TorchPlan(Plan):
             # torch's foreach max of an empty tensor raises; such a leaf's
             # partial is the identity, from Plan.leaf.
             members = [i for i in members if self.leaves[i].numel()]
+            if not members:  # and of an empty list of tensors
+                continue
             norms = torch._foreach_norm([self.leaves[i] for i in members], self.p)
             for i, n in zip(members, norms, strict=True):
                 out[i] = Partial(n.to(self.acc), None, None)
