@@ -290,6 +290,38 @@ def test_nonfinite(xp):
         gc.per_example_clip(arrays, 1.0, nonfinite="raise")
 
 
+def test_an_inf_entry_zeroes_its_example_and_is_nan_in_the_sum(xp):
+    # The docstring's "propagate": norm inf, scale 0 (torch's and Opacus's arithmetic).
+    w = np.ones((3, 2), np.float32)
+    w[1, 0] = np.inf
+    tree = {"w": xp.array(w, "float32"), "b": xp.array(np.ones(3), "float32")}
+    total, stats = gc.per_example_clip(tree, 1.0, eps=0.0)
+    np.testing.assert_array_equal(xp.numpy(stats.finite), [True, False, True])
+    np.testing.assert_array_equal(xp.numpy(stats.scale)[1], 0.0)
+    got = xp.numpy(total["w"])
+    assert np.isnan(got[0]) and got[1] == pytest.approx(2 / math.sqrt(3), rel=1e-6)
+    assert float(xp.numpy(total["b"])) == pytest.approx(2 / math.sqrt(3), rel=1e-6)
+
+
+def test_size_split_leaves_an_empty_leaf_unclipped(xp):
+    # Its share of C is 0: it has nothing to clip, and counts nothing clipped (as optax).
+    tree = {"w": xp.array(np.ones((4, 3)), "float32"), "e": xp.array(np.ones((4, 0)), "float32")}
+    _, stats = gc.per_example_clip(tree, 1.0, per_layer=True, split="size")
+    np.testing.assert_array_equal(xp.numpy(stats.num_clipped), [0, 4])  # "e", then "w"
+    np.testing.assert_array_equal(xp.numpy(stats.scale)[0], np.ones(4))
+
+
+def test_per_layer_bounds_are_checked_against_the_tree():
+    g = {"w": np.ones((2, 4)), "b": np.ones((2, 1))}
+    for bounds in ({"x": 0.5, "a": 3.0}, {"w": [0.5], "b": (3.0,)}):
+        with pytest.raises(ValueError, match=r"max_norm's bounds are at .* but the tree's"):
+            gc.per_example_clip(g, bounds, per_layer=True)
+    torch = importorskip("torch")
+    for bounds in (torch.tensor([0.5, 3.0]), [torch.tensor(0.5), 3.0]):
+        with pytest.raises(TypeError, match="max_norm is a torch array but the leaves are numpy"):
+            gc.per_example_clip(g, bounds, per_layer=True)
+
+
 def test_empty_inputs(xp):
     out, stats = gc.per_example_clip({"a": None}, 1.0)
     assert out == {"a": None} and stats.norm.shape == (0,) and int(stats.num_clipped) == 0
@@ -518,6 +550,12 @@ def test_quantile_bound_bad_input():
     _, stats = gc.per_example_clip([np.ones((4, 2))] * 2, 1.0, per_layer=True)
     with pytest.raises(ValueError, match="norms must be 1-d"):
         qb.update(stats, state)
+    # An empty batch (Poisson sampling) divides 0 by 0 without batch_size=.
+    _, stats = gc.per_example_clip([np.ones((0, 2))], 1.0)
+    with pytest.raises(ValueError, match=r"an empty batch.*batch_size="):
+        qb.update(stats, state)
+    # none of the 4 expected unclipped: below the target quantile, the bound grows
+    assert float(qb.update(stats, state, batch_size=4).bound) > float(state.bound)
 
 
 def test_quantile_bound_under_jit():

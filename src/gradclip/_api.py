@@ -242,17 +242,19 @@ def _load(module: str) -> Any:
 def _run(prep: _Prepared, fused: bool | None, fn: str, **kwargs: Any) -> Any:
     """Call ``fn`` of the chosen implementation on the prepared leaves.
 
-    An array argument (a device bound, a given norm) must come from the
-    leaves' library: one from another would fail deep in the arithmetic.
+    An array argument (a device bound, a given norm, a list of per-layer
+    bounds) must come from the leaves' library: one from another would fail
+    deep in the arithmetic.
     """
-    for name, value in kwargs.items():
-        if not isinstance(value, int | float | str | None) and _compat.is_array(value):
-            other = _compat.backend_name(_compat.namespace(value))
-            if other != prep.backend:
-                raise TypeError(
-                    f"{name} is a {other} array but the leaves are {prep.backend} arrays; "
-                    f"pass a number or a 0-d {prep.backend} array"
-                )
+    for name, given in kwargs.items():
+        for value in given if isinstance(given, list) else [given]:
+            if not isinstance(value, int | float | str | None) and _compat.is_array(value):
+                other = _compat.backend_name(_compat.namespace(value))
+                if other != prep.backend:
+                    raise TypeError(
+                        f"{name} is a {other} array but the leaves are {prep.backend} arrays; "
+                        f"pass a number or a 0-d {prep.backend} array"
+                    )
     impl = getattr(_impl(prep, fused), fn)
     leaves = prep.flat.leaves
     with _compat.quiet(prep.xp), _compat.current_device(leaves[0]):
@@ -943,12 +945,22 @@ def _layer_bounds(max_norm: Any, split: str, flat: Flat, axes: list[int], batch:
         else:  # C * sqrt(D_k / D), D_k the size of one example of leaf k
             sizes = [math.prod(x.shape) // batch if batch else 0 for x in leaves]
             whole = sum(sizes) or 1
-            weights = [math.sqrt(d / whole) for d in sizes]
+            # A leaf with no entries gets no bound (inf): 0 would clip nothing
+            # yet count every example clipped.
+            weights = [math.sqrt(d / whole) if d else math.inf for d in sizes]
         return [total * w for w in weights]
     if _compat.is_array(max_norm) and len(max_norm.shape) == 1:
         given = [max_norm[k] for k in range(max_norm.shape[0])]
     else:
-        given = flatten(max_norm).leaves
+        bounds = flatten(max_norm)
+        given = bounds.leaves
+        if not isinstance(max_norm, list | tuple) and list(bounds.paths) != list(flat.paths):
+            # A tree of bounds pairs by path; a mis-keyed one would pair by order.
+            raise ValueError(
+                f"per_example_clip: max_norm's bounds are at {list(bounds.paths)} but the "
+                f"tree's leaves at {list(flat.paths)}; give a tree of the same structure, "
+                "or a sequence in flattening order"
+            )
     if len(given) != len(leaves):
         raise ValueError(
             f"per_example_clip: max_norm holds {len(given)} bounds but the tree has "
@@ -1023,14 +1035,18 @@ def per_example_clip(
         gives every leaf ``C / sqrt(K)`` (optax's ``uniform=True``);
         ``"size"`` gives leaf ``k`` ``C * sqrt(D_k / D)``, where ``D_k`` is
         the size of one example of it and ``D`` their sum (optax's
-        ``uniform=False``). Either way the bounds' squares add up to ``C**2``,
-        so each clipped example's whole norm is at most ``C``.
+        ``uniform=False``; a leaf with no entries gets no bound). Either way
+        the bounds' squares add up to ``C**2``, so each clipped example's
+        whole norm is at most ``C``.
     eps : float, default 1e-6
         Added to the norm before dividing, as Opacus does; optax has none
         (pass ``eps=0`` for its results).
     nonfinite : {"propagate", "raise"}, default "propagate"
-        ``"propagate"``: an example holding NaN or inf makes the sum NaN (its
-        ``stats.finite`` entry is False). ``"raise"``: raise
+        ``"propagate"``: torch's and Opacus's arithmetic. A NaN in an example
+        makes its norm NaN, and so the sums it reaches; an inf makes its norm
+        inf and its scale 0, so the inf entries become NaN in the sum and the
+        example's other entries drop out. Either way its ``stats.finite``
+        entry is False. ``"raise"``: raise
         :class:`~gradclip.NonFiniteError` naming the leaf first (a host sync).
 
     Returns

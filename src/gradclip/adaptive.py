@@ -1006,7 +1006,7 @@ class QuantileBound(_Stateful):
             for the privacy of the count (0 gives the non-private update).
         batch_size : int or 0-d array, optional
             The divisor of the count: the expected batch size under Poisson
-            sampling. Default: the number of norms.
+            sampling. Default: the number of norms, which must not be 0.
         """
         if isinstance(norms, PerExampleStats):
             norms = norms.norm
@@ -1015,6 +1015,12 @@ class QuantileBound(_Stateful):
             raise ValueError(
                 "QuantileBound.update: norms must be 1-d, one per example (flat clipping); "
                 f"got shape {tuple(norms.shape)}"
+            )
+        if batch_size is None and norms.shape[0] == 0:
+            # The fraction would be 0 / 0, and the bound NaN from then on.
+            raise ValueError(
+                "QuantileBound.update: no norms (an empty batch); pass batch_size=, the "
+                "expected batch size (under Poisson sampling, batches can be empty)"
             )
         with _stepping(state):
             dtype = state.bound.dtype
