@@ -486,6 +486,26 @@ def test_skip_option(tmp_path: Path, hide, capsys):
     assert {r["key"] for r in report["rows"]} == {"gradclip", "flattree", "floor", "read"}
 
 
+def test_outputs_that_cannot_be_written_are_refused_before_the_run(tmp_path: Path, capsys):
+    # A run of minutes that ended in a traceback lost its timings; argparse
+    # refuses the path (exit 2) before anything is timed.
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    cases = [
+        (["bench", "--json", str(tmp_path)], "is a directory"),
+        (["bench", "--json", str(afile / "x.json")], f"cannot make {afile}"),
+        (["demo", "--out", str(tmp_path)], "is a directory"),
+        (["demo", "--steps", "0"], "--steps: must be > 0"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            cli.main(argv)
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+    made = tmp_path / "new" / "dir" / "r.json"  # a missing directory is made
+    assert _bench.output_path(str(made)) == str(made) and made.parent.is_dir()
+
+
 def test_backends_that_cannot_run_exit_with_a_message(hide, monkeypatch):
     with pytest.raises(SystemExit, match="--backend numpy runs on the CPU only"):
         _bench._plan("numpy", "gpu")

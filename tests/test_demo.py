@@ -53,6 +53,12 @@ def test_hand_written_bptt_matches_autograd() -> None:
         np.testing.assert_allclose(g, t_grads[k].numpy(), rtol=1e-4, atol=1e-6, err_msg=k)
 
 
+def test_a_backend_not_installed_exits_with_a_message(monkeypatch) -> None:
+    monkeypatch.setattr(_demo.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit, match="--backend torch needs torch, not installed"):
+        _demo.run_demo("torch", steps=1)
+
+
 def test_plain_png_without_matplotlib(tmp_path) -> None:
     runs = [_demo.train("numpy", m, steps=40, seed=0) for m in _demo.METHODS]
     img = _demo._draw(runs, width=200, height=120)

@@ -52,10 +52,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_demo.add_argument(
         "--backend", choices=list(_demo.BACKENDS), default="numpy", help="default numpy"
     )
-    p_demo.add_argument("--steps", type=int, default=3000, help="SGD steps (default 3000)")
+    p_demo.add_argument(
+        "--steps", type=_bench.positive(int), default=3000, help="SGD steps (default 3000)"
+    )
     p_demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p_demo.add_argument(
-        "--out", default="gradclip-demo.png", help="the PNG of the curves (gradclip-demo.png)"
+        "--out",
+        type=_bench.output_path,
+        default="gradclip-demo.png",
+        help="the PNG of the curves (gradclip-demo.png)",
     )
     p_bench = commands.add_parser(
         "bench",

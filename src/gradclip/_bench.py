@@ -2693,7 +2693,7 @@ def format_report(report: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------- the CLI
 
 
-def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+def positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         value = kind(text)
         if not value > 0:
@@ -2702,6 +2702,25 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
 
     parse.__name__ = kind.__name__  # argparse names the type in its error messages
     return parse
+
+
+def output_path(text: str) -> str:
+    """Type of an argument naming a file written at the end: checked before the run.
+
+    Its directory is made if need be and must be writable, and the path must
+    not be a directory: a run of minutes would otherwise end in a traceback,
+    its results lost.
+    """
+    directory = os.path.dirname(text) or "."
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"cannot make {directory}: {err.strerror}") from None
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a directory")
+    if not os.access(directory, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{directory} is not writable")
+    return text
 
 
 def _skip_entry(text: str) -> tuple[str, str | None]:
@@ -2762,18 +2781,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="element type of the trees (default float32); bfloat16 on --backend cupy, "
         "jax (CPU or GPU) and torch on a GPU",
     )
-    parser.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
     parser.add_argument(
-        "--reps", type=_positive(int), default=15, help="timed calls per row, at least (default 15)"
+        "--json", metavar="PATH", type=output_path, help="also write the report as JSON to PATH"
+    )
+    parser.add_argument(
+        "--reps", type=positive(int), default=15, help="timed calls per row, at least (default 15)"
     )
     parser.add_argument(
         "--budget",
-        type=_positive(float),
+        type=positive(float),
         default=1.0,
         help="seconds per row after which it stops adding calls beyond --reps (default 1)",
     )
     parser.add_argument(
-        "--max-norm", type=_positive(float), default=1.0, help="max_norm when clipping (default 1)"
+        "--max-norm", type=positive(float), default=1.0, help="max_norm when clipping (default 1)"
     )
     parser.add_argument(
         "--skip",
@@ -2788,7 +2809,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ),
     )
     # Divides every dimension: lets the tests run the whole harness in a second.
-    parser.add_argument("--size-factor", type=_positive(int), default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--size-factor", type=positive(int), default=1, help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -2829,10 +2850,7 @@ def run(args: argparse.Namespace) -> int:
         command += f" --size-factor {args.size_factor}"
     report = {"command": command, "argv": sys.argv, **report}
     print(format_report(report))
-    if args.json:
-        directory = os.path.dirname(args.json)
-        if directory:
-            os.makedirs(directory, exist_ok=True)
+    if args.json:  # its directory made by output_path
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
             f.write("\n")

@@ -18,6 +18,7 @@ run).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import struct
 import time
@@ -301,6 +302,8 @@ def run_demo(
     """Train the three runs, print progress and the table, save the plot; exit status."""
     if backend not in BACKENDS:
         raise SystemExit(f"gradclip demo: --backend must be one of {', '.join(BACKENDS)}")
+    if importlib.util.find_spec(backend) is None:
+        raise SystemExit(f"gradclip demo: --backend {backend} needs {backend}, not installed")
     print(
         f"gradclip {gradclip.__version__} demo: a tanh RNN (32 units) on the adding problem "
         f"(sequences of 20), SGD lr 0.2, {steps} steps, {backend}"
