@@ -252,6 +252,7 @@ def build_cases(world: int) -> dict[str, dict]:
                 cases[f"{group}/{name}"] = make(world)
     cases["ord0"] = {"check": "ord0", "grads": _grads(), "bounds": BOUNDS[world]}
     cases["all_empty"] = {"check": "all_empty"}
+    cases["overflow_elsewhere"] = {"check": "overflow_elsewhere"}
     cases["dtensor_partial"] = {"check": "dtensor_partial"}
     return cases
 
@@ -540,6 +541,20 @@ def test_ord0_with_process_group_raises_everywhere(ranks, world):
 def test_no_rank_holds_anything(ranks, world):
     for r in _case(ranks, world, "all_empty"):
         assert r == {"gtn_none": 0.0, "gtn_empty": 0.0, "clip_none": 0.0}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_norm_past_one_ranks_dtype_raises_on_every_rank(ranks, world):
+    # Rank 0's float64 norm is 5e300; the others hold nothing and work in
+    # float32, where it is inf. error_if_nonfinite raised there alone, while
+    # rank 0 clipped: now every rank raises, and nothing is modified.
+    res = _case(ranks, world, "overflow_elsewhere")
+    for rank, r in enumerate(res):
+        assert r["clip"]["nonfinite_error"], f"rank {rank}: {r['clip']}"
+        assert "overflows the dtype of this rank or another" in r["clip"]["message"]
+    _unchanged(res)
+    assert float(res[0]["norm"]) == pytest.approx(5e300, rel=1e-12)
+    assert all(np.isinf(r["norm"]) for r in res[1:])  # documented: float32 on empty ranks
 
 
 # ---------------------------------------------------------------- 6. DTensor

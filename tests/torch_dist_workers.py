@@ -189,6 +189,25 @@ def check_all_empty(rank: int, world: int, spec: dict) -> dict[str, Any]:
     }
 
 
+def check_overflow_elsewhere(rank: int, world: int, spec: dict) -> dict[str, Any]:
+    """Rank 0 holds float64 gradients of 5e300, the others none (float32 norms, inf)."""
+    import torch
+
+    from gradclip.torch import clip_grad_norm_
+
+    group = _world_group()
+    pieces = []
+    if rank == 0:
+        pieces = [("w", _param(torch.tensor([3e300, 4e300], dtype=torch.float64)))]
+    out: dict[str, Any] = {"before": _shard(pieces) if pieces else np.zeros(0)}
+    out["clip"] = _raised(
+        lambda: _np(clip_grad_norm_(pieces, 1.0, process_group=group, error_if_nonfinite=True))
+    )
+    out["after"] = _shard(pieces) if pieces else np.zeros(0)
+    out["norm"] = _np(clip_grad_norm_(pieces, 1.0, process_group=group))
+    return out
+
+
 def check_replicated(rank: int, world: int, spec: dict) -> dict[str, Any]:
     """Sharded gradients plus gradients every rank holds whole (``replicated=``)."""
     import torch
@@ -354,6 +373,7 @@ CHECKS = {
     "nonfinite": check_nonfinite,
     "ord0": check_ord0,
     "all_empty": check_all_empty,
+    "overflow_elsewhere": check_overflow_elsewhere,
     "dtensor": check_dtensor,
     "dtensor_partial": check_dtensor_partial,
 }

@@ -254,11 +254,23 @@ def _total(
         if inv_scale is not None:
             norm = norm * xp.astype(inv_scale, plan.acc)
         norm, finite = xp.astype(norm, plan.res), plan.finite(merged)
-    if policy == "raise" and not bool(xp.isfinite(norm)):
-        raise NonFiniteError(
-            f"the total norm of order {plan.p} is {float(norm)}: it overflows {norm.dtype}, "
-            "though every gradient value is finite; nothing was modified"
-        )
+    if policy == "raise":
+        over = xp.logical_not(xp.isfinite(norm))
+        if scopes is not None:
+            # Every rank raises or none: a rank's dtype (float32 where it holds
+            # no gradients) may overflow where another's does not.
+            over = _dist.on_any_rank(plan, over, [s.group for s in scopes])
+        if bool(over):
+            what = (
+                f"is {float(norm)}: it overflows {norm.dtype}"
+                if scopes is None
+                else f"overflows the dtype of this rank or another of the group (here it is "
+                f"{float(norm)}, {norm.dtype})"
+            )
+            raise NonFiniteError(
+                f"the total norm of order {plan.p} {what}, though every gradient value is "
+                "finite; nothing was modified"
+            )
     return norm, finite
 
 
@@ -450,8 +462,10 @@ def clip_grad_norm_(
         ranks; every rank gets the same norm and scale, in the result dtype
         of its own gradients. A rank that holds float64 gradients while
         another holds none computes them in float64 and the other in
-        float32, a rounding apart: agreeing on a dtype would cost a host
-        sync, so give every rank the same gradient dtypes.
+        float32: a rounding apart, or inf where the norm is past float32
+        (``error_if_nonfinite`` then raises on every rank). Agreeing on a
+        dtype would cost a host sync, so give every rank the same gradient
+        dtypes.
     inv_scale : float or 0-d Tensor, optional
         ``1 / scale`` of a ``torch.amp.GradScaler``: the gradients are
         unscaled and clipped in one pass, and the norm returned is the

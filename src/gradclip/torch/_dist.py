@@ -32,7 +32,7 @@ from typing import Any
 
 from .._norms import Partial, Plan
 
-__all__ = ["Scope", "reduce_scopes", "scopes"]
+__all__ = ["Scope", "on_any_rank", "reduce_scopes", "scopes"]
 
 
 def _torch() -> Any:
@@ -60,6 +60,16 @@ def _mesh_group(mesh: Any) -> Any:
     if flatten is not None and mesh.mesh_dim_names:
         return flatten().get_group()
     return tuple(mesh.get_group(mesh_dim=dim) for dim in range(mesh.ndim))
+
+
+def on_any_rank(plan: Plan, flag: Any, groups: Sequence[Any]) -> Any:
+    """Whether the 0-d bool ``flag`` holds on any rank of ``groups`` (a MAX all-reduce)."""
+    xp = plan.xp
+    packed = xp.astype(xp.reshape(flag, (1,)), plan.acc)
+    for group in groups:
+        if group is not None:
+            _all_reduce(packed, _torch().distributed.ReduceOp.MAX, group)
+    return packed[0] != 0
 
 
 def _all_reduce(tensor: Any, op: Any, group: Any) -> None:
