@@ -245,6 +245,11 @@ def _dtype_info(xp: Any, dtype: Any) -> DtypeInfo | None:
         # significant bits, formats without inf (float8_e4m3fn overflows to
         # NaN), and no kernel for them. Training keeps their gradients wider.
         return None
+    if is_complex and fi.bits < 32:
+        # torch's complex32 (chalf): half-precision parts, which the float32
+        # product of the half-precision dtypes would cast to real, and no
+        # kernel takes.
+        return None
     return DtypeInfo(
         complex=is_complex,
         float64=max_v > 1e300,
