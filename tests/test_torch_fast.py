@@ -173,3 +173,27 @@ def test_drop_in_on_a_channels_last_model():
     coef = torch.clamp(1.0 / (want + 1e-6), max=1.0)  # torch's clip_grads_with_norm_
     for p, g in zip(model.parameters(), ours, strict=True):
         torch.testing.assert_close(p.grad, g * coef, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("fused", [None, True, False])
+def test_functional_clip_is_differentiable(fused):
+    # torch's autograd of one foreach multiply by a 0-d scale that requires
+    # grad fails on a group of two or more tensors; the fast path takes the
+    # per-tensor product there, as the generic path does.
+    leaves = [torch.tensor([3.0, 4.0]), torch.tensor([12.0]), torch.tensor([[1.0, -2.0]])]
+    weights = [1.0, 2.0, -1.0]
+
+    def loss(clip):
+        xs = [x.clone().requires_grad_() for x in leaves]
+        out = clip(xs)
+        total = sum(w * torch.sin(o).sum() for w, o in zip(weights, out, strict=True))
+        return torch.autograd.grad(total, xs)
+
+    def by_hand(xs):
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in xs]))
+        scale = torch.clamp(1.0 / (norm + 1e-6), max=1.0)
+        return [x * scale for x in xs]
+
+    got = loss(lambda xs: gc.clip_by_global_norm(xs, 1.0, fused=fused)[0])
+    for g, w in zip(got, loss(by_hand), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)

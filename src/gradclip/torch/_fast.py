@@ -39,6 +39,7 @@ import contextlib
 import functools
 import importlib.util
 import math
+import operator
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,6 +73,9 @@ _KERNEL_DTYPES = ("float16", "bfloat16", "float32", "float64", "complex64", "com
 
 def _torch() -> Any:
     return sys.modules["torch"]
+
+
+_requires_grad = operator.attrgetter("requires_grad")
 
 
 @functools.cache
@@ -486,7 +490,15 @@ class TorchPlan(Plan):
             _written(self.leaves)
             return list(self.leaves)
         complex_ = any(info is None or info.complex for info in self._dtype_infos.values())
-        if per_leaf or zero or complex_:
+        # torch's autograd of a foreach multiply by a 0-d tensor fails on
+        # groups of two or more ("inconsistent range for TensorList output"):
+        # a functional clip to differentiate through multiplies per tensor.
+        graph = (
+            not inplace
+            and torch.is_grad_enabled()
+            and (scales.requires_grad or any(map(_requires_grad, self.leaves)))
+        )
+        if per_leaf or zero or complex_ or graph:
             if inplace and self._host is not None:
                 with np.errstate(all="ignore"):
                     self._host.scale_leaves(
