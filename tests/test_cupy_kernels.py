@@ -444,6 +444,16 @@ def test_block_rms_where_the_norm_overflows_float32(dev: cuda_emulator.EmuDevice
     np.testing.assert_array_equal(np.asarray(fast[1]), 3.0)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "complex128"])
+def test_block_rms_where_the_norm_overflows_float64(dev: cuda_emulator.EmuDevice, dtype) -> None:
+    # 4 entries of 1e308: the norm (2e308) is past double, the rms is not. The
+    # fallback took the rms from the norm in double, inf, and zeroed the leaf.
+    leaves = [np.full(4, 1e308, dtype), np.full(3, 2.0, dtype)]
+    fast, ref = _both(dev, "clip_by_block_rms", leaves, threshold=1.0, nonfinite="propagate")
+    _leaves_close(fast, ref, exact=True)
+    np.testing.assert_allclose(np.asarray(fast[0]), 1.0, rtol=1e-12)
+
+
 def test_array_threshold_and_value_bounds(dev: cuda_emulator.EmuDevice) -> None:
     # A scheduled bound arrives as a 0-d device array: the rms kernel reads
     # the threshold on the device; the clamp kernel takes bounds by value, so

@@ -311,6 +311,16 @@ template <int KIND, int PK> __device__ double gc_value(Acc a, double p, bool zer
     return a.v;
 }
 
+// The root of the mean square of a 2-norm's accumulator, 2**e sqrt(v / size):
+// past double where the norm is (4 entries of 1e308), not where the rms is.
+template <int KIND, int PK>
+__device__ double gc_mean_root(Acc a, i64 size, double p, bool zero) {
+    if (KIND != GC_P || PK != 2) return gc_value<KIND, PK>(a, p, zero) / sqrt((double)size);
+    if (!zero && (a.f & GC_NANF)) return gc_nan();
+    if (!zero && (a.f & GC_INFF)) return gc_inf();
+    return ldexp(sqrt(a.v / (double)size), a.e);
+}
+
 // Reduce one Acc per thread in a fixed tree order; the result is returned to every thread.
 template <int KIND, int PK> __device__ Acc gc_block_reduce(Acc a, double p) {
     __shared__ double sv[GC_THREADS];
@@ -505,15 +515,16 @@ template <typename R> __device__ double gc_clip_scale(double norm, double max_no
 }
 
 // optax's clip_by_block_rms: 1 / max(1, (norm / sqrt(size)) / threshold).
-// ``value`` is the norm in double, ``norm`` the same rounded into R.
+// ``norm`` is the norm rounded into R, ``mean`` the root of the mean square
+// in double (gc_mean_root).
 template <typename R>
-__device__ double gc_rms_scale(double value, double norm, i64 size, double threshold) {
+__device__ double gc_rms_scale(double mean, double norm, i64 size, double threshold) {
     double root = sqrt((double)(size > 1 ? size : 1));
     double rms = gc_r<R>(norm / gc_r<R>(root));
     // The norm (1e39 for 1e4 entries of 1e37) may overflow R where the rms
-    // does not, and inf / sqrt(n) would zero the leaf: there, the rms taken
-    // in double, as the generic path takes the root of the mean square.
-    double mean = gc_r<R>(value / root);
+    // does not, and inf / sqrt(n) would zero the leaf: there, the root of
+    // the mean square, as the generic path takes it.
+    mean = gc_r<R>(mean);
     if (norm - norm != norm - norm && mean - mean == mean - mean) rms = mean;  // inf, finite
     double q = gc_r<R>(rms / threshold);
     double m = q != q ? q : (q > 1.0 ? q : 1.0);  // maximum() propagates NaN
@@ -528,23 +539,24 @@ struct Bound {
 
 // The scale in R (held in a double).
 template <typename R>
-__device__ double gc_scale_of(const Bound& b, double value, bool finite, i64 size) {
+__device__ double gc_scale_of(const Bound& b, double value, double mean, bool finite, i64 size) {
     double bound = b.max_norm_at ? gc_read<R>(b.max_norm_at) : gc_r<R>(b.max_norm);
     double norm = gc_r<R>(value);
-    double s = b.mode == GC_RMS ? gc_rms_scale<R>(value, norm, size, bound)
+    double s = b.mode == GC_RMS ? gc_rms_scale<R>(mean, norm, size, bound)
                                 : gc_clip_scale<R>(norm, bound, gc_r<R>(b.eps));
     return b.skip && !finite ? 1.0 : s;
 }
 
 // Write a norm, its finite flag and, if asked, its scale and clipped flag.
-__device__ void gc_emit(const Out& o, const Bound& b, bool scaled, double value, bool finite,
-                        i64 size, i64 norm_byte, i64 scale_byte, i64 clipped_byte,
+// ``mean``: the root of the mean square, read in RMS mode only.
+__device__ void gc_emit(const Out& o, const Bound& b, bool scaled, double value, double mean,
+                        bool finite, i64 size, i64 norm_byte, i64 scale_byte, i64 clipped_byte,
                         i64 finite_byte, i64 k) {
     o.put(norm_byte, k, value);
     o.flag(finite_byte + k, finite);
     if (!scaled) return;
-    double s = o.res64 ? gc_scale_of<double>(b, value, finite, size)
-                       : gc_scale_of<float>(b, value, finite, size);
+    double s = o.res64 ? gc_scale_of<double>(b, value, mean, finite, size)
+                       : gc_scale_of<float>(b, value, mean, finite, size);
     o.put(scale_byte, k, s);
     o.flag(clipped_byte + k, s < 1.0);
 }
@@ -585,7 +597,8 @@ __device__ void gc_finalize(const Table& t, const Work& w, double p, bool zero, 
         Acc r = gc_load(w.lv, w.le, w.lf, l);
         i64 size = t.size[l];
         double value = size == 0 ? 0.0 : gc_value<KIND, PK>(r, p, zero);
-        gc_emit(o, b, per_leaf, value, r.f == 0u, size, 32, 32 + n8, 32 + 2 * n8,
+        double mean = b.mode == GC_RMS && size ? gc_mean_root<KIND, PK>(r, size, p, zero) : value;
+        gc_emit(o, b, per_leaf, value, mean, r.f == 0u, size, 32, 32 + n8, 32 + 2 * n8,
                 32 + 2 * n8 + t.n, l);
         if (KIND == GC_ZERO) {
             // torch's get_total_norm(ord=0): the number of leaves with a nonzero entry
@@ -599,7 +612,7 @@ __device__ void gc_finalize(const Table& t, const Work& w, double p, bool zero, 
     g = gc_block_reduce<KIND, PK>(g, p);
     if (tid == 0) {
         double value = total == 0 ? 0.0 : gc_value<KIND, PK>(g, p, zero);
-        gc_emit(o, b, !per_leaf, value, g.f == 0u, total, 0, 8, 16, 17, 0);
+        gc_emit(o, b, !per_leaf, value, value, g.f == 0u, total, 0, 8, 16, 17, 0);
     }
 }
 
@@ -686,8 +699,10 @@ extern "C" __global__ void gc_given(const void* norms, int count, const i64* siz
                          : gc_read<float>((const float*)norms + k);
     bool finite = value <= GC_DBL_MAX && value >= -GC_DBL_MAX;
     i64 n8 = 8 * (i64)count;
-    if (mode == GC_GLOBAL) gc_emit(o, b, true, value, finite, 0, 0, 8, 16, 17, 0);
-    else gc_emit(o, b, true, value, finite, sizes[k], 32, 32 + n8, 32 + 2 * n8, 32 + 2 * n8 + count, k);
+    // (No RMS mode here: clip_by_block_rms takes no norm.)
+    if (mode == GC_GLOBAL) gc_emit(o, b, true, value, value, finite, 0, 0, 8, 16, 17, 0);
+    else gc_emit(o, b, true, value, value, finite, sizes[k], 32, 32 + n8, 32 + 2 * n8,
+                 32 + 2 * n8 + count, k);
 }
 
 // --------------------------------------------------------------------- scale
