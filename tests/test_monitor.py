@@ -178,6 +178,19 @@ def _noisy_norms(steps, seed):
     return 1.0 + 0.1 * rng.standard_normal(steps)
 
 
+def test_a_norm_past_float32_of_finite_entries_is_flagged(xp):
+    # 4 entries of 3e38: a norm of 6e38, inf in float32, with no NaN/inf
+    # entry to flag; a clip by it scales by 0. No threshold is needed.
+    mon = GradMonitor()
+    mon.update([xp.array(np.full(4, 3e38), "float32"), xp.array(np.ones(2), "float32")])
+    found = {(a["leaf"], a["kind"]) for a in mon.anomalies}
+    assert found == {(GLOBAL, "overflow"), ("[0]", "overflow")}
+    # An inf entry is an "inf" anomaly, not an overflow too.
+    mon = GradMonitor()
+    mon.update([xp.array(np.array([np.inf, 1.0]), "float32")])
+    assert [(a["leaf"], a["kind"]) for a in mon.anomalies] == [("[0]", "inf")]
+
+
 def test_spike_flagged_only_at_the_spike(xp):
     spike_at = 28  # the first step of a window: the statistics carry across flushes
     w_norms = _noisy_norms(40, 1)
@@ -271,6 +284,18 @@ def _to_jax(jnp, host):
     }
 
 
+def test_a_gradient_with_a_graph_is_measured_by_value():
+    # torch.autograd.grad(create_graph=True) gives a non-leaf tensor that
+    # requires grad: it has no .grad (torch warns on reading it).
+    torch = importorskip("torch")
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    (g,) = torch.autograd.grad((w**3).sum(), [w], create_graph=True)
+    mon = GradMonitor()
+    mon.update({"w": g, "other": torch.ones(2)})
+    assert mon.names == ["['other']", "['w']"]
+    np.testing.assert_allclose(mon.history.leaf_norms[0], [math.sqrt(2), math.sqrt(153)])
+
+
 def test_torch_named_parameters():
     torch = _only("torch")
     torch.manual_seed(0)
@@ -351,6 +376,14 @@ def test_other_parameters_with_grads_raise():
     params[1].grad, params[2].grad = None, torch.ones(2)
     with pytest.raises(ValueError, match=r"leaves changed.*\[2\]"):
         mon.update(params)
+
+
+def test_bad_stats_record_nothing():
+    mon = GradMonitor()
+    bad = gc.ClipStats(*(np.ones((2, 2)) for _ in range(4)))
+    with pytest.raises(ValueError, match=r"stats.scale must be 0-d or 1-d; got shape \(2, 2\)"):
+        mon.update([np.ones(2)], bad)
+    assert mon.history.step.size == 0
 
 
 def test_bad_leaf_named_by_its_path():

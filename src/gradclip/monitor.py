@@ -106,16 +106,26 @@ def _is_named(tree: Any) -> bool:
 
 
 def _grad(x: Any) -> Any:
-    """The array to measure: a torch parameter (or a tensor that requires grad) gives ``.grad``.
+    """The array to measure: a torch parameter (a leaf tensor that requires grad) gives ``.grad``.
 
     A frozen parameter has no gradient: it is skipped, not measured by value.
+    A tensor that requires grad but is not a leaf (a gradient taken with
+    ``create_graph=True``) has no ``.grad`` either: it is measured by value.
     """
-    if getattr(x, "requires_grad", False) is True:
+    if getattr(x, "requires_grad", False) is True and x.is_leaf:
         return x.grad
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(x, torch.nn.Parameter):
         return x.grad
     return x
+
+
+def _check_stats(stats: Any) -> None:
+    if not isinstance(stats, ClipStats):
+        raise TypeError(f"stats must be a gradclip.ClipStats; got {type(stats).__name__}")
+    shape = tuple(getattr(stats.scale, "shape", ()))
+    if len(shape) > 1:
+        raise ValueError(f"stats.scale must be 0-d or 1-d; got shape {shape}")
 
 
 def _tag(name: str) -> str:
@@ -280,6 +290,9 @@ class GradMonitor:
     - ``"nan"`` / ``"inf"``: the leaf holds NaN entries (``"nan"``), or
       infinite ones and no NaN (``"inf"``); ``value`` is how many entries
       are NaN or infinite.
+    - ``"overflow"``: an infinite norm of finite entries (float32 gradients
+      near 1e38, whose norm is past float32): a clip by it scales by 0;
+      ``value`` is the norm.
     - ``"threshold"``: a finite norm above ``threshold`` (global norm) or
       ``leaf_threshold`` (each leaf); ``value`` is the norm, and the dict
       also holds the ``threshold``.
@@ -306,7 +319,8 @@ class GradMonitor:
         Finite values a series needs before its spikes are flagged.
     beta : float, default 0.98
         Decay of the moving mean and variance (``1 / (1 - beta)`` steps of
-        memory); during warm-up the plain running mean and variance are used.
+        memory); over a series' first ``1 / (1 - beta)`` finite values, its
+        plain running mean and variance are used.
     ord : float, default 2.0
         The norm, as for :func:`gradclip.leaf_norms`.
     fused : bool or None, default None
@@ -529,8 +543,8 @@ class GradMonitor:
             step = self._next_step
         elif isinstance(step, bool) or not isinstance(step, int | np.integer):
             raise TypeError(f"step must be an int; got {type(step).__name__}")
-        if stats is not None and not isinstance(stats, ClipStats):
-            raise TypeError(f"stats must be a gradclip.ClipStats; got {type(stats).__name__}")
+        if stats is not None:
+            _check_stats(stats)  # before anything is recorded
         if self._started and _compat.namespace(leaves[0]) is not self._xp:
             raise TypeError(
                 "GradMonitor.update: the leaves are arrays of another library than the first "
@@ -594,8 +608,7 @@ class GradMonitor:
         stats : ClipStats
             As for :meth:`update`.
         """
-        if not isinstance(stats, ClipStats):
-            raise TypeError(f"stats must be a gradclip.ClipStats; got {type(stats).__name__}")
+        _check_stats(stats)
         if not self._rows:
             raise RuntimeError(
                 "GradMonitor.record_clip: no step to attach the stats to; call update() "
@@ -608,8 +621,6 @@ class GradMonitor:
         dtype = self._rows[-1].dtype
         if scale.ndim == 1:  # per-leaf stats (clip_by_norm)
             scale, clipped = xp.min(scale), xp.any(clipped)
-        elif scale.ndim != 0:
-            raise ValueError(f"stats.scale must be 0-d or 1-d; got shape {tuple(scale.shape)}")
         with _compat.current_device(self._rows[-1]):
             self._clip[-1] = xp.stack([xp.astype(scale, dtype), xp.astype(clipped, dtype)])
 
@@ -683,7 +694,13 @@ class GradMonitor:
             ready = self._seen >= self.warmup
             spike = finite & ready & (z > z_limit) if z_limit is not None else np.zeros_like(finite)
             for i, name in enumerate(names):
-                if i > 0 and window.nonfinite[t, i - 1] > 0:
+                # the leaf's NaN/inf entries, or (the global norm) the tree's
+                bad = window.nonfinite[t, i - 1] if i else window.nonfinite[t].sum()
+                if np.isinf(x[i]) and not bad:
+                    found.append(
+                        {"step": step, "leaf": name, "kind": "overflow", "value": float(x[i])}
+                    )
+                if i > 0 and bad > 0:
                     kind = "nan" if window.nan[t, i - 1] > 0 else "inf"
                     found.append(
                         {
