@@ -322,6 +322,26 @@ def test_float64_params_give_float64_stats():
         jax.config.update("jax_enable_x64", previous)
 
 
+def test_adagc_state_keeps_its_dtype_through_scan():
+    # float32 params, float64 gradients (x64): the EMA stayed float32 in init
+    # and became float64 in update, which lax.scan refuses as a carry.
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        params = {"w": jnp.ones(3, jnp.float32)}
+        grads = jnp.ones((2, 3), jnp.float64)
+        tx = gco.adagc(warmup_steps=1)
+        state = tx.init(params)
+
+        def step(s, g):
+            return tx.update({"w": g}, s, params)[1], None
+
+        final, _ = jax.lax.scan(step, state, grads)
+        assert final.clipper.ema.dtype == state.clipper.ema.dtype == jnp.float32
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+
+
 def test_update_with_a_different_tree_is_a_clear_error():
     tx = gco.clip_by_norm(1.0)
     state = tx.init([jnp.ones(2), jnp.ones(3)])

@@ -883,7 +883,9 @@ class AdaGC(_Clipper):
         ema = xp.where(
             first, clipped_norms, self.beta * state.ema + (1 - self.beta) * clipped_norms
         )
-        ema = xp.where(finite, ema, state.ema)
+        # In the state's dtype: float64 leaves' scales (JAX with x64) would
+        # promote it, and a state whose dtype changes breaks lax.scan.
+        ema = xp.astype(xp.where(finite, ema, state.ema), state.ema.dtype)
         count = state.count + xp.astype(finite, xp.int32)
         skipped = state.skipped + xp.astype(~finite, xp.int32)
         scales = xp.astype(scales, plan.res)
