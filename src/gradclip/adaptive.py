@@ -632,11 +632,12 @@ class AGC(_Clipper):
     ) -> tuple[Any, AGCState, ClipStats]:
         """Each leaf's unitwise clip, and the stats of the whole tree."""
         acc = xp.float64 if _compat.has_float64(xp, _compat.device_of(grads.leaves[0])) else None
+        backend = _compat.backend_name(xp)
         for i, (g, w) in enumerate(zip(grads.leaves, weights, strict=True)):
-            _check_param(xp, g, w, grads.paths[i], fn)
+            _check_param(backend, g, w, grads.paths[i], fn)
         # nn.Parameters require grad: their norms would carry an autograd
         # graph into the clipped gradients (and forbid .numpy() on them).
-        if _compat.backend_name(xp) == "torch":
+        if backend == "torch":
             weights = [w.detach() for w in weights]
         out, before, after, finite = [], [], [], []
         for i, (g, w) in enumerate(zip(grads.leaves, weights, strict=True)):
@@ -747,14 +748,14 @@ def _paired_params(tree: Any, params: Any, grads: Flat, fn: str) -> list[Any]:
     return out
 
 
-def _check_param(xp: Any, g: Any, w: Any, name: str, fn: str) -> None:
-    """Raise unless the parameter ``w`` of leaf ``name`` has the library and device of ``g``."""
+def _check_param(backend: str, g: Any, w: Any, name: str, fn: str) -> None:
+    """Raise unless parameter ``w`` of leaf ``name`` is a ``backend`` array on ``g``'s device."""
     where = f"{fn}: the parameter of leaf {name}"
     if not _compat.is_array(w):
         raise TypeError(f"{where} is a {type(w).__name__}, not an array")
-    lib, want = _compat.backend_name(_compat.namespace(w)), _compat.backend_name(xp)
-    if lib != want:
-        raise TypeError(f"{where} is a {lib} array but the gradients are {want} arrays")
+    lib = _compat.backend_name(_compat.namespace(w))
+    if lib != backend:
+        raise TypeError(f"{where} is a {lib} array but the gradients are {backend} arrays")
     here, there = _compat.device_key(w), _compat.device_key(g)
     if None not in (here, there) and here != there:
         raise ValueError(f"{where} is on {here} but the gradient is on {there}")
