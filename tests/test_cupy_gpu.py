@@ -1209,9 +1209,14 @@ def _held(stream: Any, *, release_after: float | None = None, timeout_s: float =
         with cp.cuda.Device(device):
             cp.cuda.runtime.memsetAsync(flag.data.ptr, value, flag.nbytes, releaser.ptr)
 
+    # Everything queued so far finishes before the memset, which runs on
+    # another stream: ``flag`` may reuse a block that the current stream freed
+    # while kernels queued there still read it. (A FlatTree build copies from
+    # source leaves that are freed at once; on an H100 this memset zeroed the
+    # low half of a float64 before its copy ran, and the built tree differed.)
+    cp.cuda.Device(device).synchronize()
     release(0)  # the memset's first use, before anything spins
     releaser.synchronize()
-    cp.cuda.Device(device).synchronize()
     with stream:
         _gate_kernel()((1,), (1,), (flag, np.uint64(int(timeout_s * 1e9))))
     passed = cp.cuda.Event(disable_timing=True)
