@@ -204,12 +204,12 @@ def _branching_over_leaves(platform: str) -> int:
     return found
 
 
-def test_the_write_is_skipped_on_the_cpu_only():
-    # A conditional skips the write when the scale is 1 on the CPU; on an H100
-    # XLA copied every leaf through it (4.9 ms unclipped, 8.1 ms clipped, against
-    # 4.5 ms for the multiply alone), so GPU programs just multiply.
-    assert _branching_over_leaves("cpu") == 1
-    assert _branching_over_leaves("cuda") == 0
+@pytest.mark.parametrize("platform", ["cpu", "cuda"])
+def test_the_write_is_skipped_on_every_platform(platform):
+    # One conditional skips the write when the scale is 1. Kept on GPUs too: on
+    # an H100 without it (stop 28) a 3.76 GiB tree took 7.95 ms unclipped,
+    # against 4.9 ms with it (stop 24), and 8.0 ms clipped either way.
+    assert _branching_over_leaves(platform) == 1
 
 
 def test_under_vmap_each_example_gets_its_own_scale():
