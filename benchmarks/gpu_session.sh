@@ -20,6 +20,7 @@
 #   bash benchmarks/gpu_session.sh tests-jax bench-cupy
 #   bash benchmarks/gpu_session.sh bench-torch bench-dp
 #   bash benchmarks/gpu_session.sh bench-jax bench-jax-small
+#   bash benchmarks/gpu_session.sh probe-jax
 #
 # Every stage runs even if an earlier one failed; the script exits non-zero if
 # any did. One log (session.log) and the JSON results go to $OUT (the device
@@ -29,7 +30,7 @@
 # (each JSON records it).
 set -u -o pipefail
 if [ $# -eq 0 ]; then
-    sed -n '2,29p' "$0"
+    sed -n '2,30p' "$0"
     exit 2
 fi
 
@@ -161,10 +162,17 @@ for _ in range(2):
 cp.cuda.Device().synchronize()'
 }
 
+stage_probe_jax() {  # why gradclip.jax's llm clip takes a tree copy more than optax's (about 6 min)
+    local hlo=/tmp/gradclip-jax-hlo
+    rm -rf "$hlo" && mkdir -p "$hlo"
+    run probe-jax 420 "$PY" benchmarks/gpu_jax_probe.py --tree llm --hlo "$hlo"
+    tar -czf "$OUT/jax-probe-hlo.tgz" -C "$hlo" .  # one file: the device tool returns at most 8
+}
+
 for stage in "$@"; do
     fn="stage_${stage//-/_}"
     if ! declare -F "$fn" >/dev/null; then
-        echo "unknown stage $stage; stages: env tests-cupy tests-jax bench-cupy bench-torch bench-jax bench-jax-small bench-dp bench-small profile" >&2
+        echo "unknown stage $stage; stages: env tests-cupy tests-jax bench-cupy bench-torch bench-jax bench-jax-small bench-dp bench-small profile probe-jax" >&2
         exit 2
     fi
     "$fn"
