@@ -460,16 +460,25 @@ def test_adagc_after_warmup_propagates_nan_as_clip_by_norm(xp):
     ids=["zclip", "autoclip", "adagc"],
 )
 def test_an_inf_norm_is_counted_not_warned(xp, clipper, nonfinite):
-    """inf gradients (inf - inf in a statistic) raise no NumPy warning (errors here)."""
+    """inf gradients (inf - inf in a statistic) raise no NumPy warning (errors here).
+
+    Under every policy the step is counted and kept out of the statistics:
+    under "zero" too, whose norm (the inf taken as 0) is finite.
+    """
     clipper = dataclasses.replace(clipper, nonfinite=nonfinite)
     bad = [xp.array([np.inf, 1.0], "float32")]
     for first in (True, False):  # AutoClip's empty history; the others after warm-up
         state = clipper.init(bad)
         if not first:
             _, state, _ = clipper.update([xp.array([1.0, 1.0], "float32")], state)
-        out, state, _ = clipper.update(bad, state)
-        # "zero" zeroes the inf before the norm, which is then finite
-        assert int(np.asarray(xp.numpy(state.skipped))) == (nonfinite != "zero")
+        before = state
+        out, state, stats = clipper.update(bad, state)
+        assert int(np.asarray(xp.numpy(state.skipped))) == 1
+        assert not np.asarray(xp.numpy(stats.finite)).all()
+        for name in state._fields:  # the statistics are as they were
+            if name != "skipped":
+                kept = xp.numpy(getattr(before, name)), xp.numpy(getattr(state, name))
+                np.testing.assert_array_equal(*kept, err_msg=name)
         got = xp.numpy(out[0])
         if nonfinite == "zero":
             assert np.isfinite(got).all()

@@ -467,6 +467,20 @@ def test_adaptive_raise_inits_and_raises_outside_jit(name):
         tx.update(_grads("nan", 0), state, params)
 
 
+@pytest.mark.parametrize("name", ["zclip", "autoclip", "adagc"])
+def test_adaptive_zero_counts_the_bad_step(name):
+    # "zero" takes the NaN as 0 for the norm, but the step is still not finite:
+    # counted, as clip_by_global_norm(nonfinite="zero") counts it.
+    tx = getattr(gco, name)(nonfinite="zero")
+    params = _tree()
+    state = tx.init(params)
+    out, state = jax.jit(tx.update)(_grads("nan", 0), state, params)
+    clip = gco.find_state(state)
+    assert not bool(jnp.all(clip.stats.finite))
+    assert int(clip.total_notfinite) == 1 and int(clip.notfinite_count) == 1
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(out))
+
+
 # ------------------------------------------------------------------ find_stats
 
 

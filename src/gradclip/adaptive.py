@@ -14,11 +14,13 @@ Every clipper is a frozen dataclass of hyperparameters with
 With dask arrays, persist the state between steps (``x.persist()`` for
 each field): it is a lazy graph that would otherwise grow with every step.
 
-A NaN or infinite norm never enters the statistics: the step is counted in
-``state.skipped`` and the history is left as it was (the existing zclip and
-autoclip packages call ``.item()`` every step, and one NaN poisons their means
-for good). What happens to the gradients of such a step is the ``nonfinite``
-policy of :func:`gradclip.clip_by_global_norm`.
+A step whose gradients hold a NaN or an infinity never enters the
+statistics, under every ``nonfinite`` policy (``"zero"`` too, whose norm
+counts those entries as 0): the step is counted in ``state.skipped``, its
+``ClipStats.finite`` is False, and the history is left as it was (the
+existing zclip and autoclip packages call ``.item()`` every step, and one NaN
+poisons their means for good). What happens to the gradients of such a step
+is the ``nonfinite`` policy of :func:`gradclip.clip_by_global_norm`.
 
 The clippers:
 
@@ -161,19 +163,33 @@ def _prepared(tree: Any, fn: str, inplace: bool, whole: bool) -> Any:
     return prep
 
 
-def _global_norm(tree: Any, fn: str, nonfinite: str, inplace: bool) -> tuple[Any, Any]:
-    """The prepared tree and its global 2-norm, as the policy needs it."""
+def _leaves_finite(prep: Any) -> Any:
+    """1-d bool, one entry per leaf: whether every entry is finite.
+
+    Under ``nonfinite="zero"`` the norms count NaN/inf entries as 0, so they
+    cannot tell a bad step: this is one more read of the gradients, and only
+    that policy pays it.
+    """
+    xp = prep.xp
+    return xp.stack([xp.all(xp.isfinite(x)) for x in prep.flat.leaves])
+
+
+def _global_norm(tree: Any, fn: str, nonfinite: str, inplace: bool) -> tuple[Any, Any, Any]:
+    """The prepared tree, its global 2-norm as the policy needs it, and whether it was finite."""
     prep = _prepared(tree, fn, inplace, whole=nonfinite != "raise")
     norm = _api._run(prep, None, "global_norm", p=2.0, nonfinite=_norm_policy(nonfinite))
-    return prep, norm
+    if nonfinite == "zero":
+        return prep, norm, prep.xp.all(_leaves_finite(prep))
+    return prep, norm, prep.xp.isfinite(norm)
 
 
 def _clip(
-    prep: Any, threshold: Any, norm: Any, nonfinite: str, inplace: bool
+    prep: Any, threshold: Any, norm: Any, finite: Any, nonfinite: str, inplace: bool
 ) -> tuple[Any, ClipStats]:
     """Scale the tree by ``min(1, threshold / (norm + 1e-6))`` (torch's clip) in one pass.
 
-    Returns the new tree (``None`` in place) and the stats.
+    Returns the new tree (``None`` in place) and the stats, whose ``finite``
+    is ``finite`` (a given norm alone cannot tell it under ``"zero"``).
     """
     leaves, stats = _api._run(
         prep,
@@ -186,6 +202,7 @@ def _clip(
         norm=norm,
         inplace=inplace,
     )
+    stats = stats._replace(finite=_compat.as_array(finite))
     return (None if inplace else prep.flat.unflatten(leaves)), stats
 
 
@@ -259,7 +276,7 @@ class ZClipState(NamedTuple):
     buffer: Any  # (warmup_steps,) the warm-up norms
     mean: Any
     var: Any
-    skipped: Any  # steps whose norm was NaN or inf (int32)
+    skipped: Any  # steps whose gradients held a NaN or an inf (int32)
 
 
 @dataclass(frozen=True)
@@ -363,9 +380,8 @@ class ZClip(_Clipper):
     ) -> tuple[Any, ZClipState, ClipStats]:
         xp = _compat.namespace(state.mean)
         fn = "ZClip.update_" if inplace else "ZClip.update"
-        prep, norm = _global_norm(tree, fn, self.nonfinite, inplace)
+        prep, norm, finite = _global_norm(tree, fn, self.nonfinite, inplace)
         norm = xp.astype(norm, state.mean.dtype)
-        finite = xp.isfinite(norm)
         w = int(self.warmup_steps)
         warm = state.count < w
         # The warm-up: collect the norm; the EMAs start from the buffer.
@@ -406,7 +422,7 @@ class ZClip(_Clipper):
         mean = xp.where(start, first_mean, xp.where(update, new_mean, state.mean))
         var = xp.where(start, first_var, xp.where(update, new_var, state.var))
         skipped = state.skipped + xp.astype(~finite, xp.int32)
-        new, stats = _clip(prep, bound, norm, self.nonfinite, inplace)
+        new, stats = _clip(prep, bound, norm, finite, self.nonfinite, inplace)
         return new, ZClipState(count, buffer, mean, var, skipped), stats
 
 
@@ -418,7 +434,7 @@ class AutoClipState(NamedTuple):
 
     history: Any  # (history_size,) the last finite norms
     count: Any  # finite norms seen (int32; the buffer holds min(count, size))
-    skipped: Any  # steps whose norm was NaN or inf (int32)
+    skipped: Any  # steps whose gradients held a NaN or an inf (int32)
 
 
 @dataclass(frozen=True)
@@ -479,9 +495,8 @@ class AutoClip(_Clipper):
         xp = _compat.namespace(state.history)
         size = int(self.history_size)
         fn = "AutoClip.update_" if inplace else "AutoClip.update"
-        prep, norm = _global_norm(tree, fn, self.nonfinite, inplace)
+        prep, norm, finite = _global_norm(tree, fn, self.nonfinite, inplace)
         norm = xp.astype(norm, state.history.dtype)
-        finite = xp.isfinite(norm)
         device = _compat.device_of(state.history)
         slots = xp.arange(size, dtype=xp.int32, device=device)
         history = xp.where(finite & (slots == state.count % size), norm, state.history)
@@ -499,7 +514,7 @@ class AutoClip(_Clipper):
         # Before the first finite norm there is no history: nothing is clipped.
         threshold = xp.where(held > 0, threshold, xp.asarray(math.inf, device=device))
         skipped = state.skipped + xp.astype(~finite, xp.int32)
-        new, stats = _clip(prep, threshold, norm, self.nonfinite, inplace)
+        new, stats = _clip(prep, threshold, norm, finite, self.nonfinite, inplace)
         return new, AutoClipState(history, count, skipped), stats
 
 
@@ -781,7 +796,7 @@ class AdaGCState(NamedTuple):
 
     ema: Any  # (n_leaves,)
     count: Any  # finite steps seen (int32)
-    skipped: Any  # steps with a NaN or inf norm (int32)
+    skipped: Any  # steps whose gradients held a NaN or an inf (int32)
 
 
 @dataclass(frozen=True)
@@ -862,7 +877,8 @@ class AdaGC(_Clipper):
             raise ValueError(
                 f"{fn}: the tree has {norms.shape[0]} leaves but the state {state.ema.shape[0]}"
             )
-        finite = xp.all(xp.isfinite(norms))
+        leaf_finite = _leaves_finite(prep) if self.nonfinite == "zero" else xp.isfinite(norms)
+        finite = xp.all(leaf_finite)
         one = xp.ones_like(norms)
         eps = 1e-6
         zero = self.nonfinite == "zero"  # ("raise" raised in leaf_norms, before any write)
@@ -891,9 +907,7 @@ class AdaGC(_Clipper):
         skipped = state.skipped + xp.astype(~finite, xp.int32)
         scales = xp.astype(scales, plan.res)
         leaves = plan.scale_leaves(scales, per_leaf=True, zero=zero, inplace=inplace)
-        stats = ClipStats(
-            *(_compat.as_array(v) for v in (norms, scales, scales < 1, xp.isfinite(norms)))
-        )
+        stats = ClipStats(*(_compat.as_array(v) for v in (norms, scales, scales < 1, leaf_finite)))
         return prep.flat.unflatten(leaves), AdaGCState(ema, count, skipped), stats
 
 
