@@ -514,6 +514,19 @@ def test_state_dict_round_trips_across_backends(xp, clipper):
         clipper.load_state_dict({}, like)
 
 
+@pytest.mark.parametrize(
+    "clipper", [ZClip(warmup_steps=5), AutoClip(history_size=16), AdaGC(warmup_steps=3)],
+    ids=["zclip", "autoclip", "adagc"],
+)  # fmt: skip
+def test_a_state_of_another_library_is_refused_by_name(xp, clipper):
+    if xp.name == "numpy":
+        pytest.skip("the state here is NumPy's")
+    state = clipper.init([np.ones(3, np.float32)])
+    grads = [xp.array(np.ones(3), "float32")]
+    with pytest.raises(TypeError, match=r"update: the state's \w+ is a numpy array but"):
+        clipper.update(grads, state)
+
+
 def test_load_state_dict_checks_shapes_against_the_hyperparameters(xp):
     like = [xp.array(np.ones(3), "float32")]
     saved = AutoClip(history_size=3).state_dict(AutoClip(history_size=3).init(like))

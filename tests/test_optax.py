@@ -481,6 +481,20 @@ def test_adaptive_zero_counts_the_bad_step(name):
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(out))
 
 
+@pytest.mark.parametrize("name", ["zclip", "autoclip", "adagc", "agc"])
+def test_adaptive_takes_numpy_params_and_a_numpy_state(name):
+    # NumPy params (a checkpoint) make a JAX state, and a state restored as
+    # NumPy arrays still updates eagerly.
+    tx = getattr(gco, name)()
+    params = jax.tree.map(np.asarray, _tree())
+    state = tx.init(params)
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(state))
+    _, state = tx.update(_tree(1), state, params)
+    state = jax.tree.map(np.asarray, state)
+    out, state = tx.update(_tree(2), state, params)
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves((out, state)))
+
+
 # ------------------------------------------------------------------ find_stats
 
 

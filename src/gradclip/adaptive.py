@@ -163,6 +163,18 @@ def _prepared(tree: Any, fn: str, inplace: bool, whole: bool) -> Any:
     return prep
 
 
+def _check_state(prep: Any, state: Any, fn: str) -> None:
+    """The state must be in the gradients' library (its arithmetic meets theirs)."""
+    for name, value in zip(state._fields, state, strict=True):
+        other = _compat.backend_name(_compat.namespace(value))
+        if other != prep.backend:
+            raise TypeError(
+                f"{fn}: the state's {name} is a {other} array but the gradients are "
+                f"{prep.backend} arrays; make the state with init() on gradients like these "
+                "(load_state_dict(d, like=grads) converts a saved one)"
+            )
+
+
 def _leaves_finite(prep: Any) -> Any:
     """1-d bool, one entry per leaf: whether every entry is finite.
 
@@ -174,9 +186,12 @@ def _leaves_finite(prep: Any) -> Any:
     return xp.stack([xp.all(xp.isfinite(x)) for x in prep.flat.leaves])
 
 
-def _global_norm(tree: Any, fn: str, nonfinite: str, inplace: bool) -> tuple[Any, Any, Any]:
+def _global_norm(
+    tree: Any, state: Any, fn: str, nonfinite: str, inplace: bool
+) -> tuple[Any, Any, Any]:
     """The prepared tree, its global 2-norm as the policy needs it, and whether it was finite."""
     prep = _prepared(tree, fn, inplace, whole=nonfinite != "raise")
+    _check_state(prep, state, fn)
     norm = _api._run(prep, None, "global_norm", p=2.0, nonfinite=_norm_policy(nonfinite))
     if nonfinite == "zero":
         return prep, norm, prep.xp.all(_leaves_finite(prep))
@@ -380,7 +395,7 @@ class ZClip(_Clipper):
     ) -> tuple[Any, ZClipState, ClipStats]:
         xp = _compat.namespace(state.mean)
         fn = "ZClip.update_" if inplace else "ZClip.update"
-        prep, norm, finite = _global_norm(tree, fn, self.nonfinite, inplace)
+        prep, norm, finite = _global_norm(tree, state, fn, self.nonfinite, inplace)
         norm = xp.astype(norm, state.mean.dtype)
         w = int(self.warmup_steps)
         warm = state.count < w
@@ -495,7 +510,7 @@ class AutoClip(_Clipper):
         xp = _compat.namespace(state.history)
         size = int(self.history_size)
         fn = "AutoClip.update_" if inplace else "AutoClip.update"
-        prep, norm, finite = _global_norm(tree, fn, self.nonfinite, inplace)
+        prep, norm, finite = _global_norm(tree, state, fn, self.nonfinite, inplace)
         norm = xp.astype(norm, state.history.dtype)
         device = _compat.device_of(state.history)
         slots = xp.arange(size, dtype=xp.int32, device=device)
@@ -871,6 +886,7 @@ class AdaGC(_Clipper):
         fn = "AdaGC.update_" if inplace else "AdaGC.update"
         xp = _compat.namespace(state.ema)
         prep = _prepared(tree, fn, inplace, whole=False)
+        _check_state(prep, state, fn)
         norms = _api._run(prep, None, "leaf_norms", p=2.0, nonfinite=_norm_policy(self.nonfinite))
         norms = xp.astype(norms, state.ema.dtype)
         if tuple(norms.shape) != tuple(state.ema.shape):

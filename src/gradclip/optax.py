@@ -675,16 +675,28 @@ def adaptive(clipper: Any) -> Any:
         traced = dataclasses.replace(clipper, nonfinite="propagate")
 
     def init(params: Any) -> AdaptiveState:
+        params = _jax_arrays(params)
         inner = clipper.init(params)
         shapes = jax.eval_shape(lambda p, s: traced.update(p, s, p)[2], params, inner)
         return AdaptiveState(inner, _new_state(shapes))
 
     def update(updates: Any, state: AdaptiveState, params: Any = None) -> tuple[Any, Any]:
-        new, inner, stats = clipper.update(updates, state.clipper, params)
+        updates, inner, params = _jax_arrays((updates, state.clipper, params))
+        new, inner, stats = clipper.update(updates, inner, params)
         new, clip = _record(new, stats, state.clip, skip)
         return new, AdaptiveState(inner, clip)
 
     return optax.GradientTransformation(init, update)
+
+
+def _jax_arrays(tree: Any) -> Any:
+    """NumPy leaves as JAX arrays (no copy for JAX ones): optax states are JAX arrays.
+
+    The clippers keep their state in the namespace of the arrays ``init``
+    saw, and refuse a state of another library: NumPy params (a checkpoint)
+    or a state restored as NumPy must not make an eager update fail.
+    """
+    return jax.tree.map(jnp.asarray, tree)
 
 
 def zclip(**hyperparameters: Any) -> Any:
