@@ -495,6 +495,52 @@ def test_adaptive_takes_numpy_params_and_a_numpy_state(name):
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves((out, state)))
 
 
+ADAPTIVE_HYPERPARAMETERS = {
+    "zclip": {"warmup_steps": 3, "z_thresh": 1.5, "max_grad_norm": 5.0},
+    "autoclip": {"percentile": 50.0, "history_size": 4},
+    "agc": {"clipping": 0.05},
+    "adagc": {"warmup_steps": 2, "relative": 1.01, "max_grad_norm": 5.0},
+}
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTIVE_HYPERPARAMETERS))
+def test_adaptive_under_inject_hyperparams(name):
+    # Every number becomes a (traced) array there: the steps match the
+    # transform built with plain numbers, under jit and eagerly.
+    kwargs = ADAPTIVE_HYPERPARAMETERS[name]
+    factory = getattr(gco, name)
+    plain, injected = factory(**kwargs), optax.inject_hyperparams(factory)(**kwargs)
+    params = _tree()
+    a, b = plain.init(params), injected.init(params)
+    assert set(b.hyperparams) >= set(kwargs)
+    for step in range(6):
+        grads = _tree(step, scale=4.0 if step == 4 else 1.0)  # a spike at step 4
+        update = jax.jit(injected.update) if step % 2 else injected.update
+        want, a = plain.update(grads, a, params)
+        got, b = update(grads, b, params)
+        _close(got, want, rtol=1e-6)
+    _close(gco.find_stats(b), gco.find_stats(a), rtol=1e-6)
+
+
+def test_agc_under_inject_hyperparams_follows_a_schedule():
+    tx = optax.inject_hyperparams(gco.agc)(clipping=optax.linear_schedule(0.01, 0.1, 1))
+    params = {"w": jnp.ones((4, 2))}
+    state = tx.init(params)
+    grads = {"w": jnp.full((4, 2), 10.0)}
+    first, state = tx.update(grads, state, params)  # clipping 0.01: unit norm 0.02
+    second, state = tx.update(grads, state, params)  # clipping 0.1: unit norm 0.2
+    np.testing.assert_allclose(float(jnp.linalg.norm(first["w"][:, 0])), 0.02, rtol=1e-5)
+    np.testing.assert_allclose(float(jnp.linalg.norm(second["w"][:, 0])), 0.2, rtol=1e-5)
+
+
+def test_agc_axis_is_static_under_inject_hyperparams():
+    with pytest.raises(TypeError, match=r"static_args=\('axis',\)"):
+        optax.inject_hyperparams(gco.agc)(axis=0).init({"w": jnp.ones((4, 2))})
+    tx = optax.inject_hyperparams(gco.agc, static_args=("axis",))(axis=0)
+    params = {"w": jnp.ones((4, 2))}
+    tx.update({"w": jnp.ones((4, 2))}, tx.init(params), params)
+
+
 # ------------------------------------------------------------------ find_stats
 
 

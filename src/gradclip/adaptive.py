@@ -45,7 +45,7 @@ import math
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 import numpy as np
 import optree
@@ -148,6 +148,20 @@ def _load_fields(d: dict[str, Any], fn: str, ref: Any, why: Any, xp: Any, device
             )
         out[k] = xp.asarray(value, device=device)
     return type(ref)(**out)
+
+
+def _number(value: Any) -> TypeGuard[float]:
+    """Whether a hyperparameter is a number to check.
+
+    An array (``optax.inject_hyperparams`` makes every number one, traced
+    under ``jit``) is used as it is, unchecked: checking it would need its value.
+    """
+    return isinstance(value, int | float | np.number)
+
+
+def _scalar(value: Any) -> Any:
+    """A number hyperparameter as a float; an array as it is (see :func:`_number`)."""
+    return float(value) if _number(value) else value
 
 
 def _check_policy(nonfinite: str) -> None:
@@ -371,11 +385,11 @@ class ZClip(_Clipper):
             raise ValueError(
                 f"clip_option must be 'adaptive_scaling' or 'mean'; got {self.clip_option!r}"
             )
-        if not 0.0 <= self.alpha < 1.0:
+        if _number(self.alpha) and not 0.0 <= self.alpha < 1.0:
             raise ValueError(f"alpha must be in [0, 1); got {self.alpha!r}")
-        if int(self.warmup_steps) < 1:
+        if _number(self.warmup_steps) and int(self.warmup_steps) < 1:
             raise ValueError(f"warmup_steps must be >= 1; got {self.warmup_steps!r}")
-        if self.max_grad_norm is not None and not self.max_grad_norm >= 0:
+        if _number(self.max_grad_norm) and not self.max_grad_norm >= 0:
             raise ValueError(f"max_grad_norm must be >= 0 or None; got {self.max_grad_norm!r}")
         _check_policy(self.nonfinite)
 
@@ -397,7 +411,7 @@ class ZClip(_Clipper):
         fn = "ZClip.update_" if inplace else "ZClip.update"
         prep, norm, finite = _global_norm(tree, state, fn, self.nonfinite, inplace)
         norm = xp.astype(norm, state.mean.dtype)
-        w = int(self.warmup_steps)
+        w = state.buffer.shape[0]  # warmup_steps, as init sized it (an array here is traced)
         warm = state.count < w
         # The warm-up: collect the norm; the EMAs start from the buffer.
         take = warm & finite
@@ -425,7 +439,7 @@ class ZClip(_Clipper):
         effective = xp.where(spike, threshold, norm)
         # The zclip package clips a spike at min(threshold, cap), anything
         # else (and every warm-up step) at the cap alone.
-        cap = math.inf if self.max_grad_norm is None else float(self.max_grad_norm)
+        cap = math.inf if self.max_grad_norm is None else _scalar(self.max_grad_norm)
         bound = xp.where(spike, xp.minimum(threshold, cap), cap)
         # EMA update with the norm, or the threshold on a spike.
         x = effective
@@ -488,9 +502,9 @@ class AutoClip(_Clipper):
     nonfinite: str = "propagate"
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.percentile <= 100.0:
+        if _number(self.percentile) and not 0.0 <= self.percentile <= 100.0:
             raise ValueError(f"percentile must be in [0, 100]; got {self.percentile!r}")
-        if int(self.history_size) < 1:
+        if _number(self.history_size) and int(self.history_size) < 1:
             raise ValueError(f"history_size must be >= 1; got {self.history_size!r}")
         _check_policy(self.nonfinite)
 
@@ -508,7 +522,7 @@ class AutoClip(_Clipper):
         self, tree: Any, state: AutoClipState, params: Any, inplace: bool
     ) -> tuple[Any, AutoClipState, ClipStats]:
         xp = _compat.namespace(state.history)
-        size = int(self.history_size)
+        size = state.history.shape[0]  # history_size, as init sized it
         fn = "AutoClip.update_" if inplace else "AutoClip.update"
         prep, norm, finite = _global_norm(tree, state, fn, self.nonfinite, inplace)
         norm = xp.astype(norm, state.history.dtype)
@@ -631,7 +645,12 @@ class AGC(_Clipper):
                 "AGC needs layout='jax' (in x out weights, optax) or layout='torch' "
                 f"(out x in weights, timm), or axis=; got layout={self.layout!r}"
             )
-        if not self.clipping > 0:
+        if self.axis is not None and not isinstance(self.axis, int | tuple | list):
+            raise TypeError(
+                f"AGC: axis must be an int or a tuple of ints; got {type(self.axis).__name__} "
+                "(with optax.inject_hyperparams, pass static_args=('axis',))"
+            )
+        if _number(self.clipping) and not self.clipping > 0:
             raise ValueError(f"clipping must be > 0; got {self.clipping!r}")
 
     def init(self, tree: Any) -> AGCState:
@@ -860,11 +879,11 @@ class AdaGC(_Clipper):
     nonfinite: str = "propagate"
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.beta < 1.0:
+        if _number(self.beta) and not 0.0 <= self.beta < 1.0:
             raise ValueError(f"beta must be in [0, 1); got {self.beta!r}")
-        if not self.relative > 0:
+        if _number(self.relative) and not self.relative > 0:
             raise ValueError(f"relative must be > 0; got {self.relative!r}")
-        if int(self.warmup_steps) < 0:
+        if _number(self.warmup_steps) and int(self.warmup_steps) < 0:
             raise ValueError(f"warmup_steps must be >= 0; got {self.warmup_steps!r}")
         _check_policy(self.nonfinite)
 
@@ -903,12 +922,12 @@ class AdaGC(_Clipper):
         # tensor against its own EMA. Both with clip_by_global_norm's
         # arithmetic (no overflow; a NaN norm gives a NaN scale, as in torch).
         total = xp.sqrt(xp.sum(norms**2))
-        global_scale = _core._scale_from_norm(plan, total, float(self.max_grad_norm), eps)
+        global_scale = _core._scale_from_norm(plan, total, _scalar(self.max_grad_norm), eps)
         own = _core._scale_from_norm(plan, norms, self.relative * state.ema, eps)
         # Until a finite step has started the EMAs there is no per-tensor
         # threshold (it would be 0 and zero the step, and the EMAs with it).
         first = state.count == 0
-        warm = (state.count < int(self.warmup_steps)) | first
+        warm = (state.count < self.warmup_steps) | first
         scales = xp.where(warm, global_scale * one, own)
         if self.nonfinite == "skip":
             scales = xp.where(finite, scales, one)

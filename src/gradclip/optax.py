@@ -20,6 +20,7 @@ Unlike ``import gradclip``, importing this module imports jax and optax.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -31,6 +32,7 @@ import optax
 
 import gradclip as gc
 
+from . import adaptive as _adaptive
 from ._stats import ClipStats
 
 __all__ = [
@@ -643,6 +645,12 @@ def adaptive(clipper: Any) -> Any:
     ``nonfinite="skip"``, a non-finite step's update becomes zeros, as for
     the other transforms here.
 
+    :func:`zclip`, :func:`autoclip`, :func:`agc` and :func:`adagc` work
+    under ``optax.inject_hyperparams``, so a float hyperparameter can follow
+    a schedule. ``warmup_steps`` and ``history_size`` size the state: they
+    are taken from it after ``init``. AGC's ``axis`` must stay static
+    (``static_args=("axis",)``).
+
     Parameters
     ----------
     clipper : ZClip, AutoClip, AGC or AdaGC
@@ -701,32 +709,41 @@ def _jax_arrays(tree: Any) -> Any:
 
 def zclip(**hyperparameters: Any) -> Any:
     """:class:`gradclip.adaptive.ZClip` as a transform (see :func:`adaptive`)."""
-    from .adaptive import ZClip
-
-    return adaptive(ZClip(**hyperparameters))
+    return adaptive(_adaptive.ZClip(**hyperparameters))
 
 
 def autoclip(**hyperparameters: Any) -> Any:
     """:class:`gradclip.adaptive.AutoClip` as a transform (see :func:`adaptive`)."""
-    from .adaptive import AutoClip
-
-    return adaptive(AutoClip(**hyperparameters))
+    return adaptive(_adaptive.AutoClip(**hyperparameters))
 
 
 def agc(**hyperparameters: Any) -> Any:
     """:class:`gradclip.adaptive.AGC` as a transform; ``layout`` defaults to "jax" here."""
-    from .adaptive import AGC
-
-    if "axis" not in hyperparameters:
-        hyperparameters.setdefault("layout", "jax")
-    return adaptive(AGC(**hyperparameters))
+    if hyperparameters.get("layout") is None and hyperparameters.get("axis") is None:
+        hyperparameters["layout"] = "jax"
+    return adaptive(_adaptive.AGC(**hyperparameters))
 
 
 def adagc(**hyperparameters: Any) -> Any:
     """:class:`gradclip.adaptive.AdaGC` as a transform (see :func:`adaptive`)."""
-    from .adaptive import AdaGC
+    return adaptive(_adaptive.AdaGC(**hyperparameters))
 
-    return adaptive(AdaGC(**hyperparameters))
+
+def _keywords_of(cls: type) -> inspect.Signature:
+    """The clipper's fields as keyword-only parameters with their defaults."""
+    params = inspect.signature(cls).parameters.values()
+    return inspect.Signature([p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params])
+
+
+# optax.inject_hyperparams binds its arguments to the factory's signature:
+# **hyperparameters alone would reach the clipper as one argument of that name.
+for _factory, _cls in (
+    (zclip, _adaptive.ZClip),
+    (autoclip, _adaptive.AutoClip),
+    (agc, _adaptive.AGC),
+    (adagc, _adaptive.AdaGC),
+):
+    _factory.__signature__ = _keywords_of(_cls)  # type: ignore[attr-defined]
 
 
 # ----------------------------------------------------------------------- finding
