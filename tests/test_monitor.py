@@ -529,6 +529,23 @@ def test_tensorboard_hook():
     assert calls[("g/nonfinite", 1)] == 0 and calls[("g/anomalies", 1)] == 0
 
 
+def test_tensorboard_tags_are_distinct():
+    class Writer:
+        def __init__(self):
+            self.tags = set()
+
+        def add_scalar(self, tag, value, step):
+            self.tags.add(tag)
+
+    writer = Writer()
+    mon = GradMonitor(log_every=1, writer=writer, prefix="g")
+    # Three paths that read as the tag a/b: each leaf gets a curve of its own.
+    mon.update({"a b": np.array([1.0]), "a": {"b": np.array([2.0])}, "a/b": np.array([3.0])})
+    mon.flush()
+    norms = sorted(t for t in writer.tags if t.startswith("g/norm/"))
+    assert norms == ["g/norm/a/b", "g/norm/a/b~2", "g/norm/a/b~3"]
+
+
 def test_torch_summary_writer(tmp_path):
     _only("torch")
     importorskip("tensorboard")

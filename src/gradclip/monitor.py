@@ -133,6 +133,24 @@ def _tag(name: str) -> str:
     return "/".join(re.findall(r"[\w.\-]+", name)) or "root"
 
 
+def _tags(names: list[str]) -> list[str]:
+    """Distinct tags for the leaves: a tag that an earlier leaf holds gets ``~2``, ``~3``, ...
+
+    ``['a b']`` and ``['a']['b']`` both give ``a/b``, and TensorBoard would
+    draw the two leaves as one curve. No :func:`_tag` holds a ``~``.
+    """
+    out: list[str] = []
+    taken: set[str] = set()
+    for base in map(_tag, names):
+        tag, k = base, 1
+        while tag in taken:
+            k += 1
+            tag = f"{base}~{k}"
+        taken.add(tag)
+        out.append(tag)
+    return out
+
+
 def _nonfinite_counts(xp: Any, leaves: list[Any]) -> Any:
     """Each leaf's count of NaN/inf entries, then of NaN entries (1-d, ``2 * n``).
 
@@ -332,7 +350,8 @@ class GradMonitor:
         (steps with clip stats), ``{prefix}/nonfinite`` (the total count),
         ``{prefix}/anomalies`` (how many were flagged), and per leaf
         ``{prefix}/norm/<leaf>`` and ``{prefix}/max_abs/<leaf>``, the leaf's
-        name turned into a tag (``['encoder'][0]`` becomes ``encoder/0``).
+        name turned into a tag (``['encoder'][0]`` becomes ``encoder/0``; a
+        tag an earlier leaf took gets ``~2``, ``~3``, ...).
     prefix : str, default "grad"
         The first part of the writer's tags.
     jsonl, csv : str or path-like, optional
@@ -846,7 +865,7 @@ class GradMonitor:
 
     def _write_scalars(self, window: History, anomalies: list[list[dict[str, Any]]]) -> None:
         add, pre = self.writer.add_scalar, self.prefix
-        tags = [_tag(name) for name in self.names]
+        tags = _tags(self.names)
         for t in range(window.step.shape[0]):
             step = int(window.step[t])
             add(f"{pre}/global_norm", float(window.global_norm[t]), step)
