@@ -169,16 +169,14 @@ def _check_policy(nonfinite: str) -> None:
         raise ValueError(f"nonfinite must be one of {_POLICIES}; got {nonfinite!r}")
 
 
-def _prepared(tree: Any, fn: str, inplace: bool, whole: bool) -> Any:
-    """``tree`` flattened and checked once per step, for the norm and the clip."""
+def _prepared(tree: Any, state: Any, fn: str, inplace: bool, whole: bool) -> Any:
+    """``tree`` flattened and checked once per step, for the norm and the clip.
+
+    The state must be in the gradients' library (its arithmetic meets theirs).
+    """
     prep = _api._prepare(tree, fn, inplace=inplace, whole=whole)
     if prep.xp is None:
         raise ValueError(f"{fn}: the tree has no array leaves")
-    return prep
-
-
-def _check_state(prep: Any, state: Any, fn: str) -> None:
-    """The state must be in the gradients' library (its arithmetic meets theirs)."""
     for name, value in zip(state._fields, state, strict=True):
         other = _compat.backend_name(_compat.namespace(value))
         if other != prep.backend:
@@ -187,6 +185,7 @@ def _check_state(prep: Any, state: Any, fn: str) -> None:
                 f"{prep.backend} arrays; make the state with init() on gradients like these "
                 "(load_state_dict(d, like=grads) converts a saved one)"
             )
+    return prep
 
 
 def _leaves_finite(prep: Any) -> Any:
@@ -204,8 +203,7 @@ def _global_norm(
     tree: Any, state: Any, fn: str, nonfinite: str, inplace: bool
 ) -> tuple[Any, Any, Any]:
     """The prepared tree, its global 2-norm as the policy needs it, and whether it was finite."""
-    prep = _prepared(tree, fn, inplace, whole=nonfinite != "raise")
-    _check_state(prep, state, fn)
+    prep = _prepared(tree, state, fn, inplace, whole=nonfinite != "raise")
     norm = _api._run(prep, None, "global_norm", p=2.0, nonfinite=_norm_policy(nonfinite))
     if nonfinite == "zero":
         return prep, norm, prep.xp.all(_leaves_finite(prep))
@@ -904,19 +902,18 @@ class AdaGC(_Clipper):
     ) -> tuple[Any, AdaGCState, ClipStats]:
         fn = "AdaGC.update_" if inplace else "AdaGC.update"
         xp = _compat.namespace(state.ema)
-        prep = _prepared(tree, fn, inplace, whole=False)
-        _check_state(prep, state, fn)
+        prep = _prepared(tree, state, fn, inplace, whole=False)
         norms = _api._run(prep, None, "leaf_norms", p=2.0, nonfinite=_norm_policy(self.nonfinite))
         norms = xp.astype(norms, state.ema.dtype)
         if tuple(norms.shape) != tuple(state.ema.shape):
             raise ValueError(
                 f"{fn}: the tree has {norms.shape[0]} leaves but the state {state.ema.shape[0]}"
             )
-        leaf_finite = _leaves_finite(prep) if self.nonfinite == "zero" else xp.isfinite(norms)
+        zero = self.nonfinite == "zero"  # ("raise" raised in leaf_norms, before any write)
+        leaf_finite = _leaves_finite(prep) if zero else xp.isfinite(norms)
         finite = xp.all(leaf_finite)
         one = xp.ones_like(norms)
         eps = 1e-6
-        zero = self.nonfinite == "zero"  # ("raise" raised in leaf_norms, before any write)
         plan = Plan(prep.xp, 2.0, prep.flat.leaves, zero_nonfinite=zero)
         # Warm-up: global-norm clipping at max_grad_norm; after it, each
         # tensor against its own EMA. Both with clip_by_global_norm's
