@@ -307,7 +307,9 @@ def _launch(world: int, cases: dict[str, dict], outdir: Any) -> list[dict[str, A
             why = "after another rank failed" if failed_at is not None else "deadlock?"
             problems.append(f"--- rank {rank} was killed unfinished ({why})")
         elif proc.exitcode != 0:
-            problems.append(f"--- rank {rank} exited with code {proc.exitcode}")
+            fault = outdir / f"rank{rank}.fault"
+            stacks = fault.read_text() if fault.exists() else ""
+            problems.append(f"--- rank {rank} exited with code {proc.exitcode}\n{stacks}")
         proc.close()
     if problems:
         elapsed = time.monotonic() - start

@@ -15,6 +15,7 @@ functions: ``--doctest-modules`` imports this file in sessions without torch.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import pickle
 import sys
@@ -37,6 +38,10 @@ def main(
     mismatched one raises (and the parent reports it) instead of hanging.
     """
     os.environ["OMP_NUM_THREADS"] = "1"
+    # A rank killed by a signal (an abort in torch's C++) leaves no traceback
+    # of its own: this file gets the Python stacks, and the parent reports them.
+    fault = open(os.path.join(outdir, f"rank{rank}.fault"), "w")  # noqa: SIM115 (to the end)
+    faulthandler.enable(fault, all_threads=True)
     try:
         import torch
         import torch.distributed as dist
@@ -66,6 +71,14 @@ def main(
             f.write(traceback.format_exc())
         sys.stderr.flush()
         os._exit(1)  # skip interpreter teardown, which may block on a broken process group
+    # Done: the results are written and the group destroyed. Skip interpreter
+    # teardown here too: gloo's threads may still hold torch objects then, and
+    # freeing them at finalization sometimes aborts the process ("terminate
+    # called without an active exception", SIGABRT; pytorch PR 179291). A CI
+    # run failed so once, after rank 0's last barrier (rank 1 had finished).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ---------------------------------------------------------------- helpers
