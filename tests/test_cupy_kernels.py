@@ -333,6 +333,12 @@ def test_extremes_in_one_leaf(dev: cuda_emulator.EmuDevice) -> None:
     assert got == pytest.approx(ref_norm(leaves, 2.0), rel=1e-12)
 
 
+@pytest.mark.parametrize("ord", [2.0, 1.0, 3.0, 0.5])
+def test_largest_finite_entry(dev: cuda_emulator.EmuDevice, ord: float) -> None:
+    big = float(np.finfo(np.float64).max)
+    assert float(fast_global(dev, [np.array([big, 0.0])], ord)) == pytest.approx(big, rel=1e-12)
+
+
 @pytest.mark.parametrize("inplace", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_clip_by_global_norm_bit_for_bit(

@@ -120,6 +120,19 @@ def test_float64_leaves_do_not_overflow(xp):
     assert float(gc.global_norm([leaves[1]])) == pytest.approx(2e-200, rel=1e-12)
 
 
+@pytest.mark.parametrize("ord", [2.0, 1.0, 3.0, 0.5, math.inf])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_largest_finite_entry(xp, dtype, ord):
+    # Its log2 rounds up to the dtype's maxexp (1024.0 for float64): the
+    # scaling exponent must stay one below, where 2**exp is finite.
+    need(xp, dtype)
+    big = float(np.finfo(dtype).max)
+    leaves = [xp.array(np.array([big, 0.0]), dtype), xp.array(np.array([-big]), dtype)]
+    norm = lambda t: float(xp.numpy(gc.global_norm(t, ord=ord)))  # noqa: E731
+    assert norm(leaves[:1]) == pytest.approx(big, rel=1e-6)
+    assert norm(leaves) == (big if ord == math.inf else math.inf)  # else 2**(1/ord) * big
+
+
 @pytest.mark.parametrize("shape", [(0,), (5,)])
 def test_empty_or_zero_leaf_beside_tiny_float64(xp, shape):
     # An empty or all-zero leaf's exponent must not become the common one: the

@@ -255,19 +255,19 @@ class Plan:
         exp = self.exponent(m)
         return Partial(self._powsum(self.scale_down(a, exp)), exp, finite)
 
-    def exponent(self, m: Any) -> Any:
-        """The power-of-two exponent that scales magnitudes up to ``m`` into ``[0, 2)``.
+    def exponent(self, m: Any, e: Any = 0.0) -> Any:
+        """The power-of-two exponent that scales magnitudes up to ``m * 2**e`` into ``[0, 2)``.
 
         Elementwise, so ``m`` may hold one maximum per block or per example.
         """
         xp = self.xp
         ok = xp.isfinite(m) & (m > 0)
-        exp = xp.floor(xp.log2(xp.where(ok, m, self.const(1.0))))
+        exp = xp.floor(xp.log2(xp.where(ok, m, self.const(1.0)))) + e
         # Over the whole range, subnormals included: scale_down applies it in
         # two halves. (Clamped to 2**-exp normal, subnormal float64 entries
         # came out near 2**-51, and their 30th power was 0.)
         acc = self._acc_info
-        exp = xp.clip(exp, math.floor(acc.tiny_exp2), math.floor(acc.max_exp2))
+        exp = xp.clip(exp, math.floor(acc.tiny_exp2), math.ceil(acc.max_exp2) - 1)
         return xp.where(ok, exp, self.const(0.0))
 
     def scale_down(self, a: Any, exp: Any) -> Any:
