@@ -166,3 +166,15 @@ def test_amp_inv_scale(kernels):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     for p, q in zip(params, ref_params, strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_block_rms_past_double(kernels, dtype):
+    """A leaf whose norm is past double (4 entries of 1e308) but whose rms is not."""
+    grads = [torch.full((4,), 1e308, dtype=dtype), torch.full((3,), 2.0)]
+    got = gc.clip_by_block_rms(grads, 1e300)
+    want = gc.clip_by_block_rms(grads, 1e300, fused=False)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    assert float(got[0][0].real) == pytest.approx(1e300, rel=1e-12)
+    assert any(name.startswith("gc_norm") for name in kernels.launches)

@@ -289,6 +289,27 @@ template <int KIND, int PK> __device__ __forceinline__ Acc gc_merge(Acc a, Acc b
     return r;
 }
 
+// The p-norm of a partial of finite entries as m * 2**E, m in [1, 2) or 0:
+// finite where the norm is past double (the torch route rebuilds partials
+// from it, and an rms may be representable where the norm is not).
+template <int PK> __device__ double gc_split(Acc a, double p, double* E) {
+    double r = PK == 2 ? sqrt(a.v) : PK == 1 ? a.v : pow(a.v, 1.0 / p);
+    *E = 0.0;
+    if (r == 0.0) return 0.0;
+    if (PK == 0 && r > GC_DBL_MAX) {
+        // For small p the power overflows before 2**e brings it back
+        // (2000 entries of 1e-150, p = 0.01: 2000**100 = 1e330 for a norm
+        // of 1e180): in logs instead.
+        double t = log2(a.v) / p + a.e;
+        *E = floor(t);
+        return exp2(t - *E);
+    }
+    int k;
+    double m = frexp(r, &k);  // r = m * 2**k, m in [0.5, 1): exact
+    *E = (double)a.e + (double)(k - 1);
+    return 2.0 * m;
+}
+
 // The norm a partial stands for (float64); `zero`: NaN/inf entries counted as 0.
 template <int KIND, int PK> __device__ double gc_value(Acc a, double p, bool zero) {
     bool nan = !zero && (a.f & GC_NANF), inf = !zero && (a.f & GC_INFF);
@@ -296,16 +317,8 @@ template <int KIND, int PK> __device__ double gc_value(Acc a, double p, bool zer
     if (nan) return gc_nan();
     if (KIND == GC_P) {
         if (inf) return gc_inf();
-        double r = PK == 2 ? sqrt(a.v) : PK == 1 ? a.v : pow(a.v, 1.0 / p);
-        if (PK == 0 && r > GC_DBL_MAX) {
-            // For small p the power overflows before 2**e brings it back
-            // (2000 entries of 1e-150, p = 0.01: 2000**100 = 1e330 for a norm
-            // of 1e180): in logs instead, the exponent held below int's range.
-            double t = log2(a.v) / p + a.e, it = floor(t);
-            it = it > 4096.0 ? 4096.0 : it;  // past any double: ldexp gives inf
-            return ldexp(exp2(t - it), (int)it);
-        }
-        return ldexp(r, a.e);
+        double e, m = gc_split<PK>(a, p, &e);
+        return ldexp(m, (int)(e > 4096.0 ? 4096.0 : e));  // past any double: inf
     }
     if (KIND == GC_INF && inf) return gc_inf();
     return a.v;
@@ -491,7 +504,8 @@ __device__ __forceinline__ void gc_store(double* v, int* e, u32* f, i64 k, Acc a
 //   [0, 16): norm, scale (result dtype: float32 or float64)
 //   [16, 18): clipped, finite (bool)
 //   [32, 32 + 8n): per-leaf norms; then 8n: per-leaf scales; then n: per-leaf
-//   clipped; then n: per-leaf finite.
+//   clipped; then n: per-leaf finite; then, from the next multiple of 8, the
+//   norm kernels' per-leaf norms as m * 2**e: n doubles m, then n doubles e.
 struct Out {
     char* base;
     int n, res64;
@@ -500,6 +514,12 @@ struct Out {
         else ((float*)(base + byte))[k] = gc_narrow(x);
     }
     __device__ __forceinline__ void flag(i64 byte, bool x) const { ((bool*)base)[byte] = x; }
+    // Leaf k's norm as m * 2**e (norm kernels only; float64).
+    __device__ __forceinline__ void split(i64 k, double m, double e) const {
+        double* at = (double*)(base + ((32 + 18 * (i64)n + 7) & ~(i64)7));
+        at[k] = m;
+        at[n + k] = e;
+    }
 };
 
 // min(1, max_norm / (norm + eps)) in the result dtype R, operation for
@@ -600,6 +620,9 @@ __device__ void gc_finalize(const Table& t, const Work& w, double p, bool zero, 
         double mean = b.mode == GC_RMS && size ? gc_mean_root<KIND, PK>(r, size, p, zero) : value;
         gc_emit(o, b, per_leaf, value, mean, r.f == 0u, size, 32, 32 + n8, 32 + 2 * n8,
                 32 + 2 * n8 + t.n, l);
+        double e = 0.0;  // NaN/inf entries (unless zeroed) and the other kinds: (norm, 0)
+        double m = KIND == GC_P && (zero || r.f == 0u) ? gc_split<PK>(r, p, &e) : value;
+        o.split(l, m, e);
         if (KIND == GC_ZERO) {
             // torch's get_total_norm(ord=0): the number of leaves with a nonzero entry
             Acc one = gc_identity<KIND>();

@@ -213,10 +213,21 @@ class Outputs:
         offset = (32, 32 + n8, 32 + 2 * n8, 32 + 2 * n8 + self.n)[field]
         return dev.view(self.buf, offset, (self.n,), self.res if field < 2 else np.bool_)
 
+    def split(self, dev: Device) -> Any:
+        """The norm kernels' per-leaf norms as ``m * 2**e``: ``(m, e)`` as float64 rows.
+
+        Finite where a float64 leaf's norm is past double (for an rms that is not).
+        """
+        return dev.view(self.buf, _split_at(self.n), (2, self.n), np.float64)
+
+
+def _split_at(n: int) -> int:
+    return (32 + 18 * n + 7) // 8 * 8
+
 
 def outputs(dev: Device, n: int, res: Any) -> Outputs:
     """A fresh output buffer for ``n`` leaves."""
-    return Outputs(dev.empty(32 + 18 * n + 8), np.dtype(res), n)
+    return Outputs(dev.empty(_split_at(n) + 16 * n + 8), np.dtype(res), n)
 
 
 def _bound_args(out: Outputs, mode: str, skip: bool, max_norm: Any, eps: float) -> tuple[Any, ...]:

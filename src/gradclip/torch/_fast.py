@@ -335,26 +335,34 @@ class TorchPlan(Plan):
         """Partials standing for the kernels' norms: one per leaf, or one for them all.
 
         A p-norm ``v`` becomes ``(v / 2**e)**p`` with exponent ``e``, so that
-        no power overflows. torch's ``ord=0`` counts leaves, so ``Plan.total``
-        needs each leaf's count.
+        no power overflows. Per leaf, the kernels give it as ``m * 2**e``,
+        finite where a float64 leaf's norm is past double (its rms may not
+        be). torch's ``ord=0`` counts leaves, so ``Plan.total`` needs each
+        leaf's count.
         """
         k = self._kernels
         assert k is not None
         _, out = self._launch()
         per_leaf = per_leaf or self.kind == "zero"
         xp = self.xp
+        exp = None
         with k.stream():
             if per_leaf:
-                norms, finite = out.leaf(k.dev, 0), out.leaf(k.dev, 3)
+                finite = out.leaf(k.dev, 3)
+                if self.kind == "p":
+                    v, exp = xp.astype(k.to_torch(out.split(k.dev)), self.acc)
+                else:
+                    v = xp.astype(k.to_torch(out.leaf(k.dev, 0)), self.acc)
             else:
-                norms, finite = out.norm(k.dev), out.finite(k.dev)
-            v = xp.astype(k.to_torch(norms), self.acc)
+                finite = out.finite(k.dev)
+                v = xp.astype(k.to_torch(out.norm(k.dev)), self.acc)
             flags = k.to_torch(finite)
-        exp = None
         if self.kind == "p":
+            # The norm v * 2**e as (v * 2**(e - exp))**p, exp in the accumulator's range.
+            e = self.const(0.0) if exp is None else exp
             ok = xp.isfinite(v) & (v > 0)
-            exp = self.exponent(v)
-            v = xp.where(ok, xp.pow(self.scale_down(v, exp), self.p), v)
+            exp = self.exponent(v, e)
+            v = xp.pow(xp.where(ok, self.scale_down(v, exp - e), v), self.p)
         if not per_leaf:
             return [Partial(v, exp, flags)]
         return [
