@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import warnings
 
 import pytest
 
@@ -604,6 +605,57 @@ def test_plain_tensors_are_not_parameters(fn):
     with pytest.raises(TypeError, match=r"parameters\[0\] is a tensor .*not a parameter"):
         getattr(gct, fn)(grads, *args)
     _assert_grads_equal(grads, before)
+
+
+@pytest.mark.parametrize("fn", ["clip_grad_norm_", "clip_grad_value_", "get_total_norm"])
+def test_computed_gradients_are_not_parameters(fn):
+    # autograd.grad(create_graph=True) gives gradients that require grad: they
+    # have a grad_fn and never a .grad, so torch would clip nothing.
+    x = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
+    (g,) = torch.autograd.grad((x**3).sum(), x, create_graph=True)
+    before = g.detach().clone()
+    call = {
+        "clip_grad_norm_": lambda: clip_grad_norm_([g], 1e-3),
+        "clip_grad_value_": lambda: clip_grad_value_([g], 1e-3),
+        "get_total_norm": lambda: get_total_norm([g]),
+    }[fn]
+    if fn == "get_total_norm":  # takes the gradients themselves
+        assert float(call()) == pytest.approx(float(torch.linalg.vector_norm(before)), rel=1e-6)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own, for reading .grad of a non-leaf
+        with pytest.raises(TypeError, match=r"parameters\[0\] is a tensor .*has a grad_fn"):
+            call()
+    assert torch.equal(g.detach(), before)
+
+
+@pytest.mark.parametrize("fn", ["clip_grad_norm_", "get_total_norm"])
+def test_tuples_that_are_not_named_pairs_raise(fn):
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    for p in (*a.parameters(), *b.parameters()):
+        p.grad = torch.full_like(p, 10.0)
+    if fn == "clip_grad_norm_":
+        items = list(zip(a.parameters(), b.parameters(), strict=True))
+        mixed = [("weight", a.weight), a.bias]
+        what = "parameters"
+    else:
+        items = [(a.weight.grad, b.weight.grad)]
+        mixed = [("weight", a.weight.grad), a.bias.grad]
+        what = "tensors"
+    pair = r"tuple \((Parameter|Tensor), (Parameter|Tensor)\), not a \(name, tensor\) pair"
+    with pytest.raises(TypeError, match=rf"{what}\[0\] is {pair}"):
+        getattr(gct, fn)(items, 1.0)
+    with pytest.raises(TypeError, match=rf"{what}\[1\] is (Parameter|Tensor) of shape \(2,\)"):
+        getattr(gct, fn)(mixed, 1.0)
+    assert all(bool((p.grad == 10.0).all()) for p in (*a.parameters(), *b.parameters()))
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, 0.0])
+def test_inv_scale_with_no_gradients(route, norm_type):
+    frozen = torch.nn.Parameter(torch.zeros(2))  # unused: its .grad is None
+    for params in ([frozen], []):
+        got = clip_grad_norm_(params, 1.0, norm_type, inv_scale=torch.tensor(0.5))
+        assert float(got) == 0.0
 
 
 @pytest.mark.parametrize("foreach", [None, False])

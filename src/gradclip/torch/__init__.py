@@ -76,15 +76,23 @@ def _items(tensors: _Tensors, fn: str, what: str) -> tuple[list[Any], list[str] 
         raise TypeError(f"{fn}: {what} must be a tensor or an iterable of tensors; got {tensors!r}")
     items = list(tensors)
     if items and isinstance(items[0], tuple):  # model.named_parameters()
-        try:
-            names = [str(name) for name, _ in items]
-            items = [t for _, t in items]
-        except (TypeError, ValueError):
-            raise TypeError(
-                f"{fn}: {what} holds tuples; give tensors or (name, tensor) pairs"
-            ) from None
-        return items, names
+        for i, item in enumerate(items):
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+                raise TypeError(
+                    f"{fn}: {what}[{i}] is {_kind(item)}, not a (name, tensor) pair; {what} "
+                    "holding tuples must be such pairs, as named_parameters() gives"
+                )
+        return [t for _, t in items], [name for name, _ in items]
     return items, None
+
+
+def _kind(item: Any) -> str:
+    """``Tensor of shape (2,)``, ``tuple (Tensor, Tensor)``: what an item is, in short."""
+    if isinstance(item, tuple):
+        return f"tuple ({', '.join(type(x).__name__ for x in item)})"
+    if isinstance(item, torch.Tensor):
+        return f"{type(item).__name__} of shape {tuple(item.shape)}"
+    return type(item).__name__
 
 
 def _grad_names(given: list[str] | None, n: int) -> list[str]:
@@ -124,10 +132,14 @@ def _grads(
         g = p.grad
         if g is None:
             # A frozen nn.Parameter (requires_grad False) is skipped, as torch does.
-            if not (p.requires_grad or isinstance(p, torch.nn.Parameter)):
+            # A tensor computed by autograd (a grad_fn: the gradients of
+            # autograd.grad(create_graph=True)) never gets a .grad: no parameter either.
+            computed = p.grad_fn is not None
+            if computed or not (p.requires_grad or isinstance(p, torch.nn.Parameter)):
+                why = "is computed (it has a grad_fn)" if computed else "does not require grad"
                 raise TypeError(
-                    f"{fn}: {label} is a tensor with no .grad that does not require grad, so it is "
-                    "not a parameter; this function clips parameters' .grad. To clip gradient "
+                    f"{fn}: {label} is a tensor with no .grad that {why}, so it is not a "
+                    "parameter; this function clips parameters' .grad. To clip gradient "
                     "tensors themselves use gradclip.clip_by_global_norm_(grads, max_norm) "
                     "(or get_total_norm(grads) and clip_grads_with_norm_ on the parameters)"
                 )
@@ -240,8 +252,9 @@ def _total(
     and zero the gradients.
     """
     xp = plan.xp
-    if scopes is None and (inv_scale is None or plan.kind == "zero"):
-        # (The count of nonzero gradients, ord=0, does not change with a scale.)
+    if scopes is None and (inv_scale is None or plan.kind == "zero" or not plan.leaves):
+        # (The count of nonzero gradients, ord=0, does not change with a scale,
+        # and no gradients have the norm 0.)
         norm, finite = plan.total(_core._reduce(plan, names, policy, per_leaf=False))
     else:
         if scopes is None:
