@@ -333,6 +333,24 @@ def test_empty_inputs(xp):
     out, stats = gc.per_example_clip(arrays, 0.5)
     np.testing.assert_allclose(xp.numpy(stats.norm), [1.0, 1.0, 1.0])
     np.testing.assert_allclose(xp.numpy(out[1]), [1.5], rtol=1e-5)
+    # An empty leaf of three dimensions, the batch on either side of the empty one.
+    for shape, other, axis in (((3, 0, 2), (3, 4), 0), ((2, 0, 3), (4, 3), -1)):
+        arrays = [xp.array(np.zeros(shape), "float32"), xp.array(np.ones(other), "float32")]
+        for reduce in ("sum", None):
+            out, stats = gc.per_example_clip(arrays, 1.0, axis=axis, reduce=reduce)
+            want = shape if reduce is None else tuple(np.sum(np.zeros(shape), axis=axis).shape)
+            assert tuple(out[0].shape) == want
+            np.testing.assert_allclose(xp.numpy(stats.norm), [2.0] * 3, rtol=1e-6)
+
+
+def test_empty_leaf_in_dask_chunks():
+    # dask cannot reshape (3, 0, 2) to (3, 0) across chunks of 2.
+    da = importorskip("dask.array")
+    host = {"w": np.zeros((3, 0, 2), np.float32), "b": np.ones((3, 4), np.float32)}
+    want, _ = gc.per_example_clip(host, 1.0)
+    got, _ = gc.per_example_clip({k: da.from_array(v, chunks=2) for k, v in host.items()}, 1.0)
+    for k in host:
+        np.testing.assert_array_equal(np.asarray(got[k]), want[k])
 
 
 # ---------------------------------------------------------------------- properties

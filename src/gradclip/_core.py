@@ -306,6 +306,9 @@ def _combine(plan: Plan, x: Any, scale: Any, axis: int, reduce: str | None) -> A
     info = plan._dtype_infos[x.dtype]
     work = x.dtype if info is None or info.complex else plan.factor_dtype(x.dtype)
     factors = xp.astype(scale, work)
+    out_shape = shape if reduce is None else shape[:axis] + shape[axis + 1 :]
+    if math.prod(shape) == 0:  # nothing to scale or add (dask cannot reshape (3, 0, 2))
+        return xp.zeros(out_shape, dtype=x.dtype, device=plan.device)
     pre, post = math.prod(shape[:axis]), math.prod(shape[axis + 1 :])
     x3 = xp.reshape(x, (batch, post) if axis == 0 else (pre, batch, post))
     step = post
@@ -321,7 +324,7 @@ def _combine(plan: Plan, x: Any, scale: Any, axis: int, reduce: str | None) -> A
         # (NumPy also multiplies ml_dtypes' bfloat16 into float32.)
         pieces.append(y if y.dtype == x.dtype else xp.astype(y, x.dtype))
     out = pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=-1)
-    return xp.reshape(out, shape if reduce is None else shape[:axis] + shape[axis + 1 :])
+    return xp.reshape(out, out_shape)
 
 
 def per_example_clip(
