@@ -168,17 +168,25 @@ def test_threads_are_deterministic():
     assert all(gc.global_norm(tree).tobytes() == first for _ in range(10))
 
 
-@pytest.mark.parametrize("alias", ["same", "overlapping", "disjoint"])
+@pytest.mark.parametrize("alias", ["same", "overlapping", "foreign", "disjoint"])
 def test_leaves_sharing_memory_are_scaled_one_after_the_other(monkeypatch, alias):
     # One array given twice is scaled twice, as torch's foreach clip does. On
     # threads, each reading entries before the other wrote them, some would
     # be scaled once: the runs over such leaves take one thread.
     base = np.ones(4 * TASK, np.float32)
+    # Two arrays over memory NumPy does not own (as torch tensors' views are):
+    # their bases differ, their memory does not.
+    raw = bytearray(base.tobytes())
+    foreign = [np.frombuffer(raw, np.float32)[: 3 * TASK], np.frombuffer(raw, np.float32)[TASK:]]
     leaves = {
         "same": [base, base],
         "overlapping": [base[: 3 * TASK], base[TASK:]],
+        "foreign": foreign,
         "disjoint": [base[: 2 * TASK], base[2 * TASK :]],  # views, but no shared entry
     }[alias]
+    if alias == "foreign":
+        base = np.frombuffer(raw, np.float32)
+        alias = "overlapping"
     seen = []
     run = _numpy._run
     monkeypatch.setattr(

@@ -197,3 +197,14 @@ def test_functional_clip_is_differentiable(fused):
     got = loss(lambda xs: gc.clip_by_global_norm(xs, 1.0, fused=fused)[0])
     for g, w in zip(got, loss(by_hand), strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
+def test_views_of_one_tensor_share_memory():
+    # Their NumPy views have different bases (x and x.view(-1)): the scale
+    # of in-place leaves that alias must still run them one after the other.
+    from gradclip._numpy import _overlap
+
+    x = torch.ones(8)
+    assert _overlap([x.numpy(), x.view(-1).numpy()])
+    assert not _overlap([x[:4].numpy(), x[4:].numpy()])
+    assert not _overlap([torch.ones(8).numpy(), torch.ones(8).numpy()])

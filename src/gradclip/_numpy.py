@@ -512,11 +512,15 @@ class NumpyPlan(Plan):
 def _overlap(arrays: list[np.ndarray]) -> bool:
     """Whether two of these C-contiguous arrays share memory (one array given twice, say).
 
-    Only arrays with the same owner can: the address ranges are compared
-    for those alone, as reading an address costs a microsecond an array.
+    Arrays over the memory of distinct NumPy owners cannot; other arrays
+    are compared by address range (a microsecond an array). Owners say
+    nothing about foreign memory: every NumPy view of a torch tensor has
+    that tensor as its base, ``x`` and ``x.view(-1)`` two different ones.
     """
-    owners = [id(x) if x.base is None else id(x.base) for x in arrays]
-    if len(set(owners)) == len(owners):
+    owners = [x if x.base is None else x.base for x in arrays]
+    if len(set(map(id, owners))) == len(owners) and all(
+        type(o) is np.ndarray and o.base is None for o in owners
+    ):
         return False
     spans = sorted((x.ctypes.data, x.ctypes.data + x.nbytes) for x in arrays)
     return any(b[0] < a[1] for a, b in itertools.pairwise(spans))
