@@ -228,6 +228,16 @@ def test_raise_names_the_leaf_not_the_buffer(xp):
 
 
 @flat_backends
+@pytest.mark.parametrize("fn", ["clip_by_value", "clip_by_value_"])
+def test_a_buffer_is_named_by_its_first_leaf(xp, fn):
+    need(xp, "complex64")
+    tree = {"w": xp.array([1.0, 2.0], "float32"), "z": xp.array([1.0], "complex64")}
+    flat = gc.FlatTree.from_tree(tree)
+    with pytest.raises(TypeError, match=r"leaf \['z'\] \(in the FlatTree's .* buffer\) is complex"):
+        getattr(gc, fn)(flat, 1.0)
+
+
+@flat_backends
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "complex64"])
 def test_other_dtypes(xp, dtype):
     need(xp, dtype)

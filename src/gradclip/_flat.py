@@ -211,9 +211,17 @@ class FlatTree:
         keys = list(self._buffers)
         return Flat(
             [self._buffers[key] for key in keys],
-            Paths(lambda: [f"<FlatTree {key} buffer>" for key in keys]),
+            Paths(lambda: self._buffer_names(keys)),
             lambda new: self._from_buffers(dict(zip(keys, new, strict=True))),
         )
+
+    def _buffer_names(self, keys: list[Any]) -> list[str]:
+        """A buffer's name in errors: its first leaf (what is wrong is wrong with them all)."""
+        paths = self._flat.paths
+        first: dict[Any, int] = {}
+        for i, slot in enumerate(self._slots):
+            first.setdefault(slot.key, i)
+        return [f"{paths[first[key]]} (in the FlatTree's {key} buffer)" for key in keys]
 
     def _from_buffers(self, buffers: dict[Any, Any]) -> FlatTree:
         if all(b is self._buffers[key] for key, b in buffers.items()):
