@@ -167,6 +167,57 @@ def test_zclip_rejects_bad_hyperparameters():
         ZClip(warmup_steps=0)
 
 
+NAN = float("nan")
+BAD_HYPERPARAMETERS = [
+    (ZClip, "z_thresh", NAN),
+    (ZClip, "z_thresh", 0.0),
+    (ZClip, "clip_factor", -1.0),
+    (ZClip, "eps", -1.0),
+    (ZClip, "alpha", NAN),
+    (ZClip, "max_grad_norm", NAN),
+    (ZClip, "warmup_steps", 2.5),
+    (AutoClip, "percentile", NAN),
+    (AutoClip, "history_size", 0.5),
+    (AdaGC, "max_grad_norm", -1.0),
+    (AdaGC, "max_grad_norm", NAN),
+    (AdaGC, "max_grad_norm", None),
+    (AdaGC, "warmup_steps", 1.5),
+    (AdaGC, "relative", NAN),
+]
+
+
+@pytest.mark.parametrize(("cls", "field", "value"), BAD_HYPERPARAMETERS)
+def test_bad_hyperparameters_raise(cls, field, value):
+    # (A negative clip_factor or max_grad_norm reversed the gradient; a NaN
+    # z_thresh or eps turned spike detection off, silently.)
+    extra = {"layout": "jax"} if cls is AGC else {}
+    with pytest.raises(ValueError, match=rf"^{field} must be"):
+        cls(**{field: value}, **extra)
+
+
+def test_agc_rejects_bad_hyperparameters():
+    for field, value in (("clipping", NAN), ("eps", -1.0)):
+        with pytest.raises(ValueError, match=rf"^{field} must be"):
+            AGC(layout="jax", **{field: value})
+    g, w = [np.ones((2, 3))], [np.ones((2, 3))]
+    for axis in (2, -3, (0, 3)):  # were taken modulo the rank: another axis, silently
+        with pytest.raises(
+            ValueError, match=r"AGC.update: axis -?\d is out of range for leaf \[0\]"
+        ):
+            AGC(axis=axis).update(g, (), params=w)
+
+
+def test_adagc_warmup_does_not_overflow(xp):
+    # The global norm from the per-leaf ones: their squares overflow float32.
+    g = {"a": xp.array(np.full(4, 1e20), "float32"), "b": xp.array(np.full(4, 1e20), "float32")}
+    want, _ = gc.clip_by_global_norm(g, max_norm=1.0)
+    clipper = AdaGC(warmup_steps=10)
+    out, state, _ = clipper.update(g, clipper.init(g))
+    for k in g:
+        np.testing.assert_allclose(xp.numpy(out[k]), xp.numpy(want[k]), rtol=1e-6)
+    np.testing.assert_allclose(xp.numpy(state.ema), [0.5**0.5] * 2, rtol=1e-6)
+
+
 # ------------------------------------------------------------------- AutoClip
 
 

@@ -541,6 +541,20 @@ def test_agc_axis_is_static_under_inject_hyperparams():
     tx.update({"w": jnp.ones((4, 2))}, tx.init(params), params)
 
 
+@pytest.mark.parametrize(
+    ("name", "field"), [("zclip", "warmup_steps"), ("autoclip", "history_size")]
+)
+def test_state_sizes_are_static_under_a_jitted_inject_hyperparams_init(name, field):
+    params = {"w": jnp.ones(3)}
+    injected = optax.inject_hyperparams(getattr(gco, name))
+    with pytest.raises(TypeError, match=rf"{field} sizes the state.*static_args=\('{field}',\)"):
+        jax.jit(injected(**{field: 2}).init)(params)
+    state = jax.jit(
+        optax.inject_hyperparams(getattr(gco, name), static_args=(field,))(**{field: 2}).init
+    )(params)
+    assert jax.tree_util.tree_leaves(state)
+
+
 # ------------------------------------------------------------------ find_stats
 
 

@@ -164,6 +164,29 @@ def _scalar(value: Any) -> Any:
     return float(value) if _number(value) else value
 
 
+def _check(name: str, value: Any, ok: Callable[[float], bool], what: str) -> None:
+    """Raise ``ValueError`` for a number hyperparameter that is not ``what`` (NaN never is)."""
+    if value is None or (_number(value) and not ok(float(value))):
+        raise ValueError(f"{name} must be {what}; got {value!r}")
+
+
+def _check_count(name: str, value: Any, least: int) -> None:
+    """A step count or a history length: an integer, at least ``least``."""
+    if _number(value) and not (float(value).is_integer() and value >= least):
+        raise ValueError(f"{name} must be an integer >= {least}; got {value!r}")
+
+
+def _size(value: Any, name: str, fn: str) -> int:
+    """A hyperparameter that sizes the state, as an int (it cannot be traced)."""
+    try:
+        return int(value)
+    except TypeError as exc:  # a tracer: jax.jit of an inject_hyperparams init
+        raise TypeError(
+            f"{fn}: {name} sizes the state, so it must be a concrete number, not a traced "
+            f"array (with optax.inject_hyperparams, pass static_args=({name!r},))"
+        ) from exc
+
+
 def _check_policy(nonfinite: str) -> None:
     if nonfinite not in _POLICIES:
         raise ValueError(f"nonfinite must be one of {_POLICIES}; got {nonfinite!r}")
@@ -383,12 +406,13 @@ class ZClip(_Clipper):
             raise ValueError(
                 f"clip_option must be 'adaptive_scaling' or 'mean'; got {self.clip_option!r}"
             )
-        if _number(self.alpha) and not 0.0 <= self.alpha < 1.0:
-            raise ValueError(f"alpha must be in [0, 1); got {self.alpha!r}")
-        if _number(self.warmup_steps) and int(self.warmup_steps) < 1:
-            raise ValueError(f"warmup_steps must be >= 1; got {self.warmup_steps!r}")
-        if _number(self.max_grad_norm) and not self.max_grad_norm >= 0:
-            raise ValueError(f"max_grad_norm must be >= 0 or None; got {self.max_grad_norm!r}")
+        _check("alpha", self.alpha, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+        _check("z_thresh", self.z_thresh, lambda v: v > 0, "> 0")
+        _check("eps", self.eps, lambda v: v >= 0, ">= 0")
+        _check("clip_factor", self.clip_factor, lambda v: v > 0, "> 0")
+        _check_count("warmup_steps", self.warmup_steps, 1)
+        if self.max_grad_norm is not None:
+            _check("max_grad_norm", self.max_grad_norm, lambda v: v >= 0, ">= 0 or None")
         _check_policy(self.nonfinite)
 
     def init(self, tree: Any) -> ZClipState:
@@ -396,7 +420,8 @@ class ZClip(_Clipper):
         with _namespace_of(tree, "ZClip.init") as (_, xp, device, res):
             zero = xp.zeros((), dtype=res, device=device)
             count = xp.zeros((), dtype=xp.int32, device=device)
-            buffer = xp.zeros((int(self.warmup_steps),), dtype=res, device=device)
+            size = _size(self.warmup_steps, "warmup_steps", "ZClip.init")
+            buffer = xp.zeros((size,), dtype=res, device=device)
         return ZClipState(count, buffer, zero, zero, count)
 
     _State = ZClipState
@@ -500,16 +525,15 @@ class AutoClip(_Clipper):
     nonfinite: str = "propagate"
 
     def __post_init__(self) -> None:
-        if _number(self.percentile) and not 0.0 <= self.percentile <= 100.0:
-            raise ValueError(f"percentile must be in [0, 100]; got {self.percentile!r}")
-        if _number(self.history_size) and int(self.history_size) < 1:
-            raise ValueError(f"history_size must be >= 1; got {self.history_size!r}")
+        _check("percentile", self.percentile, lambda v: 0.0 <= v <= 100.0, "in [0, 100]")
+        _check_count("history_size", self.history_size, 1)
         _check_policy(self.nonfinite)
 
     def init(self, tree: Any) -> AutoClipState:
         """An empty history in the namespace and on the device of ``tree``'s leaves."""
         with _namespace_of(tree, "AutoClip.init") as (_, xp, device, res):
-            history = xp.zeros((int(self.history_size),), dtype=res, device=device)
+            size = _size(self.history_size, "history_size", "AutoClip.init")
+            history = xp.zeros((size,), dtype=res, device=device)
             zero = xp.zeros((), dtype=xp.int32, device=device)
         return AutoClipState(history, zero, zero)
 
@@ -552,12 +576,20 @@ class AGCState(NamedTuple):
     """AGC keeps no statistics."""
 
 
-def _unit_axes(x: Any, layout: str, axis: Any, name: str) -> tuple[int, ...] | None:
+def _unit_axes(x: Any, layout: str, axis: Any, name: str, fn: str) -> tuple[int, ...] | None:
     """The axes one unit's norm is taken over (``None``: the whole leaf)."""
     ndim = len(x.shape)
     if axis is not None:
         axes = (axis,) if isinstance(axis, int) else tuple(axis)
-        return tuple(a % ndim for a in axes) if ndim else None
+        if not ndim:
+            return None
+        bad = [a for a in axes if not -ndim <= a < ndim]
+        if bad:
+            shape = tuple(x.shape)
+            raise ValueError(
+                f"{fn}: axis {bad[0]} is out of range for leaf {name} of shape {shape}"
+            )
+        return tuple(a % ndim for a in axes)
     if layout == "torch":  # timm: out x in weights, a unit per output row
         return None if ndim <= 1 else tuple(range(1, ndim))
     # optax: in x out weights (and HWIO kernels), a unit per output column
@@ -648,8 +680,8 @@ class AGC(_Clipper):
                 f"AGC: axis must be an int or a tuple of ints; got {type(self.axis).__name__} "
                 "(with optax.inject_hyperparams, pass static_args=('axis',))"
             )
-        if _number(self.clipping) and not self.clipping > 0:
-            raise ValueError(f"clipping must be > 0; got {self.clipping!r}")
+        _check("clipping", self.clipping, lambda v: v > 0, "> 0")
+        _check("eps", self.eps, lambda v: v >= 0, ">= 0")
 
     def init(self, tree: Any) -> AGCState:
         """AGC has no state."""
@@ -701,7 +733,7 @@ class AGC(_Clipper):
                 continue
             info = _compat.dtype_info(xp, g.dtype)
             dtype = xp.float64 if info is not None and info.float64 else xp.float32
-            axes = _unit_axes(g, self.layout or "", self.axis, name)
+            axes = _unit_axes(g, self.layout or "", self.axis, name, fn)
             g_norm = _unit_norm(xp, g, axes, dtype)
             w_norm = _unit_norm(xp, w, axes, dtype)
             max_norm = xp.maximum(w_norm, xp.asarray(self.eps, dtype=dtype)) * self.clipping
@@ -877,12 +909,10 @@ class AdaGC(_Clipper):
     nonfinite: str = "propagate"
 
     def __post_init__(self) -> None:
-        if _number(self.beta) and not 0.0 <= self.beta < 1.0:
-            raise ValueError(f"beta must be in [0, 1); got {self.beta!r}")
-        if _number(self.relative) and not self.relative > 0:
-            raise ValueError(f"relative must be > 0; got {self.relative!r}")
-        if _number(self.warmup_steps) and int(self.warmup_steps) < 0:
-            raise ValueError(f"warmup_steps must be >= 0; got {self.warmup_steps!r}")
+        _check("beta", self.beta, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+        _check("relative", self.relative, lambda v: v > 0, "> 0")
+        _check_count("warmup_steps", self.warmup_steps, 0)
+        _check("max_grad_norm", self.max_grad_norm, lambda v: v >= 0, ">= 0")
         _check_policy(self.nonfinite)
 
     def init(self, tree: Any) -> AdaGCState:
@@ -918,7 +948,7 @@ class AdaGC(_Clipper):
         # Warm-up: global-norm clipping at max_grad_norm; after it, each
         # tensor against its own EMA. Both with clip_by_global_norm's
         # arithmetic (no overflow; a NaN norm gives a NaN scale, as in torch).
-        total = xp.sqrt(xp.sum(norms**2))
+        total = _hypot(xp, norms)
         global_scale = _core._scale_from_norm(plan, total, _scalar(self.max_grad_norm), eps)
         own = _core._scale_from_norm(plan, norms, self.relative * state.ema, eps)
         # Until a finite step has started the EMAs there is no per-tensor
@@ -941,6 +971,18 @@ class AdaGC(_Clipper):
         leaves = plan.scale_leaves(scales, per_leaf=True, zero=zero, inplace=inplace)
         stats = ClipStats(*(_compat.as_array(v) for v in (norms, scales, scales < 1, leaf_finite)))
         return prep.flat.unflatten(leaves), AdaGCState(ema, count, skipped), stats
+
+
+def _hypot(xp: Any, norms: Any) -> Any:
+    """The 2-norm of a 1-d array of norms, scaled by their max.
+
+    ``norms**2`` overflows float32 past 1.8e19 (and zeroed AdaGC's warm-up for good).
+    """
+    if norms.shape[0] == 0:
+        return xp.sum(norms)
+    top = xp.max(norms)
+    top = xp.where((top > 0) & xp.isfinite(top), top, xp.ones_like(top))  # NaN/inf pass on
+    return top * xp.sqrt(xp.sum((norms / top) ** 2))
 
 
 # ----------------------------------------------------------------- QuantileBound
