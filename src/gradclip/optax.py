@@ -648,7 +648,8 @@ def adaptive(clipper: Any) -> Any:
     :func:`zclip`, :func:`autoclip`, :func:`agc` and :func:`adagc` work
     under ``optax.inject_hyperparams``, so a float hyperparameter can follow
     a schedule. ``warmup_steps`` and ``history_size`` size the state: they
-    are taken from it after ``init``. AGC's ``axis`` must stay static
+    are taken from it after ``init``, and a jitted ``init`` needs them static
+    (``static_args=("warmup_steps",)``). AGC's ``axis`` must stay static
     (``static_args=("axis",)``).
 
     Parameters
