@@ -72,6 +72,22 @@ def test_grad_through_clip():
     np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("fn", ["clip_by_global_norm", "clip_by_norm", "clip_by_block_rms"])
+@pytest.mark.parametrize("fused", [None, False])
+def test_grad_through_a_clip_that_zeroes_nan(fn, fused):
+    # The NaN entry's product is thrown away; its derivative must not be taken
+    # (NaN * 0 made every entry's gradient NaN).
+    def loss(v):
+        out = getattr(gc, fn)([v], 1.0, nonfinite="zero", fused=fused)
+        return jnp.sum(out[0] if fn == "clip_by_block_rms" else out[0][0])
+
+    x = jnp.asarray([jnp.nan, 3.0, 4.0], jnp.float32)
+    got = np.asarray(jax.grad(loss)(x))
+    want = np.asarray(jax.grad(loss)(jnp.asarray([0.0, 3.0, 4.0])))
+    assert got[0] == 0.0
+    np.testing.assert_allclose(got[1:], want[1:], rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "clip",
     [

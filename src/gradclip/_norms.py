@@ -456,16 +456,18 @@ class Plan:
         complex_ = self.is_complex(index)
         finite = xp.isfinite(block) if zero_nonfinite else None
         src = block
-        if self._warns_later:
-            # Products thrown away below are taken of zeros instead: inf * 0
-            # (a zero scale) and inf + 0j times the factor + 0j (a complex
-            # leaf) raise NumPy's invalid-value warning, which dask reports in
-            # the caller's compute(), outside gradclip's errstate. (A pass
-            # more: eager NumPy is silenced by _compat.quiet instead.)
-            if finite is not None:
-                src = _compat.where(xp, finite, block, xp.zeros_like(block))
-            elif complex_:
-                src = _compat.where(xp, factor == 1, xp.zeros_like(block), block)
+        if finite is not None and (self._warns_later or self.chunk is None):
+            # Products thrown away below are taken of zeros instead. dask:
+            # inf * 0 (a zero scale) raises NumPy's invalid-value warning in
+            # the caller's compute(), outside gradclip's errstate. JAX: the
+            # derivative of a product thrown away is still taken, and NaN * 0
+            # spread NaN into every entry's gradient (jax.grad through
+            # nonfinite="zero"). (A pass more on eager backends, where
+            # _compat.quiet silences NumPy instead; XLA fuses it.)
+            src = _compat.where(xp, finite, block, xp.zeros_like(block))
+        elif self._warns_later and complex_:
+            # (inf + 0j times the factor + 0j warns likewise.)
+            src = _compat.where(xp, factor == 1, xp.zeros_like(block), block)
         if self.info(index).narrow:  # in float32, rounded once (see factor_dtype)
             out = xp.astype(xp.astype(src, real) * factor, block.dtype)
         else:
