@@ -218,3 +218,22 @@ def test_raise_names_the_bad_sharded_leaf(mesh, bad):
     sharded[bad] = jax.device_put(host, sharded[bad].sharding)
     with pytest.raises(gc.NonFiniteError, match=rf"leaf \['{bad}'\];"):
         gcj.clip_by_global_norm(sharded, 1.0, nonfinite="raise")
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_per_example_over_a_batch_sharded_on_an_explicit_mesh(per_layer):
+    # Under explicit sharding the two branches of the norm's lax.cond must
+    # agree on sharding: exponents of 0 made unsharded did not.
+    explicit = (jax.sharding.AxisType.Explicit,) * 2
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=explicit)
+    host = {"w": np.ones((8, 3), np.float32), "b": np.full((8,), 2.0, np.float32)}
+    want, want_stats = gc.per_example_clip(host, 1.0, reduce=None, per_layer=per_layer)
+    sharded = {
+        k: jax.device_put(v, jax.sharding.NamedSharding(mesh, P("data"))) for k, v in host.items()
+    }
+    with jax.set_mesh(mesh):
+        got, stats = gcj.per_example_clip(sharded, 1.0, reduce=None, per_layer=per_layer)
+    np.testing.assert_allclose(np.asarray(stats.norm), want_stats.norm, rtol=1e-6)
+    for k in host:
+        np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=1e-6)
+        assert got[k].sharding.spec[0] == "data"

@@ -691,18 +691,19 @@ def _example_parts(plan: Plan, axes: Sequence[int], batch: int, per_layer: bool)
     acc = jnp.dtype(plan.acc)
     tiny = _trusted_above(plan)
     sums = _row_sums(plan, axes, square=True)
-    zeros = jnp.zeros((batch,), acc)
 
     def checked(values: list[Any]) -> list[Any]:
         # Flat clipping needs the total right; per-layer clipping every leaf's.
         return values if per_layer else [functools.reduce(jnp.add, values)]
 
+    # Exponents of 0 shaped and sharded as the sums: the branches of a cond
+    # must agree, and a batch sharded over an explicit mesh stays sharded.
     def plain() -> list[tuple[Any, Any]]:
-        return [(v, zeros) for v in sums]
+        return [(v, jnp.zeros_like(v, acc)) for v in sums]
 
     def scaled() -> list[tuple[Any, Any]]:
         exact = [plan.example_part(i, axes[i], batch) for i in parts]
-        return [(q.value, zeros if q.exp is None else q.exp) for q in exact]
+        return [(q.value, jnp.zeros_like(q.value, acc) if q.exp is None else q.exp) for q in exact]
 
     def zero_or_scaled() -> list[tuple[Any, Any]]:
         l1 = checked(_row_sums(plan, axes, square=False))
