@@ -539,3 +539,17 @@ def test_raise_names_the_bad_leaf_among_many_small_ones():
     with pytest.raises(gc.NonFiniteError, match=rf"leaf \[{len(tree) - 1}\];"):
         gc.clip_by_global_norm(tree, 1.0, nonfinite="raise")
     assert float(gcj.global_norm([jnp.ones(0)] * 2, nonfinite="raise")) == 0.0  # nothing to flag
+
+
+def test_leaves_of_other_libraries_and_array_eps_raise():
+    # jit would take a NumPy leaf beside JAX ones, or a Python float, silently.
+    mixed = {"w": jnp.array([3.0, 4.0]), "b": np.array([1.0], np.float32)}
+    with pytest.raises(TypeError, match=r"leaf \['b'\] is a numpy array"):
+        gcj.clip_by_global_norm(mixed, 1.0)
+    with pytest.raises(TypeError, match=r"leaf \['c'\] is a builtins.float, not an array"):
+        gcj.global_norm({"w": jnp.array([3.0, 4.0]), "c": 2.0})
+    with pytest.raises(TypeError, match="eps must be a number"):  # was: unhashable type
+        gcj.clip_by_global_norm([jnp.array([3.0, 4.0])], 1.0, eps=jnp.array(1e-6))
+    # NumPy leaves alone go to the device, as jit takes them.
+    norm = gcj.global_norm({"b": np.array([3.0, 4.0], np.float32)})
+    assert float(norm) == 5.0

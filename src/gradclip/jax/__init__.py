@@ -147,11 +147,19 @@ _NAMES = {
 
 def _call(body: str, donate: bool, dynamic: tuple[Any, ...], **static: Any) -> Any:
     tree, *rest = dynamic
+    fn = _NAMES.get(body, body)
+    leaves = jax.tree_util.tree_leaves(tree)
+    if not all(issubclass(t, jax.Array) for t in set(map(type, leaves))):
+        # A leaf of another library, or no array at all, raises naming the
+        # leaf, as at the top level (jit would take them in silently); a
+        # tree of NumPy arrays alone goes to the device as jit does.
+        _api._prepare(tree, f"gradclip.jax.{fn}")
+    if "eps" in static:  # a float: a key of the programs' cache (an array is not hashable)
+        static["eps"] = _api._check_eps(static["eps"])
     if static.get("nonfinite") == "raise":
         # Naming the leaf that holds a NaN needs its value on the host: the
         # leaves (or a given norm) are checked first, then the program runs,
         # compiled and donated like any other, with nothing left to raise.
-        fn = _NAMES.get(body, body)
         flat = _api._prepare(tree, f"gradclip.jax.{fn}").flat
         given = rest[1] if body.startswith("clip") else None
         _fast.check_finite(fn, flat.leaves, flat.paths, given)
@@ -159,7 +167,7 @@ def _call(body: str, donate: bool, dynamic: tuple[Any, ...], **static: Any) -> A
     if "ord" in static:  # a float, hashable for the programs' cache (a jnp 2.0 is not)
         static["ord"] = parse_ord(static["ord"])
     make = functools.partial(_program, body, donate, tuple(sorted(static.items())))
-    return _fast.run_compiled(make, jax.tree_util.tree_leaves(tree), tree, *rest)
+    return _fast.run_compiled(make, leaves, tree, *rest)
 
 
 def global_norm(
