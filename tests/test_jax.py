@@ -123,3 +123,20 @@ def test_vmap_over_a_batch_of_trees():
     np.testing.assert_allclose(
         np.asarray(norms), np.linalg.norm(np.arange(12.0).reshape(3, 4), axis=1), rtol=1e-6
     )
+
+
+def test_first_call_under_a_transfer_guard():
+    # A fresh process: the first JAX leaf gradclip sees must not make an array
+    # to find jax.numpy (array-api-compat's jnp.empty(0), a transfer).
+    import subprocess
+    import sys
+
+    code = (
+        "import jax, jax.numpy as jnp, gradclip as gc\n"
+        "g, m = {'w': jnp.ones(3)}, jnp.float32(1.0)\n"
+        "with jax.transfer_guard('disallow'):\n"
+        "    print(float(gc.clip_by_global_norm(g, m)[1].scale) > 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "True"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import math
 import sys
 from collections.abc import Iterator
@@ -65,7 +66,11 @@ def namespace(x: Any) -> Any:
     kind = type(x)
     xp = _NAMESPACE_BY_TYPE.get(kind)
     if xp is None:
-        xp = _NAMESPACE_BY_TYPE[kind] = aac.array_namespace(x)
+        # jax.numpy is JAX's array-API namespace; array-api-compat finds it
+        # by making an array (jnp.empty(0)), a host-to-device transfer that
+        # jax.transfer_guard("disallow") refuses.
+        xp = importlib.import_module("jax.numpy") if aac.is_jax_array(x) else aac.array_namespace(x)
+        _NAMESPACE_BY_TYPE[kind] = xp
     return xp
 
 
