@@ -289,6 +289,23 @@ def test_small_ord_does_not_overflow(dev: cuda_emulator.EmuDevice, ord: float) -
         assert got == math.inf
 
 
+@pytest.mark.parametrize("dtype", ["float64", "complex128"])
+@pytest.mark.parametrize(("big", "tiny"), [(2.0, 5e-324), (1e300, 1e-300)])
+def test_small_ord_counts_entries_far_below_the_largest(
+    dev: cuda_emulator.EmuDevice, dtype: str, big: float, tiny: float
+) -> None:
+    # Scaled by the largest entry of its thread, the tiny one came out as 0,
+    # though at p = 0.01 its p-th power adds 6e-4 (or 1e-3) to the sum: the
+    # norm of [2, 5e-324] was 2.0, not 2.1195.
+    x = np.zeros(4 * THREADS, dtype=dtype)
+    x[0], x[2 * THREADS] = big, tiny  # one thread's: it reads 16-byte packs THREADS apart
+    leaves = [x]
+    want = big * math.exp(math.log1p(math.exp(0.01 * (math.log(tiny) - math.log(big)))) / 0.01)
+    fast, ref = _both(dev, "global_norm", leaves, p=0.01, nonfinite="propagate")
+    _close(fast, ref)
+    assert float(fast) == pytest.approx(want, rel=1e-12)
+
+
 @pytest.mark.parametrize(("value", "ord"), [(5e-324, 30.0), (1e-320, 100.0), (1e-310, 500.0)])
 def test_float64_subnormals_with_a_large_ord(
     dev: cuda_emulator.EmuDevice, value: float, ord: float

@@ -62,6 +62,7 @@ typedef unsigned short u16;
 #define GC_INFF 2u
 
 #define GC_DBL_MAX 1.7976931348623157e308
+#define GC_DBL_MIN 2.2250738585072014e-308  // smallest normal double
 #define GC_E0 (-1100)  // exponent of an empty p-norm partial: below any element's (2**-1074)
 
 __device__ __forceinline__ double gc_inf() { return __longlong_as_double(0x7ff0000000000000LL); }
@@ -243,6 +244,12 @@ __device__ __noinline__ Rescaled gc_rescale(double v, int e0, double m, double p
     return r;
 }
 
+// (m / 2**e)**p from logarithms, where m / 2**e is not a normal double.
+// Out of line for the same reason as gc_rescale.
+__device__ __noinline__ double gc_tiny_pow(double m, int e, double p) {
+    return exp2(p * (log2(m) - (double)e));
+}
+
 template <int KIND, int PK, bool W>
 __device__ __forceinline__ void gc_add(Acc& a, Scale& s, double m, double p, bool zero) {
     if (!(m <= GC_DBL_MAX)) {  // NaN or inf: flagged; the policy decides at the end
@@ -268,7 +275,14 @@ __device__ __forceinline__ void gc_add(Acc& a, Scale& s, double m, double p, boo
         }
         double y = m * s.inv;
         if (W) y *= s.inv2;
-        a.v += gc_powp<PK>(y, p);
+        // A float64 entry far below the largest one scales to a subnormal or
+        // to 0, yet for a small p its y**p still counts: at p = 0.01, 5e-324
+        // next to 2.0 adds 6e-4 to the sum. Only a nonzero y below 2**-1022
+        // takes this branch, and only p other than 1 and 2 can need it.
+        if (PK == 0 && W && y < GC_DBL_MIN && m != 0.0)
+            a.v += gc_tiny_pow(m, a.e, p);
+        else
+            a.v += gc_powp<PK>(y, p);
     }
 }
 
