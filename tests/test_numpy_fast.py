@@ -168,7 +168,7 @@ def test_threads_are_deterministic():
     assert all(gc.global_norm(tree).tobytes() == first for _ in range(10))
 
 
-@pytest.mark.parametrize("alias", ["same", "overlapping", "foreign", "disjoint"])
+@pytest.mark.parametrize("alias", ["same", "overlapping", "foreign", "disjoint", "strided"])
 def test_leaves_sharing_memory_are_scaled_one_after_the_other(monkeypatch, alias):
     # One array given twice is scaled twice, as torch's foreach clip does. On
     # threads, each reading entries before the other wrote them, some would
@@ -183,6 +183,8 @@ def test_leaves_sharing_memory_are_scaled_one_after_the_other(monkeypatch, alias
         "overlapping": [base[: 3 * TASK], base[TASK:]],
         "foreign": foreign,
         "disjoint": [base[: 2 * TASK], base[2 * TASK :]],  # views, but no shared entry
+        # a strided view is multiplied on the calling thread, beside the pool's runs
+        "strided": [base, base[::2]],
     }[alias]
     if alias == "foreign":
         base = np.frombuffer(raw, np.float32)
@@ -196,10 +198,13 @@ def test_leaves_sharing_memory_are_scaled_one_after_the_other(monkeypatch, alias
     seen.clear()
     gc.clip_by_global_norm_(leaves, norm / 2, eps=0.0)  # scale 0.5
     assert (seen[-1] == 1) == (alias != "disjoint")  # the scale's tasks (the norm's first)
-    want = {"same": {0.25}, "overlapping": {0.5, 0.25}, "disjoint": {0.5}}[alias]
-    assert set(np.unique(base).tolist()) == want
+    want = {"same": {0.25}, "overlapping": {0.5, 0.25}, "disjoint": {0.5}, "strided": {0.5, 0.25}}
+    assert set(np.unique(base).tolist()) == want[alias]
     if alias == "overlapping":
         assert np.all(base[TASK : 3 * TASK] == 0.25)
+    if alias == "strided":  # every other entry, and only those, twice
+        assert np.all(base[::2] == 0.25)
+        assert np.all(base[1::2] == 0.5)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])

@@ -495,10 +495,12 @@ class NumpyPlan(Plan):
                 small = [*small, i]  # strided: one multiply call handles the layout
         flats = {i: (leaves[i].reshape(-1), outs[i].reshape(-1)) for i, _ in spans}
         runs = _runs(spans)
-        if inplace and len(runs) > 1 and _overlap([leaves[i] for i, _ in spans]):
+        if inplace and len(runs) > 1 and _overlap([leaves[i] for i in (*small, *flats)]):
             # The same memory given twice is scaled twice (as torch's foreach
             # clip does), one write after the other: threads each reading
-            # it before the other writes would scale some entries once.
+            # it before the other writes would scale some entries once. The
+            # small and strided leaves count too: this thread writes them
+            # while the pool writes the runs.
             runs = [[piece for run in runs for piece in run]]
         tasks = [functools.partial(_scale_run, run, flats, factors) for run in runs]
         # Small leaves cost a Python call each, which threads cannot overlap
@@ -510,20 +512,33 @@ class NumpyPlan(Plan):
 
 
 def _overlap(arrays: list[np.ndarray]) -> bool:
-    """Whether two of these C-contiguous arrays share memory (one array given twice, say).
+    """Whether two of these arrays may share memory (one array given twice, say).
 
     Arrays over the memory of distinct NumPy owners cannot; other arrays
-    are compared by address range (a microsecond an array). Owners say
-    nothing about foreign memory: every NumPy view of a torch tensor has
-    that tensor as its base, ``x`` and ``x.view(-1)`` two different ones.
+    are compared by the range of addresses they span (a microsecond an
+    array), so two strided views that interleave without sharing an entry
+    count as overlapping. Owners say nothing about foreign memory: every
+    NumPy view of a torch tensor has that tensor as its base, ``x`` and
+    ``x.view(-1)`` two different ones.
     """
     owners = [x if x.base is None else x.base for x in arrays]
     if len(set(map(id, owners))) == len(owners) and all(
         type(o) is np.ndarray and o.base is None for o in owners
     ):
         return False
-    spans = sorted((x.ctypes.data, x.ctypes.data + x.nbytes) for x in arrays)
+    spans = sorted(map(_byte_span, filter(_size, arrays)))
     return any(b[0] < a[1] for a, b in itertools.pairwise(spans))
+
+
+def _byte_span(x: np.ndarray) -> tuple[int, int]:
+    """The addresses a non-empty array's entries lie within: ``[start, stop)``."""
+    start = stop = x.ctypes.data
+    for n, step in zip(x.shape, x.strides, strict=True):
+        if step < 0:
+            start += (n - 1) * step
+        else:
+            stop += (n - 1) * step
+    return start, stop + x.itemsize
 
 
 def _scale_run(
