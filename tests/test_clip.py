@@ -436,6 +436,28 @@ def test_a_bound_past_float32_is_rounded_before_a_lazy_compute(fn):
         assert np.asarray(got).tobytes() == np.asarray(ref).tobytes()  # a warning: an error
 
 
+@pytest.mark.parametrize(
+    ("fn", "kwargs", "dtype"),
+    [
+        ("clip_by_norm_", {}, "float32"),
+        ("clip_by_global_norm_", {"nonfinite": "zero"}, "float32"),
+        ("clip_by_global_norm_", {}, "complex64"),
+    ],
+    ids=["per-leaf", "zero", "complex"],
+)
+def test_torch_in_place_with_a_bound_that_requires_grad(fn, kwargs, dtype):
+    # A learnable threshold makes the scale require grad; the in-place route
+    # through NumPy views called .numpy() on it and raised RuntimeError.
+    torch = importorskip("torch")
+    dtype = getattr(torch, dtype)
+    got, want = ([torch.full((4,), 2.0, dtype=dtype), torch.ones(3, dtype=dtype)] for _ in "ab")
+    getattr(gc, fn)(got, torch.tensor(1.0, requires_grad=True), **kwargs)
+    getattr(gc, fn)(want, 1.0, fused=False, **kwargs)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    assert float(got[0][0].abs()) < 1
+
+
 def test_skip_still_clips_finite_trees(xp):
     leaves, _ = _leaves(xp)
     out, stats = gc.clip_by_global_norm(leaves, 1.0, nonfinite="skip")

@@ -509,8 +509,12 @@ class TorchPlan(Plan):
         if per_leaf or zero or complex_ or graph:
             if inplace and self._host is not None:
                 with np.errstate(all="ignore"):
+                    # detach: a bound that requires grad (a learnable
+                    # threshold) makes the scale require it, and such a
+                    # tensor has no .numpy(); an in-place clip is not
+                    # differentiated anyway.
                     self._host.scale_leaves(
-                        scales.numpy(), per_leaf=per_leaf, zero=zero, inplace=True
+                        scales.detach().numpy(), per_leaf=per_leaf, zero=zero, inplace=True
                     )
                 _written(self.leaves)
                 return list(self.leaves)
