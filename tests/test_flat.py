@@ -249,6 +249,30 @@ def test_other_dtypes(xp, dtype):
     assert flat.tree[0].dtype == tree[0].dtype
 
 
+@pytest.mark.parametrize(
+    ("fn", "kwargs"),
+    [
+        ("clip_by_global_norm_", {}),
+        ("clip_by_global_norm_", {"nonfinite": "raise"}),
+        ("clip_by_global_norm_", {"ord": 0.0}),
+        ("clip_by_norm_", {}),
+        ("clip_by_value_", {}),
+        ("clip_by_value_", {"nonfinite": "raise"}),
+    ],
+)
+def test_a_buffer_made_read_only_is_not_written(fn, kwargs):
+    # The leaf views were made while the buffer was writable and keep that
+    # flag: calls run over them (per leaf, or to name a leaf) wrote the buffer.
+    flat = gc.FlatTree.from_tree(
+        {"w": np.full(4, 2.0, np.float32), "b": np.full(2, 2.0, np.float32)}
+    )
+    buffer = flat.buffers[np.dtype(np.float32)]
+    buffer.flags.writeable = False
+    with pytest.raises(ValueError, match=r"leaf \['b'\].* is read-only"):
+        getattr(gc, fn)(flat, 0.5, **kwargs)
+    assert np.all(buffer == 2.0)
+
+
 def test_empty_tree():
     flat = gc.FlatTree.from_tree([None])
     assert flat.buffers == {}

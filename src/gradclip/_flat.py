@@ -207,7 +207,14 @@ class FlatTree:
         this FlatTree, and new arrays become a new FlatTree of this layout.
         """
         if not whole:
-            return Flat(self._flat.leaves, self._flat.paths, self._from_leaves)
+            leaves = self._flat.leaves
+            if any(_read_only(b) for b in self._buffers.values()):
+                # Views made before a buffer was made read-only stay
+                # writable (NumPy copies the flag only when a view is
+                # made): in-place calls must see them read-only, as they
+                # see the buffers.
+                leaves = self._adopt(self._xp, self._buffers, self._slots, self._flat)._flat.leaves
+            return Flat(leaves, self._flat.paths, self._from_leaves)
         keys = list(self._buffers)
         return Flat(
             [self._buffers[key] for key in keys],
@@ -254,3 +261,9 @@ def unit(tree: Any, *, whole: bool) -> Flat:
     if isinstance(tree, FlatTree):
         return tree._unit(whole)
     return flatten(tree)
+
+
+def _read_only(buffer: Any) -> bool:
+    """A NumPy buffer made read-only (CuPy and torch arrays have no such flag)."""
+    flags = getattr(buffer, "flags", None)
+    return flags is not None and not getattr(flags, "writeable", True)
