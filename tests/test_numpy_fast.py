@@ -356,3 +356,13 @@ def test_one_buffer_lane_skips_the_plan(monkeypatch):
     ):
         with pytest.raises(AssertionError, match="the plan ran"):
             call()
+
+
+@pytest.mark.parametrize("fn", ["clip_by_global_norm", "clip_by_norm"])
+def test_a_big_endian_leaf_comes_back_in_native_order(fn):
+    # As the generic path's x * scale: np.empty_like kept the byte order.
+    leaves = [np.arange(1.0, 6.0, dtype=">f8"), np.arange(1.0, 6.0, dtype=">f4")]
+    fast, generic = (getattr(gc, fn)(leaves, 1.0, fused=f)[0] for f in (None, False))
+    for a, b in zip(fast, generic, strict=True):
+        assert a.dtype.str == b.dtype.str == a.dtype.newbyteorder("=").str
+        np.testing.assert_array_equal(a, b)

@@ -473,7 +473,9 @@ class NumpyPlan(Plan):
         unit = np.asarray(scales == 1)  # one comparison, on the host (NumPy's device)
         if not per_leaf and inplace and unit:
             return list(leaves)  # the scale is 1: nothing to write
-        outs = leaves if inplace else [np.empty_like(x) for x in leaves]
+        # Native byte order, as the generic path's x * scale gives (a
+        # big-endian leaf came back big-endian here).
+        outs = leaves if inplace else [np.empty_like(x, x.dtype.newbyteorder("=")) for x in leaves]
         small, large = self._small, self._large
         if per_leaf:
             factors = [np.asarray(scales[i]).astype(real[x.dtype]) for i, x in enumerate(leaves)]
