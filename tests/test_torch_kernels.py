@@ -146,6 +146,19 @@ def test_nonfinite_policies(kernels, nonfinite):
         torch.testing.assert_close(p.grad, q.grad, equal_nan=True, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("nonfinite", ["propagate", "raise"])
+def test_neg_inf_norm_with_an_empty_leaf(kernels, nonfinite):
+    # "raise" takes per-leaf partials; the empty leaf's was its norm, 0, and
+    # the min over leaves was 0: nothing clipped.
+    grads = [torch.full((3,), 2.0), torch.zeros(0)]
+    params = _params(grads)
+    norm = gct.clip_grad_norm_(params, 1.0, norm_type=-math.inf, nonfinite=nonfinite)
+    assert float(norm) == 2.0
+    torch.testing.assert_close(params[0].grad, torch.full((3,), 1.0), rtol=1e-6, atol=0)
+    assert gct.get_total_norm(grads, -math.inf, error_if_nonfinite=True) == 2.0
+    assert float(gc.leaf_norms(grads, ord=-math.inf)[1]) == 0.0  # an empty leaf's own norm
+
+
 def test_extremes_do_not_overflow(kernels):
     huge64 = torch.full((3,), 1e300, dtype=torch.float64)
     grads = [torch.full((1000,), 1e30), torch.full((10,), 1e-30), huge64]

@@ -365,10 +365,18 @@ class TorchPlan(Plan):
             v = xp.pow(xp.where(ok, self.scale_down(v, exp - e), v), self.p)
         if not per_leaf:
             return [Partial(v, exp, flags)]
-        return [
+        parts = [
             Partial(v[i], None if exp is None else exp[i], flags[i])
             for i in range(len(self.leaves))
         ]
+        if self.kind == "-inf":
+            # The kernels give an empty leaf's norm, 0; as a partial of the
+            # min over leaves it must be the min's identity, as Plan.leaf's.
+            empty = self.identity()
+            parts = [
+                empty if x.numel() == 0 else q for x, q in zip(self.leaves, parts, strict=True)
+            ]
+        return parts
 
     # -- reductions --------------------------------------------------------------
     def _from_host(self, reduce: Callable[[], list[Partial]]) -> list[Partial]:
