@@ -220,6 +220,46 @@ def test_raise_names_the_bad_sharded_leaf(mesh, bad):
         gcj.clip_by_global_norm(sharded, 1.0, nonfinite="raise")
 
 
+@pytest.fixture(scope="module")
+def explicit_mesh():
+    explicit = (jax.sharding.AxisType.Explicit,) * 2
+    return jax.make_mesh((4, 2), ("data", "model"), axis_types=explicit)
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_leaf_on_an_explicit_mesh_whose_halves_do_not_divide(explicit_mesh, fused):
+    # 8200 = 8 * 1025: the float32 sum's pairwise halving sliced it into
+    # halves of 4100 and 2050, which JAX refuses to cut over 8 devices; the
+    # fast path traces that sum in its lax.cond's scaled branch.
+    host = np.linspace(-1.0, 3.0, 8200, dtype=np.float32)
+    x = jax.device_put(host, jax.sharding.NamedSharding(explicit_mesh, P(("data", "model"))))
+    want = float(np.linalg.norm(host.astype(np.float64)))
+    with jax.set_mesh(explicit_mesh):
+        norm = jax.jit(lambda t: gc.global_norm(t, fused=fused))([x])
+        _, stats = jax.jit(lambda t: gc.clip_by_global_norm(t, 1.0, fused=fused))([x])
+        leaf = jax.jit(lambda t: gc.leaf_norms(t, fused=fused))([x])
+    for got in (norm, stats.norm, leaf[0]):
+        assert float(got) == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_per_example_sum_over_a_batch_sharded_on_an_explicit_mesh(explicit_mesh, reduce):
+    # The sum over examples was a matmul contracting the sharded batch axis,
+    # which JAX refuses without an out_sharding.
+    host = {"w": np.arange(24.0, dtype=np.float32).reshape(8, 3), "b": np.ones(8, np.float32)}
+    want, want_stats = gc.per_example_clip(host, 1.0, reduce=reduce)
+    spec = jax.sharding.NamedSharding(explicit_mesh, P("data"))
+    sharded = {k: jax.device_put(v, spec) for k, v in host.items()}
+    with jax.set_mesh(explicit_mesh):
+        for got, stats in (
+            gc.per_example_clip(sharded, 1.0, reduce=reduce),
+            jax.jit(lambda t: gc.per_example_clip(t, 1.0, reduce=reduce))(sharded),
+        ):
+            np.testing.assert_allclose(np.asarray(stats.norm), want_stats.norm, rtol=1e-6)
+            for k in host:
+                np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=1e-6)
+
+
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_per_example_over_a_batch_sharded_on_an_explicit_mesh(per_layer):
     # Under explicit sharding the two branches of the norm's lax.cond must

@@ -314,11 +314,18 @@ def _combine(plan: Plan, x: Any, scale: Any, axis: int, reduce: str | None) -> A
     step = post
     if work != x.dtype and plan.chunk is not None:
         step = max(1, plan.chunk // max(1, pre * batch))
+    column = xp.reshape(factors, (batch, 1) if axis == 0 else (1, batch, 1))
     pieces = []
     for c in range(0, post, step) if step < post else [0]:
         block = xp.astype(x3[..., c : c + step] if step < post else x3, work, copy=False)
         if reduce is None:
-            y = block * xp.reshape(factors, (batch, 1) if axis == 0 else (1, batch, 1))
+            y = block * column
+        elif plan.chunk is None:
+            # JAX and dask fuse the product into the sum, with no temporary.
+            # JAX refuses a matmul contracting a batch axis sharded over an
+            # Explicit mesh axis (it asks for an out_sharding), and its
+            # float32 matmuls may run in TF32 on GPUs.
+            y = xp.sum(block * column, axis=-2)
         else:
             y = xp.matmul(factors, block)
         # (NumPy also multiplies ml_dtypes' bfloat16 into float32.)

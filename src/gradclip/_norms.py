@@ -175,7 +175,10 @@ class Plan:
 
     def _sum(self, v: Any) -> Any:
         xp = self.xp
-        if self._wide_acc():
+        if self._wide_acc() or self.chunk is None:
+            # JAX (XLA) and dask already reduce in trees; and JAX refuses to
+            # slice a leaf sharded over an Explicit mesh axis into halves
+            # its device count does not divide.
             return xp.sum(v)
         # float32 accumulator: pairwise halving keeps the error O(log n).
         # Compiled backends pass leaves unraveled, 0-d ones included.
