@@ -553,3 +553,23 @@ def test_leaves_of_other_libraries_and_array_eps_raise():
     # NumPy leaves alone go to the device, as jit takes them.
     norm = gcj.global_norm({"b": np.array([3.0, 4.0], np.float32)})
     assert float(norm) == 5.0
+
+
+@pytest.mark.parametrize("others", [True, False], ids=["beside-float32", "alone"])
+def test_an_empty_float64_leaf_makes_the_norm_float64(others):
+    # The fast path dropped empty leaves before choosing the result dtype:
+    # the norm came back float32 beside a float64 scale.
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        tree = {"emb": jnp.zeros((0, 4), jnp.float64)}
+        if others:
+            tree["w"] = jnp.full(3, 2.0, jnp.float32)
+        want = gc.global_norm(tree, fused=False)
+        assert want.dtype == jnp.float64
+        assert gc.global_norm(tree).dtype == jnp.float64
+        _, stats = gc.clip_by_global_norm(tree, 1.0)
+        assert stats.norm.dtype == stats.scale.dtype == jnp.float64
+        assert float(stats.norm) == float(want)
+    finally:
+        jax.config.update("jax_enable_x64", previous)

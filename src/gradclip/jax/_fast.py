@@ -263,14 +263,15 @@ def _partition(
 ) -> tuple[list[int], dict[Any, list[int]]]:
     """Indices of the leaves reduced whole (large or split), and of the rest per ``(dtype, group)``.
 
-    Empty leaves are in neither.
+    Empty leaves go with the small ones: they add nothing, but their dtype
+    still sets the norm's (float64 where any leaf is float64).
     """
     whole: list[int] = []
     small: dict[Any, list[int]] = {}
     for i, (x, group) in enumerate(zip(leaves, groups, strict=True)):
         if x.size >= GATHER or _split(x):
             whole.append(i)
-        elif x.size:
+        else:
             small.setdefault((x.dtype, group), []).append(i)
     return whole, small
 
