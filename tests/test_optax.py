@@ -164,6 +164,17 @@ def test_float32_1e30_block_rms_clips_where_optax_zeroes():
     np.testing.assert_allclose(np.asarray(state.stats.norm), [1e30, 0.1], rtol=1e-5)
 
 
+def test_block_rms_stats_where_the_norm_is_past_float32():
+    # 10000 entries of 1e37: the rms is 1e37, the 2-norm 1e39. The clip was
+    # right, but the stats took the rms as leaf_norms / sqrt(n): inf, scale 0.
+    grads = {"w": jnp.full((10_000,), 1e37, jnp.float32)}
+    tx = gco.clip_by_block_rms(1.0)
+    got, state = jax.jit(tx.update)(grads, tx.init(grads))
+    np.testing.assert_allclose(np.asarray(state.stats.norm), [1e37], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(state.stats.scale), [1e-37], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got["w"]), 1.0, rtol=1e-5)
+
+
 # ----------------------------------------------------------- state and tracing
 
 

@@ -208,6 +208,18 @@ def clip_by_norm(
     return new, _stats(norms, scales, finite)
 
 
+def block_rms(plan: Plan, part: Partial, size: int) -> Any:
+    """A leaf's root mean square from its partial reduction (``ord=2``) of ``size`` entries."""
+    xp = plan.xp
+    norm = plan.norm(part, size)
+    rms = norm / math.sqrt(max(size, 1))  # as the CUDA kernel computes it
+    # The norm (1e39 for 1e4 entries of 1e37) may overflow the result
+    # dtype where the rms does not, and inf / sqrt(n) zeroed the leaf:
+    # there, the root of the mean of the squares.
+    mean = plan.norm(part._replace(value=part.value / max(size, 1)), size)
+    return xp.where(xp.isinf(norm) & xp.isfinite(mean), mean, rms)
+
+
 def clip_by_block_rms(
     xp: Any,
     leaves: list[Any],
@@ -224,14 +236,7 @@ def clip_by_block_rms(
     threshold = _bound(plan, threshold)
     out = []
     for i, (x, part) in enumerate(zip(leaves, parts, strict=True)):
-        size = math.prod(x.shape)
-        norm = plan.norm(part, size)
-        rms = norm / math.sqrt(max(size, 1))  # as the CUDA kernel computes it
-        # The norm (1e39 for 1e4 entries of 1e37) may overflow the result
-        # dtype where the rms does not, and inf / sqrt(n) zeroed the leaf:
-        # there, the root of the mean of the squares.
-        mean = plan.norm(part._replace(value=part.value / max(size, 1)), size)
-        rms = xp.where(xp.isinf(norm) & xp.isfinite(mean), mean, rms)
+        rms = block_rms(plan, part, math.prod(x.shape))
         scale = _compat.divide(xp, 1.0, xp.maximum(plan.const(1.0, plan.res), rms / threshold))
         if nonfinite == "skip":
             scale = xp.where(plan.finite(part), scale, plan.const(1.0, plan.res))

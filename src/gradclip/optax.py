@@ -27,12 +27,13 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import gradclip as gc
 
+from . import _core
 from . import adaptive as _adaptive
+from ._norms import Plan
 from ._stats import ClipStats
 
 __all__ = [
@@ -397,10 +398,11 @@ def clip_by_block_rms(threshold: Any, *, nonfinite: str = "propagate") -> Any:
     def apply(updates: Any, policy: str) -> tuple[Any, ClipStats]:
         new = gc.clip_by_block_rms(updates, t, nonfinite=policy)
         leaves = jax.tree.leaves(updates)
-        norms = gc.leaf_norms(updates, nonfinite="zero" if policy == "zero" else "propagate")
-        norms = jnp.asarray(norms)
-        roots = np.sqrt(np.maximum([math.prod(x.shape) for x in leaves], 1))
-        rms = norms / jnp.asarray(roots, norms.dtype)
+        # The rms as the clip takes it (a norm past float32 with an rms
+        # within it is not inf).
+        plan = Plan(jnp, 2.0, leaves, zero_nonfinite=policy == "zero")
+        roots = [_core.block_rms(plan, plan.leaf(i), x.size) for i, x in enumerate(leaves)]
+        rms = jnp.stack(roots) if roots else jnp.zeros((0,), plan.res)
         # gradclip's generic arithmetic, so stats.scale is the factor it applied.
         scale = 1.0 / jnp.maximum(jnp.ones((), rms.dtype), rms / t)
         finite = _all_finite(leaves)
