@@ -569,6 +569,33 @@ def test_state_dict_round_trips_across_backends(xp, clipper):
     "clipper", [ZClip(warmup_steps=5), AutoClip(history_size=16), AdaGC(warmup_steps=3)],
     ids=["zclip", "autoclip", "adagc"],
 )  # fmt: skip
+def test_state_dicts_are_copies_in_init_dtypes(xp, clipper):
+    # A float64 run's state resumed on float32 leaves took float64 (and its
+    # norms with it); a dict through JSON gave int64 counts; and the dicts
+    # were views of the state (a CPU tensor's .numpy(), NumPy arrays).
+    seq = _sequence(steps=8)
+    _, state = _run(clipper, _NumpyF32(), seq)
+    saved = {k: v.astype(np.float64) for k, v in clipper.state_dict(state).items()}
+    like = [xp.array(a, "float32") for a in seq[0]]
+    loaded = clipper.load_state_dict(saved, like)
+    for k, ref in clipper.init(like)._asdict().items():
+        assert getattr(loaded, k).dtype == ref.dtype, k
+    _, _, stats = clipper.update(like, loaded)
+    assert stats.norm.dtype == like[0].dtype
+    out = clipper.state_dict(loaded)
+    for k, v in out.items():
+        v[...] = 7  # neither the state nor the dict it was loaded from
+        assert not np.any(xp.numpy(getattr(loaded, k)) == 7), k
+    for v in saved.values():
+        assert not np.any(v == 7)
+        v[...] = 7
+    assert not any(np.any(v == 7) for v in clipper.state_dict(loaded).values())
+
+
+@pytest.mark.parametrize(
+    "clipper", [ZClip(warmup_steps=5), AutoClip(history_size=16), AdaGC(warmup_steps=3)],
+    ids=["zclip", "autoclip", "adagc"],
+)  # fmt: skip
 def test_a_state_of_another_library_is_refused_by_name(xp, clipper):
     if xp.name == "numpy":
         pytest.skip("the state here is NumPy's")

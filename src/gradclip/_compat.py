@@ -369,22 +369,29 @@ def writable_problem(x: Any) -> str | None:
 
 
 def to_numpy(x: Any) -> np.ndarray:
-    """A NumPy copy of an array of any backend (an explicit device-to-host transfer)."""
+    """A NumPy copy of an array of any backend (an explicit device-to-host transfer).
+
+    A copy, writable, that shares no memory with ``x``: a CPU tensor's
+    ``.numpy()``, a NumPy array and DLPack are views, and JAX's host copy
+    of a CPU array may be its read-only buffer.
+    """
     name = backend_name(namespace(x))
     if name == "cupy":
-        return np.asarray(x.get())
+        return np.asarray(x.get())  # a new host array
     if name == "torch":
-        return np.asarray(x.detach().cpu().numpy())
-    if name == "array_api_strict":
-        return np.from_dlpack(x)
-    if name == "jax":
+        host = x.detach().cpu().numpy()
+    elif name == "array_api_strict":
+        host = np.from_dlpack(x)
+    elif name == "jax":
         # An explicit transfer: jax.transfer_guard("disallow") lets it through
         # and stops implicit ones.
-        return np.asarray(sys.modules["jax"].device_get(x))
-    # dask computes here, and NumPy warns about the NaN/inf arithmetic that
-    # the "propagate" policy performs on purpose.
-    with np.errstate(all="ignore"):
-        return np.asarray(x)
+        host = sys.modules["jax"].device_get(x)
+    else:
+        # dask computes here, and NumPy warns about the NaN/inf arithmetic
+        # that the "propagate" policy performs on purpose.
+        with np.errstate(all="ignore"):
+            host = np.asarray(x)
+    return np.array(host, copy=True)
 
 
 def torch_strided() -> Any:

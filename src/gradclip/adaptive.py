@@ -146,7 +146,10 @@ def _load_fields(d: dict[str, Any], fn: str, ref: Any, why: Any, xp: Any, device
                 f"{tuple(want.shape)}{why(k)}; the state was saved with other "
                 "hyperparameters or for another tree"
             )
-        out[k] = xp.asarray(value, device=device)
+        # init's dtype (a float64 NumPy run's state loaded for float32
+        # leaves, an int64 count through JSON), in memory of its own.
+        new = xp.asarray(value, device=device, copy=True)
+        out[k] = xp.astype(new, want.dtype, copy=False)
     return type(ref)(**out)
 
 
