@@ -30,6 +30,22 @@ def test_max_norm_wrong_type(xp, bad):
         gc.clip_by_global_norm(_tree(xp), bad)
 
 
+@pytest.mark.parametrize("dtype", ["bool", "complex64"])
+@pytest.mark.parametrize("fn", [gc.clip_by_global_norm, *INPLACE])
+def test_max_norm_of_a_dtype_that_is_not_real(xp, fn, dtype):
+    # float() took np.array(True) as 1 and dropped an imaginary part with a
+    # warning (an error here); a device array was used as it was.
+    tree = _tree(xp)
+    host = np.array(1 + 1j if dtype == "complex64" else True).astype(dtype)
+    bounds = [host, host[()], *([xp.array(host)] if xp.has(dtype) else [])]
+    for bad in bounds:
+        with pytest.raises(TypeError, match=r"max_norm must be a (real )?number; got"):
+            fn(tree, bad)
+    with pytest.raises(TypeError, match=r"eps must be a real number; got one of dtype <U3"):
+        fn(tree, 1.0, eps=np.array("0.1"))
+    assert all(np.array_equal(xp.numpy(x), np.full(3, 2.0)) for x in tree["encoder"])
+
+
 @pytest.mark.parametrize("fn", [gc.clip_by_global_norm, gc.clip_by_norm, *INPLACE])
 def test_max_norm_array_that_is_not_0d(xp, fn):
     # A (1,) or (2,) array would broadcast into the leaves, or flip their sign
@@ -67,6 +83,9 @@ def test_bound_from_another_library():
     ):
         with pytest.raises(TypeError, match="is a torch array but the leaves are numpy arrays"):
             call()
+    # clip_by_norm's norm= is one per leaf: the advice was "a number or a 0-d array"
+    with pytest.raises(TypeError, match="pass it as a numpy array, or as numbers"):
+        gc.clip_by_norm_(tree, 1.0, norm=torch.full((4,), 5.0))
     assert all(np.array_equal(x, np.full(3, 2.0)) for x in tree["encoder"])
     grads = [torch.full((3,), 2.0)]
     gc.clip_by_global_norm_(grads, np.asarray(1.0, np.float32))  # a NumPy 0-d bound: a number

@@ -253,7 +253,7 @@ def _run(prep: _Prepared, fused: bool | None, fn: str, **kwargs: Any) -> Any:
                 if other != prep.backend:
                     raise TypeError(
                         f"{name} is a {other} array but the leaves are {prep.backend} arrays; "
-                        f"pass a number or a 0-d {prep.backend} array"
+                        f"pass it as a {prep.backend} array, or as numbers"
                     )
     impl = getattr(_impl(prep, fused), fn)
     leaves = prep.flat.leaves
@@ -277,11 +277,24 @@ def _scalar_bound(value: Any, name: str, *, allow_array: bool = True) -> Any:
     number = isinstance(value, int | float | np.number | np.ndarray) and not isinstance(value, bool)
     if not (number or (device and allow_array)):
         raise TypeError(f"{name} must be a number; got {type(value).__name__}")
+    if not _real(value, device):
+        # float() would take np.array(True) as 1, np.array("2.5") as 2.5, and
+        # drop a complex number's imaginary part with a warning
+        raise TypeError(f"{name} must be a real number; got one of dtype {value.dtype}")
     shape = tuple(getattr(value, "shape", ()))  # known without a sync
     if shape:
         what = "a number or a 0-d array" if allow_array else "a number"
         raise ValueError(f"{name} must be {what}; got an array of shape {shape}")
     return value if device else float(value)
+
+
+def _real(value: Any, device: bool) -> bool:
+    """Whether a bound's dtype, if it has one, is an integer or real floating one."""
+    if device:
+        xp = _compat.namespace(value)
+        return bool(xp.isdtype(value.dtype, ("integral", "real floating")))
+    dtype = getattr(value, "dtype", None)
+    return dtype is None or dtype.kind in "iuf"
 
 
 def _check_bound(value: Any, name: str, *, allow_array: bool = True) -> Any:
