@@ -573,3 +573,15 @@ def test_an_empty_float64_leaf_makes_the_norm_float64(others):
         assert float(stats.norm) == float(want)
     finally:
         jax.config.update("jax_enable_x64", previous)
+
+
+@pytest.mark.parametrize("fn", ["global_norm", "clip_by_global_norm", "clip_by_norm"])
+def test_generators_and_dict_views_as_at_the_top_level(fn):
+    # The leaf check consumed the generator; jit was then given it empty.
+    grads = {"w": jnp.array([3.0, 4.0]), "b": jnp.array([12.0])}
+    args = () if fn == "global_norm" else (1.0,)
+    for make in (lambda: iter(grads.values()), grads.values):
+        got = getattr(gcj, fn)(make(), *args)
+        want = getattr(gc, fn)(list(grads.values()), *args)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -43,6 +43,7 @@ from typing import Any
 from .. import _api
 from .._norms import parse_ord
 from .._stats import ClipStats, PerExampleStats
+from .._tree import _materialise
 from . import _fast
 from ._fast import jax
 
@@ -145,9 +146,16 @@ _NAMES = {
 }
 
 
+# The bodies that reduce sharded leaves inside shard_map (see _layout).
+_SHARDED = frozenset({"norm", "clip"})
+
+
 def _call(body: str, donate: bool, dynamic: tuple[Any, ...], **static: Any) -> Any:
     tree, *rest = dynamic
+    tree = _materialise(tree)  # a generator or dict view, as at the top level
     fn = _NAMES.get(body, body)
+    if body in _SHARDED:
+        static["layout"] = _layout(tree)
     leaves = jax.tree_util.tree_leaves(tree)
     if not all(issubclass(t, jax.Array) for t in set(map(type, leaves))):
         # A leaf of another library, or no array at all, raises naming the
@@ -210,7 +218,6 @@ def global_norm(
         ord=ord,
         nonfinite=nonfinite,
         axis_name=axis_name,
-        layout=_layout(tree),
     )
 
 
@@ -296,7 +303,6 @@ def clip_by_global_norm(
         eps=eps,
         nonfinite=nonfinite,
         axis_name=axis_name,
-        layout=_layout(tree),
     )
 
 
