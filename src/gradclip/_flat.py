@@ -150,8 +150,7 @@ class FlatTree:
         """A FlatTree over ``buffers``, with the structure and paths of ``like``."""
         self = object.__new__(cls)
         self._xp, self._buffers, self._slots = xp, buffers, slots
-        views = [xp.reshape(buffers[s.key][s.start : s.stop], s.shape) for s in slots]
-        self._flat = Flat(views, like.paths, like.unflatten)
+        self._flat = Flat(_views(xp, buffers, slots), like.paths, like.unflatten)
         return self
 
     # -- accessors ---------------------------------------------------------------
@@ -213,7 +212,7 @@ class FlatTree:
                 # writable (NumPy copies the flag only when a view is
                 # made): in-place calls must see them read-only, as they
                 # see the buffers.
-                leaves = self._adopt(self._xp, self._buffers, self._slots, self._flat)._flat.leaves
+                leaves = _views(self._xp, self._buffers, self._slots)
             return Flat(leaves, self._flat.paths, self._from_leaves)
         keys = list(self._buffers)
         return Flat(
@@ -267,3 +266,8 @@ def _read_only(buffer: Any) -> bool:
     """A NumPy buffer made read-only (CuPy and torch arrays have no such flag)."""
     flags = getattr(buffer, "flags", None)
     return flags is not None and not getattr(flags, "writeable", True)
+
+
+def _views(xp: Any, buffers: dict[Any, Any], slots: list[_Slot]) -> list[Any]:
+    """The leaves: views into the buffers."""
+    return [xp.reshape(buffers[s.key][s.start : s.stop], s.shape) for s in slots]
