@@ -544,6 +544,24 @@ def test_given_norm_shape_is_checked(dev: cuda_emulator.EmuDevice) -> None:
         )  # fmt: skip
 
 
+@pytest.mark.parametrize("view", ["column", "reversed", "broadcast"])
+def test_given_per_leaf_norms_as_a_view(dev: cuda_emulator.EmuDevice, view: str) -> None:
+    # The kernels read the norms packed from the array's start: a column
+    # gave leaf 1 the norm of row 0's second entry, a reversed or broadcast
+    # view read past the array.
+    leaves = [np.full(4, 3.0, np.float32) for _ in range(3)]
+    norm = {
+        "column": np.array([[10, 0], [20, 0], [0.5, 0]], np.float32)[:, 0],
+        "reversed": np.array([0.5, 20, 10], np.float32)[::-1],
+        "broadcast": np.broadcast_to(np.float32(20), (3,)),
+    }[view]
+    kwargs = {"max_norm": 1.0, "p": 2.0, "eps": 0.0, "nonfinite": "propagate", "inplace": False}
+    fast, ref = _both(dev, "clip_by_norm", leaves, norm=norm, **kwargs)
+    _leaves_close(fast[0], ref[0], exact=True)
+    for field in ("norm", "scale"):
+        _close(getattr(fast[1], field), getattr(ref[1], field), exact=True)
+
+
 def test_clip_by_value_bounds_past_a_dtype_range_do_not_warn(dev: cuda_emulator.EmuDevice) -> None:
     # The bounds are rounded to every real dtype on the host; 1e5 is past
     # float16's range and 1e40 past float32's, even for leaves of neither.

@@ -176,7 +176,9 @@ def _clip(
     else:
         lay = _launch.layout(dev, leaves)
         out = _launch.outputs(dev, len(leaves), res)
-        given = xp.asarray(norm, dtype=res)
+        # A copy: the kernels read the norms packed from the array's start,
+        # and a view (a column, a reversed or broadcast array) is not.
+        given = xp.asarray(norm, dtype=res, copy=True)
         # (A global norm's shape is checked by gradclip._api for every backend.)
         if per_leaf and tuple(given.shape) != (len(leaves),):
             raise ValueError(
