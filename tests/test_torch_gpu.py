@@ -46,6 +46,23 @@ def test_the_kernels_take_cuda_tensors():
     assert plan._kernels is not None
 
 
+def test_bfloat16_without_ml_dtypes_takes_another_route(monkeypatch):
+    # The route types bfloat16 bits with ml_dtypes, which neither gradclip
+    # nor torch requires: without it, its import failed every bf16 call.
+    find_spec = _fast.importlib.util.find_spec
+    monkeypatch.setattr(
+        _fast.importlib.util,
+        "find_spec",
+        lambda n, *a: None if n == "ml_dtypes" else find_spec(n, *a),
+    )
+    grads = _grads(torch.bfloat16)
+    assert _fast.TorchPlan(gc._compat.namespace(grads[0]), 2.0, grads)._kernels is None
+    params, ref = _params(grads), _params(grads)
+    got = gct.clip_grad_norm_(params, 1.0)
+    want = gct.clip_grad_norm_(ref, 1.0, foreach=False)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("ord", [2.0, 1.0, 3.5, math.inf, -math.inf, 0.0])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_clip_grad_norm_matches_generic(dtype, ord):

@@ -173,6 +173,8 @@ def _cuda_kernels(leaves: list[Any]) -> Kernels | None:
         return None
     if not all(map(torch.Tensor.is_contiguous, leaves)):
         return None
+    if torch.bfloat16 in dtypes and importlib.util.find_spec("ml_dtypes") is None:
+        return None  # CuPy has no bfloat16: the launcher types its bits with ml_dtypes'
     import cupy
 
     from ..cupy import _launch
