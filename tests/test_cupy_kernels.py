@@ -630,6 +630,35 @@ def test_views_at_odd_offsets(dev: cuda_emulator.EmuDevice) -> None:
             np.testing.assert_array_equal(buf[a:b], before[a:b])
 
 
+@pytest.mark.parametrize("alias", ["same", "overlapping", "disjoint"])
+@pytest.mark.parametrize("per_leaf", [False, True])
+def test_leaves_sharing_memory_are_scaled_one_after_the_other(
+    dev: cuda_emulator.EmuDevice, alias: str, per_leaf: bool
+) -> None:
+    # In one launch, blocks of two leaves over the same memory would read
+    # and write it at once on a GPU (the emulator runs blocks in turn):
+    # some entries scaled once, others twice. Such trees are scaled leaf by
+    # leaf: every shared entry twice, as torch's foreach clip does.
+    buf = np.ones(3000, np.float32)
+    leaves = {
+        "same": [buf, buf],
+        "overlapping": [buf[:2000], buf[1000:]],
+        "disjoint": [buf[:1500], buf[1500:]],
+    }[alias]
+    fn = "clip_by_norm" if per_leaf else "clip_by_global_norm"
+    dev.launches.clear()
+    getattr(_fast, fn)(
+        xp, leaves, _names(leaves), max_norm=1.0, p=2.0, eps=0.0, nonfinite="propagate",
+        norm=np.full(2, 2.0, np.float32) if per_leaf else np.float32(2.0), inplace=True,
+        device=dev,
+    )  # fmt: skip
+    assert ("gc_scale" in dev.launches) == (alias == "disjoint")
+    twice = {"same": slice(0, 3000), "overlapping": slice(1000, 2000), "disjoint": slice(0, 0)}
+    want = np.full(3000, 0.5, np.float32)
+    want[twice[alias]] = 0.25
+    np.testing.assert_array_equal(buf, want)
+
+
 def test_non_contiguous_leaves_take_the_generic_path(dev: cuda_emulator.EmuDevice) -> None:
     leaves = [*_tree("float32"), np.ones((6, 4), np.float32).T]
     calls = len(dev.launches)

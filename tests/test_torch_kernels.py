@@ -159,6 +159,23 @@ def test_neg_inf_norm_with_an_empty_leaf(kernels, nonfinite):
     assert float(gc.leaf_norms(grads, ord=-math.inf)[1]) == 0.0  # an empty leaf's own norm
 
 
+@pytest.mark.parametrize("alias", ["same", "overlapping", "disjoint"])
+def test_tensors_sharing_memory_are_scaled_one_after_the_other(kernels, alias):
+    # As on the CuPy path: one scale launch over tensors sharing memory
+    # would race on a GPU; they are scaled in turn, shared entries twice.
+    buf = torch.ones(3000)
+    grads = {
+        "same": [buf, buf],
+        "overlapping": [buf[:2000], buf[1000:]],
+        "disjoint": [buf[:1500], buf[1500:]],
+    }[alias]
+    gc.clip_by_global_norm_(grads, 1.0, norm=torch.tensor(2.0), eps=0.0)
+    assert ("gc_scale" in kernels.launches) == (alias == "disjoint")
+    want = torch.full((3000,), 0.5)
+    want[{"same": slice(0, 3000), "overlapping": slice(1000, 2000)}.get(alias, slice(0, 0))] = 0.25
+    torch.testing.assert_close(buf, want, rtol=0, atol=0)
+
+
 def test_extremes_do_not_overflow(kernels):
     huge64 = torch.full((3,), 1e300, dtype=torch.float64)
     grads = [torch.full((1000,), 1e30), torch.full((10,), 1e-30), huge64]

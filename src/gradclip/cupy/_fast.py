@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .. import _core
-from .._norms import by_max
+from .._norms import Plan, by_max
 from .._stats import ClipStats
 from . import _launch
 from ._launch import Device
@@ -107,6 +107,7 @@ def _new_leaves(dev: Device, lay: _launch.Layout, leaves: Sequence[Any]) -> tupl
 
 def _scaled(
     dev: Device,
+    xp: Any,
     lay: _launch.Layout,
     out: _launch.Outputs,
     leaves: Sequence[Any],
@@ -117,6 +118,13 @@ def _scaled(
 ) -> list[Any]:
     """Launch the scale kernel with the scales the norm kernel left in ``out``."""
     scales = out.leaf(dev, 1) if per_leaf else out.scale(dev)
+    if inplace and lay.overlap:
+        # Memory given twice is scaled twice (as torch's foreach clip does),
+        # one write after the other. In one launch, blocks of the two
+        # leaves would read and write it at once: some entries scaled once,
+        # differently from run to run. Leaf by leaf, in stream order:
+        plan = Plan(xp, 2.0, list(leaves))
+        return plan.scale_leaves(scales, per_leaf=per_leaf, zero=zero, inplace=True)
     buf, new = (None, list(leaves)) if inplace else _new_leaves(dev, lay, leaves)
     _launch.scale(dev, lay, scales, per_leaf=per_leaf, res=out.res, zero=zero, dst=buf)
     return new
@@ -189,7 +197,7 @@ def _clip(
             _core.check_given(xp, given, names)
         _launch.given(dev, lay, out, given, **bound)
     zero = nonfinite == "zero"
-    new = _scaled(dev, lay, out, leaves, per_leaf=per_leaf, zero=zero, inplace=inplace)
+    new = _scaled(dev, xp, lay, out, leaves, per_leaf=per_leaf, zero=zero, inplace=inplace)
     if per_leaf:
         stats = ClipStats(*(out.leaf(dev, k) for k in (0, 1, 2, 3)))
     else:
@@ -212,7 +220,9 @@ def _clip_by_block_rms(
     lay, out = _reduce(
         dev, leaves, names, p=2.0, nonfinite=nonfinite, mode="rms", skip=skip, max_norm=bound
     )
-    return _scaled(dev, lay, out, leaves, per_leaf=True, zero=nonfinite == "zero", inplace=False)
+    return _scaled(
+        dev, xp, lay, out, leaves, per_leaf=True, zero=nonfinite == "zero", inplace=False
+    )
 
 
 def _clip_by_value(

@@ -112,6 +112,7 @@ class Layout:
     out_bytes: int
     work_f64: Any
     work_i32: Any  # its last entry is the last-block ticket, left at 0 by every launch
+    overlap: bool  # two leaves share memory (one array given twice, overlapping views)
 
     def head(self) -> tuple[Any, ...]:
         """The kernels' first arguments: the table and its counts."""
@@ -139,9 +140,8 @@ def build(dev: Device, ptrs: Sequence[int], sizes: Sequence[int], dtypes: Sequen
     nbytes = -(-(size * items) // 16) * 16
     out = np.zeros(n + 1, np.int64)
     np.cumsum(nbytes, out=out[1:])
-    table = np.concatenate(
-        [np.fromiter(ptrs, np.int64, n), size, code, first, chunk_leaf, chunk_start, big, out[:n]]
-    )
+    start = np.fromiter(ptrs, np.int64, n)
+    table = np.concatenate([start, size, code, first, chunk_leaf, chunk_start, big, out[:n]])
     return Layout(
         table=dev.upload(table),
         n=n,
@@ -152,7 +152,16 @@ def build(dev: Device, ptrs: Sequence[int], sizes: Sequence[int], dtypes: Sequen
         out_bytes=max(int(out[-1]), 16),
         work_f64=dev.zeros(chunks + 1 + n, np.float64),
         work_i32=dev.zeros(2 * (chunks + 1) + 2 * n + 1, np.int32),
+        overlap=_overlap(start, size * items),
     )
+
+
+def _overlap(start: np.ndarray, nbytes: np.ndarray) -> bool:
+    """Whether two of the byte ranges ``[start, start + nbytes)`` (empty ones aside) meet."""
+    live = nbytes > 0
+    order = np.argsort(start[live], kind="stable")
+    begin, end = start[live][order], (start + nbytes)[live][order]
+    return bool(np.any(begin[1:] < np.maximum.accumulate(end)[:-1]))
 
 
 _layouts: collections.OrderedDict[Any, Layout] = collections.OrderedDict()

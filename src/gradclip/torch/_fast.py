@@ -504,9 +504,12 @@ class TorchPlan(Plan):
         """
         torch = _torch()
         if inplace and self._kernels is not None:
-            self._kernel_scale(scales, per_leaf=per_leaf, zero=zero)
-            _written(self.leaves)
-            return list(self.leaves)
+            if self._kernel_scale(scales, per_leaf=per_leaf, zero=zero):
+                _written(self.leaves)
+                return list(self.leaves)
+            # Tensors sharing memory: scaled one after the other (see
+            # gradclip.cupy._fast._scaled), by the generic path.
+            return super().scale_leaves(scales, per_leaf=per_leaf, zero=zero, inplace=True)
         complex_ = any(info is None or info.complex for info in self._dtype_infos.values())
         # torch's autograd of a foreach multiply by a 0-d tensor fails on
         # groups of two or more ("inconsistent range for TensorList output"):
@@ -566,18 +569,24 @@ class TorchPlan(Plan):
                     out[i] = new if new.dtype == dtype else new.to(dtype)
         return out
 
-    def _kernel_scale(self, scales: Any, *, per_leaf: bool, zero: bool) -> None:
-        """The scale kernel, in place; a block whose scale is 1 is not written."""
+    def _kernel_scale(self, scales: Any, *, per_leaf: bool, zero: bool) -> bool:
+        """The scale kernel, in place (a block whose scale is 1 is not written).
+
+        ``False``, with nothing launched, where two leaves share memory.
+        """
         from ..cupy import _launch
 
         k = self._kernels
         assert k is not None
         with k.stream():
             lay = self._reduced[0] if self._reduced is not None else _launch.layout(k.dev, k.arrays)
+            if lay.overlap:
+                return False
             factors = k.from_torch(self.xp.astype(scales, self.res))
             _launch.scale(
                 k.dev, lay, factors, per_leaf=per_leaf, res=self._res_np(), zero=zero, dst=None
             )
+        return True
 
 
 def _fast(fn: Callable[..., Any]) -> Callable[..., Any]:
