@@ -907,6 +907,49 @@ def test_unscale_clip_twice_raises():
     assert math.isfinite(float(unscale_clip_grad_norm_(scaler, opt, 1.0)))
 
 
+def test_unscale_clip_names_the_parameter_at_fault():
+    # It named parameters[i] among those with a gradient, not the one at
+    # fault; the optimizer's own names are taken where it has them.
+    for named, name in [(False, r"param_groups\[0\]\['params'\]\[6\]"), (True, r"3\.bias")]:
+        model, _, scaler = _amp_setup()
+        frozen = torch.nn.Parameter(torch.zeros(3))  # no gradient: skipped
+        params = model.named_parameters() if named else model.parameters()
+        opt = torch.optim.SGD([("frozen", frozen) if named else frozen, *params], lr=0.1)
+        _backward(model, opt, scaler, torch.ones(4, 8), torch.zeros(4, 2), False)
+        model[3].bias.grad[0] = math.nan
+        with pytest.raises(gc.NonFiniteError, match=rf"{name}\.grad"):
+            unscale_clip_grad_norm_(scaler, opt, 1.0, nonfinite="raise")
+
+
+def test_unscale_clip_refuses_fp16_grads_as_unscale_does():
+    model, _, scaler = _amp_setup()
+    model = model.half()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler.scale(model(torch.ones(4, 8, dtype=torch.float16)).float().sum()).backward()
+    grads = [g.clone() for g in _grads(model)]
+    with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients"):
+        scaler.unscale_(opt)
+    with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients"):
+        unscale_clip_grad_norm_(scaler, opt, 1.0)
+    _assert_grads_equal(_grads(model), grads)
+
+
+def test_an_empty_generator_warns_as_torch_does():
+    for fn in (torch.nn.utils.clip_grad_norm_, clip_grad_norm_):
+        with pytest.warns(UserWarning, match="`parameters` is an empty generator"):
+            fn((p for p in []), 1.0)
+
+
+def test_no_gradients_give_a_norm_in_the_default_dtype():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for got in (get_total_norm([]), clip_grad_norm_([torch.nn.Parameter(torch.ones(2))], 1.0)):
+            assert got.dtype == torch.nn.utils.get_total_norm([]).dtype == torch.float64
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def test_unscale_clip_skips_optimizer_tensors_without_grad(route):
     # An optimizer may hold a plain tensor that gets no gradient (frozen);
     # GradScaler.unscale_ and clip_grad_norm_ skip it, and so must this.

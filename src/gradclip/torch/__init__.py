@@ -29,6 +29,8 @@ from __future__ import annotations
 import functools
 import itertools
 import operator
+import types
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, TypeAlias, TypeVar, cast
 
@@ -75,6 +77,11 @@ def _items(tensors: _Tensors, fn: str, what: str) -> tuple[list[Any], list[str] 
     if isinstance(tensors, str | bytes) or not isinstance(tensors, Iterable):
         raise TypeError(f"{fn}: {what} must be a tensor or an iterable of tensors; got {tensors!r}")
     items = list(tensors)
+    if not items and isinstance(tensors, types.GeneratorType):
+        # torch's words: a model.parameters() consumed before the call
+        warnings.warn(
+            f"`{what}` is an empty generator, no gradient clipping will occur.", stacklevel=4
+        )
     if items and isinstance(items[0], tuple):  # model.named_parameters()
         for i, item in enumerate(items):
             if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
@@ -226,6 +233,8 @@ def _plan(
     if prep.xp is None:
         plan = Plan(_compat.namespace(torch.empty(0)), p, [], zero_nonfinite=zero)
         plan.device = next((t.device for t in owners), None)
+        if group is None:  # torch's norm of nothing, torch.tensor(0.0), in the default dtype
+            plan.res = torch.get_default_dtype()
         dist = torch.distributed
         if plan.device is None and group is not None and dist.get_backend(group) == "nccl":
             plan.device = torch.device("cuda", torch.cuda.current_device())
@@ -676,7 +685,19 @@ def unscale_clip_grad_norm_(
     # GradScaler.unscale_ skips parameters without a gradient, plain tensors
     # too: the mistake clip_grad_norm_ guards against (passing gradients)
     # cannot happen with an optimizer's parameters.
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    # Named as in the optimizer (its param_names where it has them), so that
+    # an error names the parameter at fault, not an index among those kept.
+    params = [
+        (name, p)
+        for g, group in enumerate(optimizer.param_groups)
+        for name, p in zip(
+            group.get("param_names")
+            or [f"param_groups[{g}]['params'][{j}]" for j in range(len(group["params"]))],
+            group["params"],
+            strict=True,
+        )
+        if p.grad is not None
+    ]
     kwargs: dict[str, Any] = {
         "nonfinite": nonfinite,
         "process_group": process_group,
@@ -688,6 +709,8 @@ def unscale_clip_grad_norm_(
         stats = clip_grad_norm_(params, max_norm, norm_type, **kwargs)
         return stats if return_stats else stats.norm
     scaler._check_scale_growth_tracker("unscale_")
+    if any(p.grad.dtype == torch.float16 for _, p in params):
+        raise ValueError("Attempting to unscale FP16 gradients.")  # as GradScaler.unscale_
     state = scaler._per_optimizer_states[id(optimizer)]
     if state["stage"] is OptState.UNSCALED:
         raise RuntimeError(
@@ -699,7 +722,7 @@ def unscale_clip_grad_norm_(
     inv_scale = scaler._scale.double().reciprocal().float()
     stats = clip_grad_norm_(params, max_norm, norm_type, inv_scale=inv_scale, **kwargs)
     found_inf = torch.logical_not(stats.finite).to(torch.float32)
-    devices = {p.grad.device for p in params} or {scaler._scale.device}
+    devices = {p.grad.device for _, p in params} or {scaler._scale.device}
     state["found_inf_per_device"] = {d: found_inf.to(d) for d in devices}
     state["stage"] = OptState.UNSCALED
     return stats if return_stats else stats.norm
