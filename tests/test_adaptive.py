@@ -540,10 +540,14 @@ def test_an_inf_norm_is_counted_not_warned(xp, clipper, nonfinite):
 # ------------------------------------------------------------------ state dicts
 
 
-@pytest.mark.parametrize(
+# The clippers with statistics in their state, with short warm-ups.
+STATEFUL = pytest.mark.parametrize(
     "clipper", [ZClip(warmup_steps=5), AutoClip(history_size=16), AdaGC(warmup_steps=3)],
     ids=["zclip", "autoclip", "adagc"],
 )  # fmt: skip
+
+
+@STATEFUL
 def test_state_dict_round_trips_across_backends(xp, clipper):
     seq = _sequence(steps=12)
     _, numpy_state = _run(clipper, _NumpyF32(), seq[:8])
@@ -565,10 +569,7 @@ def test_state_dict_round_trips_across_backends(xp, clipper):
         clipper.load_state_dict({}, like)
 
 
-@pytest.mark.parametrize(
-    "clipper", [ZClip(warmup_steps=5), AutoClip(history_size=16), AdaGC(warmup_steps=3)],
-    ids=["zclip", "autoclip", "adagc"],
-)  # fmt: skip
+@STATEFUL
 def test_state_dicts_are_copies_in_init_dtypes(xp, clipper):
     # A float64 run's state resumed on float32 leaves took float64 (and its
     # norms with it); a dict through JSON gave int64 counts; and the dicts
@@ -592,10 +593,7 @@ def test_state_dicts_are_copies_in_init_dtypes(xp, clipper):
     assert not any(np.any(v == 7) for v in clipper.state_dict(loaded).values())
 
 
-@pytest.mark.parametrize(
-    "clipper", [ZClip(warmup_steps=5), AutoClip(history_size=16), AdaGC(warmup_steps=3)],
-    ids=["zclip", "autoclip", "adagc"],
-)  # fmt: skip
+@STATEFUL
 def test_a_state_of_another_library_is_refused_by_name(xp, clipper):
     if xp.name == "numpy":
         pytest.skip("the state here is NumPy's")
