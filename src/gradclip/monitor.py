@@ -63,8 +63,7 @@ class History(NamedTuple):
     leaf_norms : ndarray of float64, shape (T, n)
         Each leaf's norm.
     max_abs : ndarray of float64, shape (T, n)
-        Each leaf's largest magnitude: NaN where the leaf holds a NaN, except
-        on JAX on the CPU, whose ``max`` skips NaN (count them with ``nan``).
+        Each leaf's largest magnitude: NaN where the leaf holds a NaN.
     nonfinite : ndarray of int64, shape (T, n)
         How many NaN or infinite entries each leaf holds.
     nan : ndarray of int64, shape (T, n)
