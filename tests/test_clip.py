@@ -423,6 +423,23 @@ def test_zero_and_skip_do_no_invalid_arithmetic_in_a_lazy_compute(fn, nonfinite,
         assert got.tobytes() == want[key].tobytes(), key
 
 
+@pytest.mark.parametrize("ord", [2.0, 1.0, 3.0, math.inf, -math.inf, 0.0])
+@pytest.mark.parametrize("picks", [False, True], ids=["empty", "some"])
+def test_dask_leaf_of_unknown_length(ord, picks):
+    # Boolean indexing gives a NaN length; a leaf that turned out empty made
+    # the max/min of the scaled and inf norms raise at compute time.
+    da = importorskip("dask.array")
+    x = da.from_array(np.array([1.0, 2.0, 3.0]), chunks=2)
+    leaf = x[x > (1.5 if picks else 100.0)]
+    assert math.isnan(leaf.shape[0])
+    tree = [leaf, da.from_array(np.array([3.0, 4.0]), chunks=1)]
+    host = [np.asarray(t.compute()) for t in tree]
+    np.testing.assert_allclose(gc.global_norm(tree, ord).compute(), gc.global_norm(host, ord))
+    np.testing.assert_allclose(gc.leaf_norms(tree, ord).compute(), gc.leaf_norms(host, ord))
+    _, stats = gc.clip_by_global_norm(tree, 1.0, ord=ord, nonfinite="raise")
+    np.testing.assert_allclose(stats.norm.compute(), gc.global_norm(host, ord))
+
+
 @pytest.mark.parametrize(
     "fn", ["clip_by_global_norm", "clip_by_norm", "clip_by_block_rms", "per_example_clip"]
 )

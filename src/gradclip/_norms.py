@@ -224,9 +224,25 @@ class Plan:
         return self.factor_dtype(self.leaves[index].dtype)
 
     # -- reductions --------------------------------------------------------------
+    def _padded(self, a: Any, value: float) -> Any:
+        """``a`` and one more row of ``value`` along axis 0, where its length is unknown.
+
+        dask gives a NaN length after boolean indexing, and such a leaf may
+        turn out empty, for which max and min have no identity (they raise
+        at compute time). ``value`` is their identity over magnitudes.
+        """
+        shape = tuple(a.shape)
+        if all(n == n for n in shape) or any(n != n for n in shape[1:]):
+            return a  # known (or unknown past axis 0: left to dask)
+        xp = self.xp
+        pad = xp.full((1, *shape[1:]), value, dtype=a.dtype, device=self.device)
+        return xp.concat([a, pad], axis=0)
+
     def _extreme(self, a: Any, axis: int | None = None) -> Any:
         """The max (``inf``) or min (``-inf``) of ``a``, NaN if any entry is NaN."""
         xp = self.xp
+        if axis is None:
+            a = self._padded(a, 0.0 if self.kind == "inf" else math.inf)
         out = (xp.max if self.kind == "inf" else xp.min)(a, axis=axis)
         if _compat.reductions_drop_nan(xp):
             # XLA on the CPU reduces max/min with vector instructions that
@@ -250,7 +266,7 @@ class Plan:
             return Partial(xp.astype(xp.count_nonzero(a), self.acc), None, finite)
         if not scaled:
             return Partial(self._powsum(a), None, finite)
-        m = xp.max(a)
+        m = xp.max(self._padded(a, 0.0))
         if self.by_max:
             # 1 where there is nothing to scale by (all zeros, NaN or inf).
             top = xp.where(xp.isfinite(m) & (m > 0), m, self.const(1.0))
@@ -504,5 +520,14 @@ class Plan:
         xp = self.xp
         if not parts:
             return xp.zeros((0,), dtype=self.res, device=self.device)
-        norms = [self.norm(q, math.prod(x.shape)) for q, x in zip(parts, self.leaves, strict=True)]
+        norms = []
+        for q, x in zip(parts, self.leaves, strict=True):
+            size = math.prod(x.shape)
+            norm = self.norm(q, size)
+            if size != size and self.kind == "-inf":
+                # A leaf of unknown length (dask) that turns out empty: its
+                # norm is 0, not the min's identity (any() of nothing is False).
+                some = xp.any(xp.ones_like(x, dtype=xp.bool))
+                norm = xp.where(some, norm, self.const(0.0, self.res))
+            norms.append(norm)
         return xp.stack(norms)
