@@ -347,13 +347,18 @@ def blocks(xp: Any, x: Any, chunk: int | None) -> Iterator[Block]:
         yield Block(x, index, (stop - start, *shape[1:]), xp.reshape(piece, (-1,)))
 
 
+def read_only(x: Any) -> bool:
+    """Whether ``x`` refuses writes: a NumPy array with ``flags.writeable`` False, or JAX's."""
+    return not aac.is_writeable_array(x)
+
+
 def writable_problem(x: Any) -> str | None:
     """Why ``x`` cannot be written in place, or ``None`` if it can."""
     if isinstance(x, np.generic):
         return "is a NumPy scalar, which is immutable"
     if type(x).__module__.startswith("array_api_strict"):
         x = x._array  # the wrapped NumPy array carries the writeable flag
-    if not aac.is_writeable_array(x):
+    if read_only(x):
         return "is read-only (flags.writeable is False)"
     if aac.is_torch_array(x) and x.is_inference():
         torch = sys.modules["torch"]

@@ -207,7 +207,7 @@ class FlatTree:
         """
         if not whole:
             leaves = self._flat.leaves
-            if any(_read_only(b) for b in self._buffers.values()):
+            if any(map(_compat.read_only, self._buffers.values())):
                 # Views made before a buffer was made read-only stay
                 # writable (NumPy copies the flag only when a view is
                 # made): in-place calls must see them read-only, as they
@@ -260,12 +260,6 @@ def unit(tree: Any, *, whole: bool) -> Flat:
     if isinstance(tree, FlatTree):
         return tree._unit(whole)
     return flatten(tree)
-
-
-def _read_only(buffer: Any) -> bool:
-    """A NumPy buffer made read-only (CuPy and torch arrays have no such flag)."""
-    flags = getattr(buffer, "flags", None)
-    return flags is not None and not getattr(flags, "writeable", True)
 
 
 def _views(xp: Any, buffers: dict[Any, Any], slots: list[_Slot]) -> list[Any]:

@@ -528,8 +528,15 @@ def _overlap(arrays: list[np.ndarray]) -> bool:
         type(o) is np.ndarray and o.base is None for o in owners
     ):
         return False
-    spans = sorted(map(_byte_span, filter(_size, arrays)))
-    return any(b[0] < a[1] for a, b in itertools.pairwise(spans))
+    spans = np.array([_byte_span(x) for x in arrays if x.size], np.int64).reshape(-1, 2)
+    return spans_overlap(spans[:, 0], spans[:, 1])
+
+
+def spans_overlap(starts: np.ndarray, stops: np.ndarray) -> bool:
+    """Whether two of the address ranges ``[starts[i], stops[i])`` meet (none may be empty)."""
+    order = np.argsort(starts, kind="stable")
+    begin, end = starts[order], stops[order]
+    return bool(np.any(begin[1:] < np.maximum.accumulate(end)[:-1]))
 
 
 def _byte_span(x: np.ndarray) -> tuple[int, int]:

@@ -26,6 +26,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .._numpy import spans_overlap
+
 __all__ = [
     "CHUNK",
     "CODES",
@@ -152,16 +154,8 @@ def build(dev: Device, ptrs: Sequence[int], sizes: Sequence[int], dtypes: Sequen
         out_bytes=max(int(out[-1]), 16),
         work_f64=dev.zeros(chunks + 1 + n, np.float64),
         work_i32=dev.zeros(2 * (chunks + 1) + 2 * n + 1, np.int32),
-        overlap=_overlap(start, size * items),
+        overlap=spans_overlap(start[size > 0], (start + size * items)[size > 0]),
     )
-
-
-def _overlap(start: np.ndarray, nbytes: np.ndarray) -> bool:
-    """Whether two of the byte ranges ``[start, start + nbytes)`` (empty ones aside) meet."""
-    live = nbytes > 0
-    order = np.argsort(start[live], kind="stable")
-    begin, end = start[live][order], (start + nbytes)[live][order]
-    return bool(np.any(begin[1:] < np.maximum.accumulate(end)[:-1]))
 
 
 _layouts: collections.OrderedDict[Any, Layout] = collections.OrderedDict()
