@@ -440,7 +440,12 @@ def _adagc_reference(seq, relative, beta, warmup, cap):
             thr = relative * ema
             scales = np.where(norms + 1e-6 > thr, thr / (norms + 1e-6), 1.0)
         clipped = norms * scales
-        ema = clipped if ema is None else beta * ema + (1 - beta) * clipped
+        if ema is None:
+            ema = clipped
+        elif t < warmup:  # the paper's Algorithm 1: the smallest clipped norm
+            ema = np.minimum(ema, clipped)
+        else:
+            ema = beta * ema + (1 - beta) * clipped
         out.append(scales)
     return out
 

@@ -871,10 +871,11 @@ class AdaGC(_Clipper):
     """Per-tensor adaptive clipping against each tensor's own history (Wang et al., 2025).
 
     For ``warmup_steps`` steps the gradients are clipped together at
-    ``max_grad_norm`` (global-norm clipping). Afterwards tensor ``i`` is
-    clipped at ``relative * ema_i``, where ``ema_i`` is the EMA (factor
-    ``beta``) of its clipped norms, started from the first step's.
-    The paper's defaults: ``relative=1.05``, ``beta=0.98``. Its
+    ``max_grad_norm`` (global-norm clipping), and ``ema_i`` is the smallest
+    clipped norm tensor ``i`` has had, as in the paper's Algorithm 1.
+    Afterwards tensor ``i`` is clipped at ``relative * ema_i``, and
+    ``ema_i`` is an EMA (factor ``beta``) of its clipped norms, started from
+    that minimum. The paper's defaults: ``relative=1.05``, ``beta=0.98``. Its
     :class:`~gradclip.ClipStats` are per leaf, as from ``clip_by_norm``.
 
     Parameters
@@ -962,8 +963,13 @@ class AdaGC(_Clipper):
         if self.nonfinite == "skip":
             scales = xp.where(finite, scales, one)
         clipped_norms = norms * scales
+        # The warm-up keeps the smallest clipped norm (the paper's Algorithm 1):
+        # norms fall fast early in training, and an EMA of them would leave
+        # the first per-tensor thresholds far above the norms they clip.
         ema = xp.where(
-            first, clipped_norms, self.beta * state.ema + (1 - self.beta) * clipped_norms
+            warm,
+            xp.where(first, clipped_norms, xp.minimum(state.ema, clipped_norms)),
+            self.beta * state.ema + (1 - self.beta) * clipped_norms,
         )
         # In the state's dtype: float64 leaves' scales (JAX with x64) would
         # promote it, and a state whose dtype changes breaks lax.scan.
