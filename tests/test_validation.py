@@ -254,11 +254,57 @@ def test_overlapping_torch_tensor():
     assert ok.tolist() == [5.0, 5.0, 5.0]
 
 
-def test_torch_inplace_on_leaf_requiring_grad():
+def _in_place_calls():
+    from gradclip.adaptive import AGC, AdaGC, AutoClip, ZClip
+
+    def adaptive(clipper):
+        return lambda tree: clipper.update_(tree, clipper.init(tree), params=tree)
+
+    return {
+        "clip_by_global_norm_": lambda tree: gc.clip_by_global_norm_(tree, 1.0),
+        "clip_by_norm_": lambda tree: gc.clip_by_norm_(tree, 1.0),
+        "clip_by_value_": lambda tree: gc.clip_by_value_(tree, 0.01),
+        "ZClip.update_": adaptive(ZClip()),
+        "AutoClip.update_": adaptive(AutoClip()),
+        "AdaGC.update_": adaptive(AdaGC()),
+        "AGC.update_": adaptive(AGC(layout="torch")),
+    }
+
+
+@pytest.mark.parametrize("fn", list(_in_place_calls()))
+def test_torch_parameters_are_refused_in_place(fn):
+    # model.parameters() where gradients belong (torch's clip_grad_norm_ and
+    # timm's adaptive_clip_grad take parameters): clipping them in place
+    # would rewrite the weights and leave .grad as it was.
     torch = importorskip("torch")
-    p = torch.full((4,), 3.0, requires_grad=True)
-    gc.clip_by_global_norm_([p], 1.0)  # writes under no_grad, as torch's clip_grad_norm_ does
-    assert p.detach().tolist() == pytest.approx([0.5] * 4, rel=1e-6)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    model(torch.randn(16, 8)).pow(2).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    grads = [p.grad.clone() for p in model.parameters()]
+    call = _in_place_calls()[fn]
+    with pytest.raises(ValueError, match=r"leaf \[0\] is a tensor that requires grad.*p\.grad"):
+        call(list(model.parameters()))
+    for p, w, g in zip(model.parameters(), before, grads, strict=True):
+        assert torch.equal(p.detach(), w) and torch.equal(p.grad, g)
+    # A plain tensor that requires grad is a parameter too; its detached
+    # view is how to clip weights on purpose (a max-norm constraint).
+    leaf = torch.full((4,), 3.0, requires_grad=True)
+    with pytest.raises(ValueError, match="requires grad"):
+        call([leaf])
+    gc.clip_by_global_norm_([leaf.detach()], 1.0)
+    assert leaf.detach().tolist() == pytest.approx([0.5] * 4, rel=1e-6)
+
+
+def test_torch_computed_gradients_are_clipped_in_place():
+    # autograd.grad(create_graph=True) gives gradients that require grad but
+    # are not leaves: gradients, not parameters.
+    torch = importorskip("torch")
+    x = torch.full((4,), 3.0, requires_grad=True)
+    (g,) = torch.autograd.grad((x**2).sum() / 2, x, create_graph=True)
+    assert g.requires_grad and not g.is_leaf
+    gc.clip_by_global_norm_([g], 1.0)
+    assert g.detach().tolist() == pytest.approx([0.5] * 4, rel=1e-6)
 
 
 @pytest.mark.parametrize("name", ["jax", "dask"])

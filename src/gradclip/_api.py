@@ -68,8 +68,12 @@ def _prepare(tree: Any, fn: str, *, inplace: bool = False, whole: bool = False) 
     return _check(unit(tree, whole=whole), fn, inplace=inplace)
 
 
-def _check(flat: Flat, fn: str, *, inplace: bool = False) -> _Prepared:
-    """Check every leaf of a flattened tree (see :func:`_prepare`)."""
+def _check(flat: Flat, fn: str, *, inplace: bool = False, gradients: bool = False) -> _Prepared:
+    """Check every leaf of a flattened tree (see :func:`_prepare`).
+
+    ``gradients``: the leaves are ``.grad`` tensors (gradclip.torch), which
+    may require grad (a double backward) without being parameters.
+    """
     backend = _plain(flat.leaves, inplace) if flat.leaves else None
     if backend is not None:
         return _Prepared(flat, _compat.namespace(flat.leaves[0]), backend)
@@ -121,6 +125,16 @@ def _check(flat: Flat, fn: str, *, inplace: bool = False) -> _Prepared:
                     f"{fn}: leaf {paths[i]} is on {_fmt_device(key)} but leaf {paths[placed]} is "
                     f"on {_fmt_device(where)}; move them to one device first"
                 )
+        if inplace and backend == "torch" and x.requires_grad and x.is_leaf and not gradients:
+            # model.parameters() where gradients belong, as torch's
+            # clip_grad_norm_ and timm's adaptive_clip_grad take them: clipped
+            # in place, the weights would change and their .grad would not.
+            raise ValueError(
+                f"{fn}: leaf {paths[i]} is a tensor that requires grad: a parameter, not a "
+                "gradient. Pass the gradients ([p.grad for p in model.parameters()]) or use "
+                "gradclip.torch.clip_grad_norm_(model.parameters(), max_norm); to clip the "
+                "weights themselves, pass p.detach()"
+            )
         if inplace and not (kind is np.ndarray and x.flags.writeable and 0 not in x.strides):
             problem = _compat.writable_problem(x)
             if problem is not None:
@@ -135,6 +149,7 @@ _WRITABLE_C = 0x0001 | 0x0400  # NumPy's NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_WRIT
 
 
 _device_id = operator.attrgetter("data.device_id")
+_requires_grad = operator.attrgetter("requires_grad")
 _device = operator.attrgetter("device")
 _layout = operator.attrgetter("layout")
 
@@ -171,7 +186,9 @@ def _plain(leaves: list[Any], inplace: bool) -> str | None:
         }:
             return None
         if inplace and (
-            not all(map(tensor.is_contiguous, leaves)) or any(map(tensor.is_inference, leaves))
+            not all(map(tensor.is_contiguous, leaves))
+            or any(map(tensor.is_inference, leaves))
+            or any(map(_requires_grad, leaves))  # parameters? (see _check)
         ):
             return None
         return backend

@@ -353,7 +353,7 @@ def _prepared(
     if found is not None:
         flat = _flat(found[0], list(flat.paths))
         scopes = found[1]
-    return _api._check(flat, fn, inplace=inplace), scopes
+    return _api._check(flat, fn, inplace=inplace, gradients=True), scopes
 
 
 @_no_grad
@@ -583,7 +583,7 @@ def clip_grads_with_norm_(
     eps = _api._check_eps(eps)
     inv_scale = _check_inv_scale(inv_scale, fn)
     flat, owners, _ = _grads(parameters, fn)
-    prep = _api._check(flat, fn, inplace=True)
+    prep = _api._check(flat, fn, inplace=True, gradients=True)
     plan = _plan(prep, 2.0, "propagate", foreach, owners)
     if isinstance(total_norm, torch.Tensor):
         # A norm that requires grad (taken under autograd) is used as a value,
@@ -623,7 +623,7 @@ def clip_grad_value_(parameters: _Tensors, clip_value: float, foreach: bool | No
     foreach = _fused(foreach)
     low, high = _api._value_bounds(clip_value, None, None)
     flat, _, _ = _grads(parameters, fn)
-    prep = _api._check(flat, fn, inplace=True)
+    prep = _api._check(flat, fn, inplace=True, gradients=True)
     _api._clip_value_checked(fn, prep, low, high, "propagate", foreach, True)
 
 
