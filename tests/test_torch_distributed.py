@@ -227,6 +227,8 @@ DTENSOR = {
     "mesh1-f64-huge-p2": _dtensor(2.0, MESH1, dtype="float64", scale=1e300),
     "mesh1-f32-overflow-p2": _dtensor(2.0, MESH1, scale=1e20),
     "mesh1-plain-p2": _dtensor(2.0, MESH1, plain=2),
+    # _StridedShard is no Shard subclass, and was refused.
+    "mesh1-strided-p2": _dtensor(2.0, [((8, 3), "1d", ["SS0"]), *MESH1[:2]]),
     "mesh2-f32-p2": _dtensor(2.0, MESH2, min_world=4),
     "mesh2-f32-pinf": _dtensor(INF, MESH2, min_world=4),
     "mesh2-f32-pminf": _dtensor(-INF, MESH2, min_world=4),

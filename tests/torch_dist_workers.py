@@ -323,6 +323,7 @@ def _mesh(name: str, world: int) -> Any:
 
 def _placements(spec: list[str]) -> list[Any]:
     from torch.distributed.tensor import Partial, Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
 
     out = []
     for s in spec:
@@ -330,6 +331,8 @@ def _placements(spec: list[str]) -> list[Any]:
             out.append(Replicate())
         elif s == "P":
             out.append(Partial())
+        elif s.startswith("SS"):  # what FSDP2 gives a weight TP also shards on dim 0
+            out.append(_StridedShard(int(s[2:]), split_factor=2))
         else:
             out.append(Shard(int(s[1:])))  # "S0", "S1"
     return out

@@ -83,6 +83,13 @@ def _dtensor_member(g: Any, name: str, fn: str) -> tuple[Any, Any, bool]:
     """The local shard of a DTensor gradient, its mesh group, and whether it counts here."""
     from torch.distributed.tensor import Replicate, Shard
 
+    try:  # FSDP2 over tensor parallelism shards a dim-0 TP weight with it
+        from torch.distributed.tensor.placement_types import _StridedShard
+    except ImportError:
+        sharded: tuple[type, ...] = (Shard,)
+    else:  # not a Shard subclass; a distinct piece on each rank all the same
+        sharded = (Shard, _StridedShard)
+
     mesh = g.device_mesh
     coords = mesh.get_coordinate()
     if coords is None:  # this rank is not in the mesh: it holds nothing of g
@@ -91,7 +98,7 @@ def _dtensor_member(g: Any, name: str, fn: str) -> tuple[Any, Any, bool]:
     for dim, placement in enumerate(g.placements):
         if isinstance(placement, Replicate):
             counts = counts and coords[dim] == 0
-        elif not isinstance(placement, Shard):
+        elif not isinstance(placement, sharded):
             raise ValueError(
                 f"{fn}: leaf {name} is a DTensor with placement {placement} on mesh dimension "
                 f"{dim}; only Shard and Replicate gradients can be clipped (redistribute a Partial "
