@@ -409,6 +409,31 @@ def test_no_per_example_copy():
     assert peak < 64 * 2**20, f"peak {peak / 2**20:.1f} MiB for a {g.nbytes / 2**20:.0f} MiB leaf"
 
 
+@pytest.mark.parametrize("axis", [0, -1, 1])
+def test_half_precision_sum_widens_blocks_not_the_leaf(axis):
+    """A float16 leaf is summed in float32 a block at a time, wherever its batch axis is.
+
+    With the batch last, every column block held all the rows: the float32
+    copy was the whole leaf, twice its own bytes (103 MB for 51 MB here).
+    """
+    host = np.random.default_rng(0).standard_normal((256, 100_000)).astype(np.float16)
+    g = {0: host, -1: np.ascontiguousarray(host.T), 1: host.T.reshape(200, 256, 500)}[axis]
+    gc.per_example_clip([g[:2] if axis == 0 else g[..., :2]], 1.0, axis=axis)  # warm up
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        out, _ = gc.per_example_clip([g], 1.0, axis=axis)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.75 * g.nbytes, f"peak {peak / 2**20:.1f} MiB for a {g.nbytes / 2**20:.0f} MiB leaf"
+    _, stats = gc.per_example_clip([g], 1.0, axis=axis)
+    want = np.tensordot(
+        np.asarray(stats.scale, np.float64), g.astype(np.float64), axes=([0], [axis])
+    )
+    np.testing.assert_allclose(out[0].astype(np.float64), want, rtol=2e-3, atol=1e-3)
+
+
 # ---------------------------------------------------------------------------- JAX
 
 

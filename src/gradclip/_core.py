@@ -302,8 +302,10 @@ def _combine(plan: Plan, x: Any, scale: Any, axis: int, reduce: str | None) -> A
     float16/bfloat16 leaves are multiplied in float32 and rounded once
     (:meth:`Plan.factor_dtype`): a scale rounded to float16 first is a
     subnormal below 6e-5 (1% off) and 0 below 3e-8, so a heavily clipped
-    example would vanish from the sum. Eager backends widen them a block of
-    columns at a time, so the float32 copy stays ``plan.chunk`` elements.
+    example would vanish from the sum. Eager backends widen them a block at
+    a time, so the float32 copy stays ``plan.chunk`` elements: a block of the
+    columns after the batch axis, and of the rows before it where one column
+    of all the rows is already larger (the batch last: it was the whole leaf).
     """
     xp = plan.xp
     shape = tuple(x.shape)
@@ -316,26 +318,39 @@ def _combine(plan: Plan, x: Any, scale: Any, axis: int, reduce: str | None) -> A
         return xp.zeros(out_shape, dtype=x.dtype, device=plan.device)
     pre, post = math.prod(shape[:axis]), math.prod(shape[axis + 1 :])
     x3 = xp.reshape(x, (batch, post) if axis == 0 else (pre, batch, post))
-    step = post
+    rows, cols = pre, post
     if work != x.dtype and plan.chunk is not None:
-        step = max(1, plan.chunk // max(1, pre * batch))
+        cols = min(post, max(1, plan.chunk // max(1, pre * batch)))
+        if axis and cols == 1:
+            cols = min(post, max(1, plan.chunk // batch))
+            rows = max(1, plan.chunk // (batch * cols))
     column = xp.reshape(factors, (batch, 1) if axis == 0 else (1, batch, 1))
-    pieces = []
-    for c in range(0, post, step) if step < post else [0]:
-        block = xp.astype(x3[..., c : c + step] if step < post else x3, work, copy=False)
-        if reduce is None:
-            y = block * column
-        elif plan.chunk is None:
-            # JAX and dask fuse the product into the sum, with no temporary.
-            # JAX refuses a matmul contracting a batch axis sharded over an
-            # Explicit mesh axis (it asks for an out_sharding), and its
-            # float32 matmuls may run in TF32 on GPUs.
-            y = xp.sum(block * column, axis=-2)
-        else:
-            y = xp.matmul(factors, block)
-        # (NumPy also multiplies ml_dtypes' bfloat16 into float32.)
-        pieces.append(y if y.dtype == x.dtype else xp.astype(y, x.dtype))
-    out = pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=-1)
+    whole = (rows, cols) == (pre, post)
+    blocks = []
+    for r in range(0, pre, rows):
+        pieces = []
+        for c in range(0, post, cols):
+            if whole:
+                part = x3
+            elif axis == 0:
+                part = x3[..., c : c + cols]
+            else:
+                part = x3[r : r + rows, :, c : c + cols]
+            block = xp.astype(part, work, copy=False)
+            if reduce is None:
+                y = block * column
+            elif plan.chunk is None:
+                # JAX and dask fuse the product into the sum, with no temporary.
+                # JAX refuses a matmul contracting a batch axis sharded over an
+                # Explicit mesh axis (it asks for an out_sharding), and its
+                # float32 matmuls may run in TF32 on GPUs.
+                y = xp.sum(block * column, axis=-2)
+            else:
+                y = xp.matmul(factors, block)
+            # (NumPy also multiplies ml_dtypes' bfloat16 into float32.)
+            pieces.append(y if y.dtype == x.dtype else xp.astype(y, x.dtype))
+        blocks.append(pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=-1))
+    out = blocks[0] if len(blocks) == 1 else xp.concat(blocks, axis=0)
     return xp.reshape(out, out_shape)
 
 
