@@ -241,6 +241,18 @@ def test_clip_by_block_rms_extreme(xp, fused):
     np.testing.assert_allclose(xp.numpy(out), 1.0, rtol=1e-6)
 
 
+@pytest.mark.parametrize("fused", [None, False])
+def test_clip_by_block_rms_threshold_zero(xp, fused):
+    # An all-zero leaf's rms of 0 is within threshold 0 (0 / 0 made it NaN,
+    # as in optax); a NaN stays NaN and a nonzero leaf becomes 0.
+    host = [np.array([1.0, 2.0]), np.zeros(3), np.array([np.nan, 1.0])]
+    tree = [xp.array(x, "float32") for x in host]
+    out = gc.clip_by_block_rms(tree, 0.0, fused=fused)
+    np.testing.assert_array_equal(xp.numpy(out[0]), [0.0, 0.0])
+    np.testing.assert_array_equal(xp.numpy(out[1]), [0.0, 0.0, 0.0])
+    assert np.all(np.isnan(xp.numpy(out[2])))
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 def test_clip_by_value(xp, dtype):
     need(xp, dtype)

@@ -467,6 +467,15 @@ def test_block_rms_where_the_norm_overflows_float32(dev: cuda_emulator.EmuDevice
     np.testing.assert_array_equal(np.asarray(fast[1]), 3.0)
 
 
+def test_block_rms_threshold_zero(dev: cuda_emulator.EmuDevice) -> None:
+    # An all-zero leaf at threshold 0: 0 / 0 made its scale NaN.
+    leaves = [np.array([1.0, 2.0], np.float32), np.zeros(5, np.float32), np.array([np.nan, 1.0])]
+    fast, ref = _both(dev, "clip_by_block_rms", leaves, threshold=0.0, nonfinite="propagate")
+    _leaves_close(fast, ref, exact=True)
+    np.testing.assert_array_equal(np.asarray(fast[1]), 0.0)
+    assert not np.isnan(np.asarray(fast[1])).any() and np.isnan(np.asarray(fast[2])).all()
+
+
 @pytest.mark.parametrize("dtype", ["float64", "complex128"])
 def test_block_rms_where_the_norm_overflows_float64(dev: cuda_emulator.EmuDevice, dtype) -> None:
     # 4 entries of 1e308: the norm (2e308) is past double, the rms is not. The

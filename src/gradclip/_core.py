@@ -220,6 +220,21 @@ def block_rms(plan: Plan, part: Partial, size: int) -> Any:
     return xp.where(xp.isinf(norm) & xp.isfinite(mean), mean, rms)
 
 
+def rms_scale(plan: Plan, rms: Any, threshold: Any) -> Any:
+    """The scale ``1 / max(1, rms / threshold)`` of optax, where a zero rms is within any threshold.
+
+    At ``threshold=0`` an all-zero leaf's ``0 / 0`` made the scale NaN (in
+    optax too): it is 1 here, as ``clip_by_global_norm`` leaves a zero norm
+    at ``max_norm=0``. A NaN rms still gives NaN.
+    """
+    xp = plan.xp
+    one = plan.const(1.0, plan.res)
+    if isinstance(threshold, int | float):
+        threshold = plan.const(threshold, plan.res)
+    ratio = _compat.divide(xp, rms, xp.where(rms > 0, threshold, one))
+    return _compat.divide(xp, 1.0, xp.maximum(one, ratio))
+
+
 def clip_by_block_rms(
     xp: Any,
     leaves: list[Any],
@@ -236,8 +251,7 @@ def clip_by_block_rms(
     threshold = _bound(plan, threshold)
     out = []
     for i, (x, part) in enumerate(zip(leaves, parts, strict=True)):
-        rms = block_rms(plan, part, math.prod(x.shape))
-        scale = _compat.divide(xp, 1.0, xp.maximum(plan.const(1.0, plan.res), rms / threshold))
+        scale = rms_scale(plan, block_rms(plan, part, math.prod(x.shape)), threshold)
         if nonfinite == "skip":
             scale = xp.where(plan.finite(part), scale, plan.const(1.0, plan.res))
         out.append(plan.scaled(i, x, scale, zero))

@@ -404,7 +404,7 @@ def clip_by_block_rms(threshold: Any, *, nonfinite: str = "propagate") -> Any:
         roots = [_core.block_rms(plan, plan.leaf(i), x.size) for i, x in enumerate(leaves)]
         rms = jnp.stack(roots) if roots else jnp.zeros((0,), plan.res)
         # gradclip's generic arithmetic, so stats.scale is the factor it applied.
-        scale = 1.0 / jnp.maximum(jnp.ones((), rms.dtype), rms / t)
+        scale = _core.rms_scale(plan, rms, t)
         finite = _all_finite(leaves)
         if policy == "skip":
             scale = jnp.where(finite, scale, jnp.ones((), scale.dtype))

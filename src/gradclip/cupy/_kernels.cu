@@ -560,7 +560,8 @@ __device__ double gc_rms_scale(double mean, double norm, i64 size, double thresh
     // the mean square, as the generic path takes it.
     mean = gc_r<R>(mean);
     if (norm - norm != norm - norm && mean - mean == mean - mean) rms = mean;  // inf, finite
-    double q = gc_r<R>(rms / threshold);
+    // A zero rms is within any threshold: at threshold 0 it would be 0 / 0.
+    double q = gc_r<R>(rms / (rms > 0 ? threshold : 1.0));
     double m = q != q ? q : (q > 1.0 ? q : 1.0);  // maximum() propagates NaN
     return gc_r<R>(1.0 / m);
 }
