@@ -117,6 +117,50 @@ def test_grad_through_a_clip_of_a_huge_norm(clip, fused):
     np.testing.assert_allclose(got, want, rtol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "clip",
+    [
+        lambda t, **kw: gc.clip_by_global_norm(t, 1.0, **kw)[0],
+        lambda t, **kw: gc.clip_by_global_norm(t, 1.0, ord=3.0, **kw)[0],
+        lambda t, **kw: gc.clip_by_norm(t, 1.0, **kw)[0],
+        lambda t, **kw: gc.clip_by_block_rms(t, 1.0, **kw),
+        lambda t, **kw: gc.per_example_clip(t, 1.0, reduce=None)[0],
+    ],
+    ids=["global", "global-ord3", "norm", "block_rms", "per_example"],
+)
+@pytest.mark.parametrize("fused", [None, False])
+def test_grad_through_a_clip_where_a_norm_is_zero(clip, fused):
+    # At a zero norm the clip is the identity; the root's infinite
+    # derivative there met a zero cotangent and made the gradient NaN (an
+    # unused bias, a padded example, a frozen layer: the whole meta-gradient).
+    weights = {"w": jnp.asarray([[1.0, -2.0], [0.5, 3.0]]), "z": jnp.arange(6.0).reshape(2, 3)}
+
+    def loss(t):
+        return sum(jnp.sum(x * weights[k]) for k, x in clip(t, fused=fused).items())
+
+    zeros = {"w": jnp.zeros((2, 2)), "z": jnp.zeros((2, 3))}
+    got = jax.grad(loss)(zeros)
+    for k in zeros:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(weights[k]))
+    # An all-zero leaf (or example) beside others: as next to entries of 1e-20,
+    # where the clip is the same map and its derivative is defined.
+    mixed = {"w": jnp.asarray([[0.0, 0.0], [3.0, 4.0]]), "z": jnp.zeros((2, 3))}
+    near = {"w": mixed["w"].at[0].set(1e-20), "z": jnp.full((2, 3), 1e-20)}
+    got, want = jax.grad(loss)(mixed), jax.grad(loss)(near)
+    for k in mixed:
+        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_grad_of_an_ord_1_norm_by_a_zero_leaf(fused):
+    # Through the scaled reduction (entries of 1e-30) a zero leaf's
+    # cotangent missed its weight: 2**100 (7.9e-31 here), or 2 at entries of 3.
+    for value in (3.0, 1e-30):
+        tree = {"a": jnp.full(3, value), "z": jnp.zeros(3)}
+        got = np.asarray(jax.grad(lambda t: gc.global_norm(t, ord=1, fused=fused))(tree)["z"])
+        assert np.all((got >= -1) & (got <= 1)), (value, got)  # a subgradient of |x| at 0
+
+
 def test_vmap_over_a_batch_of_trees():
     batch = {"w": jnp.arange(12.0).reshape(3, 4)}
     norms = jax.vmap(lambda t: gc.global_norm(t))(batch)

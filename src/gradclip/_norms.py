@@ -92,6 +92,20 @@ def parse_ord(ord: Any) -> float:
     return p
 
 
+def root(xp: Any, value: Any, p: float) -> Any:
+    """``value ** (1 / p)`` of a sum of powers (finite ``p > 0``), with derivative 0 at 0.
+
+    The root's derivative is infinite at 0, where a clip's ``where`` sends
+    the norm a zero cotangent: 0 * inf made ``jax.grad`` through the clip of
+    an all-zero tree (or leaf, or example) NaN, where the clip is the identity.
+    """
+    if p == 1:
+        return value
+    live = value > 0  # False for NaN, which passes through
+    safe = xp.where(live, value, xp.ones_like(value))
+    return xp.where(live, xp.sqrt(safe) if p == 2 else xp.pow(safe, 1.0 / p), value)
+
+
 class Partial(NamedTuple):
     """A reduction of some leaves that has not been turned into a norm yet.
 
@@ -411,8 +425,12 @@ class Plan:
             weights = xp.pow(e / top, self.p)
         else:
             weights = xp.pow(self.const(2.0), self.p * (e - top))
-        # Zero and non-finite sums pass through unweighted: inf * 0 makes a NaN.
-        return xp.where(live & xp.isfinite(values), values * weights, values), top
+        # Non-finite sums pass through unweighted: inf * 0 makes a NaN. Zero
+        # sums become a constant 0: passed through, their cotangent would
+        # miss the weight (jax.grad of an ord=1 norm by an all-zero leaf was
+        # 2**top, not a subgradient).
+        kept = xp.where(live, values, xp.zeros_like(values))
+        return xp.where(live & xp.isfinite(values), values * weights, kept), top
 
     def norm(self, part: Partial, size: int, dtype: Any = None) -> Any:
         """Turn a partial reduction of ``size`` elements into a norm (in ``dtype``, default res)."""
@@ -424,10 +442,7 @@ class Plan:
             return self.const(0.0, dtype)
         value = part.value
         if self.kind == "p":
-            if self.p == 2:
-                value = xp.sqrt(value)
-            elif self.p != 1:
-                value = xp.pow(value, 1.0 / self.p)
+            value = root(xp, value, self.p)
             if part.exp is not None:
                 value = value * (part.exp if self.by_max else xp.pow(self.const(2.0), part.exp))
         return xp.astype(value, dtype)

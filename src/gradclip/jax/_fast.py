@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from .. import _core
-from .._norms import Partial, Plan
+from .._norms import Partial, Plan, root
 from .._stats import ClipStats
 
 # Typed Any on purpose: mypy runs where JAX is not installed (the lint
@@ -352,10 +352,9 @@ def _pnorm(leaves: Sequence[Any], p: float, zero: bool, axes: Axes, groups: Sequ
         finite = _psum(_masked_sum([(~f).astype(jnp.int32) for f in flags], keys, masks), axes) == 0
 
     def fast() -> tuple[Any, Any]:
-        root = jnp.sqrt(total) if p == 2 else total if p == 1 else total ** (1.0 / p)
         # True here either way; taken from the sum so that inside shard_map,
         # with no axis_name, it varies over the mesh as the other branch's does.
-        return root.astype(plan.res), finite if zero else jnp.isfinite(total)
+        return root(jnp, total, p).astype(plan.res), finite if zero else jnp.isfinite(total)
 
     def scaled() -> tuple[Any, Any]:
         # The two-pass reduction: each buffer scaled by a power of two near
