@@ -272,8 +272,10 @@ def _run(prep: _Prepared, fused: bool | None, fn: str, **kwargs: Any) -> Any:
                         f"{name} is a {other} array but the leaves are {prep.backend} arrays; "
                         f"pass it as a {prep.backend} array, or as numbers"
                     )
-    impl = getattr(_impl(prep, fused), fn)
     leaves = prep.flat.leaves
+    if kwargs.get("nonfinite") == "raise":  # the generic path would fail to read a trace
+        _compat.refuse_traced_raise(fn, leaves)
+    impl = getattr(_impl(prep, fused), fn)
     with _compat.quiet(prep.xp), _compat.current_device(leaves[0]):
         return impl(prep.xp, leaves, prep.flat.paths, **kwargs)
 

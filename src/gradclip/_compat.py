@@ -12,7 +12,7 @@ import functools
 import importlib
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import array_api_compat as aac
@@ -371,6 +371,26 @@ def writable_problem(x: Any) -> str | None:
     if any(s == 0 and n > 1 for s, n in zip(strides, shape, strict=False)):
         return "has overlapping memory (a zero stride, e.g. from broadcasting or expand)"
     return None
+
+
+def refuse_traced_raise(fn: str, leaves: Sequence[Any]) -> None:
+    """Refuse ``nonfinite="raise"`` on traced JAX arrays (jit, vmap, grad): no values to read.
+
+    JAX's own TracerBoolConversionError would not say which option caused it.
+    """
+    jax = sys.modules.get("jax")
+    if jax is None or not any(isinstance(x, jax.core.Tracer) for x in leaves):
+        return
+    if fn in ("global_norm", "leaf_norms"):  # they take no "skip"
+        instead = 'nonfinite="propagate" (a non-finite norm shows it)'
+    else:
+        other = "propagate" if fn == "per_example_clip" else "skip"
+        instead = f'nonfinite="{other}" and read stats.finite (or optax.apply_if_finite)'
+    raise TypeError(
+        f'gradclip.{fn}: nonfinite="raise" reads the gradients on the host, which cannot '
+        f"happen inside jax.jit, vmap or grad. Under a transform use {instead}, or call it "
+        "outside the transform"
+    )
 
 
 def to_numpy(x: Any) -> np.ndarray:

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import _core
+from .. import _compat, _core
 from .._norms import Partial, Plan, root
 from .._stats import ClipStats
 
@@ -524,16 +524,7 @@ def check_finite(fn: str, leaves: Sequence[Any], names: Sequence[str], norm: Any
     leaf (or, when ``norm`` is given, that norm is checked, as in the generic
     path). The program itself then compiles, and donates, as any other.
     """
-    # A trace (jit, vmap, grad) has no values to read: JAX's own
-    # TracerBoolConversionError would not say which option caused it.
-    if any(isinstance(x, jax.core.Tracer) for x in leaves):
-        other = "propagate" if fn == "per_example_clip" else "skip"
-        raise TypeError(
-            f'gradclip.{fn}: nonfinite="raise" reads the gradients on the host, which '
-            "cannot happen inside jax.jit, vmap or grad. Under a transform use "
-            f'nonfinite="{other}" and read stats.finite (or optax.apply_if_finite), '
-            "or call it outside the transform"
-        )
+    _compat.refuse_traced_raise(fn, leaves)
     if norm is not None:
         _core.check_given(jnp, jnp.asarray(norm, Plan(jnp, 2.0, list(leaves)).res), names)
     elif leaves:
