@@ -426,7 +426,8 @@ def test_half_precision_sum_widens_blocks_not_the_leaf(axis):
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 0.75 * g.nbytes, f"peak {peak / 2**20:.1f} MiB for a {g.nbytes / 2**20:.0f} MiB leaf"
+    mib = 2**20
+    assert peak < 0.75 * g.nbytes, f"peak {peak / mib:.1f} MiB for a {g.nbytes / mib:.0f} MiB leaf"
     _, stats = gc.per_example_clip([g], 1.0, axis=axis)
     want = np.tensordot(
         np.asarray(stats.scale, np.float64), g.astype(np.float64), axes=([0], [axis])
