@@ -218,6 +218,22 @@ def test_adagc_warmup_does_not_overflow(xp):
     np.testing.assert_allclose(xp.numpy(state.ema), [0.5**0.5] * 2, rtol=1e-6)
 
 
+@pytest.mark.parametrize("value", [1e20, 1e-25])
+def test_agc_stats_do_not_overflow(xp, value):
+    # The tree's norm from its unit norms: squared in float32 (JAX without
+    # x64) they overflowed past 1.8e19 (norm inf, scale 0, finite True) and
+    # vanished below 1e-23.
+    g = [xp.array(np.full((3, 4), value), "float32"), xp.array(np.full(5, value), "float32")]
+    p = [xp.array(np.ones((3, 4)), "float32"), xp.array(np.ones(5), "float32")]
+    agc = AGC(layout="jax")
+    _, _, stats = agc.update(g, agc.init(g), params=p)
+    np.testing.assert_allclose(float(xp.numpy(stats.norm)), value * math.sqrt(17), rtol=1e-6)
+    clipped = value > 1
+    want = 0.01 * math.sqrt(17) / (value * math.sqrt(17)) if clipped else 1.0
+    np.testing.assert_allclose(float(xp.numpy(stats.scale)), want, rtol=1e-5)
+    assert bool(xp.numpy(stats.clipped)) == clipped and bool(xp.numpy(stats.finite))
+
+
 # ------------------------------------------------------------------- AutoClip
 
 

@@ -747,16 +747,19 @@ class AGC(_Clipper):
             )
             out.append(_compat.as_array(new))
             wide = acc or dtype
-            before.append(xp.sum(xp.astype(g_norm, wide) ** 2))
-            after.append(xp.sum(xp.astype(xp.where(keep, g_norm, max_norm), wide) ** 2))
+            # Scaled by the largest unit norm: squared in float32 (JAX
+            # without x64), unit norms past 1.8e19 made the norm inf.
+            before.append(_hypot(xp, xp.reshape(xp.astype(g_norm, wide), (-1,))))
+            clipped = xp.where(keep, g_norm, max_norm)
+            after.append(_hypot(xp, xp.reshape(xp.astype(clipped, wide), (-1,))))
             finite.append(xp.all(xp.isfinite(g_norm)))
         res = xp.float64 if any(x.dtype == xp.float64 for x in out) else xp.float32
         device = _compat.device_of(grads.leaves[0])
         if not before:  # every leaf is empty: a norm of 0, nothing clipped
             zero = xp.zeros((), dtype=acc or res, device=device)
             before, after, finite = [zero], [zero], [xp.isfinite(zero)]
-        norm = xp.sqrt(xp.sum(xp.stack(before)))
-        norm_after = xp.sqrt(xp.sum(xp.stack(after)))
+        norm = _hypot(xp, xp.stack(before))
+        norm_after = _hypot(xp, xp.stack(after))
         one = xp.ones((), dtype=norm.dtype, device=device)
         scale = xp.where(norm > 0, norm_after / xp.where(norm > 0, norm, one), one)
         stats = ClipStats(
