@@ -496,6 +496,7 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_run(tmp_path: Pat
         (["bench", "--json", str(afile / "x.json")], f"cannot make {afile}"),
         (["demo", "--out", str(tmp_path)], "is a directory"),
         (["demo", "--steps", "0"], "--steps: must be > 0"),
+        (["demo", "--seed", "-1"], "--seed: must be >= 0"),  # was NumPy's traceback
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exc:

@@ -55,7 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_demo.add_argument(
         "--steps", type=_bench.positive(int), default=3000, help="SGD steps (default 3000)"
     )
-    p_demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p_demo.add_argument(
+        "--seed", type=_bench.positive(int, zero=True), default=0, help="random seed (default 0)"
+    )
     p_demo.add_argument(
         "--out",
         type=_bench.output_path,

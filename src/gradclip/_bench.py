@@ -2693,11 +2693,13 @@ def format_report(report: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------- the CLI
 
 
-def positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+def positive(kind: Callable[[str], Any], *, zero: bool = False) -> Callable[[str], Any]:
+    """Type of an argument that must be > 0 (``zero``: >= 0, as a seed)."""
+
     def parse(text: str) -> Any:
         value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not (value >= 0 if zero else value > 0):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if zero else '>'} 0, got {text}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its error messages
