@@ -936,8 +936,41 @@ def test_unscale_clip_refuses_fp16_grads_as_unscale_does():
 
 def test_an_empty_generator_warns_as_torch_does():
     for fn in (torch.nn.utils.clip_grad_norm_, clip_grad_norm_):
-        with pytest.warns(UserWarning, match="`parameters` is an empty generator"):
+        with pytest.warns(UserWarning, match="`parameters` is an empty generator") as caught:
             fn((p for p in []), 1.0)
+        assert caught[0].filename == __file__  # the caller's line, as torch's (not a wrapper's)
+
+
+@pytest.mark.parametrize("eager_first", [True, False])
+def test_a_compiled_step_runs_the_drop_in_at_a_graph_break(eager_first):
+    # Dynamo traced into the NumPy views of the CPU path and, once the drop-in
+    # had run eagerly, failed inside itself (AssertionError: Expected np.nditer base).
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(8, 1) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+
+    def backward_and_clip(k, clip, x, y):
+        torch.nn.functional.mse_loss(models[k](x), y).backward()
+        return clip(models[k].parameters(), 0.5)
+
+    def step(k, clip, x, y, run=backward_and_clip):
+        opts[k].zero_grad()
+        norm = run(k, clip, x, y)
+        opts[k].step()  # outside the compiled part: dynamo's tracing of SGD warns
+        return norm
+
+    batches = [(torch.randn(4, 8), torch.randn(4, 1)) for _ in range(3)]
+    if eager_first:
+        step(0, clip_grad_norm_, *batches[0])
+        step(1, torch.nn.utils.clip_grad_norm_, *batches[0])
+    compiled = torch.compile(backward_and_clip, backend="eager")
+    for x, y in batches[1:]:
+        got = step(0, clip_grad_norm_, x, y, run=compiled)
+        want = step(1, torch.nn.utils.clip_grad_norm_, x, y)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_no_gradients_give_a_norm_in_the_default_dtype():

@@ -29,6 +29,8 @@ from __future__ import annotations
 import functools
 import itertools
 import operator
+import os
+import sys
 import types
 import warnings
 from collections.abc import Callable, Iterable
@@ -54,17 +56,23 @@ _Tensors: TypeAlias = "torch.Tensor | Iterable[Any]"
 _F = TypeVar("_F", bound=Callable[..., Any])
 _PARAM_TYPES = frozenset({torch.nn.Parameter, torch.Tensor})
 _grad = operator.attrgetter("grad")
+_INTERNAL = tuple(os.path.dirname(m.__file__) + os.sep for m in (_api, torch))  # gradclip, torch
 
 
 def _no_grad(fn: _F) -> _F:
-    """Run ``fn`` under ``torch.no_grad()``, as torch's clipping functions are."""
+    """Run ``fn`` under ``torch.no_grad()``, as torch's clipping functions are, and eagerly.
+
+    Under ``torch.compile`` the call is a graph break: dynamo traced into the
+    NumPy views of the CPU path and failed inside itself (``Expected
+    np.nditer base``) once the function had run eagerly in the process.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         with torch.no_grad():
             return fn(*args, **kwargs)
 
-    return cast(_F, wrapper)
+    return cast(_F, torch.compiler.disable(wrapper))
 
 
 # ------------------------------------------------------------------ inputs
@@ -80,7 +88,8 @@ def _items(tensors: _Tensors, fn: str, what: str) -> tuple[list[Any], list[str] 
     if not items and isinstance(tensors, types.GeneratorType):
         # torch's words: a model.parameters() consumed before the call
         warnings.warn(
-            f"`{what}` is an empty generator, no gradient clipping will occur.", stacklevel=4
+            f"`{what}` is an empty generator, no gradient clipping will occur.",
+            stacklevel=_caller_level(),
         )
     if items and isinstance(items[0], tuple):  # model.named_parameters()
         for i, item in enumerate(items):
@@ -91,6 +100,18 @@ def _items(tensors: _Tensors, fn: str, what: str) -> tuple[list[Any], list[str] 
                 )
         return [t for _, t in items], [name for name, _ in items]
     return items, None
+
+
+def _caller_level() -> int:
+    """``warnings.warn``'s stacklevel for the first frame outside gradclip and torch.
+
+    A fixed level counted gradclip's own wrappers, and torch.compile's around
+    them: the warning named gradclip's line, where torch's names the caller's.
+    """
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _kind(item: Any) -> str:
