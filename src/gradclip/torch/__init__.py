@@ -56,7 +56,8 @@ _Tensors: TypeAlias = "torch.Tensor | Iterable[Any]"
 _F = TypeVar("_F", bound=Callable[..., Any])
 _PARAM_TYPES = frozenset({torch.nn.Parameter, torch.Tensor})
 _grad = operator.attrgetter("grad")
-_INTERNAL = tuple(os.path.dirname(m.__file__) + os.sep for m in (_api, torch))  # gradclip, torch
+# gradclip's and torch's directories: frames a warning does not name
+_INTERNAL = tuple(os.path.dirname(str(m.__file__)) + os.sep for m in (_api, torch))
 
 
 def _no_grad(fn: _F) -> _F:
@@ -72,7 +73,8 @@ def _no_grad(fn: _F) -> _F:
         with torch.no_grad():
             return fn(*args, **kwargs)
 
-    return cast(_F, torch.compiler.disable(wrapper))
+    disable: Any = torch.compiler.disable  # untyped
+    return cast(_F, disable(wrapper))
 
 
 # ------------------------------------------------------------------ inputs
@@ -108,7 +110,8 @@ def _caller_level() -> int:
     A fixed level counted gradclip's own wrappers, and torch.compile's around
     them: the warning named gradclip's line, where torch's names the caller's.
     """
-    frame, level = sys._getframe(1), 1
+    frame: Any = sys._getframe(1)
+    level = 1
     while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
         frame, level = frame.f_back, level + 1
     return level
