@@ -366,3 +366,15 @@ def test_a_big_endian_leaf_comes_back_in_native_order(fn):
     for a, b in zip(fast, generic, strict=True):
         assert a.dtype.str == b.dtype.str == a.dtype.newbyteorder("=").str
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("fn", ["clip_by_global_norm", "clip_by_norm"])
+def test_a_memmap_leaf_comes_back_as_an_array(fn, tmp_path):
+    # np.empty_like kept the subclass: a np.memmap with no file, where the
+    # generic path (and NumPy's own x * s) gives an ndarray.
+    mapped = np.memmap(tmp_path / "g", np.float32, "w+", shape=(5,))
+    mapped[:] = np.arange(1.0, 6.0)
+    fast, generic = (getattr(gc, fn)([mapped], 1.0, fused=f)[0][0] for f in (None, False))
+    assert type(fast) is type(generic) is np.ndarray
+    np.testing.assert_array_equal(fast, generic)
+

@@ -475,7 +475,12 @@ class NumpyPlan(Plan):
             return list(leaves)  # the scale is 1: nothing to write
         # Native byte order, as the generic path's x * scale gives (a
         # big-endian leaf came back big-endian here).
-        outs = leaves if inplace else [np.empty_like(x, x.dtype.newbyteorder("=")) for x in leaves]
+        # subok=False: a new array in memory, not a np.memmap without a file.
+        outs = (
+            leaves
+            if inplace
+            else [np.empty_like(x, x.dtype.newbyteorder("="), subok=False) for x in leaves]
+        )
         small, large = self._small, self._large
         if per_leaf:
             factors = [np.asarray(scales[i]).astype(real[x.dtype]) for i, x in enumerate(leaves)]
