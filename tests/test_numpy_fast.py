@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -378,3 +382,43 @@ def test_a_memmap_leaf_comes_back_as_an_array(fn, tmp_path):
     assert type(fast) is type(generic) is np.ndarray
     np.testing.assert_array_equal(fast, generic)
 
+
+_BIG = 1 << 23  # elements: past _numpy._PARALLEL, so the thread pool takes part
+
+
+def test_a_forked_child_makes_its_own_pool():
+    # The child inherited the parent's executor but not its threads: tasks
+    # were queued for no thread, and the call hung (multiprocessing workers).
+    fork = getattr(os, "fork", None)
+    if fork is None:
+        pytest.skip("no os.fork here")
+    assert _BIG >= _numpy._PARALLEL
+    big = [np.ones(_BIG, np.float32)]
+    want = float(gc.global_norm(big))  # the parent's pool now exists
+    pid = fork()
+    if pid == 0:  # the child: exit 0 if the norm comes, killed by the alarm if it hangs
+        signal.alarm(60)
+        code = 0 if float(gc.global_norm(big)) == want else 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child status {status}"
+
+
+def test_calls_at_interpreter_shutdown_run_on_the_calling_thread():
+    # After the main thread ends, concurrent.futures refuses new work: a thread
+    # left running, or an atexit hook, got RuntimeError from a large tree.
+    script = f"""
+import atexit, threading, time
+import numpy as np, gradclip as gc
+big = [np.ones({_BIG}, np.float32)]
+def late(where):
+    print(where, float(gc.global_norm(big)), flush=True)
+atexit.register(late, "atexit")
+threading.Thread(target=lambda: (time.sleep(0.5), late("thread"))).start()
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    want = f"{float(np.sqrt(np.float32(_BIG)))}"
+    assert done.stdout.split() == ["thread", want, "atexit", want], done.stdout + done.stderr

@@ -37,14 +37,16 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import _blas, _core
 from ._norms import Partial, Plan
 from ._stats import ClipStats
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 __all__ = [
     "clip_by_block_rms",
@@ -86,8 +88,26 @@ def _executor() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
+            # Imported here: at interpreter shutdown the import itself raises
+            # (it registers an exit hook), and _run then works without a pool.
+            from concurrent.futures import ThreadPoolExecutor
+
             _pool = ThreadPoolExecutor(_THREADS - 1, thread_name_prefix="gradclip")
         return _pool
+
+
+def _forget_pool() -> None:
+    """In a forked child: the pool's threads stayed in the parent.
+
+    Its executor, copied, took tasks no thread would run (a hang in
+    multiprocessing workers); the child makes its own.
+    """
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _run(tasks: Sequence[Callable[[], Any]], local: Callable[[], None] | None = None) -> list[Any]:
@@ -117,7 +137,14 @@ def _run(tasks: Sequence[Callable[[], Any]], local: Callable[[], None] | None = 
         with np.errstate(all="ignore"):
             drain()
 
-    futures = [_executor().submit(helper) for _ in range(min(_THREADS - 1, len(tasks) - 1))]
+    futures = []
+    try:
+        for _ in range(min(_THREADS - 1, len(tasks) - 1)):
+            futures.append(_executor().submit(helper))
+    except RuntimeError:
+        # The interpreter is shutting down (a thread left running after the
+        # main one, an atexit hook): no new pool threads; drain() runs them all.
+        pass
     if local is not None:
         local()
     drain()
