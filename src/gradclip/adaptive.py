@@ -270,7 +270,13 @@ class _Stateful:
         raise NotImplementedError
 
     def state_dict(self, state: Any) -> dict[str, np.ndarray]:
-        """The state as NumPy arrays (loadable on any backend)."""
+        """The state as NumPy arrays (loadable on any backend).
+
+        ``torch.load`` (``weights_only=True``, its default since torch 2.6)
+        refuses NumPy arrays in a checkpoint: save
+        ``{k: torch.from_numpy(v) for k, v in d.items()}``, which
+        :meth:`load_state_dict` takes as well.
+        """
         return _state_dict(state)
 
     def load_state_dict(self, d: dict[str, Any], like: Any) -> Any:
