@@ -518,10 +518,13 @@ _NORM_CLIP_PARAMS = """
         before anything is modified (one host sync, so not under ``jax.jit``). ``"zero"``: NaN/inf
         entries become 0 before the norm. ``"skip"``: if anything is
         non-finite, leaves are left unchanged and ``stats.finite`` is False;
-        no sync.
+        no sync (:func:`clip_by_norm` decides it per leaf).
     norm : array or float, optional
         A norm computed elsewhere (for example already all-reduced across
-        processes); the leaves are then only scaled, not reduced.
+        processes); the leaves are then only scaled, not reduced. The
+        ``nonfinite`` policies and ``stats.finite`` then look at that norm,
+        not the leaves: a NaN entry anywhere makes an all-reduced 2-norm NaN,
+        but a NaN leaf beside a finite given norm is scaled as it is.
     fused : bool or None, default None
         As for :func:`global_norm`."""
 
@@ -646,7 +649,9 @@ def clip_by_norm(
 
     Like ``tf.clip_by_norm`` applied to every leaf: leaf ``i`` is multiplied
     by ``min(1, max_norm / (norm_i + eps))``. TensorFlow computes
-    ``t * max_norm / max(norm, max_norm)``, which has no eps.
+    ``t * max_norm / max(norm, max_norm)``, which has no eps. ``"skip"`` is
+    decided per leaf: a non-finite leaf is left unchanged, the others are
+    clipped.
     {params}
 
     Returns

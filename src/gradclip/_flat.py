@@ -43,8 +43,10 @@ class FlatTree:
     Build one with :meth:`from_tree` (copies the leaves in) or
     :meth:`zeros_like`. ``.tree`` is the tree of views into the buffers (hand
     it to the code that writes the gradients), and ``.buffers`` is the flat
-    storage. Every gradclip function accepts a ``FlatTree`` in place of a
-    tree: norms and scales run over the buffers, one pass each, and the
+    storage. The top-level gradclip functions, the adaptive clippers and
+    :class:`~gradclip.monitor.GradMonitor` accept a ``FlatTree`` in place of
+    a tree (the drop-ins of :mod:`gradclip.torch`, which take parameters,
+    do not): norms and scales run over the buffers, one pass each, and the
     functional forms return a new ``FlatTree``. NumPy, CuPy and torch arrays.
 
     Examples
