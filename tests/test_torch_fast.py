@@ -19,6 +19,7 @@ from gradclip import _blas
 
 torch = importorskip("torch")
 
+import gradclip.torch as gct  # noqa: E402
 from gradclip.torch import _fast  # noqa: E402  (after the skip)
 
 N = (1 << 20) + 12_345  # rows plus a tail
@@ -208,3 +209,69 @@ def test_views_of_one_tensor_share_memory():
     assert _overlap([x.numpy(), x.view(-1).numpy()])
     assert not _overlap([x[:4].numpy(), x[4:].numpy()])
     assert not _overlap([torch.ones(8).numpy(), torch.ones(8).numpy()])
+
+
+def _host_copies_to_cuda(fn, monkeypatch):
+    """The blocking CPU-to-CUDA copies ``fn(params)`` makes, on fake CUDA tensors (no GPU).
+
+    Such a copy waits for the stream (a host sync): torch.asarray of a Python
+    number on a CUDA device is one (pytorch#120996). The kernel route is off:
+    fake tensors have no memory for CuPy; this is the foreach/generic route.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    copies = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            target = kwargs.get("device")
+            if (
+                func is torch.ops.aten._to_copy.default
+                and args[0].device.type == "cpu"
+                and target is not None
+                and torch.device(target).type == "cuda"
+                and not kwargs.get("non_blocking", False)
+            ):
+                copies.append(func)
+            return func(*args, **kwargs)
+
+    monkeypatch.setattr(_fast, "kernel_route", lambda leaves: None)
+    with FakeTensorMode():
+        params = [torch.nn.Parameter(torch.zeros(8, 4, device="cuda")) for _ in range(3)]
+        for p in params:
+            p.grad = torch.randn(8, 4, device="cuda")
+        with Log():
+            fn(params)
+    return len(copies)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda ps: gct.clip_grad_norm_(ps, 1.0),
+        lambda ps: gct.clip_grad_norm_(ps, 1.0, nonfinite="skip"),
+        lambda ps: gct.clip_grads_with_norm_(ps, 1.0, 2.0),
+        lambda ps: gc.clip_by_global_norm([p.grad for p in ps], 1.0, norm=2.0),
+        lambda ps: gc.clip_by_value([p.grad for p in ps], 0.5),
+        lambda ps: gc.clip_by_block_rms([p.grad for p in ps], 1.0),
+    ],
+    ids=[
+        "clip_grad_norm_",
+        "skip",
+        "clip_grads_with_norm_",
+        "given-norm",
+        "clip_by_value",
+        "clip_by_block_rms",
+    ],
+)
+def test_no_host_copy_to_cuda_for_constants(fn, monkeypatch):
+    # Each constant made from a Python number was a blocking copy to the GPU:
+    # 2 per leaf in clip_by_value, 1 or more per norm clip, where torch's own
+    # clip_grad_norm_ and clip_grad_value_ make none. (Fake tensors cannot run
+    # the in-place block writes of clip_grad_value_, "zero" or AutoClip's take.)
+    assert (
+        _host_copies_to_cuda(lambda ps: torch.nn.utils.clip_grad_norm_(ps, 1.0), monkeypatch) == 0
+    )
+    assert _host_copies_to_cuda(fn, monkeypatch) == 0

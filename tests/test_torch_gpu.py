@@ -141,3 +141,30 @@ def test_half_leaves_off_the_kernels_are_multiplied_in_float32(dtype, inplace):
         want = (x0.to(torch.float32) * scale).to(dtype)
         assert torch.equal(x, want)
         assert not torch.equal(want, x0 * scale.to(dtype))  # the case this test is about
+
+
+@pytest.mark.parametrize("route", ["kernels", "foreach"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda ps: gct.clip_grad_norm_(ps, 1.0),
+        lambda ps: gct.clip_grad_norm_(ps, 1.0, nonfinite="skip"),
+        lambda ps: gct.clip_grad_value_(ps, 0.5),
+        lambda ps: gct.get_total_norm([p.grad for p in ps]),
+        lambda ps: gc.clip_by_block_rms([p.grad for p in ps], 1.0),
+    ],
+    ids=["clip_grad_norm_", "skip", "clip_grad_value_", "get_total_norm", "block_rms"],
+)
+def test_no_host_sync(call, route, monkeypatch):
+    # Constants made from Python numbers by torch.asarray were blocking copies
+    # to the device (pytorch#120996); torch's own clips make none.
+    if route == "foreach":
+        monkeypatch.setattr(_fast, "kernel_route", lambda leaves: None)
+    params = _params(_grads(torch.float32))
+    call(params)  # compiled and cached before the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        call(params)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -35,6 +35,7 @@ __all__ = [
     "is_array",
     "namespace",
     "quiet",
+    "scalar",
     "to_numpy",
     "torch_strided",
     "writable_problem",
@@ -391,6 +392,22 @@ def refuse_traced_raise(fn: str, leaves: Sequence[Any]) -> None:
         f"happen inside jax.jit, vmap or grad. Under a transform use {instead}, or call it "
         "outside the transform"
     )
+
+
+def scalar(xp: Any, value: Any, dtype: Any = None, device: Any = None) -> Any:
+    """A 0-d array of a Python number, made on ``device`` without a blocking copy.
+
+    ``torch.asarray`` of a number on a CUDA device copies it from the host
+    and waits for the stream (pytorch#120996): every constant of a clip was
+    a host sync. ``torch.full`` fills it on the device. (CuPy's ``asarray``
+    stages the copy through pinned memory without waiting.)
+    """
+    if aac.is_torch_namespace(xp):
+        try:
+            return sys.modules["torch"].full((), value, dtype=dtype, device=device)
+        except RuntimeError:  # past the dtype's range: asarray rounds it to inf
+            pass
+    return xp.asarray(value, dtype=dtype, device=device)
 
 
 def to_numpy(x: Any) -> np.ndarray:

@@ -117,6 +117,17 @@ def _bound(plan: Plan, value: Any) -> Any:
     return plan.xp.astype(value, plan.res)
 
 
+def _given(plan: Plan, norm: Any) -> Any:
+    """A given norm (``norm=``) in the result dtype, on the leaves' device.
+
+    A Python number is made there (:meth:`Plan.const`): converted, it would be
+    a blocking host-to-device copy on CUDA torch.
+    """
+    if isinstance(norm, int | float):
+        return plan.const(norm, plan.res)
+    return plan.xp.asarray(norm, dtype=plan.res, device=plan.device)
+
+
 def _scale_from_norm(plan: Plan, norm: Any, max_norm: Any, eps: float) -> Any:
     """``min(1, max_norm / (norm + eps))``, computed so that it cannot overflow.
 
@@ -156,7 +167,7 @@ def clip_by_global_norm(
     if norm is None:
         norm, finite = plan.total(_reduce(plan, names, nonfinite, per_leaf=False))
     else:
-        norm = xp.asarray(norm, dtype=plan.res, device=plan.device)
+        norm = _given(plan, norm)
         finite = xp.isfinite(norm)
         if nonfinite == "raise":
             check_given(xp, norm, names)
@@ -280,15 +291,20 @@ def clip_by_value(
         elif flags:
             keep = xp.logical_not(xp.all(xp.stack(flags)))
 
+    def bound(value: Any, dtype: Any) -> Any:
+        if isinstance(value, int | float):  # made on the device (see _compat.scalar)
+            return _compat.scalar(xp, value, dtype, plan.device)
+        return xp.asarray(value, dtype=dtype, device=plan.device)
+
     def clamp(block: Any) -> Any:
         dtype = block.dtype
         out = block
         if zero:
             out = _compat.where(xp, xp.isfinite(out), out, xp.zeros_like(out))
         if lo is not None:
-            out = xp.maximum(out, xp.asarray(lo, dtype=dtype, device=plan.device))
+            out = xp.maximum(out, bound(lo, dtype))
         if hi is not None:
-            out = xp.minimum(out, xp.asarray(hi, dtype=dtype, device=plan.device))
+            out = xp.minimum(out, bound(hi, dtype))
         if keep is not None:
             out = _compat.where(xp, keep, block, out)
         return _compat.as_array(out)

@@ -613,8 +613,7 @@ def clip_grads_with_norm_(
         # A norm that requires grad (taken under autograd) is used as a value,
         # as torch does; torch.asarray would warn about copying its graph.
         total_norm = total_norm.detach()
-    norm = plan.xp.asarray(total_norm, dtype=plan.res, device=plan.device)
-    _scale_grads(plan, norm, None, max_norm, "propagate", inv_scale, eps)
+    _scale_grads(plan, _core._given(plan, total_norm), None, max_norm, "propagate", inv_scale, eps)
 
 
 @_no_grad
