@@ -22,6 +22,7 @@ __all__ = [
     "IMMUTABLE_BACKENDS",
     "Block",
     "as_array",
+    "asarray",
     "backend_name",
     "blocks",
     "chunk_elems",
@@ -35,7 +36,6 @@ __all__ = [
     "is_array",
     "namespace",
     "quiet",
-    "scalar",
     "to_numpy",
     "torch_strided",
     "writable_problem",
@@ -394,15 +394,15 @@ def refuse_traced_raise(fn: str, leaves: Sequence[Any]) -> None:
     )
 
 
-def scalar(xp: Any, value: Any, dtype: Any = None, device: Any = None) -> Any:
-    """A 0-d array of a Python number, made on ``device`` without a blocking copy.
+def asarray(xp: Any, value: Any, dtype: Any = None, device: Any = None) -> Any:
+    """``xp.asarray``, where a Python number becomes a 0-d array made on ``device``.
 
     ``torch.asarray`` of a number on a CUDA device copies it from the host
     and waits for the stream (pytorch#120996): every constant of a clip was
     a host sync. ``torch.full`` fills it on the device. (CuPy's ``asarray``
     stages the copy through pinned memory without waiting.)
     """
-    if aac.is_torch_namespace(xp):
+    if isinstance(value, int | float) and aac.is_torch_namespace(xp):
         try:
             return sys.modules["torch"].full((), value, dtype=dtype, device=device)
         except RuntimeError:  # past the dtype's range: asarray rounds it to inf

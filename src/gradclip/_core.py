@@ -117,17 +117,6 @@ def _bound(plan: Plan, value: Any) -> Any:
     return plan.xp.astype(value, plan.res)
 
 
-def _given(plan: Plan, norm: Any) -> Any:
-    """A given norm (``norm=``) in the result dtype, on the leaves' device.
-
-    A Python number is made there (:meth:`Plan.const`): converted, it would be
-    a blocking host-to-device copy on CUDA torch.
-    """
-    if isinstance(norm, int | float):
-        return plan.const(norm, plan.res)
-    return plan.xp.asarray(norm, dtype=plan.res, device=plan.device)
-
-
 def _scale_from_norm(plan: Plan, norm: Any, max_norm: Any, eps: float) -> Any:
     """``min(1, max_norm / (norm + eps))``, computed so that it cannot overflow.
 
@@ -167,7 +156,7 @@ def clip_by_global_norm(
     if norm is None:
         norm, finite = plan.total(_reduce(plan, names, nonfinite, per_leaf=False))
     else:
-        norm = _given(plan, norm)
+        norm = _compat.asarray(xp, norm, plan.res, plan.device)
         finite = xp.isfinite(norm)
         if nonfinite == "raise":
             check_given(xp, norm, names)
@@ -240,8 +229,7 @@ def rms_scale(plan: Plan, rms: Any, threshold: Any) -> Any:
     """
     xp = plan.xp
     one = plan.const(1.0, plan.res)
-    if isinstance(threshold, int | float):
-        threshold = plan.const(threshold, plan.res)
+    threshold = _compat.asarray(xp, threshold, plan.res, plan.device)
     ratio = _compat.divide(xp, rms, xp.where(rms > 0, threshold, one))
     return _compat.divide(xp, 1.0, xp.maximum(one, ratio))
 
@@ -291,20 +279,15 @@ def clip_by_value(
         elif flags:
             keep = xp.logical_not(xp.all(xp.stack(flags)))
 
-    def bound(value: Any, dtype: Any) -> Any:
-        if isinstance(value, int | float):  # made on the device (see _compat.scalar)
-            return _compat.scalar(xp, value, dtype, plan.device)
-        return xp.asarray(value, dtype=dtype, device=plan.device)
-
     def clamp(block: Any) -> Any:
         dtype = block.dtype
         out = block
         if zero:
             out = _compat.where(xp, xp.isfinite(out), out, xp.zeros_like(out))
         if lo is not None:
-            out = xp.maximum(out, bound(lo, dtype))
+            out = xp.maximum(out, _compat.asarray(xp, lo, dtype, plan.device))
         if hi is not None:
-            out = xp.minimum(out, bound(hi, dtype))
+            out = xp.minimum(out, _compat.asarray(xp, hi, dtype, plan.device))
         if keep is not None:
             out = _compat.where(xp, keep, block, out)
         return _compat.as_array(out)

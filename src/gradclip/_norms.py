@@ -172,7 +172,7 @@ class Plan:
 
     def const(self, value: float, dtype: Any = None) -> Any:
         """A 0-d array on the leaves' device (made there: no host copy to wait for)."""
-        return _compat.scalar(self.xp, value, self.acc if dtype is None else dtype, self.device)
+        return _compat.asarray(self.xp, value, self.acc if dtype is None else dtype, self.device)
 
     def _wide_acc(self) -> bool:
         return bool(self.acc == self.xp.float64)
@@ -362,7 +362,7 @@ class Plan:
     def identity(self) -> Partial:
         """The reduction of no elements."""
         value = math.inf if self.kind == "-inf" else 0.0
-        return Partial(self.const(value), None, _compat.scalar(self.xp, True, device=self.device))
+        return Partial(self.const(value), None, _compat.asarray(self.xp, True, device=self.device))
 
     def merge(self, parts: list[Partial]) -> Partial:
         """Combine partial reductions in a fixed order (deterministic).
@@ -464,7 +464,7 @@ class Plan:
         """The global norm (result dtype) and the finite flag from per-leaf partials."""
         xp = self.xp
         if not parts:
-            return self.const(0.0, self.res), _compat.scalar(xp, True, device=self.device)
+            return self.const(0.0, self.res), _compat.asarray(xp, True, device=self.device)
         if self.kind == "zero":
             # torch's get_total_norm takes vector_norm(ord=0) of the per-leaf
             # norms: the number of leaves holding any nonzero entry.

@@ -564,7 +564,7 @@ class AutoClip(_Clipper):
         # The percentile of the filled slots: empty ones sort last as +inf.
         held = xp.minimum(count, size)
         ordered = xp.sort(
-            xp.where(slots < held, history, _compat.scalar(xp, math.inf, history.dtype, device))
+            xp.where(slots < held, history, _compat.asarray(xp, math.inf, history.dtype, device))
         )
         pos = (self.percentile / 100.0) * xp.astype(xp.maximum(held - 1, 0), history.dtype)
         lo = xp.astype(xp.floor(pos), xp.int32)
@@ -575,7 +575,7 @@ class AutoClip(_Clipper):
         threshold = v_lo + (v_hi - v_lo) * frac
         # Before the first finite norm there is no history: nothing is clipped.
         threshold = xp.where(
-            held > 0, threshold, _compat.scalar(xp, math.inf, history.dtype, device)
+            held > 0, threshold, _compat.asarray(xp, math.inf, history.dtype, device)
         )
         skipped = state.skipped + xp.astype(~finite, xp.int32)
         new, stats = _clip(prep, threshold, norm, finite, self.nonfinite, inplace)

@@ -613,7 +613,8 @@ def clip_grads_with_norm_(
         # A norm that requires grad (taken under autograd) is used as a value,
         # as torch does; torch.asarray would warn about copying its graph.
         total_norm = total_norm.detach()
-    _scale_grads(plan, _core._given(plan, total_norm), None, max_norm, "propagate", inv_scale, eps)
+    norm = _compat.asarray(plan.xp, total_norm, plan.res, plan.device)
+    _scale_grads(plan, norm, None, max_norm, "propagate", inv_scale, eps)
 
 
 @_no_grad
