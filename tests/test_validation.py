@@ -192,6 +192,16 @@ def test_non_array_leaf(xp):
         gc.clip_by_global_norm(tree, 1.0)
 
 
+def test_named_pairs_get_a_hint(xp):
+    pairs = [(f"encoder.{i}", x) for i, x in enumerate(_tree(xp)["encoder"])]
+    with pytest.raises(
+        TypeError,
+        match=r"leaf \[0\]\[0\] is a builtins.str, not an array; "
+        r"for named_parameters\(\) pairs pass the gradients by name",
+    ):
+        gc.clip_by_global_norm(pairs, 1.0)
+
+
 def test_two_array_libraries(xp):
     if xp.name == "numpy":
         pytest.skip("needs a second library; the numpy case is each other backend's test")

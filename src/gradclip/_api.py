@@ -88,7 +88,14 @@ def _check(flat: Flat, fn: str, *, inplace: bool = False, gradients: bool = Fals
         kind = type(x)
         if kind is not checked:
             if not _compat.is_array(x):
-                raise TypeError(f"{fn}: leaf {paths[i]} is a {_describe(x)}, not an array")
+                # A str leaf is most often the name half of named_parameters().
+                hint = (
+                    "; for named_parameters() pairs pass the gradients by name, "
+                    "{name: p.grad for name, p in model.named_parameters()}"
+                    if isinstance(x, str)
+                    else ""
+                )
+                raise TypeError(f"{fn}: leaf {paths[i]} is a {_describe(x)}, not an array{hint}")
             leaf_xp = _compat.namespace(x)
             name = _compat.backend_name(leaf_xp)
             if xp is None:
@@ -359,7 +366,9 @@ def global_norm(
         Any ``p > 0``, ``inf``, ``-inf`` or ``0``, with the results of
         ``torch.nn.utils.get_total_norm``: the ``ord``-norm of the vector of
         per-leaf norms. For ``ord=0`` that is the number of leaves holding any
-        nonzero entry, as in torch.
+        nonzero entry, as in torch. One exception: for ``ord=-inf`` (the
+        smallest ``|x|``) an empty leaf holds no entry and is left out, where
+        :func:`leaf_norms` gives it 0 (torch refuses both).
     nonfinite : {"propagate", "raise", "zero"}, default "propagate"
         ``"propagate"`` lets NaN/inf through the arithmetic; ``"raise"`` raises
         :class:`~gradclip.NonFiniteError` naming the leaf (one host sync, so
