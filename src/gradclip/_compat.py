@@ -38,6 +38,7 @@ __all__ = [
     "quiet",
     "to_numpy",
     "torch_strided",
+    "view",
     "writable_problem",
 ]
 
@@ -290,13 +291,13 @@ def chunk_elems(xp: Any) -> int | None:
     return None if backend_name(xp) in IMMUTABLE_BACKENDS else _CHUNK
 
 
-def _flat_view(xp: Any, x: Any) -> Any | None:
-    """A 1-D view that aliases ``x``'s memory, or ``None`` if there is none."""
+def view(xp: Any, x: Any, shape: tuple[int, ...]) -> Any | None:
+    """``x`` reshaped to ``shape`` as a view of its memory, or ``None`` if there is none."""
     name = backend_name(xp)
     try:
         if name == "torch":
-            return x.view(-1)  # raises when the strides do not allow a view
-        return xp.reshape(x, (-1,), copy=False)
+            return x.view(shape)  # raises when the strides do not allow a view
+        return xp.reshape(x, shape, copy=False)
     except (ValueError, RuntimeError, NotImplementedError, AttributeError, TypeError):
         return None
 
@@ -333,7 +334,7 @@ def blocks(xp: Any, x: Any, chunk: int | None) -> Iterator[Block]:
     if size <= chunk:
         yield Block(x, ..., shape, xp.reshape(x, (-1,)))
         return
-    flat = _flat_view(xp, x)
+    flat = view(xp, x, (-1,))
     if flat is not None:
         for start in range(0, size, chunk):
             stop = min(start + chunk, size)

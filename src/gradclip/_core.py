@@ -330,7 +330,13 @@ def _combine(plan: Plan, x: Any, scale: Any, axis: int, reduce: str | None) -> A
     if math.prod(shape) == 0:  # nothing to scale or add (dask cannot reshape (3, 0, 2))
         return xp.zeros(out_shape, dtype=x.dtype, device=plan.device)
     pre, post = math.prod(shape[:axis]), math.prod(shape[axis + 1 :])
-    x3 = xp.reshape(x, (batch, post) if axis == 0 else (pre, batch, post))
+    three = (batch, post) if axis == 0 else (pre, batch, post)
+    if plan.chunk is None:
+        x3 = xp.reshape(x, three)
+    else:
+        x3 = _compat.view(xp, x, three)
+        if x3 is None:  # a transposed or sliced leaf, which a reshape would copy whole
+            return _combine_strided(plan, x, factors, axis, reduce, out_shape)
     rows, cols = pre, post
     if work != x.dtype and plan.chunk is not None:
         cols = min(post, max(1, plan.chunk // max(1, pre * batch)))
@@ -365,6 +371,40 @@ def _combine(plan: Plan, x: Any, scale: Any, axis: int, reduce: str | None) -> A
         blocks.append(pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=-1))
     out = blocks[0] if len(blocks) == 1 else xp.concat(blocks, axis=0)
     return xp.reshape(out, out_shape)
+
+
+def _combine_strided(
+    plan: Plan, x: Any, factors: Any, axis: int, reduce: str | None, out_shape: tuple[int, ...]
+) -> Any:
+    """:func:`_combine` of a leaf no reshape can view, on an eager backend.
+
+    Groups of examples, sliced on the batch axis, are widened and multiplied
+    (or contracted) one at a time, so the temporaries stay near
+    ``plan.chunk`` elements, or one example where that is larger.
+    """
+    xp = plan.xp
+    shape = tuple(x.shape)
+    batch = shape[axis]
+    assert plan.chunk is not None
+    group = max(1, plan.chunk // (math.prod(shape) // batch))
+    # The factors broadcast along the batch axis of a block.
+    column = tuple(-1 if d == axis else 1 for d in range(len(shape)))
+    out = xp.empty(out_shape, dtype=x.dtype, device=plan.device)
+    total = None
+    for start in range(0, batch, group):
+        stop = min(start + group, batch)  # array-api-strict refuses a stop past the end
+        index = (*(slice(None),) * axis, slice(start, stop), ...)
+        block = xp.astype(x[index], factors.dtype, copy=False)
+        f = factors[start:stop]
+        if reduce is None:
+            out[index] = xp.astype(block * xp.reshape(f, column), x.dtype, copy=False)
+        elif total is None:
+            total = xp.tensordot(f, block, axes=([0], [axis]))
+        else:
+            total += xp.tensordot(f, block, axes=([0], [axis]))
+    if total is not None:
+        out[...] = xp.astype(total, x.dtype, copy=False)
+    return out
 
 
 def per_example_clip(
