@@ -36,7 +36,6 @@ PYPROJECT = nox.project.load_toml("pyproject.toml")
 # Never let pip choose torch on its own: an unpinned torch resolves to the CUDA
 # build and downloads gigabytes of nvidia-* wheels. The pin matches the CPU
 # wheel the machines carry (pip prefers 2.13.0+cpu over 2.13.0 for ==2.13.0).
-# For the same reason the package's [torch] extra is never installed here.
 TORCH_VERSION = os.environ.get("GRADCLIP_TORCH_VERSION", "2.13.0")
 
 # session id -> (packages to install, value of GRADCLIP_TEST_BACKENDS that
@@ -115,7 +114,7 @@ def docs(session: nox.Session) -> None:
 
 # What the gpu session needs from the interpreter it runs in (it installs
 # nothing), checked in a subprocess: the modules, then a CUDA device.
-GPU_MODULES = ("numpy", "array_api_compat", "optree", "ml_dtypes", "pytest", "cupy")
+GPU_MODULES = ("numpy", "array_api_compat", "optree", "ml_dtypes", "pytest", "hypothesis", "cupy")
 GPU_PROBE = """
 import importlib.util, sys
 missing = [m for m in sys.argv[1:] if importlib.util.find_spec(m) is None]
