@@ -495,6 +495,8 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_run(tmp_path: Pat
         (["bench", "--json", str(tmp_path)], "is a directory"),
         (["bench", "--json", str(afile / "x.json")], f"cannot make {afile}"),
         (["demo", "--out", str(tmp_path)], "is a directory"),
+        # matplotlib refused .txt after the whole run; without it, .svg held a PNG
+        (["demo", "--out", str(tmp_path / "curves.svg")], "must end in .png"),
         (["demo", "--steps", "0"], "--steps: must be > 0"),
         (["demo", "--seed", "-1"], "--seed: must be >= 0"),  # was NumPy's traceback
     ]

@@ -31,6 +31,14 @@ from . import (
 )
 
 
+def _png_path(text: str) -> str:
+    """``demo --out``: the curves are always a PNG, with or without matplotlib."""
+    path = _bench.output_path(text)
+    if not path.lower().endswith(".png"):
+        raise argparse.ArgumentTypeError(f"{text} must end in .png (the curves are a PNG)")
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``gradclip`` command line.
 
@@ -60,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p_demo.add_argument(
         "--out",
-        type=_bench.output_path,
+        type=_png_path,
         default="gradclip-demo.png",
         help="the PNG of the curves (gradclip-demo.png)",
     )

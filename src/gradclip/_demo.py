@@ -244,7 +244,7 @@ def save_plot(runs: list[Run], path: str) -> str:
     ax_norm.set(yscale="log", ylabel="gradient norm (before clipping)", xlabel="step")
     ax_loss.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
     return "matplotlib"
 
