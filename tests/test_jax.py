@@ -151,6 +151,24 @@ def test_grad_through_a_clip_where_a_norm_is_zero(clip, fused):
         np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-6, atol=1e-12)
 
 
+def test_grad_through_agc_where_a_unit_is_zero():
+    # As above, for AGC's unit norms: a zero unit passes through unchanged,
+    # so its gradient is 1 (it was NaN, as optax.adaptive_grad_clip's is).
+    from gradclip.adaptive import AGC
+
+    clipper = AGC(clipping=0.05, layout="jax")
+    params = {"w": jnp.ones((2, 2)), "z": jnp.ones(3)}
+    state = clipper.init(params)
+
+    def loss(g):
+        return sum(jnp.sum(x) for x in jax.tree.leaves(clipper.update(g, state, params)[0]))
+
+    got = jax.grad(loss)({"w": jnp.asarray([[0.0, 1.0], [0.0, 1.0]]), "z": jnp.zeros(3)})
+    np.testing.assert_array_equal(np.asarray(got["z"]), np.ones(3))
+    np.testing.assert_array_equal(np.asarray(got["w"][:, 0]), np.ones(2))
+    assert np.all(np.isfinite(np.asarray(got["w"])))
+
+
 @pytest.mark.parametrize("fused", [None, False])
 def test_grad_of_an_ord_1_norm_by_a_zero_leaf(fused):
     # Through the scaled reduction (entries of 1e-30) a zero leaf's

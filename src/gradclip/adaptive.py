@@ -52,7 +52,7 @@ import optree
 
 from . import _api, _compat, _core
 from ._flat import FlatTree, unit
-from ._norms import Plan
+from ._norms import Plan, root
 from ._stats import ClipStats, PerExampleStats
 from ._tree import Flat, _materialise, flatten
 
@@ -626,7 +626,8 @@ def _unit_norm(xp: Any, x: Any, axes: tuple[int, ...] | None, dtype: Any) -> Any
     m = xp.max(a, axis=axes, keepdims=True)
     safe = xp.where(xp.isfinite(m) & (m > 0), m, xp.ones_like(m))
     total = xp.sum((a / safe) ** 2, axis=axes, keepdims=True)
-    return xp.where(xp.isfinite(m) & (m > 0), safe * xp.sqrt(total), m)
+    # root, not sqrt: a zero unit's gradient through the clip stays finite.
+    return xp.where(xp.isfinite(m) & (m > 0), safe * root(xp, total, 2.0), m)
 
 
 def _is_complex(xp: Any, x: Any) -> bool:
