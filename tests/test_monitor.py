@@ -273,6 +273,23 @@ def test_jax_no_host_transfer_between_boundaries(monkeypatch):
     np.testing.assert_allclose(h.scale, [float(st.scale) for st in stats], rtol=1e-6)
 
 
+def test_update_inside_jit_says_to_call_it_outside():
+    # It raised AttributeError: JAX's ConcretizationTypeError, rebuilt from a
+    # message string to name the leaf, takes a tracer, not a string.
+    jax = _only("jax")
+    mon = GradMonitor()
+
+    @jax.jit
+    def step(g):
+        mon.update(g)
+        return g
+
+    with pytest.raises(TypeError, match="traced .*call update outside the transform"):
+        step({"a": jax.numpy.ones(3)})
+    mon.update({"a": jax.numpy.ones(3)})  # nothing was recorded: the first step starts here
+    assert mon.history.step.tolist() == [0]
+
+
 def _to_jax(jnp, host):
     return {
         "encoder": [

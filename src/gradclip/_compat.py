@@ -38,6 +38,7 @@ __all__ = [
     "quiet",
     "to_numpy",
     "torch_strided",
+    "traced",
     "view",
     "writable_problem",
 ]
@@ -375,13 +376,18 @@ def writable_problem(x: Any) -> str | None:
     return None
 
 
+def traced(leaves: Sequence[Any]) -> bool:
+    """Whether any leaf is a JAX tracer (inside jit, vmap or grad): no values to read."""
+    jax = sys.modules.get("jax")
+    return jax is not None and any(isinstance(x, jax.core.Tracer) for x in leaves)
+
+
 def refuse_traced_raise(fn: str, leaves: Sequence[Any]) -> None:
     """Refuse ``nonfinite="raise"`` on traced JAX arrays (jit, vmap, grad): no values to read.
 
     JAX's own TracerBoolConversionError would not say which option caused it.
     """
-    jax = sys.modules.get("jax")
-    if jax is None or not any(isinstance(x, jax.core.Tracer) for x in leaves):
+    if not traced(leaves):
         return
     if fn in ("global_norm", "leaf_norms"):  # they take no "skip"
         instead = 'nonfinite="propagate" (a non-finite norm shows it)'

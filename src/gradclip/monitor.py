@@ -555,6 +555,12 @@ class GradMonitor:
                 "GradMonitor.update: nothing to measure; the tree holds no arrays "
                 "(parameters without a .grad are skipped)"
             )
+        if _compat.traced(leaves):
+            raise TypeError(
+                "GradMonitor.update: the gradients are traced (inside jax.jit, vmap or grad); "
+                "the monitor keeps its history on the host side, so call update outside the "
+                "transform, on the gradients the jitted step returns"
+            )
         if self._started:
             self._check_same_leaves(key, names)
         if step is None:
@@ -602,6 +608,8 @@ class GradMonitor:
                 lambda m: f"leaf {names[int(m[1])]}" if int(m[1]) < len(names) else m[0],
                 str(exc),
             )
+            if type(exc) not in (TypeError, ValueError):  # a subclass may take other arguments
+                raise
             raise type(exc)(f"GradMonitor.update: {msg}") from exc
 
     def _start(self, leaves: list[Any], names: list[str], key: Any) -> None:
