@@ -558,6 +558,27 @@ def test_an_inf_norm_is_counted_not_warned(xp, clipper, nonfinite):
             np.testing.assert_array_equal(got, [np.inf, 1.0])
 
 
+@pytest.mark.parametrize(
+    "clipper",
+    [ZClip(), AutoClip(), AGC(layout="jax"), AdaGC()],
+    ids=["zclip", "autoclip", "agc", "adagc"],
+)
+def test_a_tree_without_arrays_passes_through(clipper):
+    # As clip_by_global_norm({}) does; it raised "the tree has no array leaves"
+    # (AGC: an IndexError), so optax.tree_map_params failed on its placeholder.
+    for empty in ({}, [], {"a": None}):
+        state = clipper.init(empty)
+        out, new, stats = clipper.update(empty, state, params=empty)
+        assert out == empty and new is state
+        want = gc.clip_by_global_norm(empty, 1.0)[1]
+        shape = (0,) if isinstance(clipper, AdaGC) else ()
+        for got, w in zip(stats, want, strict=True):
+            assert np.shape(got) == shape
+            if not shape:
+                assert got == w
+        assert clipper.update_(empty, state, params=empty)[0] is state
+
+
 # ------------------------------------------------------------------ state dicts
 
 

@@ -506,6 +506,25 @@ def test_adaptive_takes_numpy_params_and_a_numpy_state(name):
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves((out, state)))
 
 
+@pytest.mark.parametrize("name", [*TRANSFORMS, "zclip", "autoclip", "adagc", "agc", "per_example"])
+def test_tree_map_params_over_a_chain(name):
+    # optax.tree_map_params inits with a placeholder node that has no leaves:
+    # gradclip refused it as a leaf that is not an array.
+    if name in TRANSFORMS:
+        clip = TRANSFORMS[name]()
+    elif name == "per_example":
+        clip = gco.per_example_clip(1.0)
+    else:
+        clip = getattr(gco, name)()
+    tx = optax.chain(clip, optax.adam(1e-3))
+    params = {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}
+    state = tx.init(params)
+    mapped = optax.tree_map_params(tx, lambda p: p.astype(jnp.bfloat16), state)
+    adam = mapped[1][0]
+    assert jax.tree.map(lambda x: x.dtype, adam.mu) == {"w": jnp.bfloat16, "b": jnp.bfloat16}
+    assert jax.tree.structure(mapped) == jax.tree.structure(state)
+
+
 ADAPTIVE_HYPERPARAMETERS = {
     "zclip": {"warmup_steps": 3, "z_thresh": 1.5, "max_grad_norm": 5.0},
     "autoclip": {"percentile": 50.0, "history_size": 4},

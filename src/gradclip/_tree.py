@@ -107,7 +107,7 @@ def _jax_flatten(tree: Any) -> Flat | None:
         # optree can. (A flax or equinox node in such a tree would then be a
         # leaf, refused by name as not an array.)
         return None
-    if not any(isinstance(leaf, jax.Array) for leaf in leaves):
+    if leaves and not any(isinstance(leaf, jax.Array) for leaf in leaves):
         return None
 
     def paths() -> list[str]:

@@ -85,7 +85,10 @@ def _namespace_of(tree: Any, fn: str) -> Iterator[tuple[Flat, Any, Any, Any]]:
     flat = unit(tree, whole=False)
     leaves = flat.leaves
     if not leaves:
-        raise ValueError(f"{fn}: the tree has no array leaves")
+        # An empty tree's state is NumPy's, as an empty tree's stats are:
+        # optax.tree_map_params inits with a placeholder node that has no leaves.
+        yield flat, _compat.namespace(np.empty(0)), "cpu", np.float32
+        return
     xp = _api._check(flat, fn).xp
     infos = [_compat.dtype_info(xp, x.dtype) for x in leaves]
     res = xp.float64 if any(i is not None and i.float64 for i in infos) else xp.float32
@@ -195,6 +198,10 @@ def _check_policy(nonfinite: str) -> None:
         raise ValueError(f"nonfinite must be one of {_POLICIES}; got {nonfinite!r}")
 
 
+class _NoLeaves(Exception):
+    """The tree holds no arrays: :meth:`_Clipper.update` passes it through."""
+
+
 def _prepared(tree: Any, state: Any, fn: str, inplace: bool, whole: bool) -> Any:
     """``tree`` flattened and checked once per step, for the norm and the clip.
 
@@ -202,7 +209,7 @@ def _prepared(tree: Any, state: Any, fn: str, inplace: bool, whole: bool) -> Any
     """
     prep = _api._prepare(tree, fn, inplace=inplace, whole=whole)
     if prep.xp is None:
-        raise ValueError(f"{fn}: the tree has no array leaves")
+        raise _NoLeaves
     for name, value in zip(state._fields, state, strict=True):
         other = _compat.backend_name(_compat.namespace(value))
         if other != prep.backend:
@@ -313,15 +320,29 @@ class _Clipper(_Stateful):
     ) -> tuple[Any, Any, ClipStats]:
         raise NotImplementedError
 
+    # Whether the stats hold one entry per leaf (AdaGC) rather than one for the tree.
+    _per_leaf = False
+
     def update(self, tree: Any, state: Any, params: Any = None) -> tuple[Any, Any, ClipStats]:
-        """Clip ``tree`` (new arrays) and advance the state: ``(tree, state, stats)``."""
+        """Clip ``tree`` (new arrays) and advance the state: ``(tree, state, stats)``.
+
+        A tree with no arrays (``{}``; optax's placeholder in
+        ``optax.tree_map_params``) passes through, the state unchanged and
+        the stats those of :func:`gradclip.clip_by_global_norm` on it.
+        """
         with _stepping(state):
-            return self._step(tree, state, params, False)
+            try:
+                return self._step(tree, state, params, False)
+            except _NoLeaves:
+                return tree, state, _api._empty_stats(self._per_leaf)
 
     def update_(self, tree: Any, state: Any, params: Any = None) -> tuple[Any, ClipStats]:
         """Clip ``tree`` in place (NumPy, CuPy, torch) and advance the state: ``(state, stats)``."""
         with _stepping(state):
-            _, state, stats = self._step(tree, state, params, True)
+            try:
+                _, state, stats = self._step(tree, state, params, True)
+            except _NoLeaves:
+                stats = _api._empty_stats(self._per_leaf)
         return state, stats
 
 
@@ -712,11 +733,10 @@ class AGC(_Clipper):
         tree, params = _materialise(tree), _materialise(params)
         # A FlatTree's views, one per tensor; a functional call returns a FlatTree.
         grads = unit(tree, whole=False)
+        if not grads.leaves:
+            raise _NoLeaves
         weights = _paired_params(_plain(tree), _plain(params), grads, fn)
-        prep = _api._check(grads, fn, inplace=inplace)
-        xp = prep.xp
-        if xp is None:
-            return (grads.unflatten([]) if not inplace else None), state, _api._empty_stats(False)
+        xp = _api._check(grads, fn, inplace=inplace).xp
         with _compat.current_device(grads.leaves[0]):  # CuPy: the leaves' device
             return self._clip_leaves(xp, grads, weights, fn, inplace, state)
 
@@ -941,6 +961,7 @@ class AdaGC(_Clipper):
             return AdaGCState(xp.zeros((n,), dtype=res, device=device), zero, zero)
 
     _State = AdaGCState
+    _per_leaf = True
 
     def _why_shape(self, field: str) -> str:
         return " (one entry per leaf of the tree)" if field == "ema" else ""
