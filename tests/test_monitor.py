@@ -284,7 +284,7 @@ def test_update_inside_jit_says_to_call_it_outside():
         mon.update(g)
         return g
 
-    with pytest.raises(TypeError, match="traced .*call update outside the transform"):
+    with pytest.raises(TypeError, match=r"traced .*call update outside the transform"):
         step({"a": jax.numpy.ones(3)})
     mon.update({"a": jax.numpy.ones(3)})  # nothing was recorded: the first step starts here
     assert mon.history.step.tolist() == [0]
