@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import gradclip as gc
-from conftest import need, selected_backends
+from conftest import importorskip, need, selected_backends
 from gradclip._flat import unit
 
 FLAT_BACKENDS = ("numpy", "torch", "torch_cuda", "cupy")
@@ -120,6 +120,35 @@ def test_copies_and_pickles(xp):
         for got, want in zip(_leaves(back.tree), _leaves(deep.tree), strict=True):
             np.testing.assert_array_equal(xp.numpy(got), xp.numpy(want))
         assert {str(k) for k in back.buffers} == {str(k) for k in deep.buffers}
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_views_copied_with_their_flat_tree_stay_views(how):
+    # A trainer's state holds the model (.grad = the FlatTree's views) and the
+    # FlatTree: a copy of both must clip the copied gradients. The FlatTree
+    # was copied on its own, and the copied .grad kept the old values.
+    # (Plain pickle copies every torch storage apart; torch.save shares them.)
+    import copy
+    import io
+
+    torch = importorskip("torch")
+    model = torch.nn.Linear(3, 2)
+    flat = gc.FlatTree.zeros_like(list(model.parameters()))
+    for p, g in zip(model.parameters(), flat.tree, strict=True):
+        p.grad = g
+    model(torch.full((4, 3), 10.0)).sum().backward()  # autograd adds into the views
+    state = {"grads": [p.grad for p in model.parameters()], "flat": flat}
+    if how == "deepcopy":
+        state = copy.deepcopy(state)
+    else:
+        saved = io.BytesIO()
+        torch.save(state, saved)
+        saved.seek(0)
+        state = torch.load(saved, weights_only=False)
+    gc.clip_by_global_norm_(state["flat"], 1e-3)
+    copied = torch.cat([g.reshape(-1) for g in state["grads"]])
+    assert float(torch.linalg.vector_norm(copied)) == pytest.approx(1e-3, rel=1e-4)
+    assert float(gc.global_norm(flat)) > 1  # the original is untouched
 
 
 @flat_backends

@@ -9,6 +9,7 @@ buffers, and gradclip's functions work on the buffers directly.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -186,13 +187,17 @@ class FlatTree:
         return self._adopt(self._xp, dict(self._buffers), self._slots, self._flat)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> FlatTree:
-        return self.copy()
+        # Through memo: torch keeps a view copied in the same deepcopy (a
+        # model's .grad set to one of .tree's views) a view of the new buffer.
+        buffers = copy.deepcopy(self._buffers, memo)
+        return self._adopt(self._xp, buffers, self._slots, self._flat)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # The namespace (a module) and the tree's unflatten (a closure) do not
-        # pickle; the tree of views does, and from_tree lays it out again the
-        # same way (leaves grouped by dtype, in flattening order).
-        return (FlatTree.from_tree, (self.tree,))
+        # pickle: the buffers do, and the tree's structure as a tree of leaf
+        # numbers. torch pickles a view (a .grad) and its buffer as one storage.
+        skeleton = self._flat.unflatten(list(range(len(self._slots))))
+        return (_unpickle, (self._buffers, self._slots, skeleton))
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{key}: {b.shape[0]}" for key, b in self._buffers.items())
@@ -267,3 +272,9 @@ def unit(tree: Any, *, whole: bool) -> Flat:
 def _views(xp: Any, buffers: dict[Any, Any], slots: list[_Slot]) -> list[Any]:
     """The leaves: views into the buffers."""
     return [xp.reshape(buffers[s.key][s.start : s.stop], s.shape) for s in slots]
+
+
+def _unpickle(buffers: dict[Any, Any], slots: list[_Slot], skeleton: Any) -> FlatTree:
+    """A pickled FlatTree (see ``FlatTree.__reduce__``)."""
+    xp = _compat.namespace(next(iter(buffers.values()))) if buffers else None
+    return FlatTree._adopt(xp, buffers, slots, flatten(skeleton))
