@@ -72,6 +72,16 @@ def test_norms_and_max_abs_match_numpy(xp, ord):
     assert mon.anomalies == []
 
 
+@pytest.mark.parametrize("ord", [2.0, math.inf, -math.inf, 0.0])
+def test_global_norm_with_an_empty_leaf_is_gradclips(xp, ord):
+    # For -inf the empty leaf's norm (0) was taken as the smallest.
+    tree = {"a": xp.array(np.full(3, 2.0), "float32"), "e": xp.array(np.zeros(0), "float32")}
+    mon = GradMonitor(ord=ord)
+    mon.update(tree)
+    assert mon.history.global_norm[0] == float(gc.global_norm(tree, ord=ord))
+    assert mon.history.leaf_norms[0].tolist() == xp.numpy(gc.leaf_norms(tree, ord=ord)).tolist()
+
+
 def test_overflow_safe_norms():
     """float32 leaves of 1e30: the naive sum of squares overflows, the monitor's does not."""
     mon = GradMonitor()

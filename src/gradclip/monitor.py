@@ -209,7 +209,14 @@ def _measure(
     # (torch's get_total_norm), overflow-safe like the per-leaf ones. For
     # ord 0 that is the number of leaves with a nonzero entry: the vector of
     # counts given as one leaf would be counted twice (0 or 1).
-    total = xp.sum(xp.astype(norms != 0, norms.dtype)) if p == 0 else global_norm(norms, p)
+    if p == 0:
+        total = xp.sum(xp.astype(norms != 0, norms.dtype))
+    elif p == -math.inf and any(math.prod(x.shape) == 0 for x in leaves):
+        # An empty leaf's norm is 0, but global_norm leaves it out of -inf (it
+        # holds no entry): one more pass, in this corner only.
+        total = global_norm(leaves, p, fused=fused)
+    else:
+        total = global_norm(norms, p)
     row = xp.concat([xp.reshape(total, (1,)), norms, maxabs])
     if skip is None:
         return row, _nonfinite_counts(xp, leaves)
