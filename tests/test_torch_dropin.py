@@ -1011,6 +1011,21 @@ def test_unscale_clip_with_a_disabled_scaler(route):
     _assert_grads_close(model, theirs)
 
 
+@pytest.mark.parametrize("bad", [-1 / 1024, 0.0, math.inf, math.nan, torch.tensor(-0.5)])
+def test_inv_scale_must_be_positive(bad):
+    # A negative one gave a negative norm and flipped the gradients.
+    model = _trained("float32")
+    before = [g.clone() for g in _grads(model)]
+    for fn in (
+        lambda: clip_grad_norm_(model.parameters(), 1.0, inv_scale=bad),
+        lambda: gct.clip_grads_with_norm_(model.parameters(), 1.0, 5.0, inv_scale=bad),
+    ):
+        with pytest.raises(ValueError, match="inv_scale must be a number > 0 and finite"):
+            fn()
+    for g, b in zip(_grads(model), before, strict=True):
+        torch.testing.assert_close(g, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("foreach", [None, False])
 @pytest.mark.parametrize("scale", [1024.0, 3.0])
 @pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])

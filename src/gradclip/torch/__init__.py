@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import operator
 import os
 import sys
@@ -358,6 +359,12 @@ def _check_inv_scale(inv_scale: Any, fn: str) -> Any:
     if inv_scale.numel() != 1:
         shape = tuple(inv_scale.shape)
         raise ValueError(f"{fn}: inv_scale must hold one number; got shape {shape}")
+    # Read only where that is free: a CUDA scale (a GradScaler's) would sync.
+    if inv_scale.device.type == "cpu" and not 0 < float(inv_scale) < math.inf:
+        raise ValueError(
+            f"{fn}: inv_scale must be a number > 0 and finite (1 / the loss scale); "
+            f"got {float(inv_scale)}"
+        )
     return inv_scale.reshape(())
 
 
@@ -513,9 +520,14 @@ def clip_grad_norm_(
         dtype would cost a host sync, so give every rank the same gradient
         dtypes.
     inv_scale : float or 0-d Tensor, optional
-        ``1 / scale`` of a ``torch.amp.GradScaler``: the gradients are
-        unscaled and clipped in one pass, and the norm returned is the
-        unscaled one. :func:`unscale_clip_grad_norm_` also tells the scaler.
+        ``1 / scale``, for code that scales the loss itself: the gradients
+        are unscaled and clipped in one pass, and the norm returned is the
+        unscaled one. A ``torch.amp.GradScaler`` is not told, so its
+        ``step`` would unscale again (and its ``update`` raise after a
+        plain ``optimizer.step``): with a GradScaler use
+        :func:`unscale_clip_grad_norm_`, which tells it. Must be > 0; a
+        number or a CPU tensor is checked (a CUDA one is not, which would
+        cost a host sync).
     eps : float, default 1e-6
         Added to the norm before dividing, as torch does.
     return_stats : bool, default False
@@ -585,8 +597,8 @@ def clip_grads_with_norm_(
     foreach : bool or None, default None
         As for :func:`get_total_norm`.
     inv_scale : float or 0-d Tensor, optional
-        As for :func:`clip_grad_norm_`: a GradScaler's ``1 / scale``,
-        applied in the same pass (``total_norm`` is the unscaled norm).
+        As for :func:`clip_grad_norm_`: ``1 / scale``, applied in the same
+        pass (``total_norm`` is the unscaled norm); a GradScaler is not told.
     eps : float, default 1e-6
         Added to the norm before dividing.
 
