@@ -743,3 +743,28 @@ def test_optax_transform_bad_input():
         gco.per_example_clip(0.0)
     with pytest.raises(ValueError, match="max_norm must be > 0"):
         gco.per_example_clip(-1.0, per_layer=True)
+
+
+def test_optax_transform_init_checks_the_params():
+    # A float leaf gave a bare AttributeError from init, an int32 one passed
+    # init; a NumPy float64 one made JAX warn that it truncated float64.
+    importorskip("optax")
+    jnp = _jax()[1]
+    import gradclip.optax as gco
+
+    tx = gco.per_example_clip(1.0)
+    with pytest.raises(TypeError, match=r"init: leaf \['s'\] is a builtins.float, not an array"):
+        tx.init({"w": jnp.ones(2), "s": 2.0})
+    with pytest.raises(TypeError, match=r"init: leaf \['i'\] has dtype int32"):
+        tx.init({"w": jnp.ones(2), "i": jnp.ones(2, jnp.int32)})
+    assert tx.init({"w": np.ones(2)}).mean_norm.dtype == jnp.float32  # x64 is off
+
+
+def test_find_stats_points_at_a_per_example_state():
+    optax = importorskip("optax")
+    jnp = _jax()[1]
+    import gradclip.optax as gco
+
+    state = optax.chain(gco.per_example_clip(1.0), optax.sgd(0.1)).init({"w": jnp.ones(2)})
+    with pytest.raises(LookupError, match=r"a per_example_clip PerExampleState at '\[0\]'"):
+        gco.find_stats(state)

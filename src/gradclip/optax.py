@@ -31,7 +31,7 @@ import optax
 
 import gradclip as gc
 
-from . import _core
+from . import _api, _core
 from . import adaptive as _adaptive
 from ._norms import Plan
 from ._stats import ClipStats
@@ -206,9 +206,13 @@ def _record(new: Any, stats: ClipStats, state: ClipState, skip: bool) -> tuple[A
 
 
 def _result_dtype(leaves: list[Any]) -> Any:
-    """The result dtype by gradclip's rule: float64 when a leaf is float64, else float32."""
+    """The result dtype by gradclip's rule: float64 when a leaf is float64, else float32.
+
+    Without x64, JAX holds float64 as float32 (a NumPy float64 leaf asked
+    jnp.zeros for float64, and JAX warned that it truncated it).
+    """
     wide = any(jnp.dtype(x.dtype) == jnp.float64 for x in leaves)
-    return jnp.float64 if wide else jnp.float32
+    return jax.dtypes.canonicalize_dtype(jnp.float64 if wide else jnp.float32)
 
 
 def _all_finite(leaves: list[Any]) -> Any:
@@ -605,7 +609,8 @@ def per_example_clip(
     gc.per_example_clip([], max_norm, per_layer=True, split=split, eps=eps)  # validates
 
     def init(params: Any) -> PerExampleState:
-        leaves = jax.tree.leaves(params)
+        # Checked as the update will check it, naming a leaf that is no float array.
+        leaves = _api._prepare(params, "gradclip.optax.per_example_clip.init").flat.leaves
         shape = (len(leaves),) if per_layer else ()
         zero = jnp.zeros(shape, _result_dtype(leaves))
         return PerExampleState(jnp.zeros(shape, jnp.int32), jnp.zeros((), jnp.int32), zero, zero)
@@ -821,6 +826,16 @@ def find_state(opt_state: Any) -> ClipState:
     """
     found = find_all_states(opt_state)
     if not found:
+        per_example = jax.tree_util.tree_flatten_with_path(
+            opt_state, is_leaf=lambda x: isinstance(x, PerExampleState)
+        )[0]
+        where = [jax.tree_util.keystr(p) for p, x in per_example if isinstance(x, PerExampleState)]
+        if where:
+            raise LookupError(
+                "no ClipState in this optimizer state, but a per_example_clip PerExampleState "
+                f"at {', '.join(repr(p) for p in where)}: per-example clipping keeps a summary "
+                "of its examples, not ClipStats; read that state directly"
+            )
         raise LookupError(
             f"no gradclip.optax state in this optimizer state (a {type(opt_state).__name__}); "
             "build the optimizer with a gradclip.optax transform, e.g. optax.chain("
