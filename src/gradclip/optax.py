@@ -716,24 +716,119 @@ def _jax_arrays(tree: Any) -> Any:
 
 
 def zclip(**hyperparameters: Any) -> Any:
-    """:class:`gradclip.adaptive.ZClip` as a transform (see :func:`adaptive`)."""
+    """:class:`gradclip.adaptive.ZClip` as a transform (see :func:`adaptive`).
+
+    Parameters
+    ----------
+    **hyperparameters
+        :class:`~gradclip.adaptive.ZClip`'s fields.
+
+    Returns
+    -------
+    optax.GradientTransformation
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import gradclip.optax as gco
+    >>> tx = optax.chain(gco.zclip(warmup_steps=3, max_grad_norm=None), optax.sgd(0.1))
+    >>> params = {"w": jnp.ones(4)}
+    >>> state = tx.init(params)
+    >>> for g in (1.0, 1.1, 0.9, 1.0, 50.0):  # a spike after the warm-up
+    ...     updates, state = tx.update({"w": jnp.full(4, g)}, state, params)
+    >>> stats = gco.find_stats(state)
+    >>> bool(stats.clipped), round(float(stats.norm))
+    (True, 100)
+    """
     return adaptive(_adaptive.ZClip(**hyperparameters))
 
 
 def autoclip(**hyperparameters: Any) -> Any:
-    """:class:`gradclip.adaptive.AutoClip` as a transform (see :func:`adaptive`)."""
+    """:class:`gradclip.adaptive.AutoClip` as a transform (see :func:`adaptive`).
+
+    Parameters
+    ----------
+    **hyperparameters
+        :class:`~gradclip.adaptive.AutoClip`'s fields.
+
+    Returns
+    -------
+    optax.GradientTransformation
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import gradclip.optax as gco
+    >>> tx = optax.chain(gco.autoclip(percentile=50.0), optax.sgd(0.1))
+    >>> params = {"w": jnp.ones(4)}
+    >>> state = tx.init(params)
+    >>> for g in (1.0, 1.0, 1.0, 8.0):  # clipped at the median norm so far
+    ...     updates, state = tx.update({"w": jnp.full(4, g)}, state, params)
+    >>> float(jnp.linalg.norm(updates["w"])) < 0.21
+    True
+    """
     return adaptive(_adaptive.AutoClip(**hyperparameters))
 
 
 def agc(**hyperparameters: Any) -> Any:
-    """:class:`gradclip.adaptive.AGC` as a transform; ``layout`` defaults to "jax" here."""
+    """:class:`gradclip.adaptive.AGC` as a transform; ``layout`` defaults to "jax" here.
+
+    Parameters
+    ----------
+    **hyperparameters
+        :class:`~gradclip.adaptive.AGC`'s fields.
+
+    Returns
+    -------
+    optax.GradientTransformation
+        Its ``update`` needs ``params``, as ``optax.adaptive_grad_clip``'s does.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import gradclip.optax as gco
+    >>> tx = gco.agc(clipping=0.01)
+    >>> params = {"w": jnp.ones((3, 2))}  # in x out: a unit per column, norm sqrt(3)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": jnp.full((3, 2), 10.0)}, state, params)
+    >>> [round(float(n), 4) for n in jnp.linalg.norm(updates["w"], axis=0)]  # 0.01 * sqrt(3)
+    [0.0173, 0.0173]
+    """
     if hyperparameters.get("layout") is None and hyperparameters.get("axis") is None:
         hyperparameters["layout"] = "jax"
     return adaptive(_adaptive.AGC(**hyperparameters))
 
 
 def adagc(**hyperparameters: Any) -> Any:
-    """:class:`gradclip.adaptive.AdaGC` as a transform (see :func:`adaptive`)."""
+    """:class:`gradclip.adaptive.AdaGC` as a transform (see :func:`adaptive`).
+
+    Parameters
+    ----------
+    **hyperparameters
+        :class:`~gradclip.adaptive.AdaGC`'s fields.
+
+    Returns
+    -------
+    optax.GradientTransformation
+        Its stats hold one entry per leaf.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import gradclip.optax as gco
+    >>> tx = optax.chain(gco.adagc(warmup_steps=2), optax.sgd(0.1))
+    >>> params = {"a": jnp.ones(4), "b": jnp.ones(4)}
+    >>> state = tx.init(params)
+    >>> for g in (0.1, 0.1, 0.1, 5.0):  # "b" spikes after the warm-up
+    ...     grads = {"a": jnp.full(4, 0.1), "b": jnp.full(4, g)}
+    ...     updates, state = tx.update(grads, state, params)
+    >>> gco.find_stats(state).clipped.tolist()
+    [False, True]
+    """
     return adaptive(_adaptive.AdaGC(**hyperparameters))
 
 
