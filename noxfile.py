@@ -41,7 +41,8 @@ TORCH_VERSION = os.environ.get("GRADCLIP_TORCH_VERSION", "2.13.0")
 # session id -> (packages to install, value of GRADCLIP_TEST_BACKENDS that
 # tests/conftest.py reads to choose which backends its ``xp`` fixture covers).
 BACKENDS: dict[str, tuple[tuple[str, ...], str]] = {
-    "numpy": ((), "numpy"),
+    # matplotlib: GradMonitor.plot and the demo's labelled curves (the plot extra).
+    "numpy": (("matplotlib>=3.8",), "numpy"),
     "array-api-strict": (("array-api-strict>=2.2",), "array_api_strict"),
     # zclip: the reference gradclip.adaptive.ZClip is tested against (it
     # requires torch>=2.0, which the pin in the same install satisfies).

@@ -595,7 +595,23 @@ def test_plot_writes_png(tmp_path):
     top, heat = fig.axes[:2]
     labels = {t.get_text() for t in top.get_legend().get_texts()}
     assert {"global norm", "clipped", "spike", "NaN/inf", "threshold"} <= labels
-    assert heat.images[0].get_array().shape == (2, 12)  # one row per leaf
+    assert heat.collections[0].get_array().shape == (2, 12)  # one row per leaf
+
+
+def test_plot_columns_sit_at_their_steps(tmp_path):
+    # An image with even columns drew step 10's norm over x = 250..750 for
+    # steps 0, 10, 1000. Each step's column now spans halfway to its neighbours.
+    importorskip("matplotlib")
+    mon = GradMonitor()
+    for step, value in ((0, 1.0), (10, 10.0), (1000, 100.0)):
+        mon.update([np.full(4, value)], step=step)
+    heat = mon.plot(tmp_path / "g.png").axes[1]
+    mesh = heat.collections[0]
+    spans = [(p.vertices[:4, 0].min(), p.vertices[:4, 0].max()) for p in mesh.get_paths()]
+    np.testing.assert_allclose(spans, [(-5.0, 5.0), (5.0, 505.0), (505.0, 1495.0)])
+    np.testing.assert_allclose(
+        np.asarray(mesh.get_array()).ravel(), [0.3010, 1.3010, 2.3010], atol=1e-4
+    )
 
 
 def test_plot_without_matplotlib(monkeypatch):

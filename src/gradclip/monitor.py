@@ -1007,13 +1007,17 @@ class GradMonitor:
         if data.count() == 0:
             data = np.ma.masked_array(np.zeros_like(logs.T), mask=np.ones_like(logs.T, bool))
         lo, hi = (float(data.min()), float(data.max())) if data.count() else (0.0, 1.0)
-        half = 0.5 if steps.shape[0] == 1 else (steps[-1] - steps[0]) / (2 * (steps.shape[0] - 1))
-        image = bottom.imshow(
+        # A column per recorded step, centred on it however the steps are
+        # spaced (a resumed run, sparse updates): edges halfway between steps.
+        if steps.shape[0] == 1:
+            edges = np.array([steps[0] - 0.5, steps[0] + 0.5])
+        else:
+            mid = (steps[1:] + steps[:-1]) / 2
+            edges = np.concatenate([[2 * steps[0] - mid[0]], mid, [2 * steps[-1] - mid[-1]]])
+        image = bottom.pcolormesh(
+            edges,
+            np.arange(n + 1) - 0.5,
             data,
-            aspect="auto",
-            interpolation="nearest",
-            origin="lower",
-            extent=(steps[0] - half, steps[-1] + half, -0.5, n - 0.5),
             vmin=lo,
             vmax=hi if hi > lo else lo + 1,
             cmap="viridis",
