@@ -385,6 +385,32 @@ def test_a_memmap_leaf_comes_back_as_an_array(fn, tmp_path):
 _BIG = 1 << 23  # elements: past _numpy._PARALLEL, so the thread pool takes part
 
 
+def test_an_error_on_the_calling_thread_stops_the_pool_first():
+    # The pool went on taking tasks after the caller had the exception (a
+    # KeyboardInterrupt in an in-place clip): it kept scaling the arrays, and
+    # a retry at once read them half-scaled and scaled them twice.
+    import time
+
+    started = []
+
+    def task(k):
+        def run():
+            started.append(k)
+            time.sleep(0.005)
+
+        return run
+
+    def local():
+        time.sleep(0.02)  # the pool has started on the tasks
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _numpy._run([task(k) for k in range(100)], local=local)
+    seen = len(started)
+    time.sleep(0.1)
+    assert len(started) == seen < 100
+
+
 def _python(script: str) -> list[str]:
     """What ``script`` prints, run in a fresh interpreter (which must exit 0)."""
     done = subprocess.run(

@@ -145,9 +145,19 @@ def _run(tasks: Sequence[Callable[[], Any]], local: Callable[[], None] | None = 
         # The interpreter is shutting down (a thread left running after the
         # main one, an atexit hook): no new pool threads; drain() runs them all.
         pass
-    if local is not None:
-        local()
-    drain()
+    try:
+        if local is not None:
+            local()
+        drain()
+    except BaseException:
+        # A task raised here, or a signal handler did (KeyboardInterrupt): the
+        # pool must not go on writing the caller's arrays after it has the
+        # exception. Take the tasks nobody started, and wait for those running.
+        while next(queue) < len(tasks):
+            pass
+        for future in futures:
+            future.exception()  # waits; a pool task's own error yields to this one
+        raise
     for future in futures:
         future.result()
     return results
