@@ -579,6 +579,50 @@ def test_a_tree_without_arrays_passes_through(clipper):
         assert clipper.update_(empty, state, params=empty)[0] is state
 
 
+def _only(name):
+    if name not in selected_backends():
+        pytest.skip(f"GRADCLIP_TEST_BACKENDS leaves {name} out")
+    return importorskip(name)
+
+
+def test_agc_on_another_array_api_strict_device():
+    # Its eps constants were made on the default device, and meeting the
+    # leaves' raised "Arrays from two different devices".
+    xp = _only("array_api_strict")
+    device = xp.Device("device1")
+    g = [xp.asarray([[3.0, 4.0], [0.01, 0.0]], device=device)]
+    w = [xp.asarray([[1.0, 1.0], [1.0, 1.0]], device=device)]
+    clipper = AGC(layout="torch", clipping=0.1)
+    out, _, stats = clipper.update(g, clipper.init(g), params=w)
+    assert out[0].device == stats.norm.device == device
+    want = np.array([[3.0, 4.0], [0.01, 0.0]]) * np.array([[0.1 * 2**0.5 / 5], [1.0]])
+    host = out[0].to_device(xp.Device("CPU_DEVICE"))
+    np.testing.assert_allclose(np.asarray(host), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("clipper", [ZClip(warmup_steps=1), AutoClip()], ids=["zclip", "autoclip"])
+def test_raise_reads_the_norm_once(clipper):
+    # The norm was checked where it was computed, then again as the given
+    # norm of the clip: two computes of a dask graph (two host syncs) a step.
+    _only("dask")
+    da = importorskip("dask.array")
+    from dask.callbacks import Callback
+
+    computes = []
+
+    class Count(Callback):
+        def _start(self, dsk):
+            computes.append(1)
+
+    clipper = dataclasses.replace(clipper, nonfinite="raise")
+    g = [da.from_array(np.full(4, 2.0, np.float32), chunks=2)]
+    state = clipper.init(g)
+    with Count():
+        for _ in range(3):
+            _, state, _ = clipper.update(g, state)
+    assert len(computes) == 3
+
+
 # ------------------------------------------------------------------ state dicts
 
 

@@ -258,7 +258,9 @@ def _clip(
         max_norm=threshold,
         p=2.0,
         eps=1e-6,
-        nonfinite=nonfinite,
+        # Under "raise" the norm was checked where it was computed: a second
+        # check of the given norm would be a second host sync.
+        nonfinite="propagate" if nonfinite == "raise" else nonfinite,
         norm=norm,
         inplace=inplace,
     )
@@ -770,8 +772,10 @@ class AGC(_Clipper):
             axes = _unit_axes(g, self.layout or "", self.axis, name, fn)
             g_norm = _unit_norm(xp, g, axes, dtype)
             w_norm = _unit_norm(xp, w, axes, dtype)
-            max_norm = xp.maximum(w_norm, xp.asarray(self.eps, dtype=dtype)) * self.clipping
-            factor = max_norm / xp.maximum(g_norm, xp.asarray(1e-6, dtype=dtype))
+            device = _compat.device_of(g)  # array-api-strict has other devices than its default
+            eps = _compat.asarray(xp, self.eps, dtype, device)
+            max_norm = xp.maximum(w_norm, eps) * self.clipping
+            factor = max_norm / xp.maximum(g_norm, _compat.asarray(xp, 1e-6, dtype, device))
             keep = g_norm < max_norm
             new = _compat.where(
                 xp, keep, g, xp.astype(xp.astype(g, _wide(xp, g, dtype)) * factor, g.dtype)
