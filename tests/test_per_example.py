@@ -418,19 +418,24 @@ def test_every_clipped_example_is_within_its_bound(
 # ------------------------------------------------------------------------- memory
 
 
+def _peak(*args, **kwargs):
+    """``per_example_clip(*args, **kwargs)`` and the most memory NumPy held meanwhile."""
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        out, stats = gc.per_example_clip(*args, **kwargs)
+        return out, stats, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_no_per_example_copy():
     """The sum of a 256 MiB leaf allocates its result and bounded blocks, not a copy."""
     g = np.empty((32, 2**21), np.float32)
     rng = np.random.default_rng(0)
     for row in g:
         row[:] = rng.standard_normal(2**21, dtype=np.float32)
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        _, stats = gc.per_example_clip([g], 1.0)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    _, stats, peak = _peak([g], 1.0)
     assert int(stats.num_clipped) == 32
     # The output (8 MiB) plus float64 temporaries of about one example (16 MiB each).
     assert peak < 64 * 2**20, f"peak {peak / 2**20:.1f} MiB for a {g.nbytes / 2**20:.0f} MiB leaf"
@@ -445,13 +450,7 @@ def test_a_strided_leaf_is_not_copied(reduce):
     rng = np.random.default_rng(0)
     g = np.asfortranarray(rng.standard_normal((128, 200, 500), dtype=np.float32))
     gc.per_example_clip([g[:2]], 1.0, reduce=reduce)  # warm up
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        out, _ = gc.per_example_clip([g], 1.0, reduce=reduce)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    out, _, peak = _peak([g], 1.0, reduce=reduce)
     # The output plus the norm's float64 blocks (about 23 MiB).
     limit = out[0].nbytes + 0.6 * g.nbytes
     assert peak < limit, f"peak {peak / 2**20:.1f} MiB for a {g.nbytes / 2**20:.0f} MiB leaf"
@@ -467,13 +466,7 @@ def test_half_precision_sum_widens_blocks_not_the_leaf(axis):
     host = np.random.default_rng(0).standard_normal((256, 100_000)).astype(np.float16)
     g = {0: host, -1: np.ascontiguousarray(host.T), 1: host.T.reshape(200, 256, 500)}[axis]
     gc.per_example_clip([g[:2] if axis == 0 else g[..., :2]], 1.0, axis=axis)  # warm up
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        out, _ = gc.per_example_clip([g], 1.0, axis=axis)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    out, _, peak = _peak([g], 1.0, axis=axis)
     mib = 2**20
     assert peak < 0.75 * g.nbytes, f"peak {peak / mib:.1f} MiB for a {g.nbytes / mib:.0f} MiB leaf"
     _, stats = gc.per_example_clip([g], 1.0, axis=axis)
