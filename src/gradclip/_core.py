@@ -329,24 +329,16 @@ def _combine(plan: Plan, x: Any, scale: Any, axis: int, reduce: str | None) -> A
     out_shape = shape if reduce is None else shape[:axis] + shape[axis + 1 :]
     if math.prod(shape) == 0:  # nothing to scale or add (dask cannot reshape (3, 0, 2))
         return xp.zeros(out_shape, dtype=x.dtype, device=plan.device)
-    if plan.chunk is None:
-        # JAX and dask fuse the product into the sum, with no temporary, and
-        # the leaf is not reshaped: merging its other axes would lose (Auto
-        # mesh) or refuse (Explicit mesh) a sharding on one of them. JAX
-        # refuses a matmul contracting a batch axis sharded over an Explicit
-        # mesh axis, and its float32 matmuls may run in TF32 on GPUs.
-        column = xp.reshape(factors, tuple(-1 if d == axis else 1 for d in range(len(shape))))
-        y = xp.astype(x, work, copy=False) * column
-        if reduce is not None:
-            y = xp.sum(y, axis=axis)
-        return y if y.dtype == x.dtype else xp.astype(y, x.dtype)
     pre, post = math.prod(shape[:axis]), math.prod(shape[axis + 1 :])
     three = (batch, post) if axis == 0 else (pre, batch, post)
-    x3 = _compat.view(xp, x, three)
-    if x3 is None:  # a transposed or sliced leaf, which a reshape would copy whole
-        return _combine_strided(plan, x, factors, axis, reduce, out_shape)
+    if plan.chunk is None:
+        x3 = xp.reshape(x, three)
+    else:
+        x3 = _compat.view(xp, x, three)
+        if x3 is None:  # a transposed or sliced leaf, which a reshape would copy whole
+            return _combine_strided(plan, x, factors, axis, reduce, out_shape)
     rows, cols = pre, post
-    if work != x.dtype:
+    if work != x.dtype and plan.chunk is not None:
         cols = min(post, max(1, plan.chunk // max(1, pre * batch)))
         if axis and cols == 1:
             cols = min(post, max(1, plan.chunk // batch))
@@ -364,7 +356,16 @@ def _combine(plan: Plan, x: Any, scale: Any, axis: int, reduce: str | None) -> A
             else:
                 part = x3[r : r + rows, :, c : c + cols]
             block = xp.astype(part, work, copy=False)
-            y = block * column if reduce is None else xp.matmul(factors, block)
+            if reduce is None:
+                y = block * column
+            elif plan.chunk is None:
+                # JAX and dask fuse the product into the sum, with no temporary.
+                # JAX refuses a matmul contracting a batch axis sharded over an
+                # Explicit mesh axis (it asks for an out_sharding), and its
+                # float32 matmuls may run in TF32 on GPUs.
+                y = xp.sum(block * column, axis=-2)
+            else:
+                y = xp.matmul(factors, block)
             # (NumPy also multiplies ml_dtypes' bfloat16 into float32.)
             pieces.append(y if y.dtype == x.dtype else xp.astype(y, x.dtype))
         blocks.append(pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=-1))
