@@ -1007,8 +1007,8 @@ class GradMonitor:
         if data.count() == 0:
             data = np.ma.masked_array(np.zeros_like(logs.T), mask=np.ones_like(logs.T, bool))
         lo, hi = (float(data.min()), float(data.max())) if data.count() else (0.0, 1.0)
-        # A column per recorded step, centred on it however the steps are
-        # spaced (a resumed run, sparse updates): edges halfway between steps.
+        # A column per recorded step, holding it however the steps are spaced
+        # (a resumed run, sparse updates): edges halfway between steps.
         if steps.shape[0] == 1:
             edges = np.array([steps[0] - 0.5, steps[0] + 0.5])
         else:
