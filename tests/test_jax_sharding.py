@@ -300,3 +300,46 @@ def test_per_example_over_a_batch_sharded_on_an_explicit_mesh(per_layer):
     for k in host:
         np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=1e-6)
         assert got[k].sharding.spec[0] == "data"
+
+
+PER_EXAMPLE_SPECS = {
+    # Shardings on the axes after the batch one: the reshape to (batch, rest)
+    # raised on an Explicit mesh and gathered the leaf on an Auto one.
+    "rest": {"w": P(None, None, "model"), "b": P(None, "model")},
+    "batch and rest": {"w": P("data", None, "model"), "b": P("data")},
+    # Batch axes sharded differently: adding the leaves' per-example sums
+    # raised on an Explicit mesh.
+    "mixed batch": {"w": P("data"), "b": P("model")},
+}
+
+
+@pytest.mark.parametrize("reduce", ["sum", None])
+@pytest.mark.parametrize("case", PER_EXAMPLE_SPECS)
+@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
+def test_per_example_keeps_other_shardings(axis_type, case, reduce):
+    types = (getattr(jax.sharding.AxisType, axis_type),) * 2
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=types)
+    rng = np.random.default_rng(5)
+    host = {
+        "w": rng.standard_normal((8, 6, 4)).astype(np.float32),
+        "b": rng.standard_normal((8, 4)).astype(np.float32),
+    }
+    want, want_stats = gc.per_example_clip(host, 1.0, reduce=reduce)
+    specs = PER_EXAMPLE_SPECS[case]
+    put = {k: jax.sharding.NamedSharding(mesh, spec) for k, spec in specs.items()}
+    tree = {k: jax.device_put(v, put[k]) for k, v in host.items()}
+    fn = jax.jit(lambda t: gc.per_example_clip(t, 1.0, reduce=reduce))
+    with jax.set_mesh(mesh):
+        results = [gc.per_example_clip(tree, 1.0, reduce=reduce), fn(tree)]
+        gathered = _gathered_sizes(fn.lower(tree).compile().as_text())
+    for got, stats in results:
+        np.testing.assert_allclose(np.asarray(stats.norm), want_stats.norm, rtol=1e-6)
+        for k in host:
+            np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=1e-6, atol=1e-7)
+            spec = specs[k] if reduce is None else P(*tuple(specs[k])[1:])
+            if case != "mixed batch" or axis_type == "Explicit":  # Auto: XLA's choice
+                assert got[k].sharding.is_equivalent_to(
+                    jax.sharding.NamedSharding(mesh, spec), got[k].ndim
+                ), (k, got[k].sharding.spec)
+    if case != "mixed batch" or axis_type == "Explicit":
+        assert all(n <= 8 for n in gathered), gathered  # per-example norms at most

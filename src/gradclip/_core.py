@@ -304,6 +304,13 @@ def clip_by_value(
 # --------------------------------------------------------------------- per example
 
 
+def _factors(plan: Plan, x: Any, scale: Any) -> Any:
+    """The per-example ``scale`` in the dtype ``x`` is multiplied in (:meth:`Plan.factor_dtype`)."""
+    info = plan._dtype_infos[x.dtype]
+    work = x.dtype if info is None or info.complex else plan.factor_dtype(x.dtype)
+    return plan.xp.astype(scale, work)
+
+
 def _combine(plan: Plan, x: Any, scale: Any, axis: int, reduce: str | None) -> Any:
     """``x`` with example ``i`` (on ``axis``) multiplied by ``scale[i]``, summed if asked.
 
@@ -323,9 +330,8 @@ def _combine(plan: Plan, x: Any, scale: Any, axis: int, reduce: str | None) -> A
     xp = plan.xp
     shape = tuple(x.shape)
     batch = shape[axis]
-    info = plan._dtype_infos[x.dtype]
-    work = x.dtype if info is None or info.complex else plan.factor_dtype(x.dtype)
-    factors = xp.astype(scale, work)
+    factors = _factors(plan, x, scale)
+    work = factors.dtype
     out_shape = shape if reduce is None else shape[:axis] + shape[axis + 1 :]
     if math.prod(shape) == 0:  # nothing to scale or add (dask cannot reshape (3, 0, 2))
         return xp.zeros(out_shape, dtype=x.dtype, device=plan.device)
@@ -359,10 +365,7 @@ def _combine(plan: Plan, x: Any, scale: Any, axis: int, reduce: str | None) -> A
             if reduce is None:
                 y = block * column
             elif plan.chunk is None:
-                # JAX and dask fuse the product into the sum, with no temporary.
-                # JAX refuses a matmul contracting a batch axis sharded over an
-                # Explicit mesh axis (it asks for an out_sharding), and its
-                # float32 matmuls may run in TF32 on GPUs.
+                # dask fuses the product into the sum, with no temporary.
                 y = xp.sum(block * column, axis=-2)
             else:
                 y = xp.matmul(factors, block)
@@ -421,13 +424,15 @@ def per_example_clip(
     nonfinite: str,
     plan_cls: type[Plan] = Plan,
     parts_of: Callable[[Plan], list[Partial]] | None = None,
+    combine: Callable[[Plan, Any, Any, int, str | None], Any] = _combine,
 ) -> tuple[list[Any], PerExampleStats]:
     """Clip each example (on ``axes[k]`` of leaf ``k``) to its bound, then reduce.
 
     ``max_norm`` is one bound (flat clipping: each example's norm is taken
     across all leaves) or, with ``per_layer``, one bound per leaf.
     ``parts_of(plan)`` gives every leaf's per-example partials where a fast
-    path takes them all together (default: ``plan.example_part`` per leaf).
+    path takes them all together (default: ``plan.example_part`` per leaf);
+    ``combine`` scales (and sums) one leaf (default: :func:`_combine`).
     """
     plan = plan_cls(xp, 2.0, leaves)
     if parts_of is None:
@@ -451,7 +456,7 @@ def per_example_clip(
         scale = _scale_from_norm(plan, norms, max_norm, eps)
     each = scales if per_layer else [scale] * len(leaves)
     out = [
-        _combine(plan, x, s / batch if reduce == "mean" and batch else s, axes[k], reduce)
+        combine(plan, x, s / batch if reduce == "mean" and batch else s, axes[k], reduce)
         for k, (x, s) in enumerate(zip(leaves, each, strict=True))
     ]
     clipped = scale < 1
