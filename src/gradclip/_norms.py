@@ -103,7 +103,7 @@ def root(xp: Any, value: Any, p: float) -> Any:
         return value
     live = value > 0  # False for NaN, which passes through
     safe = xp.where(live, value, xp.ones_like(value))
-    return xp.where(live, xp.sqrt(safe) if p == 2 else xp.pow(safe, 1.0 / p), value)
+    return xp.where(live, xp.sqrt(safe) if p == 2 else safe ** (1.0 / p), value)
 
 
 class Partial(NamedTuple):
@@ -207,7 +207,7 @@ class Plan:
             return self._sum(y * y)
         if self.p == 1:
             return self._sum(y)
-        return self._sum(self.xp.pow(y, self.p))
+        return self._sum(y**self.p)
 
     def _magnitude(self, block: Any, complex: bool) -> Any:
         """``|block|`` in the accumulator dtype (complex is widened before ``abs``)."""
@@ -275,7 +275,7 @@ class Plan:
         if kind in ("inf", "-inf"):
             return Partial(self._extreme(a), None, finite)
         if kind == "zero":
-            return Partial(xp.astype(xp.count_nonzero(a), self.acc), None, finite)
+            return Partial(xp.astype(_compat.count_nonzero(xp, a), self.acc), None, finite)
         if not scaled:
             return Partial(self._powsum(a), None, finite)
         m = xp.max(self._padded(a, 0.0))
@@ -420,7 +420,7 @@ class Plan:
         live = values != 0
         e = xp.where(live, exps, top)
         if self.by_max:
-            weights = xp.pow(e / top, self.p)
+            weights = (e / top) ** self.p
         else:
             weights = xp.pow(self.const(2.0), self.p * (e - top))
         # Non-finite sums pass through unweighted: inf * 0 makes a NaN. Zero
@@ -470,7 +470,7 @@ class Plan:
             # norms: the number of leaves holding any nonzero entry.
             counts = xp.stack([q.value for q in parts])
             flags = [self.finite(q) for q in parts]
-            nonzero = xp.astype(xp.count_nonzero(counts), self.res)
+            nonzero = xp.astype(_compat.count_nonzero(xp, counts), self.res)
             return nonzero, xp.all(xp.stack(flags))
         merged = self.merge(parts)
         return self.norm(merged, self.size()), self.finite(merged)

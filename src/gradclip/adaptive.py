@@ -495,6 +495,8 @@ class ZClip(_Clipper):
         # The zclip package clips a spike at min(threshold, cap), anything
         # else (and every warm-up step) at the cap alone.
         cap = math.inf if self.max_grad_norm is None else _scalar(self.max_grad_norm)
+        if isinstance(cap, float):  # the 2023.12 standard takes no Python scalars here
+            cap = _compat.asarray(xp, cap, threshold.dtype, _compat.device_of(threshold))
         bound = xp.where(spike, xp.minimum(threshold, cap), cap)
         # EMA update with the norm, or the threshold on a spike.
         x = effective
@@ -585,13 +587,14 @@ class AutoClip(_Clipper):
         history = xp.where(finite & (slots == state.count % size), norm, state.history)
         count = state.count + xp.astype(finite, xp.int32)
         # The percentile of the filled slots: empty ones sort last as +inf.
-        held = xp.minimum(count, size)
+        held = xp.minimum(count, _compat.asarray(xp, size, xp.int32, device))
         ordered = xp.sort(
             xp.where(slots < held, history, _compat.asarray(xp, math.inf, history.dtype, device))
         )
-        pos = (self.percentile / 100.0) * xp.astype(xp.maximum(held - 1, 0), history.dtype)
+        last = xp.maximum(held - 1, _compat.asarray(xp, 0, xp.int32, device))
+        pos = (self.percentile / 100.0) * xp.astype(last, history.dtype)
         lo = xp.astype(xp.floor(pos), xp.int32)
-        hi = xp.minimum(lo + 1, xp.maximum(held - 1, 0))
+        hi = xp.minimum(lo + 1, last)
         v_lo = xp.take(ordered, xp.reshape(lo, (1,)))[0]
         v_hi = xp.take(ordered, xp.reshape(hi, (1,)))[0]
         frac = pos - xp.astype(lo, history.dtype)

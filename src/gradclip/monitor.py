@@ -159,8 +159,8 @@ def _nonfinite_counts(xp: Any, leaves: list[Any]) -> Any:
     chunk = _compat.chunk_elems(xp)
 
     def count(a: Any) -> tuple[Any, Any]:
-        bad = xp.count_nonzero(xp.logical_not(xp.isfinite(a)))
-        return _compat.as_array(bad), _compat.as_array(xp.count_nonzero(xp.isnan(a)))
+        bad = _compat.count_nonzero(xp, xp.logical_not(xp.isfinite(a)))
+        return _compat.as_array(bad), _compat.as_array(_compat.count_nonzero(xp, xp.isnan(a)))
 
     bad, nan = [], []
     for x in leaves:
