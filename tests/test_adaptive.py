@@ -118,6 +118,21 @@ def test_zclip_same_on_every_backend(xp):
     assert int(np.asarray(xp.numpy(state.skipped))) == 0
 
 
+def test_zclip_statistics_do_not_overflow(xp):
+    # ZClip is scale-free: norms 1e19 times larger clip the same steps by the
+    # same factors. The variance of such norms is past float32's range; it
+    # was kept as such, came out inf, and no spike was seen after the warm-up.
+    clipper = ZClip(warmup_steps=10, max_grad_norm=None)
+    seq = _sequence()
+    ref, _ = _run(clipper, xp, seq)
+    got, state = _run(clipper, xp, [[a * 1e19 for a in tree] for tree in seq])
+    assert sum(float(r[1]) < 1 for r in ref) >= 2  # spikes were clipped
+    for t, (a, b) in enumerate(zip(got, ref, strict=True)):
+        np.testing.assert_allclose(a[1], b[1], rtol=1e-4, err_msg=str(t))
+    std = float(np.asarray(xp.numpy(state.std)))
+    assert math.isfinite(std) and std > 1e18
+
+
 def test_zclip_nan_never_enters_the_statistics():
     torch = importorskip("torch")
     zclip = importorskip("zclip")

@@ -352,13 +352,24 @@ class _Clipper(_Stateful):
 
 
 class ZClipState(NamedTuple):
-    """ZClip's statistics: the warm-up buffer, then the EMA mean and variance."""
+    """ZClip's statistics: the warm-up buffer, then the EMA mean and standard deviation.
+
+    The deviation is kept rather than the variance (the ``zclip`` package's
+    ``var``), which overflows float32 once the norms spread past 1.8e19 and
+    then stays inf, so that no spike is ever seen again. :attr:`var` gives
+    the variance.
+    """
 
     count: Any  # finite norms seen during the warm-up (int32, stops at warmup_steps)
     buffer: Any  # (warmup_steps,) the warm-up norms
     mean: Any
-    var: Any
+    std: Any
     skipped: Any  # steps whose gradients held a NaN or an inf (int32)
+
+    @property
+    def var(self) -> Any:
+        """The EMA variance, ``std**2`` (inf where that is past the dtype's range)."""
+        return self.std * self.std
 
 
 @dataclass(frozen=True)
@@ -475,9 +486,10 @@ class ZClip(_Clipper):
         count = state.count + xp.astype(take, xp.int32)
         start = take & (count == w)
         first_mean = xp.mean(buffer)
-        first_var = xp.mean((buffer - first_mean) ** 2)
+        # The deviations' 2-norm, scaled by their largest (no square overflows).
+        first_std = _hypot(xp, xp.abs(buffer - first_mean)) / math.sqrt(w)
         # After it: the spike test on the z-score.
-        std = xp.sqrt(state.var)
+        std = state.std
         if self.mode == "percentile":
             threshold = state.mean + self.z_thresh * std
             spike = norm > threshold
@@ -501,15 +513,18 @@ class ZClip(_Clipper):
         # EMA update with the norm, or the threshold on a spike.
         x = effective
         new_mean = self.alpha * state.mean + (1 - self.alpha) * x
-        new_var = self.alpha * state.var + (1 - self.alpha) * (x - new_mean) ** 2
+        # sqrt(alpha * std**2 + (1 - alpha) * (x - new_mean)**2), likewise.
+        # (alpha may be an array: an injected hyperparameter.)
+        pair = xp.stack([self.alpha**0.5 * std, (1 - self.alpha) ** 0.5 * (x - new_mean)])
+        new_std = _hypot(xp, xp.abs(pair))
         update = ~warm & finite
         if self.skip_update_on_spike:
             update = update & ~spike
         mean = xp.where(start, first_mean, xp.where(update, new_mean, state.mean))
-        var = xp.where(start, first_var, xp.where(update, new_var, state.var))
+        std = xp.where(start, first_std, xp.where(update, new_std, state.std))
         skipped = state.skipped + xp.astype(~finite, xp.int32)
         new, stats = _clip(prep, bound, norm, finite, self.nonfinite, inplace)
-        return new, ZClipState(count, buffer, mean, var, skipped), stats
+        return new, ZClipState(count, buffer, mean, std, skipped), stats
 
 
 # --------------------------------------------------------------------- AutoClip
@@ -1025,9 +1040,10 @@ class AdaGC(_Clipper):
 
 
 def _hypot(xp: Any, norms: Any) -> Any:
-    """The 2-norm of a 1-d array of norms, scaled by their max.
+    """The 2-norm of a 1-d array of norms (or magnitudes), scaled by their max.
 
-    ``norms**2`` overflows float32 past 1.8e19 (and zeroed AdaGC's warm-up for good).
+    ``norms**2`` overflows float32 past 1.8e19 (and zeroed AdaGC's warm-up,
+    and made ZClip's variance inf, for good).
     """
     if norms.shape[0] == 0:
         return xp.sum(norms)
