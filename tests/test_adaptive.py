@@ -312,6 +312,25 @@ def test_agc_torch_layout_matches_timm(xp):
     assert bool(stats.clipped)
 
 
+@pytest.mark.parametrize("layout", ["torch", "jax"])
+def test_agc_on_dask_rows_of_unknown_count(layout):
+    # Boolean indexing leaves dask's row count NaN: the torch layout's row
+    # norms were raveled for the stats, which dask refuses at that shape.
+    da = importorskip("dask.array")
+    params, grads = _agc_tree()
+    pick = lambda a: a[a[:, 0] > -10] if a.ndim == 2 else a  # noqa: E731 (every row)
+    lazy = [pick(da.from_array(a, chunks=2)) for a in grads]
+    weights = [pick(da.from_array(a, chunks=2)) for a in params]
+    assert any(math.isnan(a.shape[0]) for a in lazy)
+    agc = AGC(layout=layout)
+    out, _, stats = agc.update(lazy, agc.init(lazy), params=weights)
+    want, _, want_stats = agc.update(grads, agc.init(grads), params=params)
+    for a, b in zip(out, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-12)
+    for a, b in zip(stats, want_stats, strict=True):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-12)
+
+
 def test_agc_jax_layout_matches_optax():
     jax = importorskip("jax")
     optax = importorskip("optax")

@@ -43,7 +43,7 @@ import contextlib
 import functools
 import math
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeGuard
 
@@ -775,7 +775,7 @@ class AGC(_Clipper):
         out, before, after, finite = [], [], [], []
         for i, (g, w) in enumerate(zip(grads.leaves, weights, strict=True)):
             name = grads.paths[i]
-            if tuple(g.shape) != tuple(w.shape):
+            if not _shapes_agree(g.shape, w.shape):
                 raise ValueError(
                     f"{fn}: leaf {name} has shape {tuple(g.shape)} but its parameter has "
                     f"{tuple(w.shape)}"
@@ -802,9 +802,9 @@ class AGC(_Clipper):
             wide = acc or dtype
             # Scaled by the largest unit norm: squared in float32 (JAX
             # without x64), unit norms past 1.8e19 made the norm inf.
-            before.append(_hypot(xp, xp.reshape(xp.astype(g_norm, wide), (-1,))))
+            before.append(_hypot(xp, xp.astype(g_norm, wide)))
             clipped = xp.where(keep, g_norm, max_norm)
-            after.append(_hypot(xp, xp.reshape(xp.astype(clipped, wide), (-1,))))
+            after.append(_hypot(xp, xp.astype(clipped, wide)))
             finite.append(xp.all(xp.isfinite(g_norm)))
         res = xp.float64 if any(x.dtype == xp.float64 for x in out) else xp.float32
         device = _compat.device_of(grads.leaves[0])
@@ -1039,13 +1039,23 @@ class AdaGC(_Clipper):
         return prep.flat.unflatten(leaves), AdaGCState(ema, count, skipped), stats
 
 
+def _shapes_agree(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    """Equal shapes, where a size not known until computed (dask's NaN, or None) matches any."""
+    if len(a) != len(b):
+        return False
+    pairs = zip(a, b, strict=True)
+    return all(m == n or m is None or n is None or m != m or n != n for m, n in pairs)
+
+
 def _hypot(xp: Any, norms: Any) -> Any:
-    """The 2-norm of a 1-d array of norms (or magnitudes), scaled by their max.
+    """The 2-norm of an array of norms (or magnitudes), scaled by their max.
 
     ``norms**2`` overflows float32 past 1.8e19 (and zeroed AdaGC's warm-up,
     and made ZClip's variance inf, for good).
     """
-    if norms.shape[0] == 0:
+    # Not raveled: dask cannot reshape an array with unknown chunk sizes
+    # (AGC's row norms of a boolean-masked leaf).
+    if 0 in norms.shape:
         return xp.sum(norms)
     top = xp.max(norms)
     top = xp.where((top > 0) & xp.isfinite(top), top, xp.ones_like(top))  # NaN/inf pass on
