@@ -133,6 +133,51 @@ def test_zclip_statistics_do_not_overflow(xp):
     assert math.isfinite(std) and std > 1e18
 
 
+def test_zclip_warmup_mean_does_not_overflow():
+    # 25 float32 norms of 2e37 sum past float32's range: the mean was inf,
+    # then the deviation, for good, and no spike was seen again.
+    clipper = ZClip(warmup_steps=25, max_grad_norm=None)
+    state = clipper.init([np.ones(4, np.float32)])
+    for i in range(25):
+        value = 1e37 * (1 + 0.01 * (i % 3))
+        _, state, _ = clipper.update([np.full(4, value, np.float32)], state)
+    assert 2e37 < float(state.mean) < 2.1e37 and math.isfinite(float(state.std))
+    _, state, stats = clipper.update([np.full(4, 1e38, np.float32)], state)  # a 10x spike
+    assert bool(stats.clipped)
+
+
+@pytest.mark.parametrize(
+    "clipper",
+    [
+        ZClip(alpha=np.float64(0.97), warmup_steps=2),
+        ZClip(z_thresh=np.float64(2.5), warmup_steps=2),
+    ],
+    ids=["alpha", "z_thresh"],
+)
+def test_zclip_state_keeps_its_dtype(clipper):
+    # A float64 hyperparameter promoted a float32 state to float64, and a
+    # state whose dtype changes breaks lax.scan.
+    grads = [np.ones(4, np.float32)]
+    state = clipper.init(grads)
+    want = [x.dtype for x in state]
+    for scale in (1.0, 1.1, 0.9, 50.0):
+        _, state, _ = clipper.update([g * scale for g in grads], state)
+        assert [x.dtype for x in state] == want
+
+
+def test_zclip_loads_a_state_dict_with_the_variance():
+    # ZClipState kept the variance before it kept the deviation.
+    clipper = ZClip(warmup_steps=3)
+    grads = [np.ones(3, np.float32)]
+    state = clipper.init(grads)
+    for scale in (1.0, 2.0, 3.0, 4.0):
+        _, state, _ = clipper.update([g * scale for g in grads], state)
+    saved = clipper.state_dict(state)
+    old = {k: v for k, v in saved.items() if k != "std"} | {"var": np.asarray(saved["std"]) ** 2}
+    loaded = clipper.load_state_dict(old, grads)
+    np.testing.assert_allclose(loaded.std, state.std, rtol=1e-6)
+
+
 def test_zclip_nan_never_enters_the_statistics():
     torch = importorskip("torch")
     zclip = importorskip("zclip")

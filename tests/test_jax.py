@@ -169,6 +169,25 @@ def test_grad_through_agc_where_a_unit_is_zero():
     assert np.all(np.isfinite(np.asarray(got["w"])))
 
 
+def test_grad_through_adagc_of_an_all_zero_tree():
+    # The clip is the identity at a zero tree; the global norm's sqrt had an
+    # infinite derivative there, and the gradient came out NaN.
+    from gradclip.adaptive import AdaGC
+
+    clipper = AdaGC(warmup_steps=1, max_grad_norm=1.0)
+    zero = {"a": jnp.zeros(3), "b": jnp.zeros(2)}
+
+    def loss(g, state):
+        return sum(jnp.sum(x) for x in jax.tree.leaves(clipper.update(g, state)[0]))
+
+    state = clipper.init(zero)
+    for _ in range(3):  # in the warm-up, then after it
+        got = jax.grad(loss)(zero, state)
+        for k in zero:
+            np.testing.assert_array_equal(np.asarray(got[k]), np.ones(zero[k].shape))
+        _, state, _ = clipper.update({"a": jnp.ones(3), "b": jnp.ones(2)}, state)
+
+
 @pytest.mark.parametrize("fused", [None, False])
 def test_grad_of_an_ord_1_norm_by_a_zero_leaf(fused):
     # Through the scaled reduction (entries of 1e-30) a zero leaf's

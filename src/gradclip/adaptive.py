@@ -131,6 +131,9 @@ def _load(d: dict[str, Any], like: Any, fn: str, ref: Any, why: Any) -> Any:
 
 def _load_fields(d: dict[str, Any], fn: str, ref: Any, why: Any, xp: Any, device: Any) -> Any:
     fields = type(ref)._fields
+    if isinstance(ref, ZClipState) and "var" in d and "std" not in d:
+        # Saved before ZClipState kept the deviation instead of the variance.
+        d = {k: v for k, v in d.items() if k != "var"} | {"std": np.sqrt(np.asarray(d["var"]))}
     missing = set(fields) - set(d)
     if missing:
         raise KeyError(f"{fn}: the state dict lacks {sorted(missing)}")
@@ -485,7 +488,7 @@ class ZClip(_Clipper):
         buffer = xp.where(take & (slots == state.count), norm, state.buffer)
         count = state.count + xp.astype(take, xp.int32)
         start = take & (count == w)
-        first_mean = xp.mean(buffer)
+        first_mean = xp.sum(buffer / w)  # not xp.mean: 25 norms of 2e37 summed past float32
         # The deviations' 2-norm, scaled by their largest (no square overflows).
         first_std = _hypot(xp, xp.abs(buffer - first_mean)) / math.sqrt(w)
         # After it: the spike test on the z-score.
@@ -523,6 +526,9 @@ class ZClip(_Clipper):
         mean = xp.where(start, first_mean, xp.where(update, new_mean, state.mean))
         std = xp.where(start, first_std, xp.where(update, new_std, state.std))
         skipped = state.skipped + xp.astype(~finite, xp.int32)
+        # In the state's dtype: a float64 hyperparameter (alpha=np.float64(...),
+        # optax.inject_hyperparams) would promote it, and break lax.scan.
+        mean, std = (xp.astype(v, state.mean.dtype) for v in (mean, std))
         new, stats = _clip(prep, bound, norm, finite, self.nonfinite, inplace)
         return new, ZClipState(count, buffer, mean, std, skipped), stats
 
@@ -934,6 +940,12 @@ class AdaGC(_Clipper):
     that minimum. The paper's defaults: ``relative=1.05``, ``beta=0.98``. Its
     :class:`~gradclip.ClipStats` are per leaf, as from ``clip_by_norm``.
 
+    As in the paper, a tensor whose gradient is exactly zero on a warm-up
+    step gets a minimum, and so a threshold, of 0: every later gradient of
+    it is scaled to 0, and its EMA stays 0. (LoRA's A matrices have zero
+    gradients at the first step, B starting at 0.) Start the clipper after
+    such steps, or leave those tensors out of its tree.
+
     Parameters
     ----------
     relative : float, default 1.05
@@ -1059,7 +1071,8 @@ def _hypot(xp: Any, norms: Any) -> Any:
         return xp.sum(norms)
     top = xp.max(norms)
     top = xp.where((top > 0) & xp.isfinite(top), top, xp.ones_like(top))  # NaN/inf pass on
-    return top * xp.sqrt(xp.sum((norms / top) ** 2))
+    # root, not sqrt: jax.grad through an all-zero tree stays finite.
+    return top * root(xp, xp.sum((norms / top) ** 2), 2.0)
 
 
 # ----------------------------------------------------------------- QuantileBound
