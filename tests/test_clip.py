@@ -158,6 +158,24 @@ def test_max_norm_zero_and_inf(xp):
     np.testing.assert_array_equal(xp.numpy(out[0]), ref[0].astype(np.float32))
 
 
+@pytest.mark.parametrize("fused", [None, False])
+@pytest.mark.parametrize("bound", ["python", "array"])
+@pytest.mark.parametrize("fn", ["clip_by_global_norm", "clip_by_norm"])
+def test_an_infinite_norm_under_an_infinite_bound_is_nan(xp, fn, bound, fused):
+    # inf / (inf + eps) is NaN in torch's arithmetic ("propagate"): max_norm=inf
+    # to log the norm without clipping still shows an overflowed step. It
+    # was a scale of 1, the gradients left as they were.
+    leaves = [xp.array([3.0, math.inf], "float32"), xp.array([1.0, 2.0], "float32")]
+    limit = math.inf if bound == "python" else xp.ns.asarray(math.inf, dtype=xp.ns.float32)
+    out, stats = getattr(gc, fn)(leaves, limit, fused=fused)
+    scale = xp.numpy(stats.scale)
+    if fn == "clip_by_global_norm":
+        assert np.isnan(scale) and all(np.all(np.isnan(xp.numpy(x))) for x in out)
+    else:  # only the leaf with the infinite norm
+        assert np.isnan(scale[0]) and scale[1] == 1.0
+        np.testing.assert_array_equal(xp.numpy(out[1]), [1.0, 2.0])
+
+
 def test_max_norm_as_array(xp):
     leaves, ref = _leaves(xp)
     limit = xp.ns.asarray(2.0, dtype=xp.ns.float32)

@@ -125,6 +125,8 @@ def _scale_from_norm(plan: Plan, norm: Any, max_norm: Any, eps: float) -> Any:
     backends (dask) would report as a warning in the user's code. A NaN norm,
     or a NaN array ``max_norm`` (unchecked: checking would sync), still gives
     a NaN scale: torch's arithmetic, where a silent scale of 1 would hide it.
+    So does an infinite norm under an infinite bound (``inf / inf``; the
+    division is not done, where NumPy would warn of it).
     """
     xp = plan.xp
     max_norm = _bound(plan, max_norm)
@@ -133,7 +135,11 @@ def _scale_from_norm(plan: Plan, norm: Any, max_norm: Any, eps: float) -> Any:
     over = denom > max_norm
     scale = xp.where(over, _compat.divide(xp, max_norm, xp.where(over, denom, one)), one)
     # NaN where either is (both are >= 0 or NaN); a Python bound was checked.
-    nan = denom if isinstance(max_norm, int | float) else denom + max_norm
+    python = isinstance(max_norm, int | float)
+    nan = denom if python else denom + max_norm
+    if not python or math.isinf(max_norm):
+        both = xp.isinf(denom) if python else xp.isinf(denom) & xp.isinf(max_norm)
+        nan = xp.where(both, plan.const(math.nan, plan.res), nan)
     return xp.where(xp.isnan(nan), nan, scale)
 
 

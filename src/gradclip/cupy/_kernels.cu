@@ -538,13 +538,15 @@ struct Out {
 
 // min(1, max_norm / (norm + eps)) in the result dtype R, operation for
 // operation as the generic path (gradclip._core._scale_from_norm), so that
-// the two agree bit for bit. A NaN norm gives a NaN scale, like torch.
+// the two agree bit for bit. A NaN norm gives a NaN scale, like torch, and
+// so does an infinite norm under an infinite bound (inf / inf).
 // Arguments and results are values of R held in doubles, each operation
 // rounded to R (gc_r: float32 arithmetic without -ftz's flushing).
 template <typename R> __device__ double gc_clip_scale(double norm, double max_norm, double eps) {
     double denom = gc_r<R>(norm + eps);
     double s = denom > max_norm ? gc_r<R>(max_norm / denom) : 1.0;
     double nan = denom + max_norm;  // NaN where either is: a NaN bound must not give 1
+    if (isinf(denom) && isinf(max_norm)) nan = denom - max_norm;
     return nan != nan ? nan : s;
 }
 
