@@ -588,6 +588,8 @@ def test_dtensor_gradients(ranks, world, name):
     n = len(spec["entries"])
     for rank, r in enumerate(res):
         assert r["grad_is_dtensor"] == ["DTensor"] * n
+        for kind, placements in r["norm_types"]:  # get_total_norm's, clip_grad_norm_'s
+            assert kind == "DTensor" and set(placements) == {"R"}, r["norm_types"]
         # Each rank clipped its own shard in place ...
         for before, after in zip(r["local_before"], r["local_after"], strict=True):
             want = (before.astype(np.float64) * float(scale)).astype(dtype)

@@ -941,6 +941,40 @@ def test_an_empty_generator_warns_as_torch_does():
         assert caught[0].filename == __file__  # the caller's line, as torch's (not a wrapper's)
 
 
+def test_an_infinite_norm_under_an_infinite_bound_as_torch():
+    # max_norm=inf to log the norm: an overflowed step's grads become NaN in
+    # torch (inf / inf); they were left as they were.
+    def models():
+        model = torch.nn.Linear(2, 1)
+        model.weight.grad = torch.tensor([[3.0, math.inf]])
+        model.bias.grad = torch.tensor([1.0])
+        return model
+
+    ours, theirs = models(), models()
+    norm = clip_grad_norm_(ours.parameters(), math.inf)
+    want = torch.nn.utils.clip_grad_norm_(theirs.parameters(), math.inf)
+    assert torch.equal(norm, want)
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, equal_nan=True)
+        assert torch.isnan(a.grad).all()
+    ours, theirs = models(), models()
+    clip_grads_with_norm_(ours.parameters(), math.inf, torch.tensor(math.inf))
+    torch.nn.utils.clip_grads_with_norm_(theirs.parameters(), math.inf, torch.tensor(math.inf))
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, equal_nan=True)
+
+
+def test_only_clip_grad_norm_warns_of_an_empty_generator():
+    # Under filterwarnings=error a step with no gradients (all frozen) raised.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert float(get_total_norm(t for t in [])) == 0.0
+        clip_grads_with_norm_((p for p in []), 1.0, torch.tensor(0.0))
+        clip_grad_value_((p for p in []), 1.0)  # torch's raises a RuntimeError of its own here
+        torch.nn.utils.get_total_norm(t for t in [])
+        torch.nn.utils.clip_grads_with_norm_((p for p in []), 1.0, torch.tensor(0.0))
+
+
 @pytest.mark.parametrize("eager_first", [True, False])
 def test_a_compiled_step_runs_the_drop_in_at_a_graph_break(eager_first):
     # Dynamo traced into the NumPy views of the CPU path and, once the drop-in

@@ -357,7 +357,11 @@ def check_dtensor(rank: int, world: int, spec: dict) -> dict[str, Any]:
     plain = [(f"plain{k}", _param(torch.from_numpy(g.copy()))) for k, g in enumerate(spec["plain"])]
     out: dict[str, Any] = {}
     out["local_before"] = [_np(q.grad.to_local()) for _, q in params]
-    out["gtn"] = _np(get_total_norm([q.grad for _, q in params + plain], p))
+    gtn = get_total_norm([q.grad for _, q in params + plain], p)
+    # DTensors, as torch's: FSDP2 code calls .full_tensor() on the norm.
+    out["gtn"] = _np(gtn.full_tensor())
+    logged = clip_grad_norm_(params + plain, float("inf"), p)  # a finite norm: scale 1
+    out["norm_types"] = [(type(n).__name__, [str(x) for x in n.placements]) for n in (gtn, logged)]
     stats = clip_grad_norm_(params + plain, max_norm, p, return_stats=True)
     out.update(_stats(stats))
     out["grad_is_dtensor"] = [type(q.grad).__name__ for _, q in params]

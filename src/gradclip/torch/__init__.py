@@ -81,14 +81,20 @@ def _no_grad(fn: _F) -> _F:
 # ------------------------------------------------------------------ inputs
 
 
-def _items(tensors: _Tensors, fn: str, what: str) -> tuple[list[Any], list[str] | None]:
-    """The tensors of a tensor or iterable, and their names if given as ``named_parameters()``."""
+def _items(
+    tensors: _Tensors, fn: str, what: str, warn_empty: bool = False
+) -> tuple[list[Any], list[str] | None]:
+    """The tensors of a tensor or iterable, and their names if given as ``named_parameters()``.
+
+    ``warn_empty``: warn of an empty generator, as torch's ``clip_grad_norm_``
+    does (and no other function of torch.nn.utils).
+    """
     if isinstance(tensors, torch.Tensor):
         return [tensors], None
     if isinstance(tensors, str | bytes) or not isinstance(tensors, Iterable):
         raise TypeError(f"{fn}: {what} must be a tensor or an iterable of tensors; got {tensors!r}")
     items = list(tensors)
-    if not items and isinstance(tensors, types.GeneratorType):
+    if warn_empty and not items and isinstance(tensors, types.GeneratorType):
         # torch's words: a model.parameters() consumed before the call
         warnings.warn(
             f"`{what}` is an empty generator, no gradient clipping will occur.",
@@ -139,7 +145,7 @@ def _flat(leaves: list[Any], names: list[str]) -> Flat:
 
 
 def _grads(
-    parameters: _Tensors, fn: str, replicated: Any = None
+    parameters: _Tensors, fn: str, replicated: Any = None, warn_empty: bool = False
 ) -> tuple[Flat, list[Any], Callable[[int], bool] | None]:
     """The ``.grad`` of each parameter (``None`` skipped), named; and which are replicated.
 
@@ -147,7 +153,7 @@ def _grads(
     torch would skip it and clip nothing, the classic mistake of passing
     ``[p.grad for p in params]``. That raises here.
     """
-    params, given = _items(parameters, fn, "parameters")
+    params, given = _items(parameters, fn, "parameters", warn_empty)
     if set(map(type, params)) <= _PARAM_TYPES:  # the common case, with no per-item bytecode
         grads = list(map(_grad, params))
         if not any(map(operator.is_, grads, itertools.repeat(None))):
@@ -453,7 +459,8 @@ def get_total_norm(
         pred = _replicated(replicated, flat.leaves, fn)
     prep, scopes = _prepared(flat, fn, False, process_group, pred)
     plan = _plan(prep, p, policy, foreach, flat.leaves, process_group)
-    return _total(plan, prep.flat.paths, policy, scopes, None)[0]
+    norm = _total(plan, prep.flat.paths, policy, scopes, None)[0]
+    return norm if scopes is None else _dist.replicate_like(norm, flat.leaves)
 
 
 def _scale_grads(
@@ -560,14 +567,14 @@ def clip_grad_norm_(
     max_norm = _api._check_bound(max_norm, "max_norm")
     eps = _api._check_eps(eps)
     inv_scale = _check_inv_scale(inv_scale, fn)
-    flat, owners, pred = _grads(parameters, fn, replicated)
+    flat, owners, pred = _grads(parameters, fn, replicated, warn_empty=True)
     prep, scopes = _prepared(flat, fn, True, process_group, pred)
     plan = _plan(prep, p, policy, foreach, owners, process_group)
     norm, finite = _total(plan, prep.flat.paths, policy, scopes, inv_scale)
     scale = _scale_grads(plan, norm, finite, max_norm, policy, inv_scale, eps)
     if return_stats:
         return _core._stats(norm, scale, finite)
-    return norm
+    return norm if scopes is None else _dist.replicate_like(norm, flat.leaves)
 
 
 @_no_grad

@@ -155,6 +155,24 @@ def scopes(
     return locals_, out
 
 
+def replicate_like(value: Any, grads: Sequence[Any]) -> Any:
+    """``value``, a norm, as a replicated DTensor where ``grads`` holds one (else as it is).
+
+    torch's ``get_total_norm`` of DTensor gradients is a DTensor, and FSDP2
+    code calls ``.full_tensor()`` on it. It goes on the first DTensor's mesh.
+    """
+    torch = _torch()
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    from torch.distributed.tensor import DTensor, Replicate
+
+    for g in grads:
+        if isinstance(g, DTensor):
+            mesh = g.device_mesh
+            return DTensor.from_local(value, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return value
+
+
 def reduce_scopes(plan: Plan, groups: Sequence[Any], parts: Sequence[Sequence[Partial]]) -> Partial:
     """All-reduce each group's local partials over it and merge them (the same on every rank).
 
