@@ -166,6 +166,11 @@ def test_fused_must_be_a_flag():
     for bad in (1, 0, "yes", np.bool_(True)):
         with pytest.raises(TypeError, match="fused must be None, True or False"):
             gc.global_norm([np.ones(3)], fused=bad)
+        # One large buffer in place takes a lane of its own, which skipped the check.
+        big = np.ones(1 << 17, np.float32)
+        with pytest.raises(TypeError, match="fused must be None, True or False"):
+            gc.clip_by_global_norm_(big, 1.0, fused=bad)
+        assert np.all(big == 1)
 
 
 @pytest.mark.parametrize("dtype", [np.longdouble, np.clongdouble])

@@ -242,10 +242,14 @@ def _fmt_device(key: Any) -> str:
     return str(key)
 
 
-def _impl(prep: _Prepared, fused: bool | None) -> Any:
-    """The module that computes: a registered fast path, or the generic core."""
+def _check_fused(fused: Any) -> None:
     if fused is not None and type(fused) is not bool:  # 1 == True, but 1 is not a flag
         raise TypeError(f"fused must be None, True or False; got {fused!r}")
+
+
+def _impl(prep: _Prepared, fused: bool | None) -> Any:
+    """The module that computes: a registered fast path, or the generic core."""
+    _check_fused(fused)
     module = _FAST_PATHS.get(prep.backend)
     if fused is False or (module is None and fused is None):
         return _core
@@ -476,6 +480,7 @@ def _clip_norm(
     max_norm = _check_bound(max_norm, "max_norm")
     eps = _check_eps(eps)
     _check_nonfinite(nonfinite)
+    _check_fused(fused)  # here too: the one-buffer lane below does not reach _impl
     if not per_leaf and norm is not None:
         # One global norm; a 1-d array would broadcast into per-entry scales.
         norm = _scalar_bound(norm, f"{fn}: norm= (the global norm)")
@@ -612,6 +617,9 @@ def clip_by_global_norm_(
     invalid argument raise with nothing modified. Two leaves that share
     memory (the same array twice) are not detected: both count in the norm
     and the shared memory is scaled twice, as torch's foreach clip does.
+    (Not so for one memory mapped twice, as two ``np.memmap`` of one file:
+    the threads scaling large NumPy leaves see two separate buffers, and
+    an entry may be scaled once.)
     NumPy leaves are processed in blocks, so clipping 1 GB of gradients
     allocates only a few MB of temporaries.
     {params}
