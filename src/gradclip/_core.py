@@ -27,22 +27,32 @@ __all__ = [
 ]
 
 
-def _check_finite(xp: Any, flags: list[Any], names: Sequence[str]) -> None:
+def _check_finite(xp: Any, flags: list[Any], names: Sequence[str], fn: str = "") -> None:
     """Raise :class:`NonFiniteError` naming the first non-finite leaf (syncs once)."""
     if not flags or bool(xp.all(xp.stack(flags))):
         return
-    raise_nonfinite(names, [i for i, flag in enumerate(flags) if not bool(flag)])
+    raise_nonfinite(names, [i for i, flag in enumerate(flags) if not bool(flag)], fn)
 
 
-def raise_nonfinite(names: Sequence[str], bad: Sequence[int]) -> None:
-    """Raise :class:`NonFiniteError` naming leaf ``bad[0]``, if there is one."""
+def raise_nonfinite(names: Sequence[str], bad: Sequence[int], fn: str = "") -> None:
+    """Raise :class:`NonFiniteError` naming leaf ``bad[0]``, if there is one.
+
+    The advice names the policies ``fn`` takes (``per_example_clip`` has no
+    ``"zero"`` or ``"skip"``).
+    """
     if not bad:
         return
     others = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    if fn == "per_example_clip":
+        advice = 'Use nonfinite="propagate" and read each example\'s stats.finite.'
+    else:
+        advice = (
+            'Use nonfinite="zero" to drop them (or, when clipping, nonfinite="skip" to leave '
+            "the step unchanged)."
+        )
     raise NonFiniteError(
         f"non-finite gradient values in leaf {names[bad[0]]}{others}; nothing was modified. "
-        'Use nonfinite="zero" to drop them (or, when clipping, nonfinite="skip" to leave the '
-        "step unchanged)."
+        + advice
     )
 
 
@@ -446,7 +456,7 @@ def per_example_clip(
     else:
         parts = parts_of(plan)
     if nonfinite == "raise":
-        _check_finite(xp, [xp.all(plan.finite(q)) for q in parts], names)
+        _check_finite(xp, [xp.all(plan.finite(q)) for q in parts], names, "per_example_clip")
     if per_layer:
         # The sizes only tell plan.norm the leaf is not empty; an empty
         # example's sum is already 0.

@@ -528,7 +528,7 @@ def check_finite(fn: str, leaves: Sequence[Any], names: Sequence[str], norm: Any
     if norm is not None:
         _core.check_given(jnp, jnp.asarray(norm, Plan(jnp, 2.0, list(leaves)).res), names)
     elif leaves:
-        _core.raise_nonfinite(names, _nonfinite_leaves(leaves))
+        _core.raise_nonfinite(names, _nonfinite_leaves(leaves), fn)
 
 
 # Arguments that may be arrays (a schedule's value): passed to the compiled
