@@ -219,7 +219,7 @@ def _known_sizes(prep: _Prepared, fn: str) -> None:
     if prep.backend in ("numpy", "cupy", "torch", "jax"):  # shapes always known
         return
     for i, x in enumerate(prep.flat.leaves):
-        if any(d is None or d != d for d in x.shape):
+        if any(map(_compat.unknown_size, x.shape)):
             raise ValueError(
                 f"{fn}: leaf {prep.flat.paths[i]} has shape {tuple(x.shape)}, not known until "
                 f"it is computed; {fn} needs each leaf's size (dask: x.compute_chunk_sizes())"

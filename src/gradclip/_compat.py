@@ -401,6 +401,11 @@ def refuse_traced_raise(fn: str, leaves: Sequence[Any]) -> None:
     )
 
 
+def unknown_size(n: Any) -> bool:
+    """Whether a dimension is not known until computed: dask's NaN, or the array API's None."""
+    return n is None or n != n
+
+
 def count_nonzero(xp: Any, x: Any) -> Any:
     """The number of nonzero entries of ``x``, a 0-d integer array.
 

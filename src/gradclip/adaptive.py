@@ -1055,8 +1055,8 @@ def _shapes_agree(a: Sequence[Any], b: Sequence[Any]) -> bool:
     """Equal shapes, where a size not known until computed (dask's NaN, or None) matches any."""
     if len(a) != len(b):
         return False
-    pairs = zip(a, b, strict=True)
-    return all(m == n or m is None or n is None or m != m or n != n for m, n in pairs)
+    unknown = _compat.unknown_size
+    return all(m == n or unknown(m) or unknown(n) for m, n in zip(a, b, strict=True))
 
 
 def _hypot(xp: Any, norms: Any) -> Any:
