@@ -1419,6 +1419,57 @@ def test_non_default_stream(fn):
     assert _outcome(result, dst) == _outcome(_call(fn, ref), ref)
 
 
+def test_threads_on_their_per_thread_default_streams():
+    """Threads on ``Stream.ptds`` clip one tree at once and each gets the right norms.
+
+    The per-thread default stream has one handle (2) in every thread but is a
+    different stream in each, so their kernels run concurrently: a workspace
+    (and its last-block ticket) shared between them would mix their partial
+    sums. Each thread must get its own layout, and every result must be the
+    one a lone call gives.
+    """
+    from gradclip.cupy import _launch
+
+    tree = SYNC_TREE()
+    leaves = _leaves(tree)
+    want = _host(gc.leaf_norms(tree, fused=True))
+    dev = _launch.CupyDevice(leaves[0].device.id)
+    nthreads, runs = 8, 40
+    start = threading.Barrier(nthreads)
+    got: list[Any] = [None] * nthreads
+    layouts: list[Any] = [None] * nthreads
+
+    def work(i: int) -> None:
+        with cp.cuda.Stream.ptds:
+            layouts[i] = _launch.layout(dev, leaves)
+            start.wait()
+            norms = [gc.leaf_norms(tree, fused=True) for _ in range(runs)]
+            got[i] = cp.asnumpy(cp.stack(norms))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(nthreads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(lay) for lay in layouts}) == nthreads, "threads on ptds share a workspace"
+    for i, rows in enumerate(got):
+        assert rows is not None, f"thread {i} raised"
+        np.testing.assert_array_equal(rows, np.broadcast_to(want, rows.shape), f"thread {i}")
+    # One stream shared by two threads runs their kernels in order: one layout serves both.
+    shared = cp.cuda.Stream(non_blocking=True)
+    mine: list[Any] = []
+
+    def on_shared() -> None:
+        with shared:
+            mine.append(_launch.layout(dev, leaves))
+
+    for _ in range(2):
+        t = threading.Thread(target=on_shared)
+        t.start()
+        t.join()
+    assert mine[0] is mine[1]
+
+
 @pytest.mark.parametrize("fn", ["global_norm", "clip_by_global_norm_", "clip_by_value_"])
 def test_raise_checks_on_the_current_stream(fn):
     """``nonfinite="raise"`` may sync, but must read what the current stream wrote."""

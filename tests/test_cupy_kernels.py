@@ -718,3 +718,21 @@ def test_table_layout() -> None:
     assert t[4 * n + 5 : 4 * n + 9].tolist() == [0, 4, 8, 0]  # chunk -> start
     assert t[4 * n + 9 : 4 * n + 10].tolist() == [0]  # the leaf of 3 chunks > smallk
     assert lay.out_offsets == [0, 48, 48]  # 36 bytes rounded up to 48
+
+
+def test_stream_key_tells_per_thread_default_streams_apart() -> None:
+    """One workspace per stream; the per-thread default stream is one per thread."""
+    import threading
+
+    here = {ptr: _launch.stream_key(0, ptr) for ptr in (0, _launch.PER_THREAD_STREAM, 12345)}
+    there: dict[int, object] = {}
+
+    def other() -> None:
+        there.update({ptr: _launch.stream_key(0, ptr) for ptr in here})
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert here[0] == there[0] and here[12345] == there[12345]
+    assert here[_launch.PER_THREAD_STREAM] != there[_launch.PER_THREAD_STREAM]
+    assert _launch.stream_key(0, 0) != _launch.stream_key(1, 0)

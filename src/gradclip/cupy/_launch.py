@@ -20,6 +20,7 @@ import functools
 import importlib
 import importlib.resources
 import operator
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -159,6 +160,9 @@ def build(dev: Device, ptrs: Sequence[int], sizes: Sequence[int], dtypes: Sequen
 
 
 _layouts: collections.OrderedDict[Any, Layout] = collections.OrderedDict()
+# Held around every use of ``_layouts`` and ``_uploads``: clips may run in
+# several threads, and an OrderedDict's get + move_to_end is not atomic.
+_lock = threading.Lock()
 
 
 def layout(dev: Device, leaves: Sequence[Any]) -> Layout:
@@ -167,13 +171,16 @@ def layout(dev: Device, leaves: Sequence[Any]) -> Layout:
     sizes = tuple(map(_size, leaves))
     dtypes = tuple(map(_dtype, leaves))
     key = (dev.key(), ptrs, sizes, dtypes)
-    found = _layouts.get(key)
-    if found is not None:
-        _layouts.move_to_end(key)
-        return found
-    made = _layouts[key] = build(dev, ptrs, sizes, dtypes)
-    while len(_layouts) > _CACHE_SIZE:
-        _layouts.popitem(last=False)
+    with _lock:
+        found = _layouts.get(key)
+        if found is not None:
+            _layouts.move_to_end(key)
+            return found
+    made = build(dev, ptrs, sizes, dtypes)
+    with _lock:
+        made = _layouts.setdefault(key, made)
+        while len(_layouts) > _CACHE_SIZE:
+            _layouts.popitem(last=False)
     return made
 
 
@@ -378,6 +385,24 @@ def clamp(
 # ------------------------------------------------------------------------ CuPy
 
 
+# ``cudaStreamPerThread``: one handle for a different stream in every thread
+# (CuPy's ``Stream.ptds``, and its default stream under
+# CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1).
+PER_THREAD_STREAM = 2
+
+
+def stream_key(device_id: int, stream: int) -> tuple[int, int, int | None]:
+    """What tells the streams apart that may run a layout's workspace at once.
+
+    Kernels on one stream run one after another, so they may share a
+    workspace (and its last-block ticket); kernels on two streams may not.
+    The per-thread default stream has one handle in every thread, so there
+    the thread tells them apart.
+    """
+    thread = threading.get_ident() if stream == PER_THREAD_STREAM else None
+    return (device_id, stream, thread)
+
+
 @functools.cache
 def _module(device_id: int) -> Any:
     """The compiled kernels on one device (NVRTC; CuPy also caches the binary on disk)."""
@@ -407,7 +432,7 @@ class CupyDevice:
 
     def key(self) -> Any:
         """The device and its current stream: a workspace is used by one stream at a time."""
-        return (self.id, self.cp.cuda.get_current_stream(self.id).ptr)
+        return stream_key(self.id, self.cp.cuda.get_current_stream(self.id).ptr)
 
     def ptr(self, x: Any) -> int:
         """``x.data.ptr``."""
@@ -423,9 +448,11 @@ class CupyDevice:
             stream = cp.cuda.get_current_stream()
             out.set(pinned, stream=stream)
             # The copy may still be reading ``pinned``: keep it until the stream passes here.
-            _uploads.append((stream.record(), pinned))
-        while _uploads and _uploads[0][0].done:
-            _uploads.popleft()
+            done = stream.record()
+        with _lock:
+            _uploads.append((done, pinned))
+            while _uploads and _uploads[0][0].done:
+                _uploads.popleft()
         return out
 
     def zeros(self, count: int, dtype: Any) -> Any:
