@@ -207,6 +207,18 @@ def test_named_pairs_get_a_hint(xp):
         gc.clip_by_global_norm(pairs, 1.0)
 
 
+@pytest.mark.parametrize("fused", [None, False])
+@pytest.mark.parametrize("fn", ["global_norm", "clip_by_global_norm", "clip_by_global_norm_"])
+def test_masked_arrays_are_refused(fn, fused):
+    """The fast path would count masked entries and the generic one would not."""
+    good = np.ones(3, np.float32)
+    masked = np.ma.masked_array(np.array([3.0, 4.0, 100.0], np.float32), mask=[0, 0, 1])
+    args = () if fn == "global_norm" else (1.0,)
+    with pytest.raises(TypeError, match=r"leaf \['m'\] is a numpy.ma.MaskedArray; .*filled\(0\)"):
+        getattr(gc, fn)({"g": good, "m": masked}, *args, fused=fused)
+    np.testing.assert_array_equal(good, np.ones(3, np.float32))
+
+
 def test_two_array_libraries(xp):
     if xp.name == "numpy":
         pytest.skip("needs a second library; the numpy case is each other backend's test")

@@ -96,6 +96,13 @@ def _check(flat: Flat, fn: str, *, inplace: bool = False, gradients: bool = Fals
                     else ""
                 )
                 raise TypeError(f"{fn}: leaf {paths[i]} is a {_describe(x)}, not an array{hint}")
+            if isinstance(x, np.ma.MaskedArray):
+                # The fast path reads the raw buffer, masked entries too; the
+                # generic one would follow np.ma's rules: two answers, so neither.
+                raise TypeError(
+                    f"{fn}: leaf {paths[i]} is a numpy.ma.MaskedArray; gradclip does not apply "
+                    "masks: pass leaf.filled(0) to clip only the unmasked entries"
+                )
             leaf_xp = _compat.namespace(x)
             name = _compat.backend_name(leaf_xp)
             if xp is None:
