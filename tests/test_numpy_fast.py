@@ -382,6 +382,20 @@ def test_a_memmap_leaf_comes_back_as_an_array(fn, tmp_path):
     np.testing.assert_array_equal(fast, generic)
 
 
+class _Sub(np.ndarray):
+    """An ndarray subclass that adds nothing."""
+
+
+@pytest.mark.parametrize("fn", ["clip_by_global_norm", "clip_by_norm", "clip_by_block_rms"])
+def test_an_ndarray_subclass_leaf_keeps_its_class(fn):
+    # The fast path gave a plain ndarray where the generic path's x * s keeps the class.
+    leaf = np.arange(1.0, 6.0, dtype=np.float32).view(_Sub)
+    trees = [getattr(gc, fn)([leaf], 0.1, fused=f) for f in (None, False)]
+    fast, generic = (t[0] if fn == "clip_by_block_rms" else t[0][0] for t in trees)
+    assert type(fast) is type(generic) is _Sub
+    np.testing.assert_array_equal(fast, generic)
+
+
 _BIG = 1 << 23  # elements: past _numpy._PARALLEL, so the thread pool takes part
 
 

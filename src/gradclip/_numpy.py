@@ -510,13 +510,16 @@ class NumpyPlan(Plan):
         unit = np.asarray(scales == 1)  # one comparison, on the host (NumPy's device)
         if not per_leaf and inplace and unit:
             return list(leaves)  # the scale is 1: nothing to write
-        # Native byte order, as the generic path's x * scale gives (a
-        # big-endian leaf came back big-endian here).
-        # subok=False: a new array in memory, not a np.memmap without a file.
+        # Native byte order and the leaf's ndarray subclass, as the generic
+        # path's x * scale gives, except a np.memmap: there x * scale is a
+        # plain array (a memmap without a file is no memmap).
         outs = (
             leaves
             if inplace
-            else [np.empty_like(x, x.dtype.newbyteorder("="), subok=False) for x in leaves]
+            else [
+                np.empty_like(x, x.dtype.newbyteorder("="), subok=not isinstance(x, np.memmap))
+                for x in leaves
+            ]
         )
         small, large = self._small, self._large
         if per_leaf:
