@@ -7,8 +7,10 @@ Opacus's flat-clipping formula, eps 1e-6); JAX against optax's
 
 from __future__ import annotations
 
+import functools
 import math
 import tracemalloc
+from typing import Any
 
 import numpy as np
 import pytest
@@ -500,6 +502,33 @@ def test_matches_optax_per_example_clips():
         for a, b in zip(out, want, strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=1e-7)
         np.testing.assert_array_equal(np.asarray(stats.num_clipped), np.asarray(counts))
+
+
+def test_per_layer_bounds_in_a_jax_registered_node():
+    # A node JAX knows and optree does not (flax's FrozenDict, an equinox
+    # module): float bounds in it were one leaf to optree, and refused.
+    import dataclasses
+
+    jax, jnp = _jax()
+    importorskip("optax")
+    from gradclip import optax as gco
+
+    @functools.partial(jax.tree_util.register_dataclass, data_fields=["w", "b"], meta_fields=[])
+    @dataclasses.dataclass
+    class Params:
+        w: Any
+        b: Any
+
+    w, b = (jnp.asarray(g, jnp.float32) for g in _tree(shapes=[(B, 3), (B,)]))
+    grads = Params(w, b)
+    want, _ = gc.per_example_clip([w, b], [0.5, 0.2], per_layer=True)
+    out, _ = gc.per_example_clip(grads, Params(0.5, 0.2), per_layer=True)
+    transform = gco.per_example_clip(Params(0.5, 0.2), per_layer=True)
+    updates, _ = transform.update(grads, transform.init(Params(w[0], b[0])))
+    for got in (out, updates):
+        assert isinstance(got, Params)
+        np.testing.assert_array_equal(got.w, want[0])
+        np.testing.assert_array_equal(got.b, want[1])
 
 
 def test_jit_and_vmap():

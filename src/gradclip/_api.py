@@ -1013,7 +1013,10 @@ def _layer_bounds(max_norm: Any, split: str, flat: Flat, axes: list[int], batch:
     if _compat.is_array(max_norm) and len(max_norm.shape) == 1:
         given = [max_norm[k] for k in range(max_norm.shape[0])]
     else:
-        bounds = flatten(max_norm)
+        # Bounds for JAX leaves may sit in JAX-registered nodes (a flax
+        # FrozenDict of floats), which only JAX's registry can open.
+        jax_leaves = _compat.backend_name(_compat.namespace(leaves[0])) == "jax"
+        bounds = flatten(max_norm, jax_nodes=jax_leaves)
         given = bounds.leaves
         if not isinstance(max_norm, list | tuple) and list(bounds.paths) != list(flat.paths):
             # A tree of bounds pairs by path; a mis-keyed one would pair by order.

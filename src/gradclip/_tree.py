@@ -95,7 +95,7 @@ def _array_sequence(tree: Any) -> Flat | None:
     )
 
 
-def _jax_flatten(tree: Any) -> Flat | None:
+def _jax_flatten(tree: Any, jax_nodes: bool = False) -> Flat | None:
     jax = sys.modules.get("jax")
     if jax is None:
         return None
@@ -107,7 +107,7 @@ def _jax_flatten(tree: Any) -> Flat | None:
         # optree can. (A flax or equinox node in such a tree would then be a
         # leaf, refused by name as not an array.)
         return None
-    if leaves and not any(isinstance(leaf, jax.Array) for leaf in leaves):
+    if not jax_nodes and leaves and not any(isinstance(leaf, jax.Array) for leaf in leaves):
         return None
 
     def paths() -> list[str]:
@@ -120,7 +120,7 @@ def _jax_flatten(tree: Any) -> Flat | None:
     )
 
 
-def flatten(tree: Any) -> Flat:
+def flatten(tree: Any, *, jax_nodes: bool = False) -> Flat:
     """Flatten ``tree`` into leaves with printable paths such as ``['encoder'][3]``.
 
     Parameters
@@ -128,6 +128,11 @@ def flatten(tree: Any) -> Flat:
     tree : pytree
         Nested lists, tuples, dicts and namedtuples of arrays, a single array,
         or an iterator of arrays (consumed once).
+    jax_nodes : bool, default False
+        Flatten with JAX's registry even where no leaf is a JAX array (a tree
+        of numbers shaped as a tree of JAX arrays, e.g. one of flax's
+        ``FrozenDict``). By default JAX's registry is used only for trees
+        holding a JAX array.
 
     Returns
     -------
@@ -149,7 +154,7 @@ def flatten(tree: Any) -> Flat:
     if flat is not None:
         return flat
     if "jax" in sys.modules:
-        flat = _jax_flatten(tree)
+        flat = _jax_flatten(tree, jax_nodes)
         if flat is not None:
             return flat
     leaves, treedef = optree.tree_flatten(tree)
