@@ -181,6 +181,26 @@ def test_large_ord_does_not_overflow(xp, dtype, ord, fused):
     assert float(gc.global_norm(clipped, ord=ord)) == pytest.approx(1.0, rel=1e-2)
 
 
+@pytest.mark.parametrize("fused", [None, False])
+@pytest.mark.parametrize(
+    ("dtype", "big", "ord"), [("float32", 1e38, 100.0), ("float64", 1e308, 1e3)]
+)
+def test_large_ord_at_the_top_of_the_range(xp, dtype, big, ord, fused):
+    # Each block is divided by its largest entry there; XLA on the CPU did
+    # that as a multiply by 1 / top, subnormal for top >= 2**126 (float32),
+    # so flushed to 0: the generic path gave a norm of 0 and clipped nothing.
+    need(xp, dtype)
+    host = [np.array([big, 1.0]), np.array([big / 3]), np.zeros(3)]
+    leaves = [xp.array(h, dtype) for h in host]
+    ref = [xp.numpy(x) for x in leaves]
+    got = gc.global_norm(leaves, ord=ord, fused=fused)
+    np.testing.assert_allclose(float(got), ref_norm(ref, ord), rtol=1e-6)
+    per_leaf = xp.numpy(gc.leaf_norms(leaves, ord=ord, fused=fused))
+    np.testing.assert_allclose(per_leaf, [ref_norm([r], ord) for r in ref], rtol=1e-6)
+    _, stats = gc.clip_by_global_norm(leaves, 1.0, ord=ord, fused=fused)
+    assert bool(stats.clipped)
+
+
 def test_norm_of_subnormals(xp):
     if xp.name.startswith("jax"):
         pytest.skip("XLA on CPU flushes float32 subnormals to zero")

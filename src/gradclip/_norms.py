@@ -282,7 +282,7 @@ class Plan:
         if self.by_max:
             # 1 where there is nothing to scale by (all zeros, NaN or inf).
             top = xp.where(xp.isfinite(m) & (m > 0), m, self.const(1.0))
-            return Partial(self._powsum(a / top), top, finite)
+            return Partial(self._powsum(self.ratio(a, top)), top, finite)
         exp = self.exponent(m)
         return Partial(self._powsum(self.scale_down(a, exp)), exp, finite)
 
@@ -311,6 +311,17 @@ class Plan:
         two = self.const(2.0)
         half = xp.floor(exp / 2)
         return a * xp.pow(two, -half) * xp.pow(two, half - exp)
+
+    def ratio(self, a: Any, top: Any) -> Any:
+        """``a / top`` for a finite ``top > 0``, without forming ``1 / top``.
+
+        XLA on the CPU may divide by a scalar as a multiply by its
+        reciprocal, which is subnormal, so flushed to 0, for ``top >= 2**126``
+        in float32: the ord-100 norm of [1e38, 1] came out as 0 (eager JAX).
+        Both are scaled by the power of two below ``top`` first, exactly.
+        """
+        exp = self.exponent(top)
+        return self.scale_down(a, exp) / self.scale_down(top, exp)
 
     def leaf(self, index: int) -> Partial:
         """Reduce one leaf, block by block."""
@@ -420,7 +431,7 @@ class Plan:
         live = values != 0
         e = xp.where(live, exps, top)
         if self.by_max:
-            weights = (e / top) ** self.p
+            weights = self.ratio(e, top) ** self.p
         else:
             weights = xp.pow(self.const(2.0), self.p * (e - top))
         # Non-finite sums pass through unweighted: inf * 0 makes a NaN. Zero
