@@ -158,6 +158,17 @@ def test_large_zero_leaf_beside_tiny_float32(xp, first):
     assert float(stats.scale) == pytest.approx(0.5, rel=1e-6)
 
 
+def _norms_match(xp, host, dtype, ord, fused):
+    """Leaves of ``dtype`` from ``host`` arrays, their global and leaf norms checked; and refs."""
+    leaves = [xp.array(h, dtype) for h in host]
+    ref = [xp.numpy(x) for x in leaves]
+    got = gc.global_norm(leaves, ord=ord, fused=fused)
+    np.testing.assert_allclose(float(got), ref_norm(ref, ord), rtol=1e-6)
+    per_leaf = xp.numpy(gc.leaf_norms(leaves, ord=ord, fused=fused))
+    np.testing.assert_allclose(per_leaf, [ref_norm([r], ord) for r in ref], rtol=1e-6)
+    return leaves, ref
+
+
 @pytest.mark.parametrize("fused", [None, False])
 @pytest.mark.parametrize("ord", [100.0, 500.0, 1100.0, 5000.0, 1e6])
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
@@ -170,12 +181,7 @@ def test_large_ord_does_not_overflow(xp, dtype, ord, fused):
     host = [rng.uniform(-3.9, 3.9, 5000), np.zeros(70), np.array([1e-3, -3.8, 3.89])]
     if dtype == "float64":
         host[1] = np.full(70, 1e-300)
-    leaves = [xp.array(h, dtype) for h in host]
-    ref = [xp.numpy(x) for x in leaves]
-    got = gc.global_norm(leaves, ord=ord, fused=fused)
-    np.testing.assert_allclose(float(got), ref_norm(ref, ord), rtol=1e-6)
-    per_leaf = xp.numpy(gc.leaf_norms(leaves, ord=ord, fused=fused))
-    np.testing.assert_allclose(per_leaf, [ref_norm([r], ord) for r in ref], rtol=1e-6)
+    leaves, ref = _norms_match(xp, host, dtype, ord, fused)
     clipped, stats = gc.clip_by_global_norm(leaves, 1.0, ord=ord, eps=0.0, fused=fused)
     assert float(stats.scale) == pytest.approx(1 / ref_norm(ref, ord), rel=1e-6)
     assert float(gc.global_norm(clipped, ord=ord)) == pytest.approx(1.0, rel=1e-2)
@@ -191,12 +197,7 @@ def test_large_ord_at_the_top_of_the_range(xp, dtype, big, ord, fused):
     # so flushed to 0: the generic path gave a norm of 0 and clipped nothing.
     need(xp, dtype)
     host = [np.array([big, 1.0]), np.array([big / 3]), np.zeros(3)]
-    leaves = [xp.array(h, dtype) for h in host]
-    ref = [xp.numpy(x) for x in leaves]
-    got = gc.global_norm(leaves, ord=ord, fused=fused)
-    np.testing.assert_allclose(float(got), ref_norm(ref, ord), rtol=1e-6)
-    per_leaf = xp.numpy(gc.leaf_norms(leaves, ord=ord, fused=fused))
-    np.testing.assert_allclose(per_leaf, [ref_norm([r], ord) for r in ref], rtol=1e-6)
+    leaves, _ = _norms_match(xp, host, dtype, ord, fused)
     _, stats = gc.clip_by_global_norm(leaves, 1.0, ord=ord, fused=fused)
     assert bool(stats.clipped)
 
