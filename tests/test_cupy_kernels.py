@@ -523,6 +523,22 @@ def test_given_norm_and_array_bound(
     _leaves_close(fast, ref, exact=True)
 
 
+@pytest.mark.parametrize("nonfinite", ["propagate", "zero", "skip"])
+@pytest.mark.parametrize("fn", ["clip_by_global_norm", "clip_by_norm"])
+@pytest.mark.parametrize("bound", [1e39, math.inf])
+def test_a_bound_past_float32(
+    dev: cuda_emulator.EmuDevice, bound: float, fn: str, nonfinite: str
+) -> None:
+    # A Python bound of 1e39 is inf in float32: an infinite float32 norm
+    # under it is inf / inf, a NaN scale, as torch has it. The generic path
+    # looked at the bound as given (finite) and gave 1 where the kernel gave NaN.
+    leaves = [np.array([3e38, 3e38], np.float32), np.array([np.inf, 1.0], np.float32)]
+    kwargs = {"max_norm": bound, "p": 2.0, "eps": 1e-6, "nonfinite": nonfinite, "norm": None}
+    (fast, fstats), (ref, rstats) = _both(dev, fn, leaves, inplace=False, **kwargs)
+    for a, b in zip([*fstats, *fast], [*rstats, *ref], strict=True):
+        _close(a, b, exact=True)  # by value: NaNs of either sign (inf - inf, or a constant)
+
+
 @pytest.mark.parametrize("per_leaf", [False, True])
 def test_raise_with_a_non_finite_given_norm(dev: cuda_emulator.EmuDevice, per_leaf: bool) -> None:
     # The given norm is what "raise" checks, before any launch.

@@ -127,6 +127,18 @@ def _bound(plan: Plan, value: Any) -> Any:
     return plan.xp.astype(value, plan.res)
 
 
+# The midpoint of float32's largest value and 2**128: from here on a number
+# rounds to inf in float32 (a tie rounds to the even 2**128).
+_FLOAT32_INF_FROM = (2 - 2**-24) * 2**127
+
+
+def _infinite_in(plan: Plan, value: float) -> bool:
+    """Whether the Python number ``value`` is infinite once rounded to the result dtype."""
+    if plan.res == plan.xp.float64:
+        return math.isinf(value)
+    return abs(value) >= _FLOAT32_INF_FROM
+
+
 def _scale_from_norm(plan: Plan, norm: Any, max_norm: Any, eps: float) -> Any:
     """``min(1, max_norm / (norm + eps))``, computed so that it cannot overflow.
 
@@ -136,7 +148,9 @@ def _scale_from_norm(plan: Plan, norm: Any, max_norm: Any, eps: float) -> Any:
     or a NaN array ``max_norm`` (unchecked: checking would sync), still gives
     a NaN scale: torch's arithmetic, where a silent scale of 1 would hide it.
     So does an infinite norm under an infinite bound (``inf / inf``; the
-    division is not done, where NumPy would warn of it).
+    division is not done, where NumPy would warn of it), infinite in the
+    result dtype: a bound of 1e39 is inf in float32, as torch and the fast
+    paths (which take it as a float32 array) have it.
     """
     xp = plan.xp
     max_norm = _bound(plan, max_norm)
@@ -147,7 +161,7 @@ def _scale_from_norm(plan: Plan, norm: Any, max_norm: Any, eps: float) -> Any:
     # NaN where either is (both are >= 0 or NaN); a Python bound was checked.
     python = isinstance(max_norm, int | float)
     nan = denom if python else denom + max_norm
-    if not python or math.isinf(max_norm):
+    if not python or _infinite_in(plan, max_norm):
         both = xp.isinf(denom) if python else xp.isinf(denom) & xp.isinf(max_norm)
         nan = xp.where(both, plan.const(math.nan, plan.res), nan)
     return xp.where(xp.isnan(nan), nan, scale)
