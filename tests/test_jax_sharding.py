@@ -8,6 +8,7 @@ than a skip; elsewhere (one device) the module skips with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -313,10 +314,13 @@ PER_EXAMPLE_SPECS = {
 }
 
 
+@pytest.mark.parametrize("under_mesh", [True, False], ids=["set_mesh", "no_mesh_context"])
 @pytest.mark.parametrize("reduce", ["sum", None])
 @pytest.mark.parametrize("case", PER_EXAMPLE_SPECS)
 @pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
-def test_per_example_keeps_other_shardings(axis_type, case, reduce):
+def test_per_example_keeps_other_shardings(axis_type, case, reduce, under_mesh):
+    # Without jax.set_mesh, a sum on an Explicit mesh raised: the result
+    # sharding was a bare PartitionSpec, which JAX takes only under a mesh.
     types = (getattr(jax.sharding.AxisType, axis_type),) * 2
     mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=types)
     rng = np.random.default_rng(5)
@@ -329,7 +333,7 @@ def test_per_example_keeps_other_shardings(axis_type, case, reduce):
     put = {k: jax.sharding.NamedSharding(mesh, spec) for k, spec in specs.items()}
     tree = {k: jax.device_put(v, put[k]) for k, v in host.items()}
     fn = jax.jit(lambda t: gc.per_example_clip(t, 1.0, reduce=reduce))
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh) if under_mesh else contextlib.nullcontext():
         results = [gc.per_example_clip(tree, 1.0, reduce=reduce), fn(tree)]
         gathered = _gathered_sizes(fn.lower(tree).compile().as_text())
     for got, stats in results:

@@ -669,12 +669,22 @@ def _explicit_spec(x: Any) -> tuple[Any, ...] | None:
     return spec + (None,) * (int(x.ndim) - len(spec))
 
 
+def _on_mesh_of(x: Any, *spec: Any) -> Any:
+    """A ``NamedSharding`` of ``spec`` on ``x``'s mesh.
+
+    Not a bare ``PartitionSpec``: JAX takes one only under ``jax.set_mesh``,
+    and the caller need not be under it.
+    """
+    mesh = (jax.typeof(x) if isinstance(x, jax.core.Tracer) else x).sharding.mesh
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+
 def _along(v: Any, x: Any, axis: int) -> Any:
     """The ``(batch,)`` array ``v`` sharded as ``x``'s ``axis`` (on Explicit meshes)."""
     spec = _explicit_spec(x)
     if spec is None or _explicit_spec(v) == (spec[axis],):
         return v
-    return jax.sharding.reshard(v, jax.sharding.PartitionSpec(spec[axis]))
+    return jax.sharding.reshard(v, _on_mesh_of(x, spec[axis]))
 
 
 def _combine(plan: Plan, x: Any, scale: Any, axis: int, reduce: str | None) -> Any:
@@ -692,7 +702,7 @@ def _combine(plan: Plan, x: Any, scale: Any, axis: int, reduce: str | None) -> A
         others = tuple(d for d in range(x.ndim) if d != axis)
         return (work * jnp.expand_dims(factors, others)).astype(x.dtype)
     spec = _explicit_spec(x)
-    out = None if spec is None else jax.sharding.PartitionSpec(*spec[:axis], *spec[axis + 1 :])
+    out = None if spec is None else _on_mesh_of(x, *spec[:axis], *spec[axis + 1 :])
     return jnp.tensordot(factors, work, axes=([0], [axis]), out_sharding=out).astype(x.dtype)
 
 
