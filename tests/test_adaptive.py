@@ -604,6 +604,21 @@ def test_adagc_after_warmup_propagates_nan_as_clip_by_norm(xp):
     assert int(np.asarray(xp.numpy(state.skipped))) == 1
 
 
+@pytest.mark.parametrize("nonfinite", ["zero", "skip"])
+def test_autoclip_on_dask_does_no_invalid_arithmetic_in_a_lazy_compute(nonfinite):
+    # With no finite norm recorded yet every slot is +inf, and the percentile
+    # interpolated between them (inf - inf) before being thrown away: NumPy's
+    # warning in the caller's compute(), an error here.
+    dask = importorskip("dask")
+    da = importorskip("dask.array")
+    clipper = AutoClip(nonfinite=nonfinite)
+    tree = [da.from_array(np.array([1.0, np.nan, 3.0], np.float32), chunks=2)]
+    out, state, stats = clipper.update(tree, clipper.init(tree))
+    out, state, stats = dask.compute(out, state, stats)  # a warning here is an error
+    assert int(state.skipped) == 1 and int(state.count) == 0
+    assert float(stats.scale) == 1.0
+
+
 @pytest.mark.parametrize("nonfinite", ["propagate", "zero", "skip"])
 @pytest.mark.parametrize(
     "clipper",

@@ -616,14 +616,16 @@ class AutoClip(_Clipper):
         pos = (self.percentile / 100.0) * xp.astype(last, history.dtype)
         lo = xp.astype(xp.floor(pos), xp.int32)
         hi = xp.minimum(lo + 1, last)
-        v_lo = xp.take(ordered, xp.reshape(lo, (1,)))[0]
-        v_hi = xp.take(ordered, xp.reshape(hi, (1,)))[0]
+        # Before the first finite norm there is no history: nothing is clipped.
+        # The empty slots (+inf) are masked before the interpolation, whose
+        # inf - inf dask would report in the user's compute().
+        some = held > 0
+        zero = _compat.asarray(xp, 0.0, history.dtype, device)
+        v_lo = xp.where(some, xp.take(ordered, xp.reshape(lo, (1,)))[0], zero)
+        v_hi = xp.where(some, xp.take(ordered, xp.reshape(hi, (1,)))[0], zero)
         frac = pos - xp.astype(lo, history.dtype)
         threshold = v_lo + (v_hi - v_lo) * frac
-        # Before the first finite norm there is no history: nothing is clipped.
-        threshold = xp.where(
-            held > 0, threshold, _compat.asarray(xp, math.inf, history.dtype, device)
-        )
+        threshold = xp.where(some, threshold, _compat.asarray(xp, math.inf, history.dtype, device))
         skipped = state.skipped + xp.astype(~finite, xp.int32)
         new, stats = _clip(prep, threshold, norm, finite, self.nonfinite, inplace)
         return new, AutoClipState(history, count, skipped), stats
