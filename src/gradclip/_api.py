@@ -996,8 +996,11 @@ def _batch_axes(flat: Flat, axis: Any) -> tuple[list[int], int]:
     return axes, batch
 
 
-def _layer_bounds(max_norm: Any, split: str, flat: Flat, axes: list[int], batch: int) -> list[Any]:
+def _layer_bounds(
+    max_norm: Any, split: str, prep: _Prepared, axes: list[int], batch: int
+) -> list[Any]:
     """One bound per leaf: given (a tree, a sequence or a 1-d array), or split from ``C``."""
+    flat = prep.flat
     leaves = flat.leaves
     if _one_bound(max_norm):
         total = _check_positive(max_norm, "max_norm")
@@ -1015,8 +1018,7 @@ def _layer_bounds(max_norm: Any, split: str, flat: Flat, axes: list[int], batch:
     else:
         # Bounds for JAX leaves may sit in JAX-registered nodes (a flax
         # FrozenDict of floats), which only JAX's registry can open.
-        jax_leaves = _compat.backend_name(_compat.namespace(leaves[0])) == "jax"
-        bounds = flatten(max_norm, jax_nodes=jax_leaves)
+        bounds = flatten(max_norm, jax_nodes=prep.backend == "jax")
         given = bounds.leaves
         if not isinstance(max_norm, list | tuple) and list(bounds.paths) != list(flat.paths):
             # A tree of bounds pairs by path; a mis-keyed one would pair by order.
@@ -1174,7 +1176,7 @@ def per_example_clip(
     _known_sizes(prep, fn)
     axes, batch = _batch_axes(prep.flat, axis)
     if per_layer:
-        bounds = _layer_bounds(max_norm, split, prep.flat, axes, batch)
+        bounds = _layer_bounds(max_norm, split, prep, axes, batch)
     else:
         bounds = _check_positive(max_norm, "max_norm")
     leaves, stats = _run(
