@@ -996,9 +996,7 @@ def _batch_axes(flat: Flat, axis: Any) -> tuple[list[int], int]:
     return axes, batch
 
 
-def _layer_bounds(
-    max_norm: Any, split: str, prep: _Prepared, axes: list[int], batch: int
-) -> list[Any]:
+def _layer_bounds(max_norm: Any, split: str, prep: _Prepared, batch: int) -> list[Any]:
     """One bound per leaf: given (a tree, a sequence or a 1-d array), or split from ``C``."""
     flat = prep.flat
     leaves = flat.leaves
@@ -1176,7 +1174,7 @@ def per_example_clip(
     _known_sizes(prep, fn)
     axes, batch = _batch_axes(prep.flat, axis)
     if per_layer:
-        bounds = _layer_bounds(max_norm, split, prep, axes, batch)
+        bounds = _layer_bounds(max_norm, split, prep, batch)
     else:
         bounds = _check_positive(max_norm, "max_norm")
     leaves, stats = _run(
