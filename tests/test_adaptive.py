@@ -750,6 +750,19 @@ def test_state_dict_round_trips_across_backends(xp, clipper):
 
 
 @STATEFUL
+def test_a_state_dict_loads_onto_another_torch_device(clipper):
+    # torch.asarray(a 0-d NumPy array, device=..., copy=True) raises "can't
+    # alias tensor from device 'cpu'": every load onto CUDA tensors failed
+    # (found on a GPU). The meta device takes the same path with no GPU.
+    torch = importorskip("torch")
+    saved = clipper.state_dict(clipper.init([np.ones(3, np.float32)]))
+    state = clipper.load_state_dict(saved, [torch.zeros(3, device="meta")])
+    for k, v in state._asdict().items():
+        assert v.device.type == "meta", k
+        assert tuple(v.shape) == saved[k].shape, k
+
+
+@STATEFUL
 def test_state_dicts_are_copies_in_init_dtypes(xp, clipper):
     # A float64 run's state resumed on float32 leaves took float64 (and its
     # norms with it); a dict through JSON gave int64 counts; and the dicts

@@ -145,7 +145,7 @@ def _load_fields(d: dict[str, Any], fn: str, ref: Any, why: Any, xp: Any, device
         )
     out = {}
     for k, want in zip(fields, ref, strict=True):
-        value = np.asarray(d[k])
+        value = np.array(d[k])  # a copy of its own, which the state may share
         if value.shape != tuple(want.shape):
             raise ValueError(
                 f"{fn}: {k!r} has shape {value.shape} but this clipper's is "
@@ -153,8 +153,10 @@ def _load_fields(d: dict[str, Any], fn: str, ref: Any, why: Any, xp: Any, device
                 "hyperparameters or for another tree"
             )
         # init's dtype (a float64 NumPy run's state loaded for float32
-        # leaves, an int64 count through JSON), in memory of its own.
-        new = xp.asarray(value, device=device, copy=True)
+        # leaves, an int64 count through JSON). No copy=True: torch.asarray
+        # refuses it for a 0-d NumPy array bound for another device ("can't
+        # alias tensor from device 'cpu'"), and ``value`` is a copy already.
+        new = xp.asarray(value, device=device)
         out[k] = xp.astype(new, want.dtype, copy=False)
     return type(ref)(**out)
 
