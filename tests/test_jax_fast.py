@@ -213,6 +213,17 @@ def test_the_write_is_skipped_on_every_platform(platform):
     assert _branching_over_leaves(platform) == 1
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="XLA's GPU passes made the select")
+def test_the_norms_fallback_stays_a_conditional_on_a_gpu():
+    # XLA's ConditionalSimplifier rewrote the lax.cond of the norm's two-pass
+    # fallback into a select of both branches on GPUs: every call read the
+    # tree three times (an H100's llm norm: 4.0 ms, the one-pass sum 2.0 ms).
+    leaves = [jnp.ones(1 << 20), jnp.ones(1 << 16)]
+    for fn in (gc.global_norm, lambda g: gc.clip_by_global_norm(g, 1.0)):
+        hlo = jax.jit(fn).lower(leaves).compile().as_text()
+        assert hlo.count(" conditional(") == (1 if fn is gc.global_norm else 2)
+
+
 def test_under_vmap_each_example_gets_its_own_scale():
     batch = {"w": jnp.asarray([[3.0, 4.0], [0.3, 0.4], [30.0, 40.0]])}
     out, stats = jax.vmap(lambda t: gcj.clip_by_global_norm(t, 1.0))(batch)
