@@ -5,13 +5,16 @@
 On an H100 (stop 28) the benchmark's ``llm`` tree took 8.0 ms to clip
 against optax's 6.4 ms and 4.4 ms for the per-leaf multiply alone, clipped
 or not: about one copy of the tree more than the norm's read and the
-scale's read and write. This times, side by side and jitted with the
-gradients donated as the benchmark does:
+scale's read and write. Stop 35 found why with this probe: XLA turned the
+``lax.cond`` of the norm's two-pass fallback into a select, so both branches
+ran; ``_fast._unless`` (a ``lax.switch``) replaced it. This times, side by
+side and jitted with the gradients donated as the benchmark does:
 
 - optax's ``clip_by_global_norm`` and gradclip's, clipped and not;
-- gradclip's with the norm's ``lax.cond`` (the scaled fallback) replaced by
-  its one-pass branch, to see whether that conditional brings the copy;
-- the norm alone: gradclip's ``global_norm`` and a plain sum of squares.
+- gradclip's with ``_fast._unless`` replaced by a plain ``lax.cond`` (as
+  before stop 35) and by its one-pass branch alone (no fallback at all);
+- the norm alone: gradclip's ``global_norm`` (the same three ways) and a
+  plain sum of squares.
 
 For each it counts, in the optimized HLO, the ``copy`` instructions of
 100000 entries or more and the conditionals; ``--hlo DIR`` writes each
