@@ -162,7 +162,7 @@ for _ in range(2):
 cp.cuda.Device().synchronize()'
 }
 
-stage_probe_jax() {  # why gradclip.jax's llm clip takes a tree copy more than optax's (about 6 min)
+stage_probe_jax() {  # gradclip.jax against optax on llm, and its norm fallback three ways (about 70 s)
     local hlo=/tmp/gradclip-jax-hlo
     rm -rf "$hlo" && mkdir -p "$hlo"
     run probe-jax 420 "$PY" benchmarks/gpu_jax_probe.py --tree llm --hlo "$hlo"
