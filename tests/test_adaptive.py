@@ -763,6 +763,23 @@ def test_a_state_dict_loads_onto_another_torch_device(clipper):
 
 
 @STATEFUL
+def test_a_state_dict_of_the_backends_arrays_loads(xp, clipper):
+    # torch.load(..., map_location="cuda") gives CUDA tensors and CuPy users
+    # keep CuPy arrays: np.array refuses both (Tensor.numpy(); CuPy's implicit
+    # conversion). A torch tensor that requires grad is refused alike, on the CPU.
+    seq = _sequence(steps=6)
+    _, state = _run(clipper, _NumpyF32(), seq)
+    saved = clipper.state_dict(state)
+    like = [xp.array(a, "float32") for a in seq[0]]
+    given = {k: xp.array(v, v.dtype.name) for k, v in saved.items()}
+    if xp.name == "torch":
+        given = {k: v.double().requires_grad_() for k, v in given.items()}
+    again = clipper.state_dict(clipper.load_state_dict(given, like))
+    for k in saved:
+        np.testing.assert_array_equal(again[k], saved[k], err_msg=k)
+
+
+@STATEFUL
 def test_state_dicts_are_copies_in_init_dtypes(xp, clipper):
     # A float64 run's state resumed on float32 leaves took float64 (and its
     # norms with it); a dict through JSON gave int64 counts; and the dicts

@@ -16,6 +16,7 @@ import pytest
 import gradclip as gc
 from conftest import importorskip, ref_norm
 from gradclip import _blas
+from gradclip.adaptive import QuantileBound
 
 torch = importorskip("torch")
 
@@ -247,6 +248,12 @@ def _host_copies_to_cuda(fn, monkeypatch):
     return len(copies)
 
 
+def _quantile_bound_step(grads):
+    # init made its two constants with torch.asarray of Python numbers.
+    qb = QuantileBound()
+    return qb.update(gc.leaf_norms(grads), qb.init(grads))
+
+
 @pytest.mark.parametrize(
     "fn",
     [
@@ -256,6 +263,7 @@ def _host_copies_to_cuda(fn, monkeypatch):
         lambda ps: gc.clip_by_global_norm([p.grad for p in ps], 1.0, norm=2.0),
         lambda ps: gc.clip_by_value([p.grad for p in ps], 0.5),
         lambda ps: gc.clip_by_block_rms([p.grad for p in ps], 1.0),
+        lambda ps: _quantile_bound_step([p.grad for p in ps]),
     ],
     ids=[
         "clip_grad_norm_",
@@ -264,6 +272,7 @@ def _host_copies_to_cuda(fn, monkeypatch):
         "given-norm",
         "clip_by_value",
         "clip_by_block_rms",
+        "QuantileBound",
     ],
 )
 def test_no_host_copy_to_cuda_for_constants(fn, monkeypatch):

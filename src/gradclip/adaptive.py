@@ -129,11 +129,20 @@ def _load(d: dict[str, Any], like: Any, fn: str, ref: Any, why: Any) -> Any:
         return _load_fields(d, fn, ref, why, xp, device)
 
 
+def _host(value: Any) -> np.ndarray:
+    """A field of a state dict as a NumPy copy of its own, which the state may share.
+
+    A dict saved with ``torch.save`` and loaded with ``map_location="cuda"``
+    holds CUDA tensors, which ``np.array`` refuses (``Tensor.numpy()``).
+    """
+    return _compat.to_numpy(value) if _compat.is_array(value) else np.array(value)
+
+
 def _load_fields(d: dict[str, Any], fn: str, ref: Any, why: Any, xp: Any, device: Any) -> Any:
     fields = type(ref)._fields
     if isinstance(ref, ZClipState) and "var" in d and "std" not in d:
         # Saved before ZClipState kept the deviation instead of the variance.
-        d = {k: v for k, v in d.items() if k != "var"} | {"std": np.sqrt(np.asarray(d["var"]))}
+        d = {k: v for k, v in d.items() if k != "var"} | {"std": np.sqrt(_host(d["var"]))}
     missing = set(fields) - set(d)
     if missing:
         raise KeyError(f"{fn}: the state dict lacks {sorted(missing)}")
@@ -145,7 +154,7 @@ def _load_fields(d: dict[str, Any], fn: str, ref: Any, why: Any, xp: Any, device
         )
     out = {}
     for k, want in zip(fields, ref, strict=True):
-        value = np.array(d[k])  # a copy of its own, which the state may share
+        value = _host(d[k])
         if value.shape != tuple(want.shape):
             raise ValueError(
                 f"{fn}: {k!r} has shape {value.shape} but this clipper's is "
@@ -1169,8 +1178,8 @@ class QuantileBound(_Stateful):
         """The initial bound, in the namespace and on the device of ``tree``'s leaves."""
         with _namespace_of(tree, "QuantileBound.init") as (_, xp, device, res):
             return QuantileBoundState(
-                xp.asarray(float(self.initial), dtype=res, device=device),
-                xp.asarray(math.nan, dtype=res, device=device),
+                _compat.asarray(xp, float(self.initial), res, device),
+                _compat.asarray(xp, math.nan, res, device),
                 xp.zeros((), dtype=xp.int32, device=device),
             )
 
