@@ -124,6 +124,16 @@ def test_record_clip_after_inplace_clip(mutable_xp):
         mon.record_clip(stats)  # the step was flushed by reading the history
 
 
+def test_record_clip_takes_stats_of_another_library(xp):
+    # An empty tree's stats are NumPy's: they were put on the CPU, and the
+    # window's stack of a CUDA monitor's rows then failed (flush, below).
+    mon = GradMonitor()
+    mon.update(_to(xp, _host_tree(0)))
+    mon.record_clip(gc.clip_by_global_norm({}, 1.0)[1])
+    h = mon.history
+    assert h.scale[0] == 1.0 and not h.clipped[0]
+
+
 def test_per_leaf_clip_stats():
     mon = GradMonitor()
     tree = [np.array([3.0, 4.0]), np.array([0.5])]

@@ -650,7 +650,10 @@ class GradMonitor:
         xp = self._xp
         scale, clipped = stats.scale, stats.clipped
         if _compat.namespace(scale) is not xp:
-            scale, clipped = xp.asarray(scale), xp.asarray(clipped)
+            # Stats of another library (an empty tree's are NumPy's), put where
+            # the window is: flush stacks them with the rest.
+            device = _compat.device_of(self._rows[-1])
+            scale, clipped = xp.asarray(scale, device=device), xp.asarray(clipped, device=device)
         dtype = self._rows[-1].dtype
         if scale.ndim == 1:  # per-leaf stats (clip_by_norm)
             scale, clipped = xp.min(scale), xp.any(clipped)
