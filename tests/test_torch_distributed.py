@@ -20,6 +20,7 @@ import multiprocessing.connection
 import pickle
 import socket
 import time
+import types
 from typing import Any
 
 import numpy as np
@@ -545,6 +546,33 @@ def test_ord0_with_process_group_raises_everywhere(ranks, world):
 def test_no_rank_holds_anything(ranks, world):
     for r in _case(ranks, world, "all_empty"):
         assert r == {"gtn_none": 0.0, "gtn_empty": 0.0, "clip_none": 0.0}
+
+
+@pytest.mark.parametrize(
+    ("reported", "config", "want"),
+    [
+        ("nccl", "cuda:nccl", "cuda"),
+        ("undefined", "cpu:gloo,cuda:nccl", "cuda"),  # init_process_group() with no backend
+        ("cpu:gloo,cuda:nccl", "cpu:gloo,cuda:nccl", "cuda"),
+        ("gloo", "cpu:gloo,cuda:gloo", None),
+    ],
+)
+def test_an_empty_rank_reduces_where_the_group_does(monkeypatch, reported, config, want):
+    # A rank with no gradients still joins the all-reduce. Its tensors stayed
+    # on the CPU unless get_backend said exactly "nccl": then they went through
+    # gloo, or nowhere, while the other ranks waited in NCCL. (No NCCL here:
+    # the choice itself, with the group's reports as torch gives them.)
+    group = object()
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda g: reported)
+    monkeypatch.setattr(torch.distributed, "get_backend_config", lambda g: config)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    nothing = types.SimpleNamespace(xp=None)
+    plan = gct._plan(nothing, 2.0, "propagate", None, [], group)
+    assert (plan.device and plan.device.type) == want
+    # First the device of the parameters, which have no .grad on this rank.
+    params = [torch.nn.Parameter(torch.zeros(3, device="meta"))]
+    _, owners, _ = gct._grads(params, "clip_grad_norm_")
+    assert gct._plan(nothing, 2.0, "propagate", None, owners, group).device.type == "meta"
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -185,6 +185,8 @@ def _grads(
         grads.append(g)
         names.append(f"{label}.grad")
         owners.append(p)
+    if not grads:  # every parameter, for the device of an empty rank's all-reduce (_plan)
+        owners = params
     return _flat(grads, names), owners, _replicated(replicated, owners, fn)
 
 
@@ -258,16 +260,21 @@ def _plan(
 
     A rank may hold no gradients at all (an empty ZeRO or FSDP shard); it must
     still take part in the all-reduce, with tensors where the group's backend
-    wants them (the parameters' device, CUDA for NCCL, else the CPU).
+    wants them: the parameters' device (``owners`` are then every parameter
+    given), else CUDA where the group reduces CUDA tensors with NCCL, else the
+    CPU. ``get_backend_config``, not ``get_backend``: a group made with no
+    backend named reports "undefined", and "cpu:gloo,cuda:nccl" is no "nccl"
+    either; a CPU tensor there went through gloo while the other ranks waited
+    in NCCL.
     """
     zero = policy == "zero"
     if prep.xp is None:
         plan = Plan(_compat.namespace(torch.empty(0)), p, [], zero_nonfinite=zero)
-        plan.device = next((t.device for t in owners), None)
-        if group is None:  # torch's norm of nothing, torch.tensor(0.0), in the default dtype
+        if group is None:  # torch's norm of nothing, torch.tensor(0.0): default dtype, CPU
             plan.res = torch.get_default_dtype()
-        dist = torch.distributed
-        if plan.device is None and group is not None and dist.get_backend(group) == "nccl":
+            return plan
+        plan.device = next((t.device for t in owners), None)
+        if plan.device is None and "nccl" in torch.distributed.get_backend_config(group):
             plan.device = torch.device("cuda", torch.cuda.current_device())
         return plan
     plan_cls = Plan if _api._impl(prep, foreach) is _core else _fast.TorchPlan
