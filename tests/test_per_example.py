@@ -672,6 +672,9 @@ def test_quantile_bound_bad_input():
         qb.update(stats, state)
     # none of the 4 expected unclipped: below the target quantile, the bound grows
     assert float(qb.update(stats, state, batch_size=4).bound) > float(state.bound)
+    # Norms of another library than the state's (or a list) raised an AttributeError.
+    with pytest.raises(TypeError, match="norms is a list but the state holds ndarrays"):
+        qb.update([1.0, 2.0], state)
 
 
 def test_quantile_bound_under_jit():

@@ -1205,6 +1205,11 @@ class QuantileBound(_Stateful):
         if isinstance(norms, PerExampleStats):
             norms = norms.norm
         xp = _compat.namespace(state.bound)
+        if not _compat.is_array(norms) or _compat.namespace(norms) is not xp:
+            raise TypeError(
+                f"QuantileBound.update: norms is a {type(norms).__name__} but the state holds "
+                f"{type(state.bound).__name__}s: pass the norms of the leaves init() was given"
+            )
         if len(norms.shape) != 1:
             raise ValueError(
                 "QuantileBound.update: norms must be 1-d, one per example (flat clipping); "
