@@ -305,6 +305,10 @@ class _Stateful:
     def load_state_dict(self, d: dict[str, Any], like: Any) -> Any:
         """A state from :meth:`state_dict`, in ``like``'s namespace and on its device.
 
+        The fields may be NumPy arrays or arrays of any backend on any device
+        (``torch.load(..., map_location="cuda")`` gives CUDA tensors); the
+        state is a copy, which shares no memory with ``d``.
+
         Raises
         ------
         KeyError
