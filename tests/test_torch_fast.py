@@ -16,7 +16,8 @@ import pytest
 import gradclip as gc
 from conftest import importorskip, ref_norm
 from gradclip import _blas
-from gradclip.adaptive import QuantileBound
+from gradclip.adaptive import AGC, AdaGC, AutoClip, QuantileBound, ZClip
+from gradclip.monitor import GradMonitor
 
 torch = importorskip("torch")
 
@@ -284,3 +285,77 @@ def test_no_host_copy_to_cuda_for_constants(fn, monkeypatch):
         _host_copies_to_cuda(lambda ps: torch.nn.utils.clip_grad_norm_(ps, 1.0), monkeypatch) == 0
     )
     assert _host_copies_to_cuda(fn, monkeypatch) == 0
+
+
+_TOP_LEVEL = {
+    "clip_by_global_norm_": lambda gs: gc.clip_by_global_norm_(gs, 1.0).norm,
+    "clip_by_global_norm": lambda gs: gc.clip_by_global_norm(gs, 1.0),
+    "global_norm": lambda gs: gc.global_norm(gs),
+    "leaf_norms": lambda gs: gc.leaf_norms(gs, ord=1.0),
+    "clip_by_norm_": lambda gs: gc.clip_by_norm_(gs, 1.0).norm,
+    "clip_by_norm": lambda gs: gc.clip_by_norm(gs, 1.0),
+    "clip_by_value_": lambda gs: gc.clip_by_value_(gs, 0.1),
+    "clip_by_value": lambda gs: gc.clip_by_value(gs, lo=-0.1, hi=0.2),
+    "clip_by_block_rms": lambda gs: gc.clip_by_block_rms(gs, 0.5),
+    "per_example_clip": lambda gs: gc.per_example_clip(gs, 1.0),
+}
+
+
+@pytest.mark.parametrize("name", list(_TOP_LEVEL))
+def test_top_level_functions_run_eagerly_under_torch_compile(name):
+    # Dynamo traced into the NumPy views of the CPU path and, once any gradclip
+    # call had run eagerly in the process, failed inside itself (AssertionError:
+    # Expected np.nditer base). Each call is now a graph break, as in gradclip.torch.
+    clip = _TOP_LEVEL[name]
+    gc.clip_by_global_norm_([torch.ones(3)], 1.0)  # an eager call first
+
+    def step(gs):
+        gs = [g * 2 for g in gs]  # traced before and after the call
+        out = clip(gs)
+        return gs, out, gs[0].sum() + 1
+
+    def grads():
+        torch.manual_seed(0)
+        return [torch.randn(4, 8), torch.randn(4, 3), torch.randn(4)]
+
+    compiled = torch.compile(step, backend="eager")
+    want = step(grads())
+    for _ in range(2):
+        torch.testing.assert_close(compiled(grads()), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "clipper",
+    [ZClip(), AutoClip(), AdaGC(), AGC(layout="torch")],
+    ids=["zclip", "autoclip", "adagc", "agc"],
+)
+def test_adaptive_clippers_and_the_monitor_run_eagerly_under_torch_compile(clipper):
+    # They call gradclip's internals, not the wrapped top-level functions:
+    # Dynamo traced into them and failed (a lru_cache warning, under errors).
+    gc.clip_by_global_norm_([torch.ones(3)], 1.0)  # an eager call first
+    torch.manual_seed(0)
+    grads = [torch.randn(4, 8), torch.randn(8)]
+    params = [torch.randn(4, 8), torch.randn(8)] if isinstance(clipper, AGC) else None
+    state, monitor = clipper.init(grads), GradMonitor()
+
+    def step(gs):
+        _, stats = clipper.update_(gs, state, params)
+        monitor.update(gs, stats)
+        return stats.norm
+
+    want = step([g.clone() for g in grads])
+    got = torch.compile(step, backend="eager")([g.clone() for g in grads])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert len(monitor.history.global_norm) == 2
+
+
+def test_a_flat_tree_is_clipped_eagerly_under_torch_compile():
+    # Its tensors are out of Dynamo's sight, so the call's own frame is not
+    # compiled at the graph break: checking torch.compiler.is_compiling()
+    # there was not enough, and Dynamo compiled the frames it called.
+    torch.manual_seed(0)
+    flat = gc.FlatTree.from_tree({"w": torch.randn(4, 8), "b": torch.randn(3)})
+    want = gc.global_norm(flat)
+    compiled = torch.compile(lambda: gc.clip_by_global_norm_(flat, 1.0).norm, backend="eager")
+    torch.testing.assert_close(compiled(), want, rtol=0, atol=0)
+    torch.testing.assert_close(gc.global_norm(flat), torch.tensor(1.0), rtol=1e-5, atol=0)

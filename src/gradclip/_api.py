@@ -12,8 +12,10 @@ import functools
 import importlib
 import math
 import operator
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -46,6 +48,34 @@ _FAST_PATHS: dict[str, str] = {
     "cupy": ".cupy._fast",
     "torch": ".torch._fast",
 }
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_modules = sys.modules
+
+
+def _eager(fn: _F) -> _F:
+    """``fn`` run eagerly under ``torch.compile`` (a graph break), as gradclip.torch's drop-ins.
+
+    Dynamo traced into gradclip, into the NumPy views of the torch CPU path,
+    and failed inside itself (``AssertionError: Expected np.nditer base``).
+    ``import gradclip`` imports no torch, so ``torch.compiler.disable`` is
+    applied at the first call once Dynamo is loaded; before that nothing can
+    be compiling. Not ``torch.compiler.is_compiling()``: it is False in the
+    frames a graph break runs, yet Dynamo compiles the frames they call.
+    """
+    disabled: Any = None
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        nonlocal disabled
+        if _modules.get("torch._dynamo") is None:
+            return fn(*args, **kwargs)
+        if disabled is None:
+            disabled = _modules["torch"].compiler.disable(fn)
+        return disabled(*args, **kwargs)
+
+    return cast(_F, wrapper)
 
 
 @dataclass(frozen=True)
@@ -362,6 +392,7 @@ def _empty_stats(per_leaf: bool) -> ClipStats:
 # ---------------------------------------------------------------------------- norms
 
 
+@_eager
 def global_norm(
     tree: Any, ord: float = 2.0, *, nonfinite: str = "propagate", fused: bool | None = None
 ) -> Any:
@@ -425,6 +456,7 @@ def _global_norm(
     return _run(prep, fused, "global_norm", p=p, nonfinite=nonfinite, **extra)
 
 
+@_eager
 def leaf_norms(
     tree: Any, ord: float = 2.0, *, nonfinite: str = "propagate", fused: bool | None = None
 ) -> Any:
@@ -550,6 +582,7 @@ _NORM_CLIP_PARAMS = """
         As for :func:`global_norm`."""
 
 
+@_eager
 def clip_by_global_norm(
     tree: Any,
     max_norm: Any,
@@ -607,6 +640,7 @@ def clip_by_global_norm(
     )
 
 
+@_eager
 def clip_by_global_norm_(
     tree: Any,
     max_norm: Any,
@@ -659,6 +693,7 @@ def clip_by_global_norm_(
     )[1]
 
 
+@_eager
 def clip_by_norm(
     tree: Any,
     max_norm: Any,
@@ -710,6 +745,7 @@ def clip_by_norm(
     )
 
 
+@_eager
 def clip_by_norm_(
     tree: Any,
     max_norm: Any,
@@ -758,6 +794,7 @@ for _f in (clip_by_global_norm, clip_by_global_norm_, clip_by_norm, clip_by_norm
     _f.__doc__ = (_f.__doc__ or "").format(params=_NORM_CLIP_PARAMS)
 
 
+@_eager
 def clip_by_block_rms(
     tree: Any, threshold: Any, *, nonfinite: str = "propagate", fused: bool | None = None
 ) -> Any:
@@ -870,6 +907,7 @@ def _clip_value_checked(
     return prep.flat.unflatten(leaves)
 
 
+@_eager
 def clip_by_value(
     tree: Any,
     clip_value: float | None = None,
@@ -918,6 +956,7 @@ def clip_by_value(
     return _clip_value("clip_by_value", tree, clip_value, lo, hi, nonfinite, fused, False)
 
 
+@_eager
 def clip_by_value_(
     tree: Any,
     clip_value: float | None = None,
@@ -1046,6 +1085,7 @@ def _empty_example_stats(per_layer: bool) -> PerExampleStats:
     return PerExampleStats(stats.norm, stats.scale, stats.clipped, count, stats.finite)
 
 
+@_eager
 def per_example_clip(
     tree: Any,
     max_norm: Any,

@@ -343,6 +343,7 @@ class _Clipper(_Stateful):
     # Whether the stats hold one entry per leaf (AdaGC) rather than one for the tree.
     _per_leaf = False
 
+    @_api._eager  # a graph break under torch.compile, as the top-level functions
     def update(self, tree: Any, state: Any, params: Any = None) -> tuple[Any, Any, ClipStats]:
         """Clip ``tree`` (new arrays) and advance the state: ``(tree, state, stats)``.
 
@@ -356,6 +357,7 @@ class _Clipper(_Stateful):
             except _NoLeaves:
                 return tree, state, _api._empty_stats(self._per_leaf)
 
+    @_api._eager
     def update_(self, tree: Any, state: Any, params: Any = None) -> tuple[Any, ClipStats]:
         """Clip ``tree`` in place (NumPy, CuPy, torch) and advance the state: ``(state, stats)``."""
         with _stepping(state):
@@ -1187,6 +1189,7 @@ class QuantileBound(_Stateful):
                 xp.zeros((), dtype=xp.int32, device=device),
             )
 
+    @_api._eager
     def update(
         self, norms: Any, state: QuantileBoundState, *, noise: Any = 0.0, batch_size: Any = None
     ) -> QuantileBoundState:

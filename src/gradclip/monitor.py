@@ -30,7 +30,7 @@ import numpy as np
 import optree
 
 from . import _compat
-from ._api import global_norm, leaf_norms
+from ._api import _eager, global_norm, leaf_norms
 from ._flat import FlatTree, unit
 from ._norms import parse_ord
 from ._stats import ClipStats
@@ -531,6 +531,7 @@ class GradMonitor:
             "Use a new GradMonitor for a different tree."
         )
 
+    @_eager  # a graph break under torch.compile, as the top-level functions
     def update(self, tree: Any, stats: ClipStats | None = None, *, step: int | None = None) -> None:
         """Measure one step's gradients (and the clip call's stats, if given).
 
@@ -629,6 +630,7 @@ class GradMonitor:
         self._var = np.zeros(size)
         self._seen = np.zeros(size, np.int64)
 
+    @_eager
     def record_clip(self, stats: ClipStats) -> None:
         """Attach a clip call's stats to the step last recorded by :meth:`update`.
 
