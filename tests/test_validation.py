@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -90,6 +91,28 @@ def test_bound_from_another_library():
     grads = [torch.full((3,), 2.0)]
     gc.clip_by_global_norm_(grads, np.asarray(1.0, np.float32))  # a NumPy 0-d bound: a number
     assert float(gc.global_norm(grads)) == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_array_arguments_on_another_device_are_moved_beside_the_leaves(fused):
+    # array-api-strict refused to combine them ("Arrays from two different
+    # devices"); torch's clip moves its coefficient to the gradients' device.
+    xs = importorskip("array_api_strict")
+    other = xs.Device("device1")
+    tree = [xs.asarray(np.array([3.0, 4.0], np.float32)), xs.asarray(np.zeros(2, np.float32))]
+    on = functools.partial(xs.asarray, device=other)
+    cases = [
+        (gc.clip_by_global_norm, (on(1.0),), {}, [0.6, 0.8]),
+        (gc.clip_by_global_norm, (1.0,), {"norm": on(10.0)}, [0.3, 0.4]),
+        (gc.clip_by_norm, (on(1.0),), {}, [0.6, 0.8]),
+        (gc.clip_by_norm, (1.0,), {"norm": on(np.array([10.0, 1.0], np.float32))}, [0.3, 0.4]),
+        (gc.clip_by_value, (), {"lo": on(3.5), "hi": on(3.75)}, [3.5, 3.75]),
+    ]
+    for fn, args, kw, want in cases:
+        out = fn(tree, *args, **kw, fused=fused)
+        leaf = out[0][0] if isinstance(out, tuple) else out[0]
+        assert leaf.device == tree[0].device
+        np.testing.assert_allclose(np.asarray(leaf), want, rtol=1e-5, err_msg=fn.__name__)
 
 
 @pytest.mark.parametrize("bad", [-1e-6, math.nan, math.inf])

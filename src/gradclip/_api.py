@@ -309,18 +309,26 @@ def _run(prep: _Prepared, fused: bool | None, fn: str, **kwargs: Any) -> Any:
 
     An array argument (a device bound, a given norm, a list of per-layer
     bounds) must come from the leaves' library: one from another would fail
-    deep in the arithmetic.
+    deep in the arithmetic. One on another device is moved beside them.
     """
-    for name, given in kwargs.items():
-        for value in given if isinstance(given, list) else [given]:
-            if not isinstance(value, int | float | str | None) and _compat.is_array(value):
-                other = _compat.backend_name(_compat.namespace(value))
-                if other != prep.backend:
-                    raise TypeError(
-                        f"{name} is a {other} array but the leaves are {prep.backend} arrays; "
-                        f"pass it as a {prep.backend} array, or as numbers"
-                    )
     leaves = prep.flat.leaves
+
+    def beside(name: str, value: Any) -> Any:
+        if isinstance(value, int | float | str | None) or not _compat.is_array(value):
+            return value
+        other = _compat.backend_name(_compat.namespace(value))
+        if other != prep.backend:
+            raise TypeError(
+                f"{name} is a {other} array but the leaves are {prep.backend} arrays; "
+                f"pass it as a {prep.backend} array, or as numbers"
+            )
+        return _compat.beside(value, leaves[0])
+
+    for name, given in kwargs.items():
+        if isinstance(given, list):
+            kwargs[name] = [beside(name, value) for value in given]
+        else:
+            kwargs[name] = beside(name, given)
     if kwargs.get("nonfinite") == "raise":  # the generic path would fail to read a trace
         _compat.refuse_traced_raise(fn, leaves)
     impl = getattr(_impl(prep, fused), fn)

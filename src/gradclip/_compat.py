@@ -24,6 +24,7 @@ __all__ = [
     "as_array",
     "asarray",
     "backend_name",
+    "beside",
     "blocks",
     "chunk_elems",
     "current_device",
@@ -161,6 +162,24 @@ def current_device(x: Any) -> contextlib.AbstractContextManager[Any]:
     if aac.is_cupy_array(x):
         return x.device  # type: ignore[no-any-return]  # cupy.cuda.Device is a context manager
     return contextlib.nullcontext()
+
+
+def beside(value: Any, leaf: Any) -> Any:
+    """An array argument (a device bound, a given norm) moved onto ``leaf``'s device.
+
+    torch's own clip moves its coefficient to each gradient's device, and a
+    CuPy kernel must not read a bound from another GPU's memory. A CPU 0-d
+    tensor stays beside CUDA leaves: torch takes it as a scalar, where a copy
+    would wait for the stream. JAX places (or refuses) it under jit itself.
+    """
+    if aac.is_jax_array(leaf):
+        return value
+    there, here = aac.device(value), aac.device(leaf)
+    if there == here:
+        return value
+    if aac.is_torch_array(value) and value.ndim == 0 and there.type == "cpu":
+        return value
+    return aac.to_device(value, here)
 
 
 def device_key(x: Any) -> Any:
