@@ -1017,6 +1017,17 @@ def test_no_gradients_give_a_norm_in_the_default_dtype():
         torch.set_default_dtype(previous)
 
 
+def test_no_gradients_give_stats_on_the_bounds_device():
+    # The norm was torch's tensor(0.0) on the CPU beside a scale and clipped
+    # flag on the bound's device (meta here, for CUDA): stats that would not stack.
+    bound = torch.tensor(1.0, device="meta")
+    for params in ([], [torch.nn.Parameter(torch.ones(2))]):
+        stats = clip_grad_norm_(params, bound, return_stats=True)
+        assert {x.device.type for x in stats} == {"meta"}
+    stats = clip_grad_norm_([], 1.0, return_stats=True)  # a number: the CPU, as torch
+    assert {x.device.type for x in stats} == {"cpu"}
+
+
 def test_unscale_clip_skips_optimizer_tensors_without_grad(route):
     # An optimizer may hold a plain tensor that gets no gradient (frozen);
     # GradScaler.unscale_ and clip_grad_norm_ skip it, and so must this.

@@ -173,3 +173,21 @@ def test_no_host_sync(call, route, monkeypatch):
         call(params)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("foreach", [None, False])
+def test_a_bound_on_another_device(foreach):
+    # A CUDA bound beside CPU gradients met them in the arithmetic ("Expected
+    # all tensors to be on the same device"); a CPU 0-d bound beside CUDA
+    # gradients stays a scalar (moving it would wait for the stream).
+    for grads_on, bound_on in (("cpu", "cuda"), ("cuda", "cpu")):
+        grads = [torch.full((4,), 2.0, device=grads_on)]
+        bound = torch.tensor(1.0, device=bound_on)
+        params = _params(grads)
+        stats = gct.clip_grad_norm_(params, bound, foreach=foreach, return_stats=True)
+        assert {x.device.type for x in stats} == {grads_on}
+        assert params[0].grad.cpu().tolist() == pytest.approx([0.5] * 4, rel=1e-5)
+        fused = None if foreach is None else False
+        out, stats = gc.clip_by_global_norm(grads, bound, fused=fused)
+        assert {x.device.type for x in stats} == {grads_on}
+        assert out[0].cpu().tolist() == pytest.approx([0.5] * 4, rel=1e-5)

@@ -475,6 +475,8 @@ def _scale_grads(
 ) -> Any:
     """Multiply every gradient by ``inv_scale * min(1, max_norm / (norm + eps))`` in one pass."""
     xp = plan.xp
+    if not isinstance(max_norm, float):
+        max_norm = _compat.beside(max_norm, norm)
     scale = _core._scale_from_norm(plan, norm, max_norm, eps)
     if policy == "skip":
         scale = xp.where(finite, scale, plan.const(1.0, plan.res))
@@ -577,6 +579,10 @@ def clip_grad_norm_(
     flat, owners, pred = _grads(parameters, fn, replicated, warn_empty=True)
     prep, scopes = _prepared(flat, fn, True, process_group, pred)
     plan = _plan(prep, p, policy, foreach, owners, process_group)
+    if plan.device is None and isinstance(max_norm, torch.Tensor):
+        # No gradients and no group: the stats go where the bound is, not the
+        # norm on the CPU (torch's tensor(0.0)) beside a scale on the GPU.
+        plan.device = max_norm.device
     norm, finite = _total(plan, prep.flat.paths, policy, scopes, inv_scale)
     scale = _scale_grads(plan, norm, finite, max_norm, policy, inv_scale, eps)
     if return_stats:
