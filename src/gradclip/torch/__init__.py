@@ -579,10 +579,10 @@ def clip_grad_norm_(
     flat, owners, pred = _grads(parameters, fn, replicated, warn_empty=True)
     prep, scopes = _prepared(flat, fn, True, process_group, pred)
     plan = _plan(prep, p, policy, foreach, owners, process_group)
-    if plan.device is None and isinstance(max_norm, torch.Tensor):
+    if plan.device is None and _compat.is_array(max_norm):
         # No gradients and no group: the stats go where the bound is, not the
         # norm on the CPU (torch's tensor(0.0)) beside a scale on the GPU.
-        plan.device = max_norm.device
+        plan.device = _compat.device_of(max_norm)
     norm, finite = _total(plan, prep.flat.paths, policy, scopes, inv_scale)
     scale = _scale_grads(plan, norm, finite, max_norm, policy, inv_scale, eps)
     if return_stats:
