@@ -221,6 +221,7 @@ def test_zclip_under_jit():
 def test_zclip_rejects_bad_hyperparameters():
     with pytest.raises(ValueError, match="mode"):
         ZClip(mode="median")
+    assert ZClip(mode="Percentile") == ZClip(mode="percentile")  # as the zclip package
     with pytest.raises(ValueError, match="clip_option"):
         ZClip(clip_option="max")
     with pytest.raises(ValueError, match="warmup_steps"):

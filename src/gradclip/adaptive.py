@@ -463,6 +463,8 @@ class ZClip(_Clipper):
     nonfinite: str = "propagate"
 
     def __post_init__(self) -> None:
+        if isinstance(self.mode, str):  # the zclip package takes "ZSCORE" too
+            object.__setattr__(self, "mode", self.mode.lower())
         if self.mode not in ("zscore", "percentile"):
             raise ValueError(f"mode must be 'zscore' or 'percentile'; got {self.mode!r}")
         if self.clip_option not in ("adaptive_scaling", "mean"):
