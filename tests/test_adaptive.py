@@ -534,7 +534,7 @@ def _adagc_reference(seq, relative, beta, warmup, cap):
             scales = np.full(len(tree), min(1.0, cap / (total + 1e-6)))
         else:
             thr = relative * ema
-            scales = np.where(norms + 1e-6 > thr, thr / (norms + 1e-6), 1.0)
+            scales = np.where(norms > thr, thr / np.where(norms > thr, norms, 1.0), 1.0)
         clipped = norms * scales
         if ema is None:
             ema = clipped
@@ -559,6 +559,19 @@ def test_adagc_matches_its_definition(xp):
             np.testing.assert_allclose(
                 xp.numpy(a), np.asarray(b, np.float32) * s, rtol=2e-5, atol=1e-7
             )
+
+
+def test_adagc_keeps_a_steady_tiny_gradient_unclipped(xp):
+    # 1e-6 was added to each tensor's norm against its EMA: a tensor whose
+    # norm is below it was clipped every step, and the EMA of its clipped
+    # norms fell with the scale (to 3.8e-5 after 1000 steps here).
+    tree = [xp.array(np.full(100, 0.01), "float32"), xp.array(np.full(100, 1e-7), "float32")]
+    clipper = AdaGC(warmup_steps=1, max_grad_norm=1.0)
+    state = clipper.init(tree)
+    for _ in range(300):
+        _, state, stats = clipper.update(tree, state)
+    np.testing.assert_array_equal(xp.numpy(stats.scale), [1.0, 1.0])
+    np.testing.assert_allclose(xp.numpy(state.ema), [0.1, 1e-6], rtol=1e-5)
 
 
 def test_adagc_without_warmup_starts_the_ema_from_the_first_step(xp):

@@ -956,9 +956,9 @@ class AdaGC(_Clipper):
     For ``warmup_steps`` steps the gradients are clipped together at
     ``max_grad_norm`` (global-norm clipping), and ``ema_i`` is the smallest
     clipped norm tensor ``i`` has had, as in the paper's Algorithm 1.
-    Afterwards tensor ``i`` is clipped at ``relative * ema_i``, and
-    ``ema_i`` is an EMA (factor ``beta``) of its clipped norms, started from
-    that minimum. The paper's defaults: ``relative=1.05``, ``beta=0.98``. Its
+    Afterwards tensor ``i`` is scaled by ``min(1, relative * ema_i / norm_i)``,
+    and ``ema_i`` is an EMA (factor ``beta``) of its clipped norms, started
+    from that minimum. The paper's defaults: ``relative=1.05``, ``beta=0.98``. Its
     :class:`~gradclip.ClipStats` are per leaf, as from ``clip_by_norm``.
 
     As in the paper, a tensor whose gradient is exactly zero on a warm-up
@@ -1044,7 +1044,10 @@ class AdaGC(_Clipper):
         # arithmetic (no overflow; a NaN norm gives a NaN scale, as in torch).
         total = _hypot(xp, norms)
         global_scale = _core._scale_from_norm(plan, total, _scalar(self.max_grad_norm), eps)
-        own = _core._scale_from_norm(plan, norms, self.relative * state.ema, eps)
+        # No eps against the EMA (the paper's min(1, relative * ema / norm)):
+        # a tensor whose norm is below eps would be clipped on every step,
+        # and its EMA, of clipped norms, would decay to 0 with it.
+        own = _core._scale_from_norm(plan, norms, self.relative * state.ema, 0.0)
         # Until a finite step has started the EMAs there is no per-tensor
         # threshold (it would be 0 and zero the step, and the EMAs with it).
         first = state.count == 0
