@@ -748,6 +748,10 @@ def test_state_dict_round_trips_across_backends(xp, clipper):
     saved = clipper.state_dict(numpy_state)
     assert all(isinstance(v, np.ndarray) for v in saved.values())
     like = [xp.array(a, "float32") for a in seq[0]]
+    # like=model.parameters(), a generator: init used it up, and the state
+    # came back in NumPy (or failed: torch dtypes to np.array).
+    state = clipper.load_state_dict(saved, (a for a in like))
+    assert {type(v) for v in state} == {type(like[0])}
     state = clipper.load_state_dict(saved, like)
     again = clipper.state_dict(state)
     assert saved.keys() == again.keys()

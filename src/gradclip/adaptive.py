@@ -319,6 +319,7 @@ class _Stateful:
             ``warmup_steps`` or tree); the message names the field.
         """
         fn = f"{type(self).__name__}.load_state_dict"
+        like = _materialise(like)  # model.parameters(): init would use the generator up
         return _load(d, like, fn, self.init(like), self._why_shape)
 
     def _why_shape(self, field: str) -> str:
