@@ -513,6 +513,27 @@ def test_jsonl_round_trip(tmp_path):
     assert {(107, "nan"), (109, "threshold"), (109, "spike")} <= kinds
 
 
+def test_a_sink_that_fails_to_write_loses_no_step(tmp_path):
+    # The sink was marked started before its first write, which failed: the
+    # file, once writable, got no header. And update() raised before the
+    # step was measured: that step was lost, and the next took its number.
+    path = tmp_path / "later" / "log.csv"
+    mon = GradMonitor(log_every=1, csv=path)
+    mon.update([np.ones(2)])
+    with pytest.raises(FileNotFoundError):
+        mon.update([np.ones(2) * 2], gc.clip_by_global_norm([np.ones(2) * 2], 1.0)[1])
+    path.parent.mkdir()
+    mon.update([np.ones(2) * 3])
+    mon.flush()
+    h = mon.history
+    assert h.step.tolist() == [0, 1, 2]
+    np.testing.assert_allclose(h.global_norm, np.sqrt(2) * np.array([1, 2, 3]))
+    assert h.has_clip.tolist() == [False, True, False]
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))  # a header: the first write that succeeded wrote it
+    assert [int(r["step"]) for r in rows] == [1, 2]  # step 0's window could not be written
+
+
 def test_csv_round_trip(tmp_path):
     stream = tmp_path / "stream.csv"
     mon = _run_with_everything(csv=stream)

@@ -556,6 +556,9 @@ class GradMonitor:
         ValueError
             If the tree holds no arrays, or its leaves differ from the first
             step's (the message names the first leaf that differs).
+        OSError
+            If a sink's file cannot be written when the window is flushed;
+            the window stays in :attr:`history` and this step is recorded.
         """
         leaves, key, names = self._leaves(tree)
         if not leaves:
@@ -582,19 +585,21 @@ class GradMonitor:
                 "GradMonitor.update: the leaves are arrays of another library than the first "
                 f"step's ({_compat.backend_name(self._xp)})"
             )
-        if len(self._rows) >= self.log_every:
-            self._flush()
         first_names = None if self._started else names()
         row, counts = self._measure(leaves, self.names if first_names is None else first_names)
         if first_names is not None:
             self._start(leaves, first_names, key)
-        self._next_step = int(step) + 1
-        self._steps.append(int(step))
-        self._rows.append(row)
-        self._counts.append(counts)
-        self._clip.append(None)
-        if stats is not None:
-            self.record_clip(stats)
+        try:
+            if len(self._rows) >= self.log_every:
+                self._flush()  # may raise: a sink's file cannot be written
+        finally:  # this step is recorded all the same
+            self._next_step = int(step) + 1
+            self._steps.append(int(step))
+            self._rows.append(row)
+            self._counts.append(counts)
+            self._clip.append(None)
+            if stats is not None:
+                self.record_clip(stats)
 
     def _measure(self, leaves: list[Any], names: list[str]) -> tuple[Any, Any]:
         """Run :func:`_measure`; errors name the leaf by its path, not by its index."""
@@ -873,12 +878,12 @@ class GradMonitor:
             if path is None:
                 continue
             first = kind not in self._sink_started
-            self._sink_started.add(kind)
             mode = "w" if first else "a"
             if kind == "jsonl":
                 self._write_jsonl(path, mode, window, anomalies)
             else:
                 self._write_csv(path, mode, window, anomalies, header=first)
+            self._sink_started.add(kind)  # once written: a failed first write left no header
         if self.writer is not None:
             self._write_scalars(window, anomalies)
 
