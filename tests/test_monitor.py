@@ -134,6 +134,27 @@ def test_record_clip_takes_stats_of_another_library(xp):
     assert h.scale[0] == 1.0 and not h.clipped[0]
 
 
+def test_record_clip_takes_jax_stats_into_a_torch_monitor():
+    # torch.asarray of a JAX bool raised ("buffer length (1 bytes)"), and of
+    # a JAX 0-d float gave a 1-d tensor.
+    torch, jnp = importorskip("torch"), importorskip("jax.numpy")
+    mon = GradMonitor()
+    for scale in (2.0, 0.5):
+        mon.update([torch.ones(2)])
+        mon.record_clip(gc.clip_by_global_norm([jnp.ones(2) * scale], 1.0)[1])
+    h = mon.history
+    np.testing.assert_allclose(h.scale, [1 / (2 * math.sqrt(2) + 1e-6), 1.0], rtol=1e-6)
+    assert h.clipped.tolist() == [True, False]
+
+
+def test_leaves_of_two_libraries_are_refused_in_either_order():
+    # jit took a NumPy leaf after a JAX one as JAX's, where NumPy first raised.
+    jnp = importorskip("jax.numpy")
+    for tree in ({"a": jnp.ones(2), "b": np.ones(2)}, {"a": np.ones(2), "b": jnp.ones(2)}):
+        with pytest.raises(TypeError, match=r"leaf \['b'\] is a .* array but leaf \['a'\]"):
+            GradMonitor().update(tree)
+
+
 def test_per_leaf_clip_stats():
     mon = GradMonitor()
     tree = [np.array([3.0, 4.0]), np.array([0.5])]

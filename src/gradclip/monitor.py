@@ -29,12 +29,12 @@ from typing import Any, NamedTuple
 import numpy as np
 import optree
 
-from . import _compat
+from . import _api, _compat
 from ._api import _eager, global_norm, leaf_norms
 from ._flat import FlatTree, unit
 from ._norms import parse_ord
 from ._stats import ClipStats
-from ._tree import Paths, _plain_array
+from ._tree import Flat, Paths, _plain_array
 
 __all__ = ["GLOBAL", "GradMonitor", "History"]
 
@@ -608,6 +608,8 @@ class GradMonitor:
                 leaf_norms(leaves)  # raises, naming the leaf
             xp = _compat.namespace(leaves[0])
             if _compat.backend_name(xp) == "jax":
+                if len(set(map(type, leaves))) > 1:  # jit would take a NumPy leaf as JAX's
+                    _api._check(Flat(leaves, Paths(lambda: names), list), "leaf_norms")
                 measure = _jitted(self._p, self._fused, _jax_on_cpu(leaves[0]))
                 return measure(leaves)  # type: ignore[no-any-return]
             skip = "host" if _host_backend(xp, leaves[0]) else None
@@ -659,8 +661,12 @@ class GradMonitor:
         if _compat.namespace(scale) is not xp:
             # Stats of another library (an empty tree's are NumPy's), put where
             # the window is: flush stacks them with the rest.
+            # Through NumPy: torch.asarray reads a JAX array's buffer wrongly
+            # (a bool's byte as a float32, a 0-d array as 1-d).
             device = _compat.device_of(self._rows[-1])
-            scale, clipped = xp.asarray(scale, device=device), xp.asarray(clipped, device=device)
+            scale, clipped = (
+                xp.asarray(_compat.to_numpy(v), device=device) for v in (scale, clipped)
+            )
         dtype = self._rows[-1].dtype
         if scale.ndim == 1:  # per-leaf stats (clip_by_norm)
             scale, clipped = xp.min(scale), xp.any(clipped)
