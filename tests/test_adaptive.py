@@ -222,6 +222,7 @@ def test_zclip_rejects_bad_hyperparameters():
     with pytest.raises(ValueError, match="mode"):
         ZClip(mode="median")
     assert ZClip(mode="Percentile") == ZClip(mode="percentile")  # as the zclip package
+    ZClip(mode="percentile", clip_option=None)  # which ignores clip_option there
     with pytest.raises(ValueError, match="clip_option"):
         ZClip(clip_option="max")
     with pytest.raises(ValueError, match="warmup_steps"):

@@ -473,6 +473,10 @@ def test_bad_arguments(kwargs, error):
         GradMonitor(**kwargs)
 
 
+def test_numpy_numbers_as_arguments():
+    assert GradMonitor(beta=np.float32(0.5), warmup=np.int64(3)).beta == 0.5  # beta was refused
+
+
 def test_import_loads_no_backend_or_matplotlib():
     code = (
         "import sys, gradclip.monitor; "

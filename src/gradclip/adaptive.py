@@ -427,7 +427,7 @@ class ZClip(_Clipper):
         Norms collected before the EMAs start.
     mode : {"zscore", "percentile"}, default "zscore"
     clip_option : {"adaptive_scaling", "mean"}, default "adaptive_scaling"
-        Used in zscore mode.
+        Used in zscore mode (ignored in percentile mode, as by zclip).
     clip_factor : float, default 1.0
         Multiplies the adaptive threshold.
     skip_update_on_spike : bool, default False
@@ -468,7 +468,7 @@ class ZClip(_Clipper):
             object.__setattr__(self, "mode", self.mode.lower())
         if self.mode not in ("zscore", "percentile"):
             raise ValueError(f"mode must be 'zscore' or 'percentile'; got {self.mode!r}")
-        if self.clip_option not in ("adaptive_scaling", "mean"):
+        if self.mode == "zscore" and self.clip_option not in ("adaptive_scaling", "mean"):
             raise ValueError(
                 f"clip_option must be 'adaptive_scaling' or 'mean'; got {self.clip_option!r}"
             )

@@ -441,7 +441,8 @@ class GradMonitor:
         z = _check_limit(z_threshold, "z_threshold")
         if z is not None and z <= 0:
             raise ValueError(f"z_threshold must be > 0 or None; got {z_threshold!r}")
-        if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 < beta < 1:
+        number = isinstance(beta, int | float | np.integer | np.floating)
+        if isinstance(beta, bool) or not number or not 0 < beta < 1:
             raise ValueError(f"beta must be a number in (0, 1); got {beta!r}")
         if writer is not None and not callable(getattr(writer, "add_scalar", None)):
             raise TypeError(
