@@ -1516,6 +1516,17 @@ def test_leaves_on_two_devices_are_refused(device1, fn):
     assert all((_host(x) == 1).all() for x in tree.values())
 
 
+@pytest.mark.parametrize("fused", [None, False])
+def test_a_bound_on_another_device_is_moved_beside_the_leaves(device1, fused):
+    # The kernels would have read max_norm from device 1's memory on device 0.
+    with cp.cuda.Device(device1):
+        bound = cp.asarray(1.0, dtype=cp.float32)
+    leaves = [cp.asarray(np.full(4, 2.0, np.float32))]
+    out, stats = gc.clip_by_global_norm(leaves, bound, fused=fused)
+    assert {_device_id(x) for x in [*out, *stats]} == {0}
+    np.testing.assert_allclose(_host(out[0]), np.full(4, 0.25), rtol=1e-5)
+
+
 @pytest.mark.parametrize("fn", STREAM_FNS)
 def test_leaves_on_a_device_that_is_not_the_current_one(device1, fn):
     """Current device 0, leaves on device 1: computed on device 1, results left there.
