@@ -1071,6 +1071,21 @@ def test_inv_scale_must_be_positive(bad):
         torch.testing.assert_close(g, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("inv", [1 / 3, 1e-46, 1e39])
+def test_a_number_inv_scale_is_exact_for_float64_gradients(inv):
+    # It was made a float32 tensor: 1/3 rounded (3e-8 off), 1e-46 refused as
+    # 0.0 and 1e39 as inf, though both are float64 numbers.
+    grads = [torch.tensor([3.0, 4.0, 12.0], dtype=torch.float64) * 3.0**k for k in range(2)]
+    ours, theirs = _params(*grads), _params(*grads)
+    for p in theirs:
+        p.grad.mul_(inv)
+    want = torch.nn.utils.clip_grad_norm_(theirs, 1e300)
+    got = clip_grad_norm_(ours, 1e300, inv_scale=inv)
+    torch.testing.assert_close(got, want, rtol=1e-15, atol=0)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("foreach", [None, False])
 @pytest.mark.parametrize("scale", [1024.0, 3.0])
 @pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])

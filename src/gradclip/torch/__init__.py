@@ -368,7 +368,9 @@ def _check_inv_scale(inv_scale: Any, fn: str) -> Any:
     if inv_scale is None:
         return None
     if not isinstance(inv_scale, torch.Tensor):
-        inv_scale = torch.tensor(float(inv_scale), dtype=torch.float32)
+        # float64: rounded to each use's dtype there (a float32 one rounded
+        # 1/3 for float64 gradients, and 1e-46 to 0).
+        inv_scale = torch.tensor(float(inv_scale), dtype=torch.float64)
     if inv_scale.numel() != 1:
         shape = tuple(inv_scale.shape)
         raise ValueError(f"{fn}: inv_scale must hold one number; got shape {shape}")
