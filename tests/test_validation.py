@@ -93,6 +93,29 @@ def test_bound_from_another_library():
     assert float(gc.global_norm(grads)) == pytest.approx(1.0, rel=1e-5)
 
 
+def test_a_cpu_tensor_bound_is_checked():
+    # Reading it costs no device sync, as a number's does not: a negative one
+    # flipped the gradients, a NaN one made them NaN.
+    torch = importorskip("torch")
+    import gradclip.torch as gct
+
+    grads = [torch.full((3,), 2.0)]
+    for bad in (torch.tensor(-1.0), torch.tensor(math.nan)):
+        params = [torch.nn.Parameter(torch.ones(3))]
+        for fn, tree in (
+            (gc.clip_by_global_norm_, grads),
+            (gc.clip_by_norm_, grads),
+            (gct.clip_grad_norm_, params),
+        ):
+            with pytest.raises(ValueError, match="max_norm must be a number >= 0; got tensor"):
+                fn(tree, bad)
+        with pytest.raises(ValueError, match="max_norm must be > 0; got tensor"):
+            gc.per_example_clip([torch.ones(2, 3)], bad)
+    assert grads[0].tolist() == [2.0] * 3
+    learnt = torch.tensor(1.0, requires_grad=True)  # read without autograd's warning
+    assert float(gc.clip_by_global_norm(grads, learnt)[1].scale.detach()) < 1
+
+
 @pytest.mark.parametrize("fused", [None, False])
 def test_array_arguments_on_another_device_are_moved_beside_the_leaves(fused):
     # array-api-strict refused to combine them ("Arrays from two different

@@ -372,10 +372,23 @@ def _real(value: Any, device: bool) -> bool:
     return dtype is None or dtype.kind in "iuf"
 
 
+def _host_value(v: Any) -> float | None:
+    """A checked bound's value where reading it is free: a number, or a CPU tensor's."""
+    if isinstance(v, float):
+        return v
+    if type(v).__module__ == "torch" and v.device.type == "cpu":
+        try:
+            return float(v.detach())  # no device to wait for (a device array is used unread)
+        except RuntimeError:  # a value inside torch.func.vmap has none to read
+            return None
+    return None
+
+
 def _check_bound(value: Any, name: str, *, allow_array: bool = True) -> Any:
     """A bound ``>= 0`` (not NaN), or a 0-d device array (see :func:`_scalar_bound`)."""
     v = _scalar_bound(value, name, allow_array=allow_array)
-    if isinstance(v, float) and not v >= 0:
+    h = _host_value(v)
+    if h is not None and not h >= 0:
         raise ValueError(f"{name} must be a number >= 0; got {value!r}")
     return v
 
@@ -565,9 +578,9 @@ _NORM_CLIP_PARAMS = """
     tree : pytree of arrays
         As for :func:`global_norm`.
     max_norm : float or 0-d array
-        The largest norm allowed, ``>= 0``. A Python or NumPy number is
-        checked (negative or NaN raises ``ValueError``); a device array is
-        used as is, since checking it would need a host sync.
+        The largest norm allowed, ``>= 0``. A Python or NumPy number, or a
+        CPU tensor, is checked (negative or NaN raises ``ValueError``); a
+        device array is used as is, since checking it would need a host sync.
     ord : float, default 2.0
         As for :func:`global_norm`.
     eps : float, default 1e-6
@@ -1011,7 +1024,8 @@ _SPLITS = ("uniform", "size")
 def _check_positive(value: Any, what: str) -> Any:
     """A bound ``C > 0``, or a 0-d device array (see :func:`_scalar_bound`)."""
     v = _scalar_bound(value, what)
-    if isinstance(v, float) and not v > 0:  # NaN too
+    h = _host_value(v)
+    if h is not None and not h > 0:  # NaN too
         raise ValueError(f"{what} must be > 0; got {value!r}")
     return v
 
