@@ -27,6 +27,7 @@ import functools
 import math
 import warnings
 
+import numpy as np
 import pytest
 
 import gradclip as gc
@@ -790,6 +791,7 @@ def test_foreach_is_taken_for_its_truth_like_torch():
         lambda f: clip_grad_value_([], 1.0, foreach=f),
     ):
         call(1)
+        call(np.True_)  # a NumPy bool: a flag too
         with pytest.raises(TypeError, match="foreach must be None or a bool; got 'yes'"):
             call("yes")  # checked with no gradients too
 

@@ -248,7 +248,7 @@ def _fused(foreach: Any) -> bool | None:
     """
     if foreach is None:
         return None
-    if not isinstance(foreach, bool | int):
+    if not isinstance(foreach, bool | int) and type(foreach).__name__ != "bool":  # np.bool_
         raise TypeError(f"foreach must be None or a bool; got {foreach!r}")
     return bool(foreach)
 
