@@ -474,6 +474,24 @@ def test_dask_leaf_of_unknown_length(ord, picks):
 
 
 @pytest.mark.parametrize(
+    ("dtype", "big", "ord"),
+    [("float64", 1e200, 2.0), ("float64", 1e200, 3.0), ("float32", 1e30, 100.0)],
+)
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_nonfinite_entry_beside_a_huge_one_does_not_warn_in_a_lazy_compute(dtype, big, ord, bad):
+    # The NaN or inf made its block's maximum, which scales the block, NaN
+    # or inf: the block went unscaled, and big's power overflowed, warned in
+    # dask's compute() (outside gradclip's errstate) under "skip" too.
+    da = importorskip("dask.array")
+    host = np.array([big, bad, 3.0], dtype)
+    out, stats = gc.clip_by_global_norm([da.from_array(host)], 1.0, ord=ord, nonfinite="skip")
+    assert np.asarray(out[0]).tobytes() == host.tobytes()  # a warning: an error
+    assert not bool(stats.finite)
+    want = gc.global_norm([host], ord)
+    assert np.asarray(gc.global_norm([da.from_array(host)], ord)).tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize(
     "fn", ["clip_by_global_norm", "clip_by_norm", "clip_by_block_rms", "per_example_clip"]
 )
 def test_a_bound_past_float32_is_rounded_before_a_lazy_compute(fn):

@@ -278,7 +278,12 @@ class Plan:
             return Partial(xp.astype(_compat.count_nonzero(xp, a), self.acc), None, finite)
         if not scaled:
             return Partial(self._powsum(a), None, finite)
-        m = xp.max(self._padded(a, 0.0))
+        # dask warns in the caller's compute(), outside gradclip's error
+        # state: a NaN or inf would leave its block unscaled, and 1e200 beside
+        # it overflow in the squares. Scaled by the finite entries' maximum,
+        # the NaN or inf still reaches the sum, and nothing overflows.
+        top_of = xp.where(xp.isfinite(a), a, self.const(0.0)) if self._warns_later else a
+        m = xp.max(self._padded(top_of, 0.0))
         if self.by_max:
             # 1 where there is nothing to scale by (all zeros, NaN or inf).
             top = xp.where(xp.isfinite(m) & (m > 0), m, self.const(1.0))
