@@ -663,3 +663,32 @@ def test_find_stats_none_and_several():
 def test_bad_input_at_construction(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+@pytest.mark.parametrize(
+    ("make", "batched"),
+    [
+        (lambda: gco.clip_by_global_norm(1.0), False),
+        (lambda: gco.zclip(warmup_steps=2), False),
+        (lambda: gco.autoclip(history_size=4), False),
+        (lambda: gco.adagc(warmup_steps=2), False),
+        (lambda: gco.agc(clipping=0.1, layout="jax"), False),
+        (lambda: gco.per_example_clip(1.0, per_layer=True), True),
+    ],
+    ids=["global", "zclip", "autoclip", "adagc", "agc", "per_example"],
+)
+def test_the_state_can_be_donated_to_a_jitted_step(make, batched):
+    # init gave two fields one array (ZClip's mean and std, the counters):
+    # XLA refused "to donate the same buffer twice".
+    params = _tree()
+    tx = optax.chain(make(), optax.adam(1e-3))
+    state = tx.init(params)
+    buffers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(state)]
+    assert len(set(buffers)) == len(buffers)
+    step = jax.jit(tx.update, donate_argnums=(1,))
+    for k in range(3):
+        grads = _tree(seed=k + 1)
+        if batched:  # a batch of two examples on axis 0
+            grads = jax.tree.map(lambda g: jnp.stack([g, 2 * g]), grads)
+        _, state = step(grads, state, params)
+    jax.block_until_ready(state)

@@ -484,11 +484,16 @@ class ZClip(_Clipper):
     def init(self, tree: Any) -> ZClipState:
         """Empty statistics in the namespace and on the device of ``tree``'s leaves."""
         with _namespace_of(tree, "ZClip.init") as (_, xp, device, res):
-            zero = xp.zeros((), dtype=res, device=device)
-            count = xp.zeros((), dtype=xp.int32, device=device)
             size = _size(self.warmup_steps, "warmup_steps", "ZClip.init")
-            buffer = xp.zeros((size,), dtype=res, device=device)
-        return ZClipState(count, buffer, zero, zero, count)
+            # One array per field: a jitted step that donates the state
+            # cannot donate one buffer twice.
+            return ZClipState(
+                xp.zeros((), dtype=xp.int32, device=device),
+                xp.zeros((size,), dtype=res, device=device),
+                xp.zeros((), dtype=res, device=device),
+                xp.zeros((), dtype=res, device=device),
+                xp.zeros((), dtype=xp.int32, device=device),
+            )
 
     _State = ZClipState
     _sized_by = ("buffer", "warmup_steps")
@@ -609,8 +614,8 @@ class AutoClip(_Clipper):
         with _namespace_of(tree, "AutoClip.init") as (_, xp, device, res):
             size = _size(self.history_size, "history_size", "AutoClip.init")
             history = xp.zeros((size,), dtype=res, device=device)
-            zero = xp.zeros((), dtype=xp.int32, device=device)
-        return AutoClipState(history, zero, zero)
+            count, skipped = (xp.zeros((), dtype=xp.int32, device=device) for _ in range(2))
+        return AutoClipState(history, count, skipped)  # distinct buffers (see ZClip.init)
 
     _State = AutoClipState
     _sized_by = ("history", "history_size")
@@ -1013,8 +1018,9 @@ class AdaGC(_Clipper):
         """Zero EMAs, one per leaf, in the leaves' namespace and on their device."""
         with _namespace_of(tree, "AdaGC.init") as (flat, xp, device, res):
             n = len(flat.leaves)
-            zero = xp.zeros((), dtype=xp.int32, device=device)
-            return AdaGCState(xp.zeros((n,), dtype=res, device=device), zero, zero)
+            count, skipped = (xp.zeros((), dtype=xp.int32, device=device) for _ in range(2))
+            # distinct buffers (see ZClip.init)
+            return AdaGCState(xp.zeros((n,), dtype=res, device=device), count, skipped)
 
     _State = AdaGCState
     _per_leaf = True

@@ -612,8 +612,14 @@ def per_example_clip(
         # Checked as the update will check it, naming a leaf that is no float array.
         leaves = _api._prepare(params, "gradclip.optax.per_example_clip.init").flat.leaves
         shape = (len(leaves),) if per_layer else ()
-        zero = jnp.zeros(shape, _result_dtype(leaves))
-        return PerExampleState(jnp.zeros(shape, jnp.int32), jnp.zeros((), jnp.int32), zero, zero)
+        res = _result_dtype(leaves)
+        # One array per field: a jitted step cannot donate one buffer twice.
+        return PerExampleState(
+            jnp.zeros(shape, jnp.int32),
+            jnp.zeros((), jnp.int32),
+            jnp.zeros(shape, res),
+            jnp.zeros(shape, res),
+        )
 
     def update(updates: Any, state: PerExampleState, params: Any = None) -> tuple[Any, Any]:
         del params
