@@ -222,3 +222,25 @@ def test_first_call_under_a_transfer_guard():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "True"
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        "clip_by_value",
+        "clip_by_global_norm",
+        "clip_by_norm",
+        "clip_by_block_rms",
+        "per_example_clip",
+    ],
+)
+def test_gradclip_jax_rounds_a_bound_past_float32_unwarned(fn):
+    # The top-level functions round 1e39 to inf under gradclip's error state;
+    # gradclip.jax's ran its program outside it: "overflow encountered in cast".
+    import gradclip.jax as gcj
+
+    x = [jax.numpy.array([1.0, -2.0])]
+    got = getattr(gcj, fn)(x, 1e39)
+    want = getattr(gc, fn)(x, 1e39)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
