@@ -141,6 +141,20 @@ def test_heavily_clipped_half_examples_do_not_vanish(xp, dtype, reduce):
         assert got.ravel()[0] != 0
 
 
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_a_mean_of_examples_with_tiny_scales(xp, per_layer):
+    # The mean divided each scale (5e-38 here) by the batch before the sum:
+    # a subnormal factor, which XLA flushes to 0, so the mean of clipped
+    # examples of norm 1 came out 0 on JAX (and a few digits off elsewhere).
+    host = np.full((8, 4), 1e37, np.float32)
+    x = xp.array(host, "float32")
+    strided = xp.array(np.ascontiguousarray(host.T), "float32").T
+    for leaf in (x, strided):
+        out, stats = gc.per_example_clip([leaf], 1.0, eps=0.0, per_layer=per_layer, reduce="mean")
+        assert float(np.max(xp.numpy(stats.scale))) < 2**-120  # a normal float32 scale
+        np.testing.assert_allclose(xp.numpy(out[0]), np.full(4, 0.5), rtol=1e-6)
+
+
 def test_opacus_flat_formula(xp):
     """Opacus: clip_factor = (C / (norm + 1e-6)).clamp(max=1); einsum("i,i...", factor, g)."""
     arrays, wide = _rounded(xp, _tree(), "float32")

@@ -399,6 +399,8 @@ def _combine(plan: Plan, x: Any, scale: Any, axis: int, reduce: str | None) -> A
                 y = xp.sum(block * column, axis=-2)
             else:
                 y = xp.matmul(factors, block)
+            if reduce == "mean":
+                y = y / batch  # after the sum (see per_example_clip)
             # (NumPy also multiplies ml_dtypes' bfloat16 into float32.)
             pieces.append(y if y.dtype == x.dtype else xp.astype(y, x.dtype))
         blocks.append(pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=-1))
@@ -436,6 +438,8 @@ def _combine_strided(
         else:
             total += xp.tensordot(f, block, axes=([0], [axis]))
     if total is not None:
+        if reduce == "mean":
+            total = total / batch  # after the sum (see per_example_clip)
         out[...] = xp.astype(total, x.dtype, copy=False)
     return out
 
@@ -485,8 +489,11 @@ def per_example_clip(
         finite = plan.finite(merged)
         scale = _scale_from_norm(plan, norms, max_norm, eps)
     each = scales if per_layer else [scale] * len(leaves)
+    # combine divides a mean after the sum, in the work dtype: scale / batch
+    # may be subnormal (a scale of 5e-38 over 8 examples), which XLA flushes
+    # to 0 and NumPy keeps with fewer digits, though the mean is not.
     out = [
-        combine(plan, x, s / batch if reduce == "mean" and batch else s, axes[k], reduce)
+        combine(plan, x, s, axes[k], reduce)
         for k, (x, s) in enumerate(zip(leaves, each, strict=True))
     ]
     clipped = scale < 1

@@ -718,7 +718,10 @@ def _combine(plan: Plan, x: Any, scale: Any, axis: int, reduce: str | None) -> A
         return (work * jnp.expand_dims(factors, others)).astype(x.dtype)
     spec = _explicit_spec(x)
     out = None if spec is None else _on_mesh_of(x, *spec[:axis], *spec[axis + 1 :])
-    return jnp.tensordot(factors, work, axes=([0], [axis]), out_sharding=out).astype(x.dtype)
+    y = jnp.tensordot(factors, work, axes=([0], [axis]), out_sharding=out)
+    if reduce == "mean" and x.shape[axis]:  # after the sum (see _core.per_example_clip)
+        y = y / x.shape[axis]
+    return y.astype(x.dtype)
 
 
 def _row_sums(plan: Plan, axes: Sequence[int], square: bool) -> list[Any]:
