@@ -491,6 +491,18 @@ def test_a_nonfinite_entry_beside_a_huge_one_does_not_warn_in_a_lazy_compute(dty
     assert np.asarray(gc.global_norm([da.from_array(host)], ord)).tobytes() == want.tobytes()
 
 
+def test_a_norm_past_float32_is_not_warned_in_a_lazy_compute():
+    # 1e4 entries of 1e37: the norm, 1e39, is past float32, the rms is not.
+    # dask cast the float64 norm to float32 in the caller's compute(), which
+    # warned "overflow encountered in cast".
+    da = importorskip("dask.array")
+    host = np.full(10_000, 1e37, np.float32)
+    out = gc.clip_by_block_rms([da.from_array(host, chunks=4096)], 1e36)
+    want = gc.clip_by_block_rms([host], 1e36)
+    assert np.asarray(out[0]).tobytes() == want[0].tobytes()  # a warning: an error
+    assert np.isinf(np.asarray(gc.global_norm([da.from_array(host)])))
+
+
 @pytest.mark.parametrize(
     "fn", ["clip_by_global_norm", "clip_by_norm", "clip_by_block_rms", "per_example_clip"]
 )

@@ -36,6 +36,10 @@ from typing import Any, NamedTuple
 
 from . import _compat
 
+# The midpoint of float32's largest value and 2**128: from here on a number
+# rounds to inf in float32 (a tie rounds to the even 2**128).
+_FLOAT32_INF_FROM = (2 - 2**-24) * 2**127
+
 __all__ = ["Partial", "Plan", "parse_ord"]
 
 # Upper bound on log2 of the element count of any tree we will see: the
@@ -462,6 +466,11 @@ class Plan:
             value = root(xp, value, self.p)
             if part.exp is not None:
                 value = value * (part.exp if self.by_max else xp.pow(self.const(2.0), part.exp))
+        if self._warns_later and dtype == xp.float32 and value.dtype == xp.float64:
+            # dask casts in the caller's compute(), outside gradclip's error
+            # state, and warns of a norm past float32 (1e39 for 1e4 entries of
+            # 1e37, whose rms is not): made inf first, as the cast rounds it.
+            value = xp.where(value >= _FLOAT32_INF_FROM, self.const(math.inf, xp.float64), value)
         return xp.astype(value, dtype)
 
     def finite(self, part: Partial) -> Any:
