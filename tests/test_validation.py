@@ -114,6 +114,21 @@ def test_a_cpu_tensor_bound_is_checked():
     assert grads[0].tolist() == [2.0] * 3
     learnt = torch.tensor(1.0, requires_grad=True)  # read without autograd's warning
     assert float(gc.clip_by_global_norm(grads, learnt)[1].scale.detach()) < 1
+    # lo/hi too: a NaN one made every entry NaN, lo > hi gave all hi.
+    with pytest.raises(ValueError, match="lo must not be NaN"):
+        gc.clip_by_value_(grads, lo=torch.tensor(math.nan))
+    with pytest.raises(ValueError, match="lo must be <= hi"):
+        gc.clip_by_value_(grads, lo=torch.tensor(1.0), hi=torch.tensor(-1.0))
+    assert grads[0].tolist() == [2.0] * 3
+
+
+def test_an_int_bound_past_float64_is_inf():
+    # float(10**400) raised a bare OverflowError naming no argument.
+    tree = [np.full(3, 2.0)]
+    assert float(gc.clip_by_global_norm(tree, 10**400)[1].scale) == 1.0
+    np.testing.assert_array_equal(gc.clip_by_value(tree, lo=-(10**400), hi=10**400)[0], tree[0])
+    with pytest.raises(ValueError, match="eps must be finite"):
+        gc.clip_by_global_norm(tree, 1.0, eps=10**400)
 
 
 @pytest.mark.parametrize("fused", [None, False])

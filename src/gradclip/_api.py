@@ -360,7 +360,12 @@ def _scalar_bound(value: Any, name: str, *, allow_array: bool = True) -> Any:
     if shape:
         what = "a number or a 0-d array" if allow_array else "a number"
         raise ValueError(f"{name} must be {what}; got an array of shape {shape}")
-    return value if device else float(value)
+    if device:
+        return value
+    try:
+        return float(value)
+    except OverflowError:  # an int past float64: inf, as a float past float32 rounds
+        return math.inf if value > 0 else -math.inf
 
 
 def _real(value: Any, device: bool) -> bool:
@@ -867,7 +872,8 @@ def clip_by_block_rms(
 def _signed_bound(value: Any, name: str) -> Any:
     """``lo`` or ``hi``: any number but NaN, or a 0-d device array (see :func:`_scalar_bound`)."""
     v = _scalar_bound(value, name)
-    if isinstance(v, float) and math.isnan(v):
+    h = _host_value(v)
+    if h is not None and math.isnan(h):
         raise ValueError(f"{name} must not be NaN")
     return v
 
@@ -881,7 +887,8 @@ def _value_bounds(clip_value: Any, lo: Any, hi: Any) -> tuple[Any, Any]:
     if lo is None and hi is None:
         raise TypeError("give clip_value, or at least one of lo= and hi=")
     low, high = (None if v is None else _signed_bound(v, n) for n, v in (("lo", lo), ("hi", hi)))
-    if isinstance(low, float) and isinstance(high, float) and low > high:
+    a, b = (None if v is None else _host_value(v) for v in (low, high))
+    if a is not None and b is not None and a > b:
         raise ValueError(f"lo must be <= hi; got lo={lo!r}, hi={hi!r}")
     return low, high
 
