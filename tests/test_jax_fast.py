@@ -140,6 +140,20 @@ def test_donate_writes_into_the_input_buffers():
     assert not bool(stats.clipped)
 
 
+@pytest.mark.parametrize("fn", ["clip_by_global_norm", "clip_by_norm", "clip_by_value"])
+def test_donating_one_array_twice_names_the_leaves(fn):
+    # Tied weights: XLA raised "Attempt to donate the same buffer twice",
+    # naming no leaf.
+    tied = jnp.ones(3)
+    tree = {"embed": tied, "head": tied}
+    with pytest.raises(ValueError, match=r"leaf \['head'\] is the same array as leaf \['embed'\]"):
+        getattr(gcj, fn)(tree, 1.0, donate=True)
+    assert not tied.is_deleted()
+    out = getattr(gcj, fn)(tree, 1.0)  # without donating: each leaf on its own
+    leaves = jax.tree.leaves(out[0] if isinstance(out, tuple) else out)
+    np.testing.assert_array_equal(np.asarray(leaves[0]), np.asarray(leaves[1]))
+
+
 @pytest.mark.parametrize(
     ("fn", "args"),
     [

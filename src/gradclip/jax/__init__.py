@@ -150,6 +150,20 @@ _NAMES = {
 _SHARDED = frozenset({"norm", "clip"})
 
 
+def _refuse_donating_twice(tree: Any, fn: str) -> None:
+    """Raise, naming the leaves, for one array given twice (tied weights) with ``donate``."""
+    flat = _api._prepare(tree, f"gradclip.jax.{fn}").flat
+    first: dict[int, int] = {}
+    for i, x in enumerate(flat.leaves):
+        j = first.setdefault(id(x), i)
+        if j != i:
+            raise ValueError(
+                f"gradclip.jax.{fn}: donate=True, but leaf {flat.paths[i]} is the same array as "
+                f"leaf {flat.paths[j]}, and XLA cannot donate one buffer twice; pass "
+                "donate=False, or the array once"
+            )
+
+
 def _call(body: str, donate: bool, dynamic: tuple[Any, ...], **static: Any) -> Any:
     tree, *rest = dynamic
     tree = _materialise(tree)  # a generator or dict view, as at the top level
@@ -162,6 +176,8 @@ def _call(body: str, donate: bool, dynamic: tuple[Any, ...], **static: Any) -> A
         # leaf, as at the top level (jit would take them in silently); a
         # tree of NumPy arrays alone goes to the device as jit does.
         _api._prepare(tree, f"gradclip.jax.{fn}")
+    if donate and len(set(map(id, leaves))) < len(leaves):
+        _refuse_donating_twice(tree, fn)
     if "eps" in static:  # a float: a key of the programs' cache (an array is not hashable)
         static["eps"] = _api._check_eps(static["eps"])
     if static.get("nonfinite") == "raise":
@@ -277,7 +293,9 @@ def clip_by_global_norm(
     donate : bool, default False
         Donate ``tree``'s buffers: the clipped leaves are written into them
         and ``tree`` must not be used afterwards (``jax.jit``'s
-        ``donate_argnums``). Ignored inside a caller's ``jit``.
+        ``donate_argnums``; under ``jax.vmap`` the batched arrays are
+        donated). Ignored inside a caller's ``jit``. One array given twice
+        (tied weights) cannot be donated: that raises ``ValueError``.
 
     Returns
     -------
