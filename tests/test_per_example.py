@@ -370,6 +370,8 @@ def test_per_layer_bounds_are_checked_against_the_tree():
 def test_empty_inputs(xp):
     out, stats = gc.per_example_clip({"a": None}, 1.0)
     assert out == {"a": None} and stats.norm.shape == (0,) and int(stats.num_clipped) == 0
+    _, stats = gc.per_example_clip({"a": None}, 1.0, per_layer=True)  # (K, B): it was (0,)
+    assert [tuple(np.shape(x)) for x in stats] == [(0, 0)] * 3 + [(0,), (0, 0)]
     arrays = [xp.array(np.zeros((0, 3)), "float32"), xp.array(np.zeros((0,)), "float32")]
     out, stats = gc.per_example_clip(arrays, 1.0, reduce="mean")
     np.testing.assert_array_equal(xp.numpy(out[0]), np.zeros(3))

@@ -1109,7 +1109,9 @@ def _one_bound(value: Any) -> bool:
 
 
 def _empty_example_stats(per_layer: bool) -> PerExampleStats:
-    stats = _empty_stats(True)
+    """No leaves, so no examples: ``(K, B) = (0, 0)`` per layer, ``(0,)`` flat."""
+    shape = (0, 0) if per_layer else (0,)
+    stats = ClipStats(*(x.reshape(shape) for x in _empty_stats(True)))
     count = np.zeros((0,) if per_layer else (), np.int32)
     return PerExampleStats(stats.norm, stats.scale, stats.clipped, count, stats.finite)
 
