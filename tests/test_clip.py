@@ -493,6 +493,27 @@ def test_a_nonfinite_entry_beside_a_huge_one_does_not_warn_in_a_lazy_compute(dty
     assert np.asarray(gc.global_norm([da.from_array(host)], ord)).tobytes() == want.tobytes()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_0d_bound_past_the_dtype_is_not_warned_in_a_lazy_compute(dtype):
+    # A float64 dask bound of 1e300 was cast lazily to the leaves' dtype (or
+    # float32), which warned "overflow encountered in cast" in compute().
+    da = importorskip("dask.array")
+    host = np.full(3, 7.0, dtype)
+    x = [da.from_array(host)]
+    big = da.from_array(np.array(1e300))
+    out = [
+        gc.clip_by_global_norm(x, big)[0][0],
+        gc.clip_by_norm(x, big)[0][0],
+        gc.clip_by_block_rms(x, big)[0],
+        gc.per_example_clip(x, big, reduce=None)[0][0],
+        gc.clip_by_value(x, lo=-big, hi=big)[0],
+    ]
+    for got in out:
+        assert np.asarray(got).tobytes() == host.tobytes()  # a warning: an error
+    low = gc.clip_by_value(x, lo=-big, hi=da.from_array(np.array(3.0)))[0]
+    np.testing.assert_array_equal(np.asarray(low), np.full(3, 3.0, dtype))
+
+
 def test_a_norm_past_float32_is_not_warned_in_a_lazy_compute():
     # 1e4 entries of 1e37: the norm, 1e39, is past float32, the rms is not.
     # dask cast the float64 norm to float32 in the caller's compute(), which

@@ -124,7 +124,7 @@ def _bound(plan: Plan, value: Any) -> Any:
     """
     if isinstance(value, int | float):
         return plan.const(value, plan.res) if plan._warns_later else value
-    return plan.xp.astype(value, plan.res)
+    return plan.cast(value, plan.res)
 
 
 def _infinite_in(plan: Plan, value: float) -> bool:
@@ -304,15 +304,20 @@ def clip_by_value(
         elif flags:
             keep = xp.logical_not(xp.all(xp.stack(flags)))
 
+    def bound(v: Any, dtype: Any) -> Any:
+        if _compat.is_array(v):  # a 0-d bound: dask would warn of 1e300 in compute()
+            return plan.cast(v, dtype)
+        return _compat.asarray(xp, v, dtype, plan.device)
+
     def clamp(block: Any) -> Any:
         dtype = block.dtype
         out = block
         if zero:
             out = _compat.where(xp, xp.isfinite(out), out, xp.zeros_like(out))
         if lo is not None:
-            out = xp.maximum(out, _compat.asarray(xp, lo, dtype, plan.device))
+            out = xp.maximum(out, bound(lo, dtype))
         if hi is not None:
-            out = xp.minimum(out, _compat.asarray(xp, hi, dtype, plan.device))
+            out = xp.minimum(out, bound(hi, dtype))
         if keep is not None:
             out = _compat.where(xp, keep, block, out)
         return _compat.as_array(out)

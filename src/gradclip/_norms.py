@@ -34,6 +34,8 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from . import _compat
 
 # The midpoint of float32's largest value and 2**128: from here on a number
@@ -466,11 +468,25 @@ class Plan:
             value = root(xp, value, self.p)
             if part.exp is not None:
                 value = value * (part.exp if self.by_max else xp.pow(self.const(2.0), part.exp))
-        if self._warns_later and dtype == xp.float32 and value.dtype == xp.float64:
-            # dask casts in the caller's compute(), outside gradclip's error
-            # state, and warns of a norm past float32 (1e39 for 1e4 entries of
-            # 1e37, whose rms is not): made inf first, as the cast rounds it.
-            value = xp.where(value >= _FLOAT32_INF_FROM, self.const(math.inf, xp.float64), value)
+        # A norm past float32 (1e39 for 1e4 entries of 1e37, whose rms is not)
+        return self.cast(value, dtype)
+
+    def cast(self, value: Any, dtype: Any) -> Any:
+        """``xp.astype(value, dtype)``, unwarned where warnings come later.
+
+        dask casts in the caller's ``compute()``, outside gradclip's error
+        state, and warns of a value past a narrower float dtype's range
+        (a norm, or a 0-d bound of 1e300): made +-inf first, as the cast
+        rounds it.
+        """
+        xp = self.xp
+        if self._warns_later and xp.isdtype(value.dtype, "real floating"):
+            to = _compat._ml_dtypes_finfo(dtype) or np.finfo(dtype)  # bfloat16 too
+            source = np.finfo(value.dtype)
+            if source.max > to.max:
+                top = (float(to.max) + 2.0**to.maxexp) / 2  # from here on, it rounds to inf
+                inf = self.const(math.inf, value.dtype)
+                value = xp.where(value >= top, inf, xp.where(value <= -top, -inf, value))
         return xp.astype(value, dtype)
 
     def finite(self, part: Partial) -> Any:
