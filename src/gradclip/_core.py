@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import _compat
-from ._norms import _FLOAT32_INF_FROM, Partial, Plan
+from ._norms import Partial, Plan
 from ._stats import ClipStats, NonFiniteError, PerExampleStats
 
 __all__ = [
@@ -125,6 +125,11 @@ def _bound(plan: Plan, value: Any) -> Any:
     if isinstance(value, int | float):
         return plan.const(value, plan.res) if plan._warns_later else value
     return plan.cast(value, plan.res)
+
+
+# The midpoint of float32's largest value and 2**128: from here on a number
+# rounds to inf in float32 (a tie rounds to the even 2**128).
+_FLOAT32_INF_FROM = (2 - 2**-24) * 2**127
 
 
 def _infinite_in(plan: Plan, value: float) -> bool:

@@ -38,10 +38,6 @@ import numpy as np
 
 from . import _compat
 
-# The midpoint of float32's largest value and 2**128: from here on a number
-# rounds to inf in float32 (a tie rounds to the even 2**128).
-_FLOAT32_INF_FROM = (2 - 2**-24) * 2**127
-
 __all__ = ["Partial", "Plan", "parse_ord"]
 
 # Upper bound on log2 of the element count of any tree we will see: the
