@@ -37,6 +37,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, TypeAlias, TypeVar, cast
 
+import numpy as np
 import torch
 
 from .. import _api, _compat, _core
@@ -248,13 +249,19 @@ def _fused(foreach: Any) -> bool | None:
     """
     if foreach is None:
         return None
-    if not isinstance(foreach, bool | int) and type(foreach).__name__ != "bool":  # np.bool_
+    if not isinstance(foreach, bool | int | np.bool_):
         raise TypeError(f"foreach must be None or a bool; got {foreach!r}")
     return bool(foreach)
 
 
 def _plan(
-    prep: Any, p: float, policy: str, foreach: bool | None, owners: list[Any], group: Any = None
+    prep: Any,
+    p: float,
+    policy: str,
+    foreach: bool | None,
+    owners: list[Any],
+    group: Any = None,
+    bound: Any = None,
 ) -> Plan:
     """The plan for the gradients; with none, an empty plan whose norm is 0.
 
@@ -265,13 +272,17 @@ def _plan(
     CPU. ``get_backend_config``, not ``get_backend``: a group made with no
     backend named reports "undefined", and "cpu:gloo,cuda:nccl" is no "nccl"
     either; a CPU tensor there went through gloo while the other ranks waited
-    in NCCL.
+    in NCCL. With no group, torch's norm of nothing, ``torch.tensor(0.0)``:
+    the default dtype, on the CPU, or on the device of a tensor ``bound``
+    (max_norm), where the scale and flags are, so that the stats stack.
     """
     zero = policy == "zero"
     if prep.xp is None:
         plan = Plan(_compat.namespace(torch.empty(0)), p, [], zero_nonfinite=zero)
-        if group is None:  # torch's norm of nothing, torch.tensor(0.0): default dtype, CPU
+        if group is None:
             plan.res = torch.get_default_dtype()
+            if _compat.is_array(bound):
+                plan.device = _compat.device_of(bound)
             return plan
         plan.device = next((t.device for t in owners), None)
         if plan.device is None and "nccl" in torch.distributed.get_backend_config(group):
@@ -580,11 +591,7 @@ def clip_grad_norm_(
     inv_scale = _check_inv_scale(inv_scale, fn)
     flat, owners, pred = _grads(parameters, fn, replicated, warn_empty=True)
     prep, scopes = _prepared(flat, fn, True, process_group, pred)
-    plan = _plan(prep, p, policy, foreach, owners, process_group)
-    if plan.device is None and _compat.is_array(max_norm):
-        # No gradients and no group: the stats go where the bound is, not the
-        # norm on the CPU (torch's tensor(0.0)) beside a scale on the GPU.
-        plan.device = _compat.device_of(max_norm)
+    plan = _plan(prep, p, policy, foreach, owners, process_group, bound=max_norm)
     norm, finite = _total(plan, prep.flat.paths, policy, scopes, inv_scale)
     scale = _scale_grads(plan, norm, finite, max_norm, policy, inv_scale, eps)
     if return_stats:
