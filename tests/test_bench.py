@@ -21,6 +21,7 @@ import numpy as np
 import optree
 import pytest
 
+import gradclip as gc
 import gradclip.__main__ as cli
 from conftest import importorskip
 from gradclip import _bench
@@ -99,6 +100,14 @@ def test_result_check_rejects_rows_that_did_not_clip():
     assert not ok(500.0, 500.0, 1.0)  # not clipped
     assert not ok(0.0, 500.0, 1.0)  # zeroed
     assert not ok(250.0, 500.0, 1e30)  # scaled when it should not
+
+
+def test_a_wrong_result_exits_1(hide, monkeypatch, capsys):
+    # A missed target exits 0; a row that did not clip is a broken path.
+    hide("torch", "optax")
+    monkeypatch.setattr(gc, "clip_by_global_norm_", lambda *args, **kwargs: None)
+    assert cli.main(["bench", "--tree", "huge", *QUICK]) == 1
+    assert "WRONG RESULT: 2 rows" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
@@ -482,6 +491,7 @@ def test_skip_option(tmp_path: Path, hide, capsys):
     assert cli.main([*argv, "--json", str(path), *QUICK]) == 0
     report = json.loads(path.read_text())
     assert " --skip optax --skip naive:llm" in report["command"]
+    assert " --budget 0.001 --max-norm 1.0" in report["command"]  # as given, not rounded
     assert report["settings"]["skip"] == ["optax", "naive:llm"]
     assert {r["key"] for r in report["rows"]} == {"gradclip", "flattree", "floor", "read"}
 
@@ -493,6 +503,7 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_run(tmp_path: Pat
     afile.write_text("")
     cases = [
         (["bench", "--json", str(tmp_path)], "is a directory"),
+        (["bench", "--json", ""], "an empty path"),  # was accepted, then nothing written
         (["bench", "--json", str(afile / "x.json")], f"cannot make {afile}"),
         (["demo", "--out", str(tmp_path)], "is a directory"),
         # matplotlib refused .txt after the whole run; without it, .svg held a PNG
@@ -1047,9 +1058,13 @@ def test_gpu_rows_that_fail_are_reported_and_the_others_run(fake_cupy, monkeypat
         f"small {case}: naive CuPy loop: FAILED, row left out: MemoryError: out of device memory"
         for case in _bench.CASES
     ]
+    assert report["failed"] == [f"small {case}: naive CuPy loop" for case in _bench.CASES]
     assert "Traceback" in capsys.readouterr().err
     keys = {r["key"] for r in report["rows"]}
     assert keys == {"gradclip", "flattree", "flat", "copy", "floor", "read"}
+    # a script running the harness (benchmarks/gpu_session.sh) sees the failure
+    argv = ["bench", "--backend", "cupy", "--tree", "small", "--skip", "torch", "--reps", "2"]
+    assert cli.main([*argv, "--budget", "0.001", "--size-factor", str(GPU_FACTOR)]) == 1
     # on the CPU backends a failing row still stops the run
     with pytest.raises(MemoryError):
         _bench.bench("numpy", ["small"], skip=["torch", "optax"], **quick)

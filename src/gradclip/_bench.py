@@ -2244,8 +2244,8 @@ def bench(
     -------
     dict
         JSON-ready: ``machine``, ``date``, ``settings``, ``notes`` (rows left
-        out, and on the GPU rows that failed), ``trees``, ``rows`` (figures
-        and ratios) and ``targets``.
+        out, and on the GPU rows that failed), ``failed`` (those GPU rows'
+        names), ``trees``, ``rows`` (figures and ratios) and ``targets``.
     """
     skipped = {_skip_entry(entry) for entry in skip}
     _check_dtype(dtype)
@@ -2265,6 +2265,7 @@ def bench(
     plans = {name: example_plan if name in EXAMPLE_TREES else global_plan for name in trees}
     notes = [] if examples_only else list(global_notes)
     notes += example_notes
+    failed: list[str] = []  # GPU rows that raised (see the loop below)
 
     def runs(row: _Row, tree: str) -> bool:
         return (row.key, None) not in skipped and (row.key, tree) not in skipped
@@ -2352,6 +2353,7 @@ def bench(
                         # the others still run.
                         traceback.print_exc(file=sys.stderr)
                         notes.append(f"{what}: FAILED, row left out: {type(exc).__name__}: {exc}")
+                        failed.append(what)
                         bar.done(what, "FAILED")
                         continue
                     section.append(done)
@@ -2392,6 +2394,7 @@ def bench(
             "device": "gpu" if ctx.gpu else "cpu",
         },
         "notes": notes,
+        "failed": failed,
         "trees": tree_info,
         "rows": rows,
         # The targets bound the global clip's trees: none for a dp-only run.
@@ -2713,6 +2716,8 @@ def output_path(text: str) -> str:
     not be a directory: a run of minutes would otherwise end in a traceback,
     its results lost.
     """
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path")
     directory = os.path.dirname(text) or "."
     try:
         os.makedirs(directory, exist_ok=True)
@@ -2825,7 +2830,9 @@ def run(args: argparse.Namespace) -> int:
     Returns
     -------
     int
-        Exit status: 0, also when a target is missed (that is reported, not an error).
+        Exit status: 0, also when a target is missed (that is reported, not an
+        error); 1 when a row's result failed its check or a GPU row raised,
+        so a script that runs the harness sees a broken path.
     """
     trees = TREES if args.tree == "all" else (args.tree,)
     report = bench(
@@ -2841,7 +2848,7 @@ def run(args: argparse.Namespace) -> int:
     )
     command = (
         f"python -m gradclip bench --backend {args.backend} --tree {args.tree} "
-        f"--reps {args.reps} --budget {args.budget:g} --max-norm {args.max_norm:g}"
+        f"--reps {args.reps} --budget {args.budget!r} --max-norm {args.max_norm!r}"
     )
     if args.device is not None:
         command += f" --device {args.device}"
@@ -2850,11 +2857,11 @@ def run(args: argparse.Namespace) -> int:
     command += "".join(f" --skip {entry}" for entry in args.skip)
     if args.size_factor != 1:
         command += f" --size-factor {args.size_factor}"
-    report = {"command": command, "argv": sys.argv, **report}
+    report = {"command": command, **report}
     print(format_report(report))
-    if args.json:  # its directory made by output_path
+    if args.json is not None:  # its directory made by output_path
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
             f.write("\n")
         print(f"\nwrote {args.json}")
-    return 0
+    return 1 if report["failed"] or not all(r["check_ok"] for r in report["rows"]) else 0
