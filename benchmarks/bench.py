@@ -9,10 +9,9 @@ arguments:
                                [--dtype float32|bfloat16] [--reps N]
                                [--budget SECONDS] [--max-norm X] [--skip ROW[:TREE]]
 
-``nox -s bench`` records ``benchmarks/results/bench-numpy-cpu.json`` and
-``benchmarks/results/bench-jax-cpu.json``. ``--tree dp`` times per-example
-clipping (issue 8) and runs only when named; its results are
-``benchmarks/results/bench-dp-{numpy,torch,jax}-cpu.json``.
+``nox -s bench`` records ``benchmarks/results/bench-{numpy,jax,torch}-cpu.json``.
+``--tree dp`` times per-example clipping (issue 8) and runs only when named;
+its results are ``benchmarks/results/bench-dp-{numpy,torch,jax}-cpu.json``.
 
 On a GPU machine ``--backend cupy`` always, and ``--backend torch`` and
 ``--backend jax`` by default (``--device cpu`` keeps them on the CPU), time

@@ -7,8 +7,9 @@
 small tree (2000 leaves) as CuPy arrays, and of ``gradclip.torch.clip_grad_norm_``
 on it as CUDA tensors, under cProfile: the functions with the most own time.
 
-``kernels``: ``global_norm`` (the norm kernel) and the in-place clip with and
-without a clip (norm kernel, then a scale kernel that writes or not) on one
+``kernels``: ``global_norm`` (the norm kernel), the in-place clip with no
+clip to do (norm kernel, then a scale kernel that writes nothing) and the
+clip into a new array (norm kernel, then a scale kernel that writes) on one
 leaf of 2**28 elements, float32 and bfloat16, each against a device-to-device
 copy of the same bytes and CuPy's own sum of squares, in GB/s.
 """

@@ -37,12 +37,15 @@ fi
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
 PY=${GRADCLIP_GPU_PYTHON:-python3}
-if compgen -G ".whl/*.whl" >/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+# Called once the stage names are checked (at the end).
+install_wheels() {
+    if compgen -G ".whl/*.whl" >/dev/null; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site .whl/*.whl || exit 1
+        export PYTHONPATH=/tmp/site
+    fi
+    export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+}
 export PYTHONUNBUFFERED=1
 # JAX would otherwise take 75% of the GPU's memory when first imported, and
 # CuPy, torch and the 1B-element trees need it.
@@ -169,13 +172,17 @@ stage_probe_jax() {  # gradclip.jax against optax on llm, and its norm fallback 
     tar -czf "$OUT/jax-probe-hlo.tgz" -C "$hlo" .  # one file: the device tool returns at most 8
 }
 
+# Every name checked before any stage runs: a typo in the last one must not
+# cost the device time of those before it.
 for stage in "$@"; do
-    fn="stage_${stage//-/_}"
-    if ! declare -F "$fn" >/dev/null; then
+    if ! declare -F "stage_${stage//-/_}" >/dev/null; then
         echo "unknown stage $stage; stages: env tests-cupy tests-jax bench-cupy bench-torch bench-jax bench-jax-small bench-dp bench-small profile probe-jax" >&2
         exit 2
     fi
-    "$fn"
+done
+install_wheels
+for stage in "$@"; do
+    "stage_${stage//-/_}"
 done
 if [ ${#failed[@]} -gt 0 ]; then
     printf 'failed: %s\n' "${failed[@]}"

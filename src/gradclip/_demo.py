@@ -4,7 +4,7 @@ The classic experiment (Pascanu, Mikolov and Bengio, 2013): a vanilla tanh
 RNN learns the adding problem (sum the two marked numbers of a sequence),
 whose gradients explode through time. It is trained three ways from the same
 initialisation on the same batches: plain SGD, SGD with global-norm clipping
-(:func:`gradclip.clip_by_global_norm_`), and SGD with
+(:func:`gradclip.clip_by_global_norm`), and SGD with
 :class:`gradclip.adaptive.ZClip`. Without clipping the loss blows up within a
 few steps; with either clipper the model learns.
 
@@ -108,7 +108,7 @@ def numpy_loss_and_grads(
     return loss, g
 
 
-# Each backend: (to its arrays, loss-and-grads, SGD step, to NumPy).
+# Each backend: (to its arrays, loss-and-grads, SGD step).
 Backend = tuple[Callable[[Any], Any], Callable[..., Any], Callable[..., Any]]
 
 
