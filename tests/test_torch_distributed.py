@@ -257,6 +257,8 @@ def build_cases(world: int) -> dict[str, dict]:
     cases["all_empty"] = {"check": "all_empty"}
     cases["overflow_elsewhere"] = {"check": "overflow_elsewhere"}
     cases["dtensor_partial"] = {"check": "dtensor_partial"}
+    if world >= 4:
+        cases["dtensor_elsewhere"] = {"check": "dtensor_elsewhere"}
     return cases
 
 
@@ -627,6 +629,26 @@ def test_dtensor_gradients(ranks, world, name):
             np.testing.assert_allclose(full, single_grads[k], rtol=tol, atol=0)
         for k, g in enumerate(r["plain_after"]):
             np.testing.assert_allclose(g, single_grads[n + k], rtol=tol, atol=0)
+        # get_total_norm then clip_grads_with_norm_: the same shards. Plain
+        # tensors beside DTensors, or two meshes, raised (a DTensor multiply
+        # of mixed operands), and foreach=False had scaled the DTensors first.
+        for foreach in (None, False):
+            for k, got in enumerate(r[f"two_step_{foreach}"]):
+                want = r["local_after"][k] if k < n else r["plain_after"][k - n]
+                np.testing.assert_allclose(got, want, rtol=tol, atol=0, err_msg=f"{foreach} {k}")
+
+
+def test_dtensor_on_a_mesh_without_this_rank(ranks):
+    # A pipeline stage's DTensor (mesh of ranks 0 and 1) passed on every rank:
+    # ranks 2 and 3 raised IndexError in torch's DeviceMesh.get_group.
+    res = _case(ranks, 4, "dtensor_elsewhere")
+    want = math.sqrt(sum(k * k for k in range(6)))
+    for rank, r in enumerate(res):
+        if rank < 2:
+            assert r["type"] == "DTensor"
+            np.testing.assert_allclose(r["norm"], want, rtol=1e-6)
+        else:  # nothing of it here: a plain norm of nothing
+            assert r["type"] == "Tensor" and float(r["norm"]) == 0.0
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -316,6 +316,10 @@ def _mesh(name: str, world: int) -> Any:
             _MESHES[name] = init_device_mesh("cpu", (2, world // 2))
         elif name == "2d_named":
             _MESHES[name] = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+        elif name == "ranks01":  # a pipeline stage's mesh: the other ranks are not in it
+            from torch.distributed.device_mesh import DeviceMesh
+
+            _MESHES[name] = DeviceMesh("cpu", [0, 1])
         else:
             raise ValueError(name)
     return _MESHES[name]
@@ -343,19 +347,35 @@ def check_dtensor(rank: int, world: int, spec: dict) -> dict[str, Any]:
     import torch
     from torch.distributed.tensor import distribute_tensor
 
-    from gradclip.torch import clip_grad_norm_, get_total_norm
+    from gradclip.torch import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
 
     p, max_norm = spec["norm_type"], spec["max_norm"]
-    params = []
-    for k, entry in enumerate(spec["entries"]):
-        mesh = _mesh(entry["mesh"], world)
-        placements = _placements(entry["placements"])
-        full = torch.from_numpy(entry["grad"].copy())
-        q = torch.nn.Parameter(distribute_tensor(torch.zeros_like(full), mesh, placements))
-        q.grad = distribute_tensor(full, mesh, placements)
-        params.append((f"d{k}", q))
-    plain = [(f"plain{k}", _param(torch.from_numpy(g.copy()))) for k, g in enumerate(spec["plain"])]
+
+    def model() -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+        params = []
+        for k, entry in enumerate(spec["entries"]):
+            mesh = _mesh(entry["mesh"], world)
+            placements = _placements(entry["placements"])
+            full = torch.from_numpy(entry["grad"].copy())
+            q = torch.nn.Parameter(distribute_tensor(torch.zeros_like(full), mesh, placements))
+            q.grad = distribute_tensor(full, mesh, placements)
+            params.append((f"d{k}", q))
+        plain = [
+            (f"plain{k}", _param(torch.from_numpy(g.copy()))) for k, g in enumerate(spec["plain"])
+        ]
+        return params, plain
+
     out: dict[str, Any] = {}
+    # The two-step split (torch's get_total_norm, then clip_grads_with_norm_),
+    # on gradients of their own: the same shards as clip_grad_norm_'s.
+    for foreach in (None, False):
+        params, plain = model()
+        norm = get_total_norm([q.grad for _, q in params + plain], p)
+        clip_grads_with_norm_([q for _, q in params + plain], max_norm, norm, foreach=foreach)
+        out[f"two_step_{foreach}"] = [_np(q.grad.to_local()) for _, q in params] + [
+            _np(q.grad) for _, q in plain
+        ]
+    params, plain = model()
     out["local_before"] = [_np(q.grad.to_local()) for _, q in params]
     gtn = get_total_norm([q.grad for _, q in params + plain], p)
     # DTensors, as torch's: FSDP2 code calls .full_tensor() on the norm.
@@ -369,6 +389,22 @@ def check_dtensor(rank: int, world: int, spec: dict) -> dict[str, Any]:
     out["full_after"] = [_np(q.grad.full_tensor()) for _, q in params]
     out["plain_after"] = [_np(q.grad) for _, q in plain]
     return out
+
+
+def check_dtensor_elsewhere(rank: int, world: int, spec: dict) -> dict[str, Any]:
+    """A DTensor on a mesh of ranks 0 and 1: the other ranks hold nothing of it."""
+    import torch
+    from torch.distributed.tensor import distribute_tensor
+
+    from gradclip.torch import clip_grad_norm_
+
+    mesh = _mesh("ranks01", world)
+    full = torch.arange(6.0)
+    q = torch.nn.Parameter(distribute_tensor(torch.zeros(6), mesh, _placements(["S0"])))
+    q.grad = distribute_tensor(full, mesh, _placements(["S0"]))
+    norm = clip_grad_norm_([("w", q)], 1e9)
+    local = norm.to_local() if hasattr(norm, "to_local") else norm
+    return {"type": type(norm).__name__, "norm": _np(local)}
 
 
 def check_dtensor_partial(rank: int, world: int, spec: dict) -> dict[str, Any]:
@@ -396,4 +432,5 @@ CHECKS = {
     "overflow_elsewhere": check_overflow_elsewhere,
     "dtensor": check_dtensor,
     "dtensor_partial": check_dtensor_partial,
+    "dtensor_elsewhere": check_dtensor_elsewhere,
 }

@@ -648,12 +648,16 @@ def clip_grads_with_norm_(
     eps = _api._check_eps(eps)
     inv_scale = _check_inv_scale(inv_scale, fn)
     flat, owners, _ = _grads(parameters, fn)
-    prep = _api._check(flat, fn, inplace=True, gradients=True)
+    # DTensor gradients are scaled through their local shards, as clip_grad_norm_
+    # does: DTensor arithmetic refuses plain tensors beside them, or two meshes.
+    prep, _ = _prepared(flat, fn, True, None, None)
     plan = _plan(prep, 2.0, "propagate", foreach, owners)
     if isinstance(total_norm, torch.Tensor):
         # A norm that requires grad (taken under autograd) is used as a value,
         # as torch does; torch.asarray would warn about copying its graph.
         total_norm = total_norm.detach()
+        if hasattr(total_norm, "full_tensor"):  # get_total_norm's replicated DTensor
+            total_norm = total_norm.full_tensor()
     norm = _compat.asarray(plan.xp, total_norm, plan.res, plan.device)
     _scale_grads(plan, norm, None, max_norm, "propagate", inv_scale, eps)
 

@@ -80,7 +80,12 @@ def _all_reduce(tensor: Any, op: Any, group: Any) -> None:
 
 
 def _dtensor_member(g: Any, name: str, fn: str) -> tuple[Any, Any, bool]:
-    """The local shard of a DTensor gradient, its mesh group, and whether it counts here."""
+    """The local shard of a DTensor gradient, its mesh, and whether it counts here.
+
+    The mesh is ``None`` on a rank outside it, which holds nothing of ``g``
+    and takes no part in the mesh's collectives (torch's ``get_group`` has
+    no group to give it).
+    """
     from torch.distributed.tensor import Replicate, Shard
 
     try:  # FSDP2 over tensor parallelism shards a dim-0 TP weight with it
@@ -93,7 +98,7 @@ def _dtensor_member(g: Any, name: str, fn: str) -> tuple[Any, Any, bool]:
     mesh = g.device_mesh
     coords = mesh.get_coordinate()
     if coords is None:  # this rank is not in the mesh: it holds nothing of g
-        return g.to_local(), mesh, False
+        return g.to_local(), None, False
     counts = True
     for dim, placement in enumerate(g.placements):
         if isinstance(placement, Replicate):
@@ -138,7 +143,8 @@ def scopes(
     for i, g in enumerate(grads):
         if dtensor_cls is not None and isinstance(g, dtensor_cls):
             local, mesh, counts = _dtensor_member(g, names[i], fn)
-            key: Any = ("mesh", id(mesh))
+            # a mesh without this rank: nothing to reduce with anyone
+            key: Any = ("mesh", id(mesh)) if mesh is not None else ("local", None)
             target = mesh
         else:
             local = g
@@ -150,7 +156,7 @@ def scopes(
             entry[1].append(i)
     out = []
     for key, (target, members) in by_key.items():
-        pg = target if key[0] == "group" else _mesh_group(target)
+        pg = target if key[0] != "mesh" else _mesh_group(target)
         out.append(Scope(pg, tuple(members)))
     return locals_, out
 
@@ -159,7 +165,9 @@ def replicate_like(value: Any, grads: Sequence[Any]) -> Any:
     """``value``, a norm, as a replicated DTensor where ``grads`` holds one (else as it is).
 
     torch's ``get_total_norm`` of DTensor gradients is a DTensor, and FSDP2
-    code calls ``.full_tensor()`` on it. It goes on the first DTensor's mesh.
+    code calls ``.full_tensor()`` on it. It goes on the first DTensor's mesh
+    that holds this rank: on a mesh without it, ``from_local`` would leave an
+    empty tensor, not the norm (a rank in no DTensor's mesh gets the tensor).
     """
     torch = _torch()
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -167,7 +175,7 @@ def replicate_like(value: Any, grads: Sequence[Any]) -> Any:
     from torch.distributed.tensor import DTensor, Replicate
 
     for g in grads:
-        if isinstance(g, DTensor):
+        if isinstance(g, DTensor) and g.device_mesh.get_coordinate() is not None:
             mesh = g.device_mesh
             return DTensor.from_local(value, mesh, [Replicate()] * mesh.ndim, run_check=False)
     return value
