@@ -212,6 +212,23 @@ def test_norm_of_subnormals(xp):
 
 
 @pytest.mark.parametrize("fused", [None, False])
+@pytest.mark.parametrize("ord", [100.0, 1000.0])
+@pytest.mark.parametrize("value", [1e-40, 1e-45])
+def test_one_subnormal_with_a_large_ord(xp, value, ord, fused):
+    # Large ords divide each block by its largest entry. XLA on the CPU
+    # flushes a subnormal one to 0, and every entry with it: 0 / 0 made the
+    # norm NaN, and the gradients NaN, on JAX's fast path.
+    x = xp.array(np.array([value], np.float32), "float32")
+    norm = float(gc.global_norm([x], ord=ord, fused=fused))
+    flushes = xp.name.startswith("jax")
+    want = 0.0 if flushes else float(np.float32(value))
+    assert norm == pytest.approx(want, rel=1e-6, abs=0.0)
+    (out,), stats = gc.clip_by_global_norm([x], 1.0, ord=ord, fused=fused)
+    assert bool(stats.finite) and float(stats.scale) == 1.0
+    assert float(out[0]) in (0.0, float(np.float32(value)))
+
+
+@pytest.mark.parametrize("fused", [None, False])
 @pytest.mark.parametrize(("value", "ord"), [(5e-324, 30.0), (1e-320, 100.0), (1e-310, 500.0)])
 def test_float64_subnormals_with_a_large_ord(xp, value, ord, fused):
     # The scale 2**-exp once stopped at 2**1022, leaving subnormal entries

@@ -326,9 +326,13 @@ class Plan:
         reciprocal, which is subnormal, so flushed to 0, for ``top >= 2**126``
         in float32: the ord-100 norm of [1e38, 1] came out as 0 (eager JAX).
         Both are scaled by the power of two below ``top`` first, exactly.
+        A subnormal ``top`` is flushed there too, and every entry with it:
+        their ratios are 0, not the 0 / 0 that made the norm NaN.
         """
+        xp = self.xp
         exp = self.exponent(top)
-        return self.scale_down(a, exp) / self.scale_down(top, exp)
+        den = self.scale_down(top, exp)
+        return self.scale_down(a, exp) / xp.where(den == 0, self.const(1.0), den)
 
     def leaf(self, index: int) -> Partial:
         """Reduce one leaf, block by block."""
