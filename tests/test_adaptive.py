@@ -687,6 +687,11 @@ def test_a_tree_without_arrays_passes_through(clipper):
             if not shape:
                 assert got == w
         assert clipper.update_(empty, state, params=empty)[0] is state
+    # (p.grad for p in params) on a step where no grad is set: its list, as
+    # clip_by_global_norm gives, not the generator it had used up
+    state = clipper.init({})
+    out, _, _ = clipper.update((g for g in [None, None]), state, params=iter([None, None]))
+    assert out == [None, None]
 
 
 def _only(name):

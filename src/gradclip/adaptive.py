@@ -352,6 +352,9 @@ class _Clipper(_Stateful):
         ``optax.tree_map_params``) passes through, the state unchanged and
         the stats those of :func:`gradclip.clip_by_global_norm` on it.
         """
+        # A generator is read once: the tree returned must be its list, even
+        # when it held no arrays ((p.grad for p in params) with every grad None).
+        tree = _materialise(tree)
         with _stepping(state):
             try:
                 return self._step(tree, state, params, False)
