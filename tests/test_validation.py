@@ -342,6 +342,26 @@ def test_overlapping_torch_tensor():
     assert ok.tolist() == [5.0, 5.0, 5.0]
 
 
+@pytest.mark.parametrize("fn", [gc.clip_by_global_norm_, gc.clip_by_norm_])
+def test_windows_that_share_entries_are_refused(fn):
+    # unfold's windows overlap with nonzero strides: the global clip scaled
+    # shared entries two or three times, clip_by_norm_ once.
+    torch = importorskip("torch")
+    base = torch.arange(1.0, 6.0)
+    with pytest.raises(ValueError, match=r"leaf \[0\] may have overlapping memory"):
+        fn([base.unfold(0, 3, 1)], 1.0)
+    assert base.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    host = np.arange(1.0, 6.0)
+    windows = np.lib.stride_tricks.as_strided(host, (3, 3), (8, 8))
+    with pytest.raises(ValueError, match=r"leaf \[0\] may have overlapping memory"):
+        fn([windows], 1.0)
+    assert host.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    # strided layouts that share nothing are still clipped in place
+    grid = np.ones((4, 6))
+    for view in (grid[::2, ::3], grid.T, grid[:, 1:][::-1]):
+        fn([view], 1.0)
+
+
 def _in_place_calls():
     from gradclip.adaptive import AGC, AdaGC, AutoClip, ZClip
 

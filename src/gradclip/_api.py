@@ -179,7 +179,7 @@ def _check(flat: Flat, fn: str, *, inplace: bool = False, gradients: bool = Fals
                 "gradclip.torch.clip_grad_norm_(model.parameters(), max_norm); to clip the "
                 "weights themselves, pass p.detach()"
             )
-        if inplace and not (kind is np.ndarray and x.flags.writeable and 0 not in x.strides):
+        if inplace and not (kind is np.ndarray and x.flags.writeable and x.flags.c_contiguous):
             problem = _compat.writable_problem(x)
             if problem is not None:
                 raise ValueError(f"{fn}: leaf {paths[i]} {problem}; it cannot be clipped in place")

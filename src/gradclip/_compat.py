@@ -389,10 +389,38 @@ def writable_problem(x: Any) -> str | None:
     shape = tuple(x.shape)
     if math.prod(shape) == 0:
         return None  # nothing to write (NumPy gives empty arrays zero strides)
-    strides = tuple(x.stride()) if aac.is_torch_array(x) else getattr(x, "strides", ())
+    if aac.is_torch_array(x):
+        if x.is_contiguous():
+            return None
+        strides, itemsize = tuple(x.stride()), 1  # torch counts strides in elements
+    else:  # NumPy (array-api-strict's too) and CuPy count them in bytes
+        flags = getattr(x, "flags", None)
+        if flags is not None and (flags.c_contiguous or flags.f_contiguous):
+            return None
+        strides, itemsize = tuple(getattr(x, "strides", ())), x.itemsize
     if any(s == 0 and n > 1 for s, n in zip(strides, shape, strict=False)):
         return "has overlapping memory (a zero stride, e.g. from broadcasting or expand)"
+    if _may_self_overlap(shape, strides, itemsize):
+        return (
+            f"may have overlapping memory (strides {strides} for shape {shape}, e.g. from "
+            "unfold or as_strided): entries written twice would be scaled twice"
+        )
     return None
+
+
+def _may_self_overlap(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> bool:
+    """Whether two entries of a strided array might share memory (``False``: they cannot).
+
+    Sufficient, not necessary: with its dimensions ordered by stride, each
+    stride must step past everything the smaller ones reach. Layouts made by
+    slicing, transposing and reshaping pass; unfold's windows do not.
+    """
+    reach = itemsize
+    for step, n in sorted((abs(s), n) for s, n in zip(strides, shape, strict=True) if n > 1):
+        if step < reach:
+            return True
+        reach += step * (n - 1)
+    return False
 
 
 def traced(leaves: Sequence[Any]) -> bool:
