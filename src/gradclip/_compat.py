@@ -398,9 +398,9 @@ def writable_problem(x: Any) -> str | None:
         if flags is not None and (flags.c_contiguous or flags.f_contiguous):
             return None
         strides, itemsize = tuple(getattr(x, "strides", ())), x.itemsize
-    if any(s == 0 and n > 1 for s, n in zip(strides, shape, strict=False)):
-        return "has overlapping memory (a zero stride, e.g. from broadcasting or expand)"
     if _may_self_overlap(shape, strides, itemsize):
+        if any(s == 0 and n > 1 for s, n in zip(strides, shape, strict=False)):
+            return "has overlapping memory (a zero stride, e.g. from broadcasting or expand)"
         return (
             f"may have overlapping memory (strides {strides} for shape {shape}, e.g. from "
             "unfold or as_strided): entries written twice would be scaled twice"
@@ -416,7 +416,8 @@ def _may_self_overlap(shape: tuple[int, ...], strides: tuple[int, ...], itemsize
     slicing, transposing and reshaping pass; unfold's windows do not.
     """
     reach = itemsize
-    for step, n in sorted((abs(s), n) for s, n in zip(strides, shape, strict=True) if n > 1):
+    # (strict=False: an array type without strides has none to check)
+    for step, n in sorted((abs(s), n) for s, n in zip(strides, shape, strict=False) if n > 1):
         if step < reach:
             return True
         reach += step * (n - 1)
