@@ -1089,6 +1089,27 @@ def test_a_number_inv_scale_is_exact_for_float64_gradients(inv):
 
 
 @pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0, math.inf])
+def test_inv_scale_keeps_a_norm_whose_loss_scaled_one_overflows(route, norm_type, foreach):
+    # float64 gradients of 1e308 under a loss scale of 65536: the unscaled
+    # norm (3e303 at ord 2) is in range. inv_scale was applied after the
+    # scaled norm had become inf: finite True, every gradient zeroed.
+    inv = 1 / 65536
+    scaled = [
+        torch.full((4,), 1e308, dtype=torch.float64),
+        torch.full((3,), -5e307, dtype=torch.float64),
+    ]
+    ours, theirs = _params(*scaled), _params(*(g * inv for g in scaled))
+    stats = clip_grad_norm_(ours, 1.0, norm_type, foreach=foreach, inv_scale=inv, return_stats=True)
+    want = clip_grad_norm_(theirs, 1.0, norm_type, foreach=foreach)
+    assert math.isfinite(float(want))
+    torch.testing.assert_close(stats.norm, want, rtol=1e-15, atol=0)
+    assert bool(stats.finite)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("foreach", [None, False])
 @pytest.mark.parametrize("scale", [1024.0, 3.0])
 @pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
 def test_inv_scale_equals_unscale_then_clip(route, dtype, scale, foreach):

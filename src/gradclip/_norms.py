@@ -455,8 +455,14 @@ class Plan:
         kept = xp.where(live, values, xp.zeros_like(values))
         return xp.where(live & xp.isfinite(values), values * weights, kept), top
 
-    def norm(self, part: Partial, size: int, dtype: Any = None) -> Any:
-        """Turn a partial reduction of ``size`` elements into a norm (in ``dtype``, default res)."""
+    def norm(self, part: Partial, size: int, dtype: Any = None, factor: Any = None) -> Any:
+        """Turn a partial reduction of ``size`` elements into a norm (in ``dtype``, default res).
+
+        ``factor`` (0-d, in acc) multiplies the norm before its scale
+        ``2**exp`` does: AMP's ``inv_scale``, so that a norm in range is
+        right when the loss-scaled one is past the accumulator's (float64
+        gradients near 1e308).
+        """
         xp = self.xp
         dtype = self.res if dtype is None else dtype
         if size == 0:
@@ -466,8 +472,10 @@ class Plan:
         value = part.value
         if self.kind == "p":
             value = root(xp, value, self.p)
-            if part.exp is not None:
-                value = value * (part.exp if self.by_max else xp.pow(self.const(2.0), part.exp))
+        if factor is not None:
+            value = value * factor
+        if self.kind == "p" and part.exp is not None:
+            value = value * (part.exp if self.by_max else xp.pow(self.const(2.0), part.exp))
         # A norm past float32 (1e39 for 1e4 entries of 1e37, whose rms is not)
         return self.cast(value, dtype)
 

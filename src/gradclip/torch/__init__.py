@@ -321,9 +321,8 @@ def _total(
         else:
             merged = _all_reduced(plan, names, policy, scopes)
             size = 1  # ranks hold different sizes; an empty whole is handled there
-        norm = plan.norm(merged, size, dtype=plan.acc)
-        if inv_scale is not None:
-            norm = norm * xp.astype(inv_scale, plan.acc)
+        factor = None if inv_scale is None else xp.astype(inv_scale, plan.acc)
+        norm = plan.norm(merged, size, dtype=plan.acc, factor=factor)
         norm, finite = xp.astype(norm, plan.res), plan.finite(merged)
     if policy == "raise":
         over = xp.logical_not(xp.isfinite(norm))
