@@ -354,6 +354,29 @@ def test_a_gradient_with_a_graph_is_measured_by_value():
     np.testing.assert_allclose(mon.history.leaf_norms[0], [math.sqrt(2), math.sqrt(153)])
 
 
+def test_a_gradient_with_a_graph_keeps_no_graph_alive():
+    # The row of norms and the recorded stats of a create_graph=True
+    # gradient held its graph, and the activations it saved, until the
+    # window's flush: up to log_every steps of them.
+    torch = importorskip("torch")
+    import weakref
+
+    mon = GradMonitor(log_every=100)
+    refs = []
+    for _ in range(2):
+        w = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 64))
+        h = torch.sin(w) * 3.0  # saved for the double backward
+        (g,) = torch.autograd.grad((h**2).sum(), [w], create_graph=True)
+        grads = [g, g * 2.0]
+        stats = gc.clip_by_global_norm(grads, 1.0)[1]
+        assert stats.norm.requires_grad  # the stats come from the graph too
+        mon.update(grads, stats)
+        refs.append(weakref.ref(h))
+        del w, h, g, grads, stats
+    assert [r() for r in refs] == [None, None]
+    assert len(mon.history.step) == 2
+
+
 def test_torch_named_parameters():
     torch = _only("torch")
     torch.manual_seed(0)
@@ -387,6 +410,42 @@ def test_named_pairs_from_dict_items():
     mon.update(grads.items())
     assert mon.names == ["layer.weight", "layer.bias"]
     np.testing.assert_allclose(mon.history.leaf_norms, [[5.0, 1.0]])
+
+
+def test_a_named_pair_holding_a_subtree_is_refused(xp):
+    # dense's two leaves were measured under one name: every later column
+    # moved by one, and the files failed to write at the next flush.
+    dense = {"kernel": xp.array(np.full(4, 5.0)), "bias": xp.array(np.full(2, 6.0))}
+    for pairs in ([("a", xp.array(np.ones(4))), ("dense", dense)], [("dense", dense)]):
+        with pytest.raises(TypeError, match=r"leaf dense is a builtins.dict, not an array"):
+            GradMonitor().update(pairs)
+
+
+def test_a_later_step_with_a_leaf_that_is_not_an_array_names_it():
+    mon = GradMonitor()
+    mon.update({"a": np.ones(2), "b": np.ones(2)})
+    with pytest.raises(TypeError, match=r"leaf \['a'\] is a builtins.float, not an array"):
+        mon.update({"a": 3.0, "b": np.ones(2)})  # was array-api-compat's message, no leaf
+    assert mon.history.step.tolist() == [0]
+
+
+def test_repeated_names_get_their_own_columns(tmp_path):
+    # Two modules' named_parameters() chained both hold "weight": the JSONL
+    # kept one of each name and the CSV rows fell out of step with the header.
+    pairs = [("weight", np.ones(4)), ("bias", np.ones(2)), ("weight", np.full(4, 3.0))]
+    pairs.append(("bias", np.full(2, 4.0)))
+    mon = GradMonitor(jsonl=tmp_path / "s.jsonl", csv=tmp_path / "s.csv")
+    mon.update(pairs)
+    mon.flush()
+    assert mon.names == ["weight", "bias", "weight", "bias"]
+    want = {"weight": 2.0, "bias": math.sqrt(2), "weight~2": 6.0, "bias~2": 4 * math.sqrt(2)}
+    (rec,) = map(json.loads, (tmp_path / "s.jsonl").read_text().splitlines())
+    assert rec["leaf_norms"] == pytest.approx(want)
+    with open(tmp_path / "s.csv", newline="") as f:
+        (row,) = csv.DictReader(f)
+    assert None not in row  # no cells past the header's columns
+    assert {k: float(row[f"norm:{k}"]) for k in want} == pytest.approx(want)
+    assert row["anomalies"] == "[]"
 
 
 def test_flat_tree():

@@ -33,7 +33,7 @@ __all__ = [
     "divide",
     "dtype_info",
     "has_float64",
-    "inplace_guard",
+    "no_grad",
     "is_array",
     "namespace",
     "quiet",
@@ -528,8 +528,13 @@ def quiet(xp: Any) -> contextlib.AbstractContextManager[Any]:
 
 
 @contextlib.contextmanager
-def inplace_guard(xp: Any) -> Iterator[None]:
-    """Context for in-place writes: torch needs autograd off to write leaf tensors."""
+def no_grad(xp: Any) -> Iterator[None]:
+    """Autograd off (torch) while gradclip writes or measures.
+
+    torch needs it to write leaf tensors in place; and a measurement of
+    gradients taken with ``create_graph=True`` must not keep their graph
+    (and its saved activations) alive.
+    """
     if backend_name(xp) == "torch":
         with sys.modules["torch"].no_grad():
             yield

@@ -329,7 +329,7 @@ def clip_by_value(
 
     if not inplace:
         return [clamp(x) for x in leaves]
-    with _compat.inplace_guard(xp):
+    with _compat.no_grad(xp):
         for x in leaves:
             for block in _compat.blocks(xp, x, plan.chunk):
                 block.write(xp, clamp(block.flat))

@@ -143,7 +143,7 @@ class FlatTree:
             buffers = {key: xp.zeros((n,), dtype=key, device=device) for key, n in sizes.items()}
             self = cls._adopt(xp, buffers, slots, like)
             if copy:
-                with _compat.inplace_guard(xp):
+                with _compat.no_grad(xp):
                     for view, x in zip(self._flat.leaves, leaves, strict=True):
                         view[...] = x
         return self
@@ -251,7 +251,7 @@ class FlatTree:
                 self._slots,
                 self._flat,
             )
-            with _compat.inplace_guard(self._xp):
+            with _compat.no_grad(self._xp):
                 for view, x in zip(out._flat.leaves, leaves, strict=True):
                     view[...] = x
         return out

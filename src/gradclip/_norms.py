@@ -569,7 +569,7 @@ class Plan:
         """Multiply every leaf by its scale: new arrays, or block by block in place."""
         xp = self.xp
         out = []
-        with _compat.inplace_guard(xp) if inplace else contextlib.nullcontext():
+        with _compat.no_grad(xp) if inplace else contextlib.nullcontext():
             for i, x in enumerate(self.leaves):
                 s = scales[i] if per_leaf else scales
                 if not inplace:

@@ -864,7 +864,7 @@ class AGC(_Clipper):
         )
         if not inplace:
             return grads.unflatten(out), state, stats
-        with _compat.inplace_guard(xp):
+        with _compat.no_grad(xp):
             for g, new in zip(grads.leaves, out, strict=True):
                 if new is not g:
                     g[...] = new

@@ -23,7 +23,7 @@ import operator
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator, MappingView
+from collections.abc import Callable, Iterable, Iterator, MappingView
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -133,14 +133,23 @@ def _tag(name: str) -> str:
 
 
 def _tags(names: list[str]) -> list[str]:
-    """Distinct tags for the leaves: a tag that an earlier leaf holds gets ``~2``, ``~3``, ...
+    """Distinct TensorBoard tags for the leaves (see :func:`_distinct`).
 
     ``['a b']`` and ``['a']['b']`` both give ``a/b``, and TensorBoard would
     draw the two leaves as one curve. No :func:`_tag` holds a ``~``.
     """
+    return _distinct(map(_tag, names))
+
+
+def _distinct(names: Iterable[str]) -> list[str]:
+    """The names, where one that an earlier leaf holds gets ``~2``, ``~3``, ...
+
+    The files key a leaf's columns by its name; named pairs chained from two
+    modules' ``named_parameters()`` repeat names (``weight``).
+    """
     out: list[str] = []
     taken: set[str] = set()
-    for base in map(_tag, names):
+    for base in names:
         tag, k = base, 1
         while tag in taken:
             k += 1
@@ -567,6 +576,16 @@ class GradMonitor:
                 "GradMonitor.update: nothing to measure; the tree holds no arrays "
                 "(parameters without a .grad are skipped)"
             )
+        kinds = set(map(type, leaves))  # one check per type: trees hold thousands of leaves
+        if len(kinds) > 1 or not _compat.is_array(leaves[0]):
+            # A named pair's value must be an array: a sub-tree there would
+            # be measured as several leaves under one name.
+            for i, x in enumerate(leaves):
+                if not _compat.is_array(x):
+                    raise TypeError(
+                        f"GradMonitor.update: leaf {names()[i]} is a {_api._describe(x)}, "
+                        "not an array"
+                    )
         if _compat.traced(leaves):
             raise TypeError(
                 "GradMonitor.update: the gradients are traced (inside jax.jit, vmap or grad); "
@@ -605,8 +624,6 @@ class GradMonitor:
     def _measure(self, leaves: list[Any], names: list[str]) -> tuple[Any, Any]:
         """Run :func:`_measure`; errors name the leaf by its path, not by its index."""
         try:
-            if not _compat.is_array(leaves[0]):
-                leaf_norms(leaves)  # raises, naming the leaf
             xp = _compat.namespace(leaves[0])
             if _compat.backend_name(xp) == "jax":
                 if len(set(map(type, leaves))) > 1:  # jit would take a NumPy leaf as JAX's
@@ -614,7 +631,7 @@ class GradMonitor:
                 measure = _jitted(self._p, self._fused, _jax_on_cpu(leaves[0]))
                 return measure(leaves)  # type: ignore[no-any-return]
             skip = "host" if _host_backend(xp, leaves[0]) else None
-            with _compat.quiet(xp), _compat.current_device(leaves[0]):
+            with _compat.quiet(xp), _compat.current_device(leaves[0]), _compat.no_grad(xp):
                 return _measure(leaves, p=self._p, fused=self._fused, skip=skip)
         except (TypeError, ValueError) as exc:
             # The reductions see the flat list of leaves, so their messages
@@ -671,7 +688,7 @@ class GradMonitor:
         dtype = self._rows[-1].dtype
         if scale.ndim == 1:  # per-leaf stats (clip_by_norm)
             scale, clipped = xp.min(scale), xp.any(clipped)
-        with _compat.current_device(self._rows[-1]):
+        with _compat.current_device(self._rows[-1]), _compat.no_grad(xp):
             self._clip[-1] = xp.stack([xp.astype(scale, dtype), xp.astype(clipped, dtype)])
 
     # ------------------------------------------------------------------- flushing
@@ -728,7 +745,7 @@ class GradMonitor:
 
     def _detect(self, window: History) -> list[list[dict[str, Any]]]:
         """Flag anomalies row by row, updating the moving statistics (host only)."""
-        names = [GLOBAL, *self.names]
+        names = [GLOBAL, *_distinct(self.names)]
         series = np.concatenate([window.global_norm[:, None], window.leaf_norms], axis=1)
         out = []
         z_limit = self.z_threshold
@@ -829,27 +846,29 @@ class GradMonitor:
     # ---------------------------------------------------------------------- output
     def _records(self, window: History, anomalies: list[list[dict[str, Any]]]) -> Iterator[Any]:
         """One JSON-ready dict per row."""
+        names = _distinct(self.names)
         for t in range(window.step.shape[0]):
             yield {
                 "step": int(window.step[t]),
                 "global_norm": float(window.global_norm[t]),
                 "scale": float(window.scale[t]) if window.has_clip[t] else None,
                 "clipped": bool(window.clipped[t]) if window.has_clip[t] else None,
-                "leaf_norms": dict(zip(self.names, window.leaf_norms[t].tolist(), strict=True)),
-                "max_abs": dict(zip(self.names, window.max_abs[t].tolist(), strict=True)),
-                "nonfinite": dict(zip(self.names, window.nonfinite[t].tolist(), strict=True)),
+                "leaf_norms": dict(zip(names, window.leaf_norms[t].tolist(), strict=True)),
+                "max_abs": dict(zip(names, window.max_abs[t].tolist(), strict=True)),
+                "nonfinite": dict(zip(names, window.nonfinite[t].tolist(), strict=True)),
                 "anomalies": [{k: v for k, v in a.items() if k != "step"} for a in anomalies[t]],
             }
 
     def _csv_header(self) -> list[str]:
+        names = _distinct(self.names)
         return [
             "step",
             "global_norm",
             "scale",
             "clipped",
-            *(f"norm:{name}" for name in self.names),
-            *(f"max_abs:{name}" for name in self.names),
-            *(f"nonfinite:{name}" for name in self.names),
+            *(f"norm:{name}" for name in names),
+            *(f"max_abs:{name}" for name in names),
+            *(f"nonfinite:{name}" for name in names),
             "anomalies",
         ]
 
