@@ -933,7 +933,8 @@ class GradMonitor:
 
         Each line holds ``step``, ``global_norm``, ``scale`` and ``clipped``
         (``null`` on steps without clip stats), ``leaf_norms``, ``max_abs``
-        and ``nonfinite`` (objects keyed by leaf name) and ``anomalies`` (a
+        and ``nonfinite`` (objects keyed by leaf name; a name an earlier
+        leaf holds gets ``~2``, ``~3``, ...) and ``anomalies`` (a
         list of the step's anomaly dicts, without their ``step``). NaN and
         infinities are written as Python's ``json`` writes them (``NaN``,
         ``Infinity``), which ``json.loads`` reads back.
@@ -951,8 +952,9 @@ class GradMonitor:
 
         Columns: ``step``, ``global_norm``, ``scale``, ``clipped`` (1/0;
         both empty on steps without clip stats), then ``norm:<leaf>``,
-        ``max_abs:<leaf>`` and ``nonfinite:<leaf>`` for every leaf, and
-        ``anomalies``, the step's anomalies as a JSON list.
+        ``max_abs:<leaf>`` and ``nonfinite:<leaf>`` for every leaf (named
+        as in :meth:`to_jsonl`), and ``anomalies``, the step's anomalies as
+        a JSON list.
 
         Parameters
         ----------
