@@ -1073,6 +1073,17 @@ def test_inv_scale_must_be_positive(bad):
         torch.testing.assert_close(g, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("bad", ["0.1", True, torch.tensor(True), torch.tensor(1 + 1j), [0.5]])
+def test_inv_scale_must_be_a_real_number(bad):
+    # float() took "0.1" and True (as 1) where max_norm refuses them.
+    model = _trained("float32")
+    before = [g.clone() for g in _grads(model)]
+    with pytest.raises(TypeError, match="clip_grad_norm_: inv_scale must be a"):
+        clip_grad_norm_(model.parameters(), 1.0, inv_scale=bad)
+    for g, b in zip(_grads(model), before, strict=True):
+        torch.testing.assert_close(g, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("inv", [1 / 3, 1e-46, 1e39])
 def test_a_number_inv_scale_is_exact_for_float64_gradients(inv):
     # It was made a float32 tensor: 1/3 rounded (3e-8 off), 1e-46 refused as

@@ -379,8 +379,14 @@ def _check_inv_scale(inv_scale: Any, fn: str) -> Any:
         return None
     if not isinstance(inv_scale, torch.Tensor):
         # float64: rounded to each use's dtype there (a float32 one rounded
-        # 1/3 for float64 gradients, and 1e-46 to 0).
-        inv_scale = torch.tensor(float(inv_scale), dtype=torch.float64)
+        # 1/3 for float64 gradients, and 1e-46 to 0). Checked as max_norm is:
+        # float() would take "0.1" and True.
+        value = _api._scalar_bound(inv_scale, f"{fn}: inv_scale", allow_array=False)
+        inv_scale = torch.tensor(value, dtype=torch.float64)
+    elif not _api._real(inv_scale, True):
+        raise TypeError(
+            f"{fn}: inv_scale must be a real number; got one of dtype {inv_scale.dtype}"
+        )
     if inv_scale.numel() != 1:
         shape = tuple(inv_scale.shape)
         raise ValueError(f"{fn}: inv_scale must hold one number; got shape {shape}")
