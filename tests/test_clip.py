@@ -327,6 +327,21 @@ def test_bounds_may_be_0d_arrays(xp, fused):
         gc.clip_by_block_rms([x], xp.array([0.5, 1.0], "float32"))
 
 
+def test_an_unsigned_bound_is_negated_without_wrapping(xp):
+    # -clip_value of a uint8 2 is 254: lo > hi set every entry to 2.
+    host = np.array([-3.0, -0.5, 0.2, 7.0], np.float32)
+    want = np.clip(host, -2, 2)
+    for dtype in ("uint8", "uint32"):
+        bound = xp.array(np.array(2), dtype)
+        for fused in (None, False):
+            out = gc.clip_by_value([xp.array(host, "float32")], bound, fused=fused)[0]
+            np.testing.assert_array_equal(xp.numpy(out), want)
+            if xp.mutable:
+                y = xp.array(host, "float32")
+                gc.clip_by_value_([y], bound, fused=fused)
+                np.testing.assert_array_equal(xp.numpy(y), want)
+
+
 # ----------------------------------------------------------------- nonfinite policies
 
 

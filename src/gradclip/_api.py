@@ -883,6 +883,12 @@ def _value_bounds(clip_value: Any, lo: Any, hi: Any) -> tuple[Any, Any]:
         if lo is not None or hi is not None:
             raise TypeError("give either clip_value or lo=/hi=, not both")
         c = _check_bound(clip_value, "clip_value")
+        if not isinstance(c, float) and _compat.namespace(c).isdtype(c.dtype, "unsigned integer"):
+            # -c wraps around (2 becomes 254 in uint8): lo > hi, every entry
+            # set to hi. Negated as a float, which the leaves round it to anyway.
+            xp = _compat.namespace(c)
+            wide = _compat.has_float64(xp, _compat.device_of(c))
+            c = xp.astype(c, xp.float64 if wide else xp.float32)
         return -c, c
     if lo is None and hi is None:
         raise TypeError("give clip_value, or at least one of lo= and hi=")
