@@ -7,6 +7,7 @@ float64 NumPy reference. The sharded cases live in test_jax_sharding.py.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 
@@ -391,6 +392,27 @@ def test_raise_under_jit_says_why_and_what_to_use(fn, args, fused):
     (instead,) = re.findall(r'use nonfinite="(\w+)"', str(caught.value))
     jax.jit(call(instead))(tree)  # what it suggests runs under jit
     call("raise")(tree)  # outside a transform it checks and returns
+
+
+def test_a_number_bound_of_a_half_precision_leaf_is_rounded_once():
+    # Passed to the compiled program, the bound became a float32 that the
+    # clamp rounded again: 1 + 2**-11 + 2**-40 gave float16 1.0 there and
+    # 1.001 on the generic path (and in NumPy).
+    lo = 1 + 2.0**-11 + 2.0**-40
+    host = [np.array([-52.7, 0.19, 2.0], np.float16), np.array([-1.0, 3.0], np.float32)]
+    want = [np.maximum(h, np.asarray(lo, h.dtype)) for h in host]
+    assert want[0][0] == np.float16(1.001)
+    tree = [jnp.asarray(h) for h in host]
+    for clip in (
+        functools.partial(gc.clip_by_value, fused=True),
+        functools.partial(gc.clip_by_value, fused=False),
+        gcj.clip_by_value,
+        jax.jit(gcj.clip_by_value, static_argnames="lo"),
+    ):
+        for got, w in zip(clip(tree, lo=lo), want, strict=True):
+            np.testing.assert_array_equal(np.asarray(got), w)
+    got = gcj.clip_by_value((x for x in tree), hi=-lo)  # a generator, negated bound
+    np.testing.assert_array_equal(np.asarray(got[0]), np.minimum(host[0], -want[0][0]))
 
 
 def test_value_and_rms_bounds_are_arguments_of_the_program():

@@ -99,8 +99,11 @@ def _clip(
     )
 
 
-def _value(tree: Any, lo: Any, hi: Any, *, nonfinite: str) -> Any:
-    return _api.clip_by_value(tree, lo=lo, hi=hi, nonfinite=nonfinite, fused=True)
+def _value(
+    tree: Any, lo: Any, hi: Any, *, nonfinite: str, baked: tuple[tuple[str, float], ...]
+) -> Any:
+    bounds = {"lo": lo, "hi": hi, **dict(baked)}
+    return _api.clip_by_value(tree, **bounds, nonfinite=nonfinite, fused=True)
 
 
 def _block_rms(tree: Any, threshold: Any, *, nonfinite: str) -> Any:
@@ -402,7 +405,10 @@ def clip_by_value(
     [Array([-1. ,  0.2,  1. ], dtype=float32)]
     """
     low, high = _api._value_bounds(clip_value, lo, hi)
-    return _call("value", donate, (tree, low, high), nonfinite=nonfinite)
+    tree = _materialise(tree)
+    baked = _fast.baked_bounds(jax.tree_util.tree_leaves(tree), lo=low, hi=high)
+    bounds = (None if k in baked else v for k, v in (("lo", low), ("hi", high)))
+    return _call("value", donate, (tree, *bounds), nonfinite=nonfinite, baked=tuple(baked.items()))
 
 
 def clip_by_block_rms(

@@ -551,10 +551,24 @@ def check_finite(fn: str, leaves: Sequence[Any], names: Sequence[str], norm: Any
 _DYNAMIC = ("max_norm", "norm", "threshold", "lo", "hi")
 
 
+def baked_bounds(leaves: Sequence[Any], **bounds: Any) -> dict[str, float]:
+    """The value bounds to bake into the program rather than pass to it.
+
+    A number bound of a half-precision leaf: passed, it would be a float32
+    (or float64) that the clamp rounds again to the leaf's dtype, where the
+    generic path rounds the number once (1 + 2**-11 + 2**-40 is 1.001 in
+    float16, but 1.0 through float32). Each new value compiles anew.
+    """
+    if not any(getattr(getattr(x, "dtype", None), "itemsize", 0) == 2 for x in leaves):
+        return {}
+    return {k: v for k, v in bounds.items() if isinstance(v, float)}
+
+
 def _call_generic(fn: str, leaves: list[Any], names: Sequence[str], **kwargs: Any) -> Any:
     """``_core.<fn>`` on the leaves, compiled (``nonfinite="raise"`` checked first)."""
     kwargs["nonfinite"] = _raise_first(fn, leaves, names, kwargs["nonfinite"], kwargs.get("norm"))
-    dynamic = {k: kwargs.pop(k) for k in _DYNAMIC if k in kwargs}
+    baked = baked_bounds(leaves, **{k: kwargs[k] for k in ("lo", "hi") if k in kwargs})
+    dynamic = {k: kwargs.pop(k) for k in _DYNAMIC if k in kwargs and k not in baked}
     make = functools.partial(_generic, fn, tuple(sorted(kwargs.items())))
     return run_compiled(make, leaves, list(leaves), dynamic)
 
