@@ -457,6 +457,64 @@ def test_value_stats_with_nonfinite_and_bounds():
     assert not bool(state.stats.clipped) and float(state.stats.scale) == 1.0
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_value_stats_use_the_bound_the_leaf_has(jit):
+    # The extremes were compared with the unrounded bound: float16 0.09998
+    # is not past 0.09995, which rounds to it, yet clipped was True and the
+    # scale 0.9997, with the update unchanged.
+    for kwargs, x in [
+        ({"clip_value": 0.09995}, jnp.asarray([0.0999755859375, -0.02], jnp.float16)),
+        ({"hi": 1.005}, jnp.asarray([1.0078125, 0.5], jnp.bfloat16)),
+        ({"lo": -1.005}, jnp.asarray([-1.0078125, 0.5], jnp.bfloat16)),
+    ]:
+        tx = gco.clip_by_value(**kwargs)
+        update = jax.jit(tx.update) if jit else tx.update
+        out, state = update([x], tx.init([x]))
+        np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(x))
+        assert not bool(state.stats.clipped) and float(state.stats.scale) == 1.0
+        assert float(state.stats.norm) == float(jnp.max(jnp.abs(x)))
+
+
+@jax.tree_util.register_pytree_node_class
+class _Box:
+    """A JAX-registered node (as flax's FrozenDict or an equinox module is)."""
+
+    def __init__(self, w):
+        self.w = w
+
+    def tree_flatten(self):
+        return (self.w,), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: gco.clip_by_global_norm(1.0),
+        lambda: gco.clip_by_norm(1.0),
+        lambda: gco.clip_by_value(0.5),
+        lambda: gco.clip_by_block_rms(1.0),
+    ],
+)
+def test_an_eager_update_takes_numpy_updates(make):
+    # As optax's transforms do: clip_by_block_rms raised "sharding='cpu' must
+    # be a Sharding", and NumPy leaves in a JAX-registered node made the
+    # node one leaf ("leaf <root> is a _Box, not an array").
+    host = np.array([3.0, 4.0], np.float32)
+    tx = make()
+    for wrap in (lambda w: {"w": w}, _Box):
+        want, want_state = tx.update(wrap(jnp.asarray(host)), tx.init(wrap(jnp.asarray(host))))
+        got, state = tx.update(wrap(host), tx.init(wrap(host)))
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert isinstance(a, jax.Array)
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(want_state), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_raise_outside_and_inside_jit():
     tx = gco.clip_by_global_norm(1.0, nonfinite="raise")
     state = tx.init(_tree())

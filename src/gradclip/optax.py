@@ -31,7 +31,7 @@ import optax
 
 import gradclip as gc
 
-from . import _api, _core
+from . import _api, _compat, _core
 from . import adaptive as _adaptive
 from ._norms import Plan
 from ._stats import ClipStats
@@ -165,7 +165,7 @@ def _transform(apply: _Apply, nonfinite: str) -> Any:
     def update(updates: Any, state: ClipState, params: Any = None) -> tuple[Any, ClipState]:
         del params
         try:
-            new, stats = apply(updates, nonfinite)
+            new, stats = apply(_jax_arrays(updates), nonfinite)
         except jax.errors.ConcretizationTypeError as exc:
             if nonfinite == "raise":
                 raise TypeError(_RAISE_UNDER_TRACE) from exc
@@ -463,7 +463,7 @@ def clip_by_value(
     (3.0, 0.1666666716337204, True)
     """
     gc.clip_by_value([], clip_value, lo=lo, hi=hi, nonfinite=nonfinite)  # validates
-    low, high = (-clip_value, clip_value) if clip_value is not None else (lo, hi)
+    low, high = _api._value_bounds(clip_value, lo, hi)
 
     def apply(updates: Any, policy: str) -> tuple[Any, ClipStats]:
         new = gc.clip_by_value(updates, clip_value, lo=lo, hi=hi, nonfinite=policy)
@@ -486,21 +486,32 @@ def _value_stats(leaves: list[Any], lo: Any, hi: Any, policy: str) -> ClipStats:
     if policy == "zero":
         leaves = [jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x)) for x in leaves]
     nan = jnp.any(jnp.stack([jnp.any(jnp.isnan(x)) for x in leaves]))
-    # NaN-free extremes, so that one NaN does not hide entries outside the bounds.
-    top = jnp.max(
-        jnp.stack([jnp.max(x, where=~jnp.isnan(x), initial=-jnp.inf).astype(res) for x in leaves])
-    )
-    bot = jnp.min(
-        jnp.stack([jnp.min(x, where=~jnp.isnan(x), initial=jnp.inf).astype(res) for x in leaves])
-    )
-    clipped = jnp.array(False)
-    top_after, bot_after = top, bot
-    if hi is not None:
-        clipped = clipped | (top > hi)
-        top_after, bot_after = jnp.minimum(top_after, hi), jnp.minimum(bot_after, hi)
-    if lo is not None:
-        clipped = clipped | (bot < lo)
-        top_after, bot_after = jnp.maximum(top_after, lo), jnp.maximum(bot_after, lo)
+
+    def extremes(x: Any) -> tuple[Any, ...]:
+        """Largest and smallest entry before and after the clamp, and whether it moved one.
+
+        NaN-free, so that one NaN does not hide entries outside the bounds;
+        against the bounds rounded to the leaf's dtype, as the clamp has them
+        (float16 0.09998 is inside a bound of 0.09995, which rounds to it).
+        """
+        top = jnp.max(x, where=~jnp.isnan(x), initial=-jnp.inf)
+        bot = jnp.min(x, where=~jnp.isnan(x), initial=jnp.inf)
+        moved, top_after, bot_after = jnp.array(False), top, bot
+        if hi is not None:
+            hi_x = jnp.asarray(hi, x.dtype)
+            moved = moved | (top > hi_x)
+            top_after, bot_after = jnp.minimum(top_after, hi_x), jnp.minimum(bot_after, hi_x)
+        if lo is not None:
+            lo_x = jnp.asarray(lo, x.dtype)
+            moved = moved | (bot < lo_x)
+            top_after, bot_after = jnp.maximum(top_after, lo_x), jnp.maximum(bot_after, lo_x)
+        return top, bot, top_after, bot_after, moved
+
+    with _compat.quiet(jnp):  # a bound past float16's range rounds to inf, as in the clamp
+        tops, bots, tops_after, bots_after, moved = zip(*map(extremes, leaves), strict=True)
+    top, top_after = (jnp.max(jnp.stack([v.astype(res) for v in t])) for t in (tops, tops_after))
+    bot, bot_after = (jnp.min(jnp.stack([v.astype(res) for v in b])) for b in (bots, bots_after))
+    clipped = jnp.any(jnp.stack(moved))
     # All-NaN input leaves top = -inf, bot = inf: no magnitude seen, norm NaN below.
     seen = top >= bot
     before = jnp.where(seen, jnp.maximum(jnp.abs(top), jnp.abs(bot)), jnp.zeros((), res))
@@ -716,8 +727,13 @@ def _jax_arrays(tree: Any) -> Any:
 
     The clippers keep their state in the namespace of the arrays ``init``
     saw, and refuse a state of another library: NumPy params (a checkpoint)
-    or a state restored as NumPy must not make an eager update fail.
+    or a state restored as NumPy must not make an eager update fail. So
+    must NumPy updates: optax's own transforms take them (and return JAX
+    arrays), and inside a JAX-registered node (a flax ``FrozenDict``) only
+    JAX arrays let gradclip see the node as one.
     """
+    if all(issubclass(t, jax.Array) for t in set(map(type, jax.tree.leaves(tree)))):
+        return tree  # the common case, without a call per leaf
     return jax.tree.map(jnp.asarray, tree)
 
 
