@@ -388,7 +388,10 @@ def clip_by_value(
     clip_value, lo, hi, nonfinite
         As for :func:`gradclip.clip_by_value`. The bounds are arguments of the
         compiled program, so a new value (a number or a 0-d array) does not
-        recompile.
+        recompile; except a number bound of a tree with float16 or bfloat16
+        leaves, which is baked in, so that it is rounded once to their
+        dtype (a float32 argument would be rounded twice). Pass a 0-d array
+        to change it without compiling.
     donate : bool, default False
         As for :func:`clip_by_global_norm`.
 
