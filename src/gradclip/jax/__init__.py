@@ -125,7 +125,9 @@ _BODIES: dict[str, Callable[..., Any]] = {
 }
 
 
-@functools.cache
+# Bounded: a number bound of a half-precision tree is part of the key
+# (see _fast.baked_bounds), and a schedule of numbers gives a key a step.
+@functools.lru_cache(maxsize=256)
 def _program(
     body: str, donate: bool, static: tuple[tuple[str, Any], ...], options: _fast.Options
 ) -> Any:

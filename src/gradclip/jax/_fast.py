@@ -488,7 +488,7 @@ def _compiled(clips: bool, statics: tuple[Any, ...], layout: Any, options: Optio
     return jit_with(fn if layout is None else _sharded(fn, layout, clips), options)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=256)  # bounded: see gradclip.jax._program
 def _generic(fn: str, statics: tuple[tuple[str, Any], ...], options: Options) -> Any:
     """The generic reference ``_core.<fn>`` compiled as one program."""
     impl = getattr(_core, fn)
