@@ -147,12 +147,48 @@ def test_donating_one_array_twice_names_the_leaves(fn):
     # naming no leaf.
     tied = jnp.ones(3)
     tree = {"embed": tied, "head": tied}
-    with pytest.raises(ValueError, match=r"leaf \['head'\] is the same array as leaf \['embed'\]"):
+    with pytest.raises(ValueError, match=r"leaf \['head'\] is \(or shares the buffer of\) leaf"):
         getattr(gcj, fn)(tree, 1.0, donate=True)
     assert not tied.is_deleted()
     out = getattr(gcj, fn)(tree, 1.0)  # without donating: each leaf on its own
     leaves = jax.tree.leaves(out[0] if isinstance(out, tuple) else out)
     np.testing.assert_array_equal(np.asarray(leaves[0]), np.asarray(leaves[1]))
+
+
+def test_donating_two_arrays_of_one_buffer_names_the_leaves():
+    # jax.device_put of tied weights gives two arrays of one buffer: XLA's
+    # "Attempt to donate the same buffer twice" came through, naming no leaf.
+    w = jnp.full(4, 3.0)
+    tree = jax.device_put({"embed": w, "unembed": w}, jax.devices()[0])
+    assert tree["embed"] is not tree["unembed"]
+    with pytest.raises(ValueError, match=r"leaf \['unembed'\] is \(or shares the buffer of\)"):
+        gcj.clip_by_global_norm(tree, 1.0, donate=True)
+    assert not tree["embed"].is_deleted()
+
+
+@pytest.mark.parametrize(
+    "clip",
+    [
+        lambda t: gcj.clip_by_global_norm(t, 1.0, donate=True)[0],
+        lambda t: gcj.clip_by_norm(t, 1.0, donate=True)[0],
+        lambda t: gcj.clip_by_block_rms(t, 1.0, donate=True),
+        lambda t: gcj.clip_by_value(t, 1.0, donate=True),
+    ],
+)
+def test_grad_through_a_donating_call(clip):
+    # The backward pass read the forward pass's donated inputs: "Array has
+    # been deleted" for clip_by_norm and clip_by_block_rms.
+    def loss(tree):
+        return sum(jnp.sum(jnp.sin(x)) for x in clip(tree))
+
+    tree = [jnp.asarray([3.0, -1.0, 2.0, 0.5]), jnp.asarray([1.0, 4.0, -2.0])]
+    got = jax.grad(loss)(tree)
+    want = jax.grad(lambda t: sum(jnp.sum(jnp.sin(x)) for x in clip(t)))(
+        [jnp.array(x) for x in tree]
+    )
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not any(x.is_deleted() for x in tree)
 
 
 @pytest.mark.parametrize(
@@ -413,6 +449,42 @@ def test_a_number_bound_of_a_half_precision_leaf_is_rounded_once():
             np.testing.assert_array_equal(np.asarray(got), w)
     got = gcj.clip_by_value((x for x in tree), hi=-lo)  # a generator, negated bound
     np.testing.assert_array_equal(np.asarray(got[0]), np.minimum(host[0], -want[0][0]))
+
+
+def test_a_negative_zero_bound_is_not_a_positive_zero_one():
+    # Baked into the program, -0.0 took the program compiled for 0.0 (equal
+    # keys of its cache): +0 where a fresh process, and the generic path, give -0.
+    x = [jnp.asarray([-1.0, 2.0], jnp.float16)]
+    for lo in (0.0, -0.0):
+        want = gc.clip_by_value(x, lo=lo, fused=False)[0]
+        for got in (gc.clip_by_value(x, lo=lo)[0], gcj.clip_by_value(x, lo=lo)[0]):
+            np.testing.assert_array_equal(np.signbit(np.asarray(got)), np.signbit(want))
+
+
+def test_per_example_clip_takes_every_number_type_without_compiling():
+    tree = {"w": jnp.ones((3, 4))}
+    program = gcj._program(
+        "per_example",
+        False,
+        tuple(
+            sorted(
+                {
+                    "axis": 0,
+                    "reduce": "sum",
+                    "per_layer": False,
+                    "split": "uniform",
+                    "eps": 1e-6,
+                    "nonfinite": "propagate",
+                }.items()
+            )
+        ),
+        (),
+    )
+    gcj.per_example_clip(tree, 1.0)
+    size = program._cache_size()
+    for bound in (2, np.float32(0.5), np.int64(3), np.float64(0.25)):
+        gcj.per_example_clip(tree, bound)
+    assert program._cache_size() == size  # int and NumPy numbers compiled anew
 
 
 def test_value_and_rms_bounds_are_arguments_of_the_program():

@@ -40,6 +40,8 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from .. import _api, _compat
 from .._norms import parse_ord
 from .._stats import ClipStats, PerExampleStats
@@ -155,16 +157,27 @@ _NAMES = {
 _SHARDED = frozenset({"norm", "clip"})
 
 
+def _buffers(x: Any) -> Any:
+    """What identifies ``x``'s device memory, which two arrays may share.
+
+    ``jax.device_put`` of a tree that holds one array twice gives two.
+    """
+    try:
+        return tuple(s.data.unsafe_buffer_pointer() for s in x.addressable_shards)
+    except Exception:  # no buffer to point at (a NumPy leaf, a deleted array): itself
+        return id(x)
+
+
 def _refuse_donating_twice(tree: Any, fn: str) -> None:
-    """Raise, naming the leaves, for one array given twice (tied weights) with ``donate``."""
+    """Raise, naming the leaves, for one buffer given twice (tied weights) with ``donate``."""
     flat = _api._prepare(tree, f"gradclip.jax.{fn}").flat
-    first: dict[int, int] = {}
+    first: dict[Any, int] = {}
     for i, x in enumerate(flat.leaves):
-        j = first.setdefault(id(x), i)
+        j = first.setdefault(_buffers(x), i)
         if j != i:
             raise ValueError(
-                f"gradclip.jax.{fn}: donate=True, but leaf {flat.paths[i]} is the same array as "
-                f"leaf {flat.paths[j]}, and XLA cannot donate one buffer twice; pass "
+                f"gradclip.jax.{fn}: donate=True, but leaf {flat.paths[i]} is (or shares the "
+                f"buffer of) leaf {flat.paths[j]}, and XLA cannot donate one buffer twice; pass "
                 "donate=False, or the array once"
             )
 
@@ -181,6 +194,11 @@ def _call(body: str, donate: bool, dynamic: tuple[Any, ...], **static: Any) -> A
         # leaf, as at the top level (jit would take them in silently); a
         # tree of NumPy arrays alone goes to the device as jit does.
         _api._prepare(tree, f"gradclip.jax.{fn}")
+    if donate and any(isinstance(x, jax.core.Tracer) for x in leaves):
+        # A caller's jit ignores it, and under grad the forward pass's
+        # inputs are read again by the backward pass ("Array has been
+        # deleted"): the caller's transform owns these buffers.
+        donate = False
     if donate and len(set(map(id, leaves))) < len(leaves):
         _refuse_donating_twice(tree, fn)
     if "eps" in static:  # a float: a key of the programs' cache (an array is not hashable)
@@ -196,8 +214,15 @@ def _call(body: str, donate: bool, dynamic: tuple[Any, ...], **static: Any) -> A
     if "ord" in static:  # a float, hashable for the programs' cache (a jnp 2.0 is not)
         static["ord"] = parse_ord(static["ord"])
     make = functools.partial(_program, body, donate, tuple(sorted(static.items())))
-    with _compat.quiet(None):  # a Python bound past float32 is rounded to inf, unwarned
-        return _fast.run_compiled(make, leaves, tree, *rest)
+    try:
+        with _compat.quiet(None):  # a Python bound past float32 is rounded to inf, unwarned
+            return _fast.run_compiled(make, leaves, tree, *rest)
+    except jax.errors.JaxRuntimeError as err:
+        # Two arrays of one buffer: found only here, as reading every leaf's
+        # buffer first costs 2 us a leaf. XLA has run nothing, deleted nothing.
+        if donate and "same buffer twice" in str(err):
+            _refuse_donating_twice(tree, fn)
+        raise
 
 
 def global_norm(
@@ -499,6 +524,8 @@ def per_example_clip(
     for leaf in jax.tree_util.tree_leaves(max_norm):
         for bound in leaf if getattr(leaf, "ndim", 0) == 1 else [leaf]:
             _api._check_positive(bound, "max_norm")
+    if isinstance(max_norm, int | np.number):  # a float, as the others: one program for all
+        max_norm = float(max_norm)
     return _call(  # type: ignore[no-any-return]
         "per_example",
         donate,

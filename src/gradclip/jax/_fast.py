@@ -561,7 +561,12 @@ def baked_bounds(leaves: Sequence[Any], **bounds: Any) -> dict[str, float]:
     """
     if not any(getattr(getattr(x, "dtype", None), "itemsize", 0) == 2 for x in leaves):
         return {}
-    return {k: v for k, v in bounds.items() if isinstance(v, float)}
+    # A float32 number is rounded once all the same; and -0.0 and 0.0, equal
+    # keys of the program cache, must not be baked.
+    with np.errstate(over="ignore"):  # past float32: inf either way
+        return {
+            k: v for k, v in bounds.items() if isinstance(v, float) and float(np.float32(v)) != v
+        }
 
 
 def _call_generic(fn: str, leaves: list[Any], names: Sequence[str], **kwargs: Any) -> Any:
