@@ -324,7 +324,8 @@ def clip_by_global_norm(
         Donate ``tree``'s buffers: the clipped leaves are written into them
         and ``tree`` must not be used afterwards (``jax.jit``'s
         ``donate_argnums``; under ``jax.vmap`` the batched arrays are
-        donated). Ignored inside a caller's ``jit``. One array given twice
+        donated). Ignored inside a caller's ``jit`` or ``grad``, which own
+        the buffers (a traced leaf is not donated). One array given twice
         (tied weights) cannot be donated: that raises ``ValueError``.
 
     Returns
@@ -416,9 +417,9 @@ def clip_by_value(
         As for :func:`gradclip.clip_by_value`. The bounds are arguments of the
         compiled program, so a new value (a number or a 0-d array) does not
         recompile; except a number bound of a tree with float16 or bfloat16
-        leaves, which is baked in, so that it is rounded once to their
-        dtype (a float32 argument would be rounded twice). Pass a 0-d array
-        to change it without compiling.
+        leaves that float32 cannot hold exactly (0.1), which is baked in, so
+        that it is rounded once to their dtype (a float32 argument would be
+        rounded twice). Pass a 0-d array to change it without compiling.
     donate : bool, default False
         As for :func:`clip_by_global_norm`.
 
