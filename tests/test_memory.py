@@ -37,6 +37,33 @@ def test_inplace_clip_of_1gb_allocates_under_64mb():
     np.testing.assert_array_equal(base[:, 1::2], 1.0)  # the other half untouched
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: np.ones((2**24, 2), np.float32).T,  # two rows of 16M
+        lambda: np.ones((4, 2**12, 2**12), np.float32)[:, :, : 2**11],  # rows of 8M
+    ],
+)
+@pytest.mark.parametrize("fn", ["global_norm", "clip_by_global_norm_", "clip_by_value_"])
+def test_strided_leaves_with_long_rows_are_read_in_chunks(make, fn):
+    # No flat view: the leaf was cut along its first axis only, one row at
+    # least a block, and each block flattened (a copy) and squared in
+    # float64: 256 MiB for the 128 MiB leaf.
+    x = make()
+    call = getattr(gc, fn)
+    args = (0.5,) if fn == "clip_by_value_" else (1.0,) if fn.startswith("clip") else ()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        call([x], *args)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= LIMIT / 2, f"peak temporaries {peak / 2**20:.1f} MiB"
+    want = {"global_norm": 1.0, "clip_by_global_norm_": x.size**-0.5, "clip_by_value_": 0.5}[fn]
+    assert x.min() == x.max() == pytest.approx(want, rel=1e-5)
+
+
 def test_np_sum_of_squares_would_allocate_a_copy():
     """The guard is real: the naive expression is caught by the same measurement."""
     x = np.ones(2**22, np.float32)

@@ -360,11 +360,26 @@ def blocks(xp: Any, x: Any, chunk: int | None) -> Iterator[Block]:
             stop = min(start + chunk, size)
             yield Block(flat, slice(start, stop), (stop - start,), flat[start:stop])
         return
-    row = size // shape[0]
+    yield from _row_blocks(xp, x, chunk, ())
+
+
+def _row_blocks(xp: Any, x: Any, chunk: int, lead: tuple[int, ...]) -> Iterator[Block]:
+    """Blocks of the strided ``x[lead]`` (``lead``: integer indices) along its first axis.
+
+    A row of more than ``chunk`` elements is split along its own first axis
+    in turn: whole, its flattened copy would be a full-size temporary (a
+    transposed (16M, 2) leaf has two rows of 16M).
+    """
+    shape = tuple(x.shape)[len(lead) :]
+    row = math.prod(shape[1:])
+    if row > chunk:
+        for i in range(shape[0]):
+            yield from _row_blocks(xp, x, chunk, (*lead, i))
+        return
     rows = max(1, chunk // row)
     for start in range(0, shape[0], rows):
         stop = min(start + rows, shape[0])
-        index = (slice(start, stop), ...)  # array-api-strict refuses a bare slice on 2-d+
+        index = (*lead, slice(start, stop), ...)  # array-api-strict refuses a bare slice on 2-d+
         piece = x[index]
         yield Block(x, index, (stop - start, *shape[1:]), xp.reshape(piece, (-1,)))
 
