@@ -164,7 +164,7 @@ def _buffers(x: Any) -> Any:
     """
     try:
         return tuple(s.data.unsafe_buffer_pointer() for s in x.addressable_shards)
-    except Exception:  # no buffer to point at (a NumPy leaf, a deleted array): itself
+    except (AttributeError, RuntimeError, ValueError):  # a NumPy leaf, a deleted array
         return id(x)
 
 
