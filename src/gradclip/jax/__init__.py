@@ -194,7 +194,7 @@ def _call(body: str, donate: bool, dynamic: tuple[Any, ...], **static: Any) -> A
         # leaf, as at the top level (jit would take them in silently); a
         # tree of NumPy arrays alone goes to the device as jit does.
         _api._prepare(tree, f"gradclip.jax.{fn}")
-    if donate and any(isinstance(x, jax.core.Tracer) for x in leaves):
+    if donate and any(issubclass(t, jax.core.Tracer) for t in set(map(type, leaves))):
         # A caller's jit ignores it, and under grad the forward pass's
         # inputs are read again by the backward pass ("Array has been
         # deleted"): the caller's transform owns these buffers.
