@@ -189,6 +189,10 @@ def test_grad_through_a_donating_call(clip):
     for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not any(x.is_deleted() for x in tree)
+    # Under vmap alone the batched arrays are still donated, as documented.
+    batched = jnp.ones((3, 4))
+    jax.vmap(lambda t: clip([t, t * 2.0]))(batched)
+    assert batched.is_deleted()
 
 
 @pytest.mark.parametrize(

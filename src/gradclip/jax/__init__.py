@@ -168,6 +168,24 @@ def _buffers(x: Any) -> Any:
         return id(x)
 
 
+def _owned_by_a_transform(leaves: list[Any]) -> bool:
+    """Whether a caller's transform other than ``vmap`` traces a leaf: its buffers are not ours.
+
+    A caller's jit ignores donation, and under grad the forward pass's
+    inputs are read again by the backward pass ("Array has been deleted").
+    Under vmap alone the batched arrays are donated. (Batch tracers are
+    known by name: jax exports no type for them.)
+    """
+    if not any(issubclass(t, jax.core.Tracer) for t in set(map(type, leaves))):
+        return False
+    for x in leaves:
+        while type(x).__name__ == "BatchTracer":
+            x = x.val
+        if isinstance(x, jax.core.Tracer):
+            return True
+    return False
+
+
 def _refuse_donating_twice(tree: Any, fn: str) -> None:
     """Raise, naming the leaves, for one buffer given twice (tied weights) with ``donate``."""
     flat = _api._prepare(tree, f"gradclip.jax.{fn}").flat
@@ -194,10 +212,7 @@ def _call(body: str, donate: bool, dynamic: tuple[Any, ...], **static: Any) -> A
         # leaf, as at the top level (jit would take them in silently); a
         # tree of NumPy arrays alone goes to the device as jit does.
         _api._prepare(tree, f"gradclip.jax.{fn}")
-    if donate and any(issubclass(t, jax.core.Tracer) for t in set(map(type, leaves))):
-        # A caller's jit ignores it, and under grad the forward pass's
-        # inputs are read again by the backward pass ("Array has been
-        # deleted"): the caller's transform owns these buffers.
+    if donate and _owned_by_a_transform(leaves):
         donate = False
     if donate and len(set(map(id, leaves))) < len(leaves):
         _refuse_donating_twice(tree, fn)
