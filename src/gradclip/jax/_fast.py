@@ -559,14 +559,16 @@ def baked_bounds(leaves: Sequence[Any], **bounds: Any) -> dict[str, float]:
     generic path rounds the number once (1 + 2**-11 + 2**-40 is 1.001 in
     float16, but 1.0 through float32). Each new value compiles anew.
     """
-    if not any(getattr(getattr(x, "dtype", None), "itemsize", 0) == 2 for x in leaves):
-        return {}
     # A float32 number is rounded once all the same; and -0.0 and 0.0, equal
-    # keys of the program cache, must not be baked.
+    # keys of the program cache, must not be baked. The bounds are looked at
+    # first: most (0.5, 1.0) are float32s, and then no leaf need be.
     with np.errstate(over="ignore"):  # past float32: inf either way
-        return {
+        inexact = {
             k: v for k, v in bounds.items() if isinstance(v, float) and float(np.float32(v)) != v
         }
+    if inexact and any(getattr(getattr(x, "dtype", None), "itemsize", 0) == 2 for x in leaves):
+        return inexact
+    return {}
 
 
 def _call_generic(fn: str, leaves: list[Any], names: Sequence[str], **kwargs: Any) -> Any:
