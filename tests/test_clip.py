@@ -475,19 +475,36 @@ def test_zero_and_skip_do_no_invalid_arithmetic_in_a_lazy_compute(fn, nonfinite,
 
 @pytest.mark.parametrize("ord", [2.0, 1.0, 3.0, math.inf, -math.inf, 0.0])
 @pytest.mark.parametrize("picks", [False, True], ids=["empty", "some"])
-def test_dask_leaf_of_unknown_length(ord, picks):
+@pytest.mark.parametrize("layout", ["beside", "alone", "rows"])
+def test_dask_leaf_of_unknown_length(ord, picks, layout):
     # Boolean indexing gives a NaN length; a leaf that turned out empty made
-    # the max/min of the scaled and inf norms raise at compute time.
+    # the max/min of the scaled and inf norms raise at compute time, and,
+    # alone, the global -inf norm was the min's identity (inf). Rows picked
+    # from a leaf of several column chunks leave (1, 0) blocks, which dask's
+    # own max cannot reduce ("zero-size array"), empty or not.
     da = importorskip("dask.array")
-    x = da.from_array(np.array([1.0, 2.0, 3.0]), chunks=2)
-    leaf = x[x > (1.5 if picks else 100.0)]
+    if layout == "rows":
+        x = da.from_array(np.arange(1.0, 25.0).reshape(8, 3), chunks=(3, 2))
+        rows = np.array([True, False, False, False, False, False, True, True]) & picks
+        leaf = x[da.from_array(rows, chunks=3)]
+    else:
+        x = da.from_array(np.array([1.0, 2.0, 3.0]), chunks=2)
+        leaf = x[x > (1.5 if picks else 100.0)]
     assert math.isnan(leaf.shape[0])
-    tree = [leaf, da.from_array(np.array([3.0, 4.0]), chunks=1)]
+    tree = [leaf] if layout == "alone" else [leaf, da.from_array(np.array([3.0, 4.0]), chunks=1)]
     host = [np.asarray(t.compute()) for t in tree]
     np.testing.assert_allclose(gc.global_norm(tree, ord).compute(), gc.global_norm(host, ord))
     np.testing.assert_allclose(gc.leaf_norms(tree, ord).compute(), gc.leaf_norms(host, ord))
     _, stats = gc.clip_by_global_norm(tree, 1.0, ord=ord, nonfinite="raise")
     np.testing.assert_allclose(stats.norm.compute(), gc.global_norm(host, ord))
+
+
+def test_a_nan_in_a_dask_leaf_of_unknown_length_reaches_the_norm():
+    da = importorskip("dask.array")
+    x = da.from_array(np.array([1.0, math.nan, 3.0, 5.0]), chunks=2)
+    leaf = x[x != 3.0]  # NaN != 3: kept
+    for ord in (math.inf, -math.inf, 2.0):
+        assert math.isnan(gc.global_norm([leaf], ord).compute()), ord
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import gradclip as gc
-from conftest import FLOATS, need, ref_norm
+from conftest import FLOATS, importorskip, need, ref_norm, selected_backends
 
 ORDS = [2.0, 1.0, 0.5, 3.0, 7.5, math.inf, -math.inf, 0.0]
 
@@ -323,3 +323,26 @@ def test_accuracy_64m_float32(xp):
     del host
     got = float(gc.global_norm([leaf]))
     assert abs(got - want) / want <= 1e-6
+
+
+@pytest.mark.parametrize("ord", [2.0, 3.0, 1.0, math.inf, -math.inf, 0.0])
+def test_a_device_without_float64(ord):
+    # array-api-strict's "no_float64" device, as torch's MPS: every norm
+    # asked for a float64 accumulator there and failed; they accumulate in
+    # float32, overflow-safe (1e30 squared is past float32).
+    xs = importorskip("array_api_strict")
+    if "array_api_strict" not in selected_backends():
+        pytest.skip("GRADCLIP_TEST_BACKENDS leaves array_api_strict out")
+    device = xs.Device("no_float64")
+    host = [np.array([3e30, 4e30], np.float32), np.array([[1e-30, 0.0]], np.float32)]
+    tree = [xs.asarray(h, device=device) for h in host]
+    want = gc.global_norm(host, ord)
+    norm = gc.global_norm(tree, ord)
+    assert norm.device == device and norm.dtype == xs.float32
+    np.testing.assert_allclose(np.asarray(norm.to_device(xs.Device("CPU_DEVICE"))), want, rtol=1e-6)
+    out, stats = gc.clip_by_global_norm(tree, 1e30, ord=ord)
+    assert out[0].device == stats.scale.device == device
+    got = gc.clip_by_norm(tree, 1e30, ord=ord)[1].norm
+    np.testing.assert_allclose(
+        np.asarray(got.to_device(xs.Device("CPU_DEVICE"))), gc.leaf_norms(host, ord), rtol=1e-6
+    )

@@ -289,11 +289,35 @@ def _dtype_info(xp: Any, dtype: Any) -> DtypeInfo | None:
 def has_float64(xp: Any, device: Any) -> bool:
     """Whether float64 arithmetic is available for this namespace and device."""
     name = backend_name(xp)
-    if name == "jax":
-        # JAX disables float64 unless ``jax_enable_x64`` is set.
-        return "float64" in xp.__array_namespace_info__().dtypes(kind="real floating")
-    # Apple's MPS backend has no float64.
-    return not (name == "torch" and getattr(device, "type", None) == "mps")
+    if name in ("numpy", "cupy", "dask"):
+        return True
+    if name == "torch":
+        # Apple's MPS backend has no float64.
+        return getattr(device, "type", None) != "mps"
+    # JAX disables float64 unless ``jax_enable_x64`` is set; array-api-strict
+    # has devices without it ("no_float64", like MPS). The namespace says.
+    info = getattr(xp, "__array_namespace_info__", None)
+    if info is None:
+        return True
+    kinds = info().dtypes(device=device, kind="real floating")
+    return "float64" in kinds
+
+
+def unknown_extreme(a: Any, largest: bool) -> Any:
+    """The max (``largest``) or min of a dask array of magnitudes of unknown shape.
+
+    dask gives a NaN length after boolean indexing. Such an array may turn
+    out empty, where max and min have no identity (they raise at compute
+    time), and dask's own reduction fails where a block is empty along the
+    reduced axes beside others that are not (a ``(1, 0)`` block of a
+    ``(nan, 3)`` array). So each block's extreme starts from the identity
+    over magnitudes: 0 for the max, inf for the min.
+    """
+    fn = np.max if largest else np.min
+    block = functools.partial(fn, keepdims=True, initial=0.0 if largest else math.inf)
+    ones = tuple((1,) * len(c) for c in a.chunks)
+    parts = a.map_blocks(block, chunks=ones, dtype=a.dtype)
+    return parts.max() if largest else parts.min()
 
 
 def reductions_drop_nan(xp: Any) -> bool:

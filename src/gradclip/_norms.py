@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -238,26 +239,19 @@ class Plan:
         return self.factor_dtype(self.leaves[index].dtype)
 
     # -- reductions --------------------------------------------------------------
-    def _padded(self, a: Any, value: float) -> Any:
-        """``a`` and one more row of ``value`` along axis 0, where its length is unknown.
-
-        dask gives a NaN length after boolean indexing, and such a leaf may
-        turn out empty, for which max and min have no identity (they raise
-        at compute time). ``value`` is their identity over magnitudes.
-        """
-        shape = tuple(a.shape)
-        if all(n == n for n in shape) or any(n != n for n in shape[1:]):
-            return a  # known (or unknown past axis 0: left to dask)
-        xp = self.xp
-        pad = xp.full((1, *shape[1:]), value, dtype=a.dtype, device=self.device)
-        return xp.concat([a, pad], axis=0)
+    def _whole(self, a: Any, largest: bool) -> Any:
+        """The max (``largest``) or min of all of ``a``, a leaf's magnitudes."""
+        if any(n != n for n in a.shape):  # dask, after boolean indexing
+            return _compat.unknown_extreme(a, largest)
+        return (self.xp.max if largest else self.xp.min)(a)
 
     def _extreme(self, a: Any, axis: int | None = None) -> Any:
         """The max (``inf``) or min (``-inf``) of ``a``, NaN if any entry is NaN."""
         xp = self.xp
         if axis is None:
-            a = self._padded(a, 0.0 if self.kind == "inf" else math.inf)
-        out = (xp.max if self.kind == "inf" else xp.min)(a, axis=axis)
+            out = self._whole(a, self.kind == "inf")
+        else:
+            out = (xp.max if self.kind == "inf" else xp.min)(a, axis=axis)
         if _compat.reductions_drop_nan(xp):
             # XLA on the CPU reduces max/min with vector instructions that
             # drop NaN once an array has more than a few thousand entries
@@ -285,7 +279,7 @@ class Plan:
         # it overflow in the squares. Scaled by the finite entries' maximum,
         # the NaN or inf still reaches the sum, and nothing overflows.
         top_of = xp.where(xp.isfinite(a), a, self.const(0.0)) if self._warns_later else a
-        m = xp.max(self._padded(top_of, 0.0))
+        m = self._whole(top_of, largest=True)
         if self.by_max:
             # 1 where there is nothing to scale by (all zeros, NaN or inf).
             top = xp.where(xp.isfinite(m) & (m > 0), m, self.const(1.0))
@@ -525,7 +519,20 @@ class Plan:
             nonzero = xp.astype(_compat.count_nonzero(xp, counts), self.res)
             return nonzero, xp.all(xp.stack(flags))
         merged = self.merge(parts)
-        return self.norm(merged, self.size()), self.finite(merged)
+        size = self.size()
+        return self._unless_empty(self.norm(merged, size), size, self.leaves), self.finite(merged)
+
+    def _unless_empty(self, norm: Any, size: float, leaves: Sequence[Any]) -> Any:
+        """``norm``, or 0 where ``leaves`` of unknown length (``size`` NaN: dask) turn out empty.
+
+        The min over no entries (``ord=-inf``) is its identity, inf; the norm
+        of nothing is 0 for every ord. (``any`` of nothing is False.)
+        """
+        if size == size or self.kind != "-inf":
+            return norm
+        xp = self.xp
+        some = [xp.any(xp.ones_like(x, dtype=xp.bool)) for x in leaves if math.prod(x.shape) != 0]
+        return xp.where(xp.any(xp.stack(some)), norm, self.const(0.0, self.res))
 
     def size(self) -> int:
         """Elements in all leaves."""
@@ -588,11 +595,5 @@ class Plan:
         norms = []
         for q, x in zip(parts, self.leaves, strict=True):
             size = math.prod(x.shape)
-            norm = self.norm(q, size)
-            if size != size and self.kind == "-inf":
-                # A leaf of unknown length (dask) that turns out empty: its
-                # norm is 0, not the min's identity (any() of nothing is False).
-                some = xp.any(xp.ones_like(x, dtype=xp.bool))
-                norm = xp.where(some, norm, self.const(0.0, self.res))
-            norms.append(norm)
+            norms.append(self._unless_empty(self.norm(q, size), size, [x]))
         return xp.stack(norms)
