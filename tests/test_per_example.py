@@ -491,24 +491,49 @@ def test_a_strided_leaf_is_not_copied(reduce):
     assert peak < limit, f"peak {peak / 2**20:.1f} MiB for a {g.nbytes / 2**20:.0f} MiB leaf"
 
 
+@pytest.mark.parametrize("reduce", ["sum", None])
 @pytest.mark.parametrize("axis", [0, -1, 1])
-def test_half_precision_sum_widens_blocks_not_the_leaf(axis):
+def test_half_precision_sum_widens_blocks_not_the_leaf(axis, reduce):
     """A float16 leaf is summed in float32 a block at a time, wherever its batch axis is.
 
     With the batch last, every column block held all the rows: the float32
     copy was the whole leaf, twice its own bytes (103 MB for 51 MB here).
+    Unsummed, the blocks were gathered, then joined: the result held twice.
     """
     host = np.random.default_rng(0).standard_normal((256, 100_000)).astype(np.float16)
     g = {0: host, -1: np.ascontiguousarray(host.T), 1: host.T.reshape(200, 256, 500)}[axis]
-    gc.per_example_clip([g[:2] if axis == 0 else g[..., :2]], 1.0, axis=axis)  # warm up
-    out, _, peak = _peak([g], 1.0, axis=axis)
+    warm = g[:2] if axis == 0 else g[..., :2]
+    gc.per_example_clip([warm], 1.0, axis=axis, reduce=reduce)
+    out, stats, peak = _peak([g], 1.0, axis=axis, reduce=reduce)
     mib = 2**20
-    assert peak < 0.75 * g.nbytes, f"peak {peak / mib:.1f} MiB for a {g.nbytes / mib:.0f} MiB leaf"
-    _, stats = gc.per_example_clip([g], 1.0, axis=axis)
-    want = np.tensordot(
-        np.asarray(stats.scale, np.float64), g.astype(np.float64), axes=([0], [axis])
-    )
+    limit = 0.75 * g.nbytes + out[0].nbytes
+    assert peak < limit, f"peak {peak / mib:.1f} MiB for a {g.nbytes / mib:.0f} MiB leaf"
+    scale = np.asarray(stats.scale, np.float64)
+    if reduce is None:
+        column = tuple(-1 if d == axis % g.ndim else 1 for d in range(g.ndim))
+        want = g.astype(np.float64) * scale.reshape(column)
+    else:
+        want = np.tensordot(scale, g.astype(np.float64), axes=([0], [axis]))
     np.testing.assert_allclose(out[0].astype(np.float64), want, rtol=2e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("case", ["float16", "float32 of 1e30", "transposed"])
+def test_an_example_larger_than_a_block_is_reduced_a_block_at_a_time(case):
+    """Examples of 8M entries off the BLAS path: each was widened, and squared, whole.
+
+    Its float64 magnitudes and their squares made the temporaries about
+    twelve times a float16 example: 192 MiB for this 64 MiB leaf.
+    """
+    n = 2**23
+    if case == "transposed":
+        g = np.full((n, 4), 0.5, np.float32).T
+    else:
+        g = np.full((4, n), 1e30 if case == "float32 of 1e30" else 0.5, np.dtype(case.split()[0]))
+    gc.per_example_clip([g[:, :8]], 1.0, reduce="sum")  # warm up
+    _, stats, peak = _peak([g], 1.0, reduce="sum")
+    assert peak < 48 * 2**20, f"peak {peak / 2**20:.1f} MiB for {g.nbytes / 2**20:.0f} MiB"
+    value = float(g[0, 0])
+    np.testing.assert_allclose(np.asarray(stats.norm), [value * n**0.5] * 4, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------- JAX

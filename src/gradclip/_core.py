@@ -278,13 +278,15 @@ def clip_by_block_rms(
     plan = plan_cls(xp, 2.0, leaves, zero_nonfinite=zero)
     parts = _reduce(plan, names, nonfinite)
     threshold = _bound(plan, threshold)
-    out = []
-    for i, (x, part) in enumerate(zip(leaves, parts, strict=True)):
+    scales = []
+    for x, part in zip(leaves, parts, strict=True):
         scale = rms_scale(plan, block_rms(plan, part, math.prod(x.shape)), threshold)
         if nonfinite == "skip":
             scale = xp.where(plan.finite(part), scale, plan.const(1.0, plan.res))
-        out.append(plan.scaled(i, x, scale, zero))
-    return out
+        scales.append(scale)
+    # As clip_by_norm's, so the NumPy path multiplies into the outputs; a list,
+    # indexed as the stacked norms are (torch's fake CUDA tensors cannot be).
+    return plan.scale_leaves(scales, per_leaf=True, zero=zero, inplace=False)
 
 
 def clip_by_value(
@@ -385,31 +387,34 @@ def _combine(plan: Plan, x: Any, scale: Any, axis: int, reduce: str | None) -> A
             cols = min(post, max(1, plan.chunk // batch))
             rows = max(1, plan.chunk // (batch * cols))
     column = xp.reshape(factors, (batch, 1) if axis == 0 else (1, batch, 1))
-    whole = (rows, cols) == (pre, post)
-    blocks = []
+
+    def combined(part: Any) -> Any:
+        block = xp.astype(part, work, copy=False)
+        if reduce is None:
+            y = block * column
+        elif plan.chunk is None:
+            # dask fuses the product into the sum, with no temporary.
+            y = xp.sum(block * column, axis=-2)
+        else:
+            y = xp.matmul(factors, block)
+        if reduce == "mean":
+            y = y / batch  # after the sum (see per_example_clip)
+        # (NumPy also multiplies ml_dtypes' bfloat16 into float32.)
+        return y if y.dtype == x.dtype else xp.astype(y, x.dtype)
+
+    if (rows, cols) == (pre, post):
+        return xp.reshape(combined(x3), out_shape)
+    # Blocks are written into the result as they come: gathered, then
+    # joined, the result was held twice.
+    summed = (post,) if axis == 0 else (pre, post)
+    out = xp.empty(three if reduce is None else summed, dtype=x.dtype, device=plan.device)
     for r in range(0, pre, rows):
-        pieces = []
         for c in range(0, post, cols):
-            if whole:
-                part = x3
-            elif axis == 0:
-                part = x3[..., c : c + cols]
-            else:
-                part = x3[r : r + rows, :, c : c + cols]
-            block = xp.astype(part, work, copy=False)
-            if reduce is None:
-                y = block * column
-            elif plan.chunk is None:
-                # dask fuses the product into the sum, with no temporary.
-                y = xp.sum(block * column, axis=-2)
-            else:
-                y = xp.matmul(factors, block)
-            if reduce == "mean":
-                y = y / batch  # after the sum (see per_example_clip)
-            # (NumPy also multiplies ml_dtypes' bfloat16 into float32.)
-            pieces.append(y if y.dtype == x.dtype else xp.astype(y, x.dtype))
-        blocks.append(pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=-1))
-    out = blocks[0] if len(blocks) == 1 else xp.concat(blocks, axis=0)
+            # array-api-strict refuses a stop past the end
+            cs, rs = slice(c, min(c + cols, post)), slice(r, min(r + rows, pre))
+            part = (..., cs) if axis == 0 else (rs, slice(None), cs)
+            to = part if reduce is None else (cs,) if axis == 0 else (rs, cs)
+            out[to] = combined(x3[part])
     return xp.reshape(out, out_shape)
 
 

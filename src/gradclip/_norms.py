@@ -330,9 +330,11 @@ class Plan:
 
     def leaf(self, index: int) -> Partial:
         """Reduce one leaf, block by block."""
-        x = self.leaves[index]
-        scaled = self._needs_scaling(index)
-        cplx = self.is_complex(index)
+        return self._blockwise(
+            self.leaves[index], self._needs_scaling(index), self.is_complex(index)
+        )
+
+    def _blockwise(self, x: Any, scaled: bool, cplx: bool) -> Partial:
         parts = [
             self._block(self._magnitude(b.flat, cplx), scaled)
             for b in _compat.blocks(self.xp, x, self.chunk)
@@ -355,6 +357,16 @@ class Plan:
             return Partial(xp.zeros((batch,), dtype=self.acc, device=self.device), None, None)
         scaled = self._needs_scaling(index)
         cplx = self.is_complex(index)
+        if self.chunk is not None and row > self.chunk:
+            # An example larger than a block (a layer of 16M entries): each is
+            # reduced as a leaf is, or its widened magnitudes and squares
+            # would be several times its size.
+            ex = [
+                self._blockwise(x[(slice(None),) * axis + (k, ...)], scaled, cplx)
+                for k in range(batch)
+            ]
+            exps = xp.stack([q.exp for q in ex]) if scaled else None
+            return Partial(xp.stack([q.value for q in ex]), exps, None)
         others = tuple(i for i in range(len(x.shape)) if i != axis)
         step = batch if self.chunk is None else max(1, self.chunk // row)
         values, exps = [], []
@@ -580,11 +592,32 @@ class Plan:
             for i, x in enumerate(self.leaves):
                 s = scales[i] if per_leaf else scales
                 if not inplace:
-                    out.append(self.scaled(i, x, s, zero))
+                    out.append(self._scaled_leaf(i, x, s, zero))
                     continue
                 for block in _compat.blocks(xp, x, self.chunk):
                     block.write(xp, self.scaled(i, block.flat, s, zero))
                 out.append(x)
+        return out
+
+    def _scaled_leaf(self, index: int, x: Any, scale: Any, zero: bool) -> Any:
+        """Leaf ``index`` times ``scale``: a new array, written a block at a time.
+
+        On eager backends the temporaries of :meth:`scaled` (a float16
+        leaf's float32 product, ``nonfinite="zero"``'s masks, a complex
+        leaf's selection) stay a block's, not the leaf's: several times its
+        size otherwise.
+        """
+        xp = self.xp
+        if self.chunk is None or math.prod(x.shape) <= self.chunk:
+            return self.scaled(index, x, scale, zero)
+        out = xp.empty(x.shape, dtype=x.dtype, device=self.device)
+        flat = xp.reshape(out, (-1,))
+        for block in _compat.blocks(xp, x, self.chunk):
+            new = self.scaled(index, block.flat, scale, zero)
+            if block.target is x:  # rows of a strided leaf
+                out[block.index] = xp.reshape(new, block.shape)
+            else:  # a range of the flattened leaf
+                flat[block.index] = new
         return out
 
     def leaf_norms(self, parts: list[Partial]) -> Any:

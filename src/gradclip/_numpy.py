@@ -516,7 +516,7 @@ class NumpyPlan(Plan):
             return super().scale_leaves(scales, per_leaf=per_leaf, zero=zero, inplace=inplace)
         real = {d: self.factor_dtype(d) for d in infos}
         leaves = self.leaves
-        unit = np.asarray(scales == 1)  # one comparison, on the host (NumPy's device)
+        unit = np.asarray(scales) == 1  # on the host (NumPy's device); a list of scales too
         if not per_leaf and inplace and unit:
             return list(leaves)  # the scale is 1: nothing to write
         # Native byte order and the leaf's ndarray subclass, as the generic
