@@ -641,14 +641,17 @@ def test_autoclip_on_dask_does_no_invalid_arithmetic_in_a_lazy_compute(nonfinite
     [ZClip(warmup_steps=1), AutoClip(), AdaGC(warmup_steps=1)],
     ids=["zclip", "autoclip", "adagc"],
 )
-def test_an_inf_norm_is_counted_not_warned(xp, clipper, nonfinite):
+@pytest.mark.parametrize("entries", [[np.inf, 1.0], [3e38, 3e38]], ids=["inf", "overflow"])
+def test_an_inf_norm_is_counted_not_warned(xp, clipper, nonfinite, entries):
     """inf gradients (inf - inf in a statistic) raise no NumPy warning (errors here).
 
     Under every policy the step is counted and kept out of the statistics:
-    under "zero" too, whose norm (the inf taken as 0) is finite.
+    under "zero" too, whose norm (the inf taken as 0) is finite. So is a
+    step of finite entries whose float32 norm overflows, which "zero" took
+    in (its norm of inf made ZClip's mean inf and AdaGC's EMA NaN for good).
     """
     clipper = dataclasses.replace(clipper, nonfinite=nonfinite)
-    bad = [xp.array([np.inf, 1.0], "float32")]
+    bad = [xp.array(entries, "float32")]
     for first in (True, False):  # AutoClip's empty history; the others after warm-up
         state = clipper.init(bad)
         if not first:
@@ -662,10 +665,12 @@ def test_an_inf_norm_is_counted_not_warned(xp, clipper, nonfinite):
                 kept = xp.numpy(getattr(before, name)), xp.numpy(getattr(state, name))
                 np.testing.assert_array_equal(*kept, err_msg=name)
         got = xp.numpy(out[0])
-        if nonfinite == "zero":
+        if nonfinite == "zero" and np.isinf(entries).any():
+            # (An overflowed norm is clip_by_global_norm's arithmetic: scale
+            # 0, or NaN under AutoClip's empty history's infinite bound.)
             assert np.isfinite(got).all()
         if nonfinite == "skip":  # the gradients come back unchanged
-            np.testing.assert_array_equal(got, [np.inf, 1.0])
+            np.testing.assert_array_equal(got, np.asarray(entries, np.float32))
 
 
 @pytest.mark.parametrize(
@@ -947,3 +952,18 @@ def test_optax_transforms_match_the_clippers(name, kwargs):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
         stats = gco.find_stats(state)
         np.testing.assert_allclose(np.asarray(stats.norm), np.asarray(ref_stats.norm), rtol=1e-6)
+
+
+@pytest.mark.parametrize("value", [1e-200, 1e200])
+def test_agc_stats_of_complex128_gradients_are_float64(xp, value):
+    # The result dtype looked for float64 leaves only: complex128 ones got
+    # float32 stats, 0 or inf where the norm is 3e-200 or 3e200.
+    if not xp.has("complex128"):
+        pytest.skip(f"{xp} has no complex128")
+    g = [xp.array(np.full((2, 3), value * (1 + 1j)), "complex128")]
+    w = [xp.array(np.ones((2, 3)), "float64")]
+    clipper = AGC(layout="torch", clipping=1e300)  # nothing clipped
+    _, _, stats = clipper.update(g, clipper.init(g), params=w)
+    norm = xp.numpy(stats.norm)
+    assert norm.dtype == np.float64
+    np.testing.assert_allclose(norm, value * 12**0.5, rtol=1e-12)

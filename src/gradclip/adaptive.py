@@ -58,6 +58,7 @@ from ._tree import Flat, _materialise, flatten
 
 __all__ = [
     "AGC",
+    "AGCState",
     "AdaGC",
     "AdaGCState",
     "AutoClip",
@@ -252,9 +253,12 @@ def _global_norm(
     """The prepared tree, its global 2-norm as the policy needs it, and whether it was finite."""
     prep = _prepared(tree, state, fn, inplace, whole=nonfinite != "raise")
     norm = _api._run(prep, None, "global_norm", p=2.0, nonfinite=_norm_policy(nonfinite))
+    finite = prep.xp.isfinite(norm)
     if nonfinite == "zero":
-        return prep, norm, prep.xp.all(_leaves_finite(prep))
-    return prep, norm, prep.xp.isfinite(norm)
+        # Finite entries whose norm overflows (float32 leaves near 3e38) are
+        # a bad step too: its inf would enter the statistics for good.
+        return prep, norm, prep.xp.all(_leaves_finite(prep)) & finite
+    return prep, norm, finite
 
 
 def _clip(
@@ -299,6 +303,17 @@ class _Stateful:
         refuses NumPy arrays in a checkpoint: save
         ``{k: torch.from_numpy(v) for k, v in d.items()}``, which
         :meth:`load_state_dict` takes as well.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from gradclip.adaptive import AutoClip
+        >>> clipper = AutoClip(history_size=2)
+        >>> state = clipper.init([np.ones(2)])
+        >>> _, state, _ = clipper.update([np.array([3.0, 4.0])], state)
+        >>> saved = clipper.state_dict(state)
+        >>> saved["history"], saved["count"]
+        (array([5., 0.]), array(1, dtype=int32))
         """
         return _state_dict(state)
 
@@ -317,6 +332,16 @@ class _Stateful:
             If a field's shape is not the one :meth:`init` gives for ``like``
             (the state was saved with another ``history_size``,
             ``warmup_steps`` or tree); the message names the field.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from gradclip.adaptive import AutoClip
+        >>> clipper = AutoClip(history_size=2)
+        >>> saved = {"history": np.array([5.0, 0.0]), "count": np.array(1), "skipped": np.array(0)}
+        >>> state = clipper.load_state_dict(saved, like=[np.ones(2)])
+        >>> state.history, state.count.dtype
+        (array([5., 0.]), dtype('int32'))
         """
         fn = f"{type(self).__name__}.load_state_dict"
         like = _materialise(like)  # model.parameters(): init would use the generator up
@@ -351,6 +376,17 @@ class _Clipper(_Stateful):
         A tree with no arrays (``{}``; optax's placeholder in
         ``optax.tree_map_params``) passes through, the state unchanged and
         the stats those of :func:`gradclip.clip_by_global_norm` on it.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from gradclip.adaptive import AutoClip
+        >>> clipper = AutoClip(percentile=50.0)
+        >>> grads = {"w": np.array([3.0, 4.0])}
+        >>> state = clipper.init(grads)
+        >>> new, state, stats = clipper.update(grads, state)  # the history holds this norm
+        >>> float(stats.norm), int(state.count), grads["w"]  # grads is left as it was
+        (5.0, 1, array([3., 4.]))
         """
         # A generator is read once: the tree returned must be its list, even
         # when it held no arrays ((p.grad for p in params) with every grad None).
@@ -363,7 +399,20 @@ class _Clipper(_Stateful):
 
     @_api._eager
     def update_(self, tree: Any, state: Any, params: Any = None) -> tuple[Any, ClipStats]:
-        """Clip ``tree`` in place (NumPy, CuPy, torch) and advance the state: ``(state, stats)``."""
+        """Clip ``tree`` in place (NumPy, CuPy, torch) and advance the state: ``(state, stats)``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from gradclip.adaptive import AutoClip
+        >>> clipper = AutoClip(percentile=0.0)
+        >>> state = clipper.init([np.ones(2)])
+        >>> state, _ = clipper.update_([np.array([3.0, 4.0])], state)  # history: 5
+        >>> grads = [np.array([30.0, 40.0])]
+        >>> state, stats = clipper.update_(grads, state)  # clipped to about 5, the least seen
+        >>> grads[0].round(4), float(stats.norm)
+        (array([3., 4.]), 50.0)
+        """
         with _stepping(state):
             try:
                 _, state, stats = self._step(tree, state, params, True)
@@ -382,6 +431,14 @@ class ZClipState(NamedTuple):
     ``var``), which overflows float32 once the norms spread past 1.8e19 and
     then stays inf, so that no spike is ever seen again. :attr:`var` gives
     the variance.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gradclip.adaptive import ZClip
+    >>> state = ZClip(warmup_steps=3).init([np.ones(2)])
+    >>> state.buffer, int(state.count), int(state.skipped)
+    (array([0., 0., 0.]), 0, 0)
     """
 
     count: Any  # finite norms seen during the warm-up (int32, stops at warmup_steps)
@@ -565,7 +622,19 @@ class ZClip(_Clipper):
 
 
 class AutoClipState(NamedTuple):
-    """AutoClip's history of norms: a ring buffer and how many it has seen."""
+    """AutoClip's history of norms: a ring buffer and how many it has seen.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gradclip.adaptive import AutoClip
+    >>> clipper = AutoClip(history_size=3)
+    >>> state = clipper.init([np.ones(2)])
+    >>> for value in (1.0, 2.0, 3.0, 4.0):
+    ...     _, state, _ = clipper.update([np.array([value, 0.0])], state)
+    >>> state.history, int(state.count)  # the fourth norm took the first slot
+    (array([4., 2., 3.]), 4)
+    """
 
     history: Any  # (history_size,) the last finite norms
     count: Any  # finite norms seen (int32; the buffer holds min(count, size))
@@ -663,7 +732,15 @@ class AutoClip(_Clipper):
 
 
 class AGCState(NamedTuple):
-    """AGC keeps no statistics."""
+    """AGC keeps no statistics.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gradclip.adaptive import AGC
+    >>> AGC(layout="torch").init([np.ones(2)])
+    AGCState()
+    """
 
 
 def _unit_axes(x: Any, layout: str, axis: Any, name: str, fn: str) -> tuple[int, ...] | None:
@@ -842,7 +919,8 @@ class AGC(_Clipper):
             clipped = xp.where(keep, g_norm, max_norm)
             after.append(_hypot(xp, xp.astype(clipped, wide)))
             finite.append(xp.all(xp.isfinite(g_norm)))
-        res = xp.float64 if any(x.dtype == xp.float64 for x in out) else xp.float32
+        infos = [_compat.dtype_info(xp, x.dtype) for x in out]
+        res = xp.float64 if any(i is not None and i.float64 for i in infos) else xp.float32
         device = _compat.device_of(grads.leaves[0])
         if not before:  # every leaf is empty: a norm of 0, nothing clipped
             zero = xp.zeros((), dtype=acc or res, device=device)
@@ -951,7 +1029,16 @@ def _wide(xp: Any, g: Any, real: Any) -> Any:
 
 
 class AdaGCState(NamedTuple):
-    """AdaGC's per-tensor EMAs of clipped norms."""
+    """AdaGC's per-tensor EMAs of clipped norms.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gradclip.adaptive import AdaGC
+    >>> state = AdaGC().init({"w": np.ones(2), "b": np.ones(1)})
+    >>> state.ema, int(state.count)
+    (array([0., 0.]), 0)
+    """
 
     ema: Any  # (n_leaves,)
     count: Any  # finite steps seen (int32)
@@ -1044,7 +1131,9 @@ class AdaGC(_Clipper):
                 f"{fn}: the tree has {norms.shape[0]} leaves but the state {state.ema.shape[0]}"
             )
         zero = self.nonfinite == "zero"  # ("raise" raised in leaf_norms, before any write)
-        leaf_finite = _leaves_finite(prep) if zero else xp.isfinite(norms)
+        leaf_finite = xp.isfinite(norms)  # an overflowed norm too (see _global_norm)
+        if zero:
+            leaf_finite = leaf_finite & _leaves_finite(prep)
         finite = xp.all(leaf_finite)
         one = xp.ones_like(norms)
         eps = 1e-6
@@ -1113,7 +1202,16 @@ def _hypot(xp: Any, norms: Any) -> Any:
 
 
 class QuantileBoundState(NamedTuple):
-    """The adaptive per-example bound: the current ``C`` and what moved it."""
+    """The adaptive per-example bound: the current ``C`` and what moved it.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gradclip.adaptive import QuantileBound
+    >>> state = QuantileBound(initial=1.0).init([np.ones((4, 2))])
+    >>> float(state.bound), float(state.fraction), int(state.count)  # no step yet: NaN
+    (1.0, nan, 0)
+    """
 
     bound: Any  # 0-d: C for the next step
     fraction: Any  # 0-d: the last step's (noised) fraction of unclipped examples
