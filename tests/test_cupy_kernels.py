@@ -434,6 +434,29 @@ def test_nonfinite_policies(
     _leaves_close(fast, ref, exact=False)
 
 
+@pytest.mark.parametrize("per_leaf", [False, True])
+@pytest.mark.parametrize("dtype", REAL)
+def test_skip_returns_the_leaves_bit_for_bit(
+    dev: cuda_emulator.EmuDevice, dtype: str, per_leaf: bool
+) -> None:
+    # A functional call multiplied by the scale of 1: a half's NaN came back
+    # as the canonical NaN, its payload lost (a GPU's multiply does that to
+    # every dtype), where "skip" returns the leaves unchanged.
+    leaves = _tree(dtype)
+    bits = {2: np.uint16, 4: np.uint32, 8: np.uint64}[leaves[3].itemsize]
+    payload = {2: 0x7E23, 4: 0x7FC00123, 8: 0x7FF8000000000123}[leaves[3].itemsize]
+    if dtype == "bfloat16":
+        payload = 0x7FC3
+    leaves[3].view(bits)[7] = payload
+    originals = _copy(leaves)
+    fn = "clip_by_norm" if per_leaf else "clip_by_global_norm"
+    kwargs = {"max_norm": 1.0, "p": 2.0, "eps": 1e-6, "nonfinite": "skip", "norm": None}
+    (fast, _), (ref, _) = _both(dev, fn, leaves, inplace=False, **kwargs)
+    _leaves_close(fast[3:4], originals[3:4], exact=True)
+    if dtype != "bfloat16":  # (ml_dtypes' cast from float32 gives its canonical NaN)
+        _leaves_close(ref[3:4], originals[3:4], exact=True)
+
+
 @pytest.mark.parametrize("fn", ["global_norm", "clip_by_global_norm", "clip_by_norm"])
 def test_raise_names_the_leaf_and_writes_nothing(dev: cuda_emulator.EmuDevice, fn: str) -> None:
     leaves = _tree("float32")

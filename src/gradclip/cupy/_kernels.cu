@@ -791,9 +791,22 @@ template <> struct ScaleOp<GC_F64> : ScaleReal<double> {};
 template <> struct ScaleOp<GC_C64> : ScaleComplex<gc_c64, float> {};
 template <> struct ScaleOp<GC_C128> : ScaleComplex<gc_c128, double> {};
 
+// Copy one chunk unchanged: a scale of 1 in a functional call (nothing to
+// clip, or nonfinite="skip" found NaN/inf), and clamp's skipped steps.
+struct Same {
+    template <typename T> __device__ __forceinline__ T operator()(T x) const { return x; }
+};
+
 template <int C>
 __device__ void gc_scale_chunk(const void* src, void* dst, i64 start, i64 n, double s, bool zero) {
     typedef typename Elem<C>::T T;
+    if (s == 1.0 && !zero) {
+        // x * 1 is x, copied: the GPU's multiply gives its canonical NaN for
+        // every NaN, and a half's round trip through float quiets one, where
+        // "skip" returns the leaves unchanged (the CPU keeps the payload).
+        gc_map<T>((const T*)src + start, (T*)dst + start, n, Same());
+        return;
+    }
     ScaleOp<C> op;
     op.s = gc_as<decltype(op.s)>(s);  // a float64 scale rounded to float32 for the others
     op.zero = zero;
@@ -900,11 +913,6 @@ __device__ void gc_clamp_chunk(const void* src, void* dst, i64 start, i64 n, con
         gc_map<T>(x, y, n, gc_clamp_op<double>(b.lod, b.hid, b, zero));
     }
 }
-
-// Copy one chunk unchanged (nonfinite="skip" found NaN/inf, functional form).
-struct Same {
-    template <typename T> __device__ __forceinline__ T operator()(T x) const { return x; }
-};
 
 // Grid: chunks blocks. Complex leaves are not clamped here (the launcher
 // sends them to the generic path). `finite`: the tree's finite flag for
