@@ -944,10 +944,10 @@ def _clip_value_checked(
 @_eager
 def clip_by_value(
     tree: Any,
-    clip_value: float | None = None,
+    clip_value: Any = None,
     *,
-    lo: float | None = None,
-    hi: float | None = None,
+    lo: Any = None,
+    hi: Any = None,
     nonfinite: str = "propagate",
     fused: bool | None = None,
 ) -> Any:
@@ -993,10 +993,10 @@ def clip_by_value(
 @_eager
 def clip_by_value_(
     tree: Any,
-    clip_value: float | None = None,
+    clip_value: Any = None,
     *,
-    lo: float | None = None,
-    hi: float | None = None,
+    lo: Any = None,
+    hi: Any = None,
     nonfinite: str = "propagate",
     fused: bool | None = None,
 ) -> None:

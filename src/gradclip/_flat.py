@@ -173,6 +173,16 @@ class FlatTree:
         Returns
         -------
         FlatTree
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import gradclip as gc
+        >>> flat = gc.FlatTree.from_tree({"w": np.array([3.0, 4.0])})
+        >>> backup = flat.copy()
+        >>> _ = gc.clip_by_global_norm_(flat, 1.0, eps=0)
+        >>> flat.tree["w"], backup.tree["w"]
+        (array([0.6, 0.8]), array([3., 4.]))
         """
         with self._on_device():
             buffers = {key: self._xp.asarray(b, copy=True) for key, b in self._buffers.items()}

@@ -75,6 +75,16 @@ class History(NamedTuple):
         Whether the step was clipped (False on steps without stats).
     has_clip : ndarray of bool, shape (T,)
         Whether the step was recorded with a :class:`~gradclip.ClipStats`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gradclip.monitor import GradMonitor
+    >>> monitor = GradMonitor()
+    >>> monitor.update({"w": np.array([3.0, 4.0]), "b": np.array([np.nan])})
+    >>> history = monitor.history
+    >>> history.step, history.leaf_norms, history.nan, history.has_clip
+    (array([0]), array([[nan,  5.]]), array([[1, 0]]), array([False]))
     """
 
     step: np.ndarray

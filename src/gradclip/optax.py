@@ -80,6 +80,14 @@ class ClipState(NamedTuple):
         bool, 0-d: whether the last step's gradients were all finite.
     total_notfinite : array
         int32, 0-d: all steps so far whose gradients were not finite.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> import gradclip.optax as gco
+    >>> state = gco.clip_by_global_norm(1.0).init({"w": jnp.zeros(2)})
+    >>> float(state.stats.norm), float(state.stats.scale), int(state.total_notfinite)
+    (0.0, 1.0, 0)
     """
 
     stats: ClipStats
@@ -418,10 +426,10 @@ def clip_by_block_rms(threshold: Any, *, nonfinite: str = "propagate") -> Any:
 
 
 def clip_by_value(
-    clip_value: float | None = None,
+    clip_value: Any = None,
     *,
-    lo: float | None = None,
-    hi: float | None = None,
+    lo: Any = None,
+    hi: Any = None,
     nonfinite: str = "propagate",
 ) -> Any:
     """``optax.clip``: clamp every entry to ``[-clip_value, clip_value]`` or ``[lo, hi]``.
@@ -549,6 +557,14 @@ class PerExampleState(NamedTuple):
         The mean of the per-example norms before clipping.
     max_norm : array
         The largest per-example norm before clipping.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> import gradclip.optax as gco
+    >>> state = gco.per_example_clip(1.0).init({"w": jnp.zeros(2)})
+    >>> int(state.num_clipped), int(state.batch_size), float(state.max_norm)
+    (0, 0, 0.0)
     """
 
     num_clipped: Any
@@ -654,7 +670,17 @@ def per_example_clip(
 
 
 class AdaptiveState(NamedTuple):
-    """The state of :func:`adaptive` transforms: the clipper's own, and a :class:`ClipState`."""
+    """The state of :func:`adaptive` transforms: the clipper's own, and a :class:`ClipState`.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> import gradclip.optax as gco
+    >>> from gradclip.adaptive import AutoClip
+    >>> state = gco.adaptive(AutoClip(history_size=4)).init({"w": jnp.zeros(2)})
+    >>> type(state.clipper).__name__, state.clipper.history.shape, float(state.clip.stats.norm)
+    ('AutoClipState', (4,), 0.0)
+    """
 
     clipper: Any  # ZClipState, AutoClipState, AdaGCState or AGCState
     clip: ClipState
