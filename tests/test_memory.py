@@ -85,13 +85,17 @@ def test_np_sum_of_squares_would_allocate_a_copy():
         ("clip_by_norm", "float32", "zero"),
         ("clip_by_norm", "complex64", "propagate"),
         ("clip_by_global_norm", "float16", "zero"),
+        ("clip_by_value", "float32", "propagate"),
+        ("clip_by_value", "float32", "zero"),
+        ("clip_by_value", "float16", "skip"),
     ],
 )
 def test_functional_clips_allocate_their_outputs_and_blocks(fn, dtype, nonfinite):
     # The new leaves were made whole by the generic product: a float16
     # leaf's float32 copy (clip_by_block_rms never took the NumPy path's
     # multiply into the output), nonfinite="zero"'s masks and selections,
-    # a complex leaf's selection: one to three times the leaf more.
+    # a complex leaf's selection, a clamp's two steps: one to three times
+    # the leaf more.
     x = np.full(2**24 if dtype == "float16" else 2**23, 3.0, dtype)
     call = getattr(gc, fn)
     call([x[:8]], 1.0, nonfinite=nonfinite)  # warm up
@@ -102,7 +106,8 @@ def test_functional_clips_allocate_their_outputs_and_blocks(fn, dtype, nonfinite
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    new = out if fn == "clip_by_block_rms" else out[0]
+    new = out[0] if isinstance(out, tuple) else out
     assert peak <= new[0].nbytes + LIMIT / 2, f"peak {peak / 2**20:.1f} MiB"
-    want = x[:8] * (1 / 3 if fn == "clip_by_block_rms" else 1 / (3 * x.size**0.5))
+    factor = {"clip_by_block_rms": 1 / 3, "clip_by_value": 1 / 3}.get(fn, 1 / (3 * x.size**0.5))
+    want = x[:8] * factor
     np.testing.assert_allclose(new[0][:8], want.astype(dtype), rtol=1e-3)

@@ -330,7 +330,7 @@ def clip_by_value(
         return _compat.as_array(out)
 
     if not inplace:
-        return [clamp(x) for x in leaves]
+        return [plan.new_leaf(x, clamp) for x in leaves]
     with _compat.no_grad(xp):
         for x in leaves:
             for block in _compat.blocks(xp, x, plan.chunk):

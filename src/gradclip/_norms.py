@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -600,20 +600,23 @@ class Plan:
         return out
 
     def _scaled_leaf(self, index: int, x: Any, scale: Any, zero: bool) -> Any:
-        """Leaf ``index`` times ``scale``: a new array, written a block at a time.
+        """Leaf ``index`` times ``scale``, a new array (see :meth:`new_leaf`)."""
+        return self.new_leaf(x, lambda block: self.scaled(index, block, scale, zero))
 
-        On eager backends the temporaries of :meth:`scaled` (a float16
-        leaf's float32 product, ``nonfinite="zero"``'s masks, a complex
-        leaf's selection) stay a block's, not the leaf's: several times its
-        size otherwise.
+    def new_leaf(self, x: Any, fn: Callable[[Any], Any]) -> Any:
+        """``fn(x)`` for an elementwise ``fn`` that keeps the dtype, written a block at a time.
+
+        On eager backends the temporaries of ``fn`` (a float16 leaf's
+        float32 product, ``nonfinite="zero"``'s masks, a clamp's two steps)
+        stay a block's, not the leaf's: several times its size otherwise.
         """
         xp = self.xp
         if self.chunk is None or math.prod(x.shape) <= self.chunk:
-            return self.scaled(index, x, scale, zero)
+            return fn(x)
         out = xp.empty(x.shape, dtype=x.dtype, device=self.device)
         flat = xp.reshape(out, (-1,))
         for block in _compat.blocks(xp, x, self.chunk):
-            new = self.scaled(index, block.flat, scale, zero)
+            new = fn(block.flat)
             if block.target is x:  # rows of a strided leaf
                 out[block.index] = xp.reshape(new, block.shape)
             else:  # a range of the flattened leaf
