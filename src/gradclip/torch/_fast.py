@@ -78,6 +78,11 @@ def _torch() -> Any:
 _requires_grad = operator.attrgetter("requires_grad")
 
 
+def _tensors(scales: Any) -> list[Any]:
+    """The scale tensors: one, or a list of per-leaf 0-d tensors."""
+    return scales if isinstance(scales, list) else [scales]
+
+
 @functools.cache
 def _viewers() -> dict[Any, Callable[[Any], Any]]:
     """Map a torch dtype to a function giving a zero-copy NumPy view of a CPU tensor."""
@@ -514,10 +519,11 @@ class TorchPlan(Plan):
         # torch's autograd of a foreach multiply by a 0-d tensor fails on
         # groups of two or more ("inconsistent range for TensorList output"):
         # a functional clip to differentiate through multiplies per tensor.
+        # (Per-leaf scales may come as a list of 0-d tensors.)
         graph = (
             not inplace
             and torch.is_grad_enabled()
-            and (scales.requires_grad or any(map(_requires_grad, self.leaves)))
+            and any(map(_requires_grad, [*_tensors(scales), *self.leaves]))
         )
         if per_leaf or zero or complex_ or graph:
             if inplace and self._host is not None:
