@@ -111,3 +111,35 @@ def test_functional_clips_allocate_their_outputs_and_blocks(fn, dtype, nonfinite
     factor = {"clip_by_block_rms": 1 / 3, "clip_by_value": 1 / 3}.get(fn, 1 / (3 * x.size**0.5))
     want = x[:8] * factor
     np.testing.assert_allclose(new[0][:8], want.astype(dtype), rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("fn", "kwargs"),
+    [
+        ("clip_by_norm", {}),
+        ("clip_by_global_norm", {"ord": 0}),
+        ("clip_by_global_norm", {"nonfinite": "raise"}),
+        ("clip_by_value", {"nonfinite": "raise"}),
+    ],
+)
+def test_functional_clips_of_a_flat_tree_hold_their_result_once(fn, kwargs):
+    # Calls that work leaf by leaf made new leaves, then copied them into
+    # the new FlatTree's buffers: the result held twice.
+    flat = gc.FlatTree.from_tree([np.full(2**23, 3.0, np.float32) for _ in range(2)])
+    (buffer,) = flat.buffers.values()
+    call = getattr(gc, fn)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        out = call(flat, 1.0, **kwargs)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    new = out[0] if isinstance(out, tuple) else out
+    assert isinstance(new, gc.FlatTree)
+    assert peak <= buffer.nbytes + LIMIT / 2, f"peak {peak / 2**20:.1f} MiB"
+    assert np.all(buffer == 3.0)  # the input as it was
+    (result,) = new.buffers.values()
+    assert result is not buffer
+    assert 0 < float(result[0]) < 3.0
+    assert np.all(result == result[0])

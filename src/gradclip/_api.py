@@ -273,6 +273,22 @@ def _numpy_buffer(tree: Any) -> np.ndarray | None:
     return None
 
 
+def _working_copy(tree: Any, *bounds: Any) -> FlatTree | None:
+    """A copy of a FlatTree for a functional call over its leaves to clip in place.
+
+    Such a call's new leaves became a new FlatTree by a copy into new
+    buffers: the result was held twice (512 MB for 256 MB of gradients). A
+    copy clipped in place holds it once. ``None`` for any other tree, and
+    where a buffer or a bound requires grad: the result must be
+    differentiable, and an in-place clip is not.
+    """
+    if not isinstance(tree, FlatTree):
+        return None
+    if any(getattr(a, "requires_grad", False) for a in (*tree._buffers.values(), *bounds)):
+        return None
+    return tree.copy()
+
+
 def _fmt_device(key: Any) -> str:
     if isinstance(key, frozenset):
         return ", ".join(sorted(str(d) for d in key))
@@ -559,6 +575,11 @@ def _clip_norm(
             if stats is not None:
                 return tree, stats
     whole = not per_leaf and p != 0 and nonfinite != "raise"
+    copy = None if inplace or whole else _working_copy(tree, max_norm, norm)
+    if copy is not None:
+        kwargs = dict(ord=ord, eps=eps, nonfinite=nonfinite, norm=norm, fused=fused)
+        stats = _clip_norm(fn, copy, max_norm, **kwargs, inplace=True, per_leaf=per_leaf, **extra)
+        return copy, stats[1]
     prep = _prepare(tree, fn, inplace=inplace, whole=whole)
     if prep.xp is None:
         return prep.flat.unflatten([]), _empty_stats(per_leaf)
@@ -911,7 +932,11 @@ def _clip_value(
 ) -> Any:
     low, high = _value_bounds(clip_value, lo, hi)
     _check_nonfinite(nonfinite)
-    prep = _prepare(tree, fn, inplace=inplace, whole=nonfinite != "raise")
+    whole = nonfinite != "raise"
+    copy = None if inplace or whole else _working_copy(tree, low, high)
+    if copy is not None:  # (see _working_copy)
+        return _clip_value(fn, copy, None, low, high, nonfinite, fused, inplace=True)
+    prep = _prepare(tree, fn, inplace=inplace, whole=whole)
     return _clip_value_checked(fn, prep, low, high, nonfinite, fused, inplace)
 
 
