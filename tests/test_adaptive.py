@@ -967,3 +967,33 @@ def test_agc_stats_of_complex128_gradients_are_float64(xp, value):
     norm = xp.numpy(stats.norm)
     assert norm.dtype == np.float64
     np.testing.assert_allclose(norm, value * 12**0.5, rtol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["torch", "jax"])
+def test_agc_of_leaves_larger_than_a_block(xp, layout):
+    # Eager backends read and write such leaves a piece of whole units at a
+    # time (one unit larger than a block: flat blocks); the same results.
+    rng = np.random.default_rng(5)
+    shapes = [(1100, 1000), (1000, 1100), (2**20 + 7,)]
+    grads = [
+        rng.standard_normal(s) * rng.choice([1e-4, 1.0], size=s[:1] + (1,) * (len(s) - 1))
+        for s in shapes
+    ]
+    params = [rng.standard_normal(s) for s in shapes]
+    axes = [(1,) if layout == "torch" else (0,), (1,) if layout == "torch" else (0,), None]
+    want = []
+    for g, w, ax in zip(grads, params, axes, strict=True):
+        gn = np.sqrt(np.sum(g**2, axis=ax, keepdims=True))
+        bound = 0.01 * np.maximum(np.sqrt(np.sum(w**2, axis=ax, keepdims=True)), 1e-3)
+        want.append(np.where(gn < bound, g, g * (bound / gn)))
+    g = [xp.array(a, "float32") for a in grads]
+    p = [xp.array(a, "float32") for a in params]
+    agc = AGC(clipping=0.01, layout=layout)
+    out, _, stats = agc.update(g, agc.init(g), params=p)
+    for a, b in zip(out, want, strict=True):
+        np.testing.assert_allclose(xp.numpy(a), b, rtol=2e-5, atol=1e-12)
+    if xp.mutable:
+        agc.update_(g, agc.init(g), params=p)
+        for a, b in zip(g, out, strict=True):
+            np.testing.assert_array_equal(xp.numpy(a), xp.numpy(b))
+    assert bool(stats.clipped)

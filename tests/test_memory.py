@@ -143,3 +143,44 @@ def test_functional_clips_of_a_flat_tree_hold_their_result_once(fn, kwargs):
     assert result is not buffer
     assert 0 < float(result[0]) < 3.0
     assert np.all(result == result[0])
+
+
+@pytest.mark.parametrize(
+    ("shape", "layout"),
+    [((2**12, 2**12), "torch"), ((2**12, 2**12), "jax"), ((2**24,), "torch")],
+)
+@pytest.mark.parametrize("inplace", [True, False])
+def test_agc_reads_and_writes_a_block_at_a_time(shape, layout, inplace):
+    # Unit norms and products over the whole leaf: its float32 magnitudes,
+    # their ratios and squares, the product and the result, several times
+    # the leaf (512 MB of temporaries for a 256 MB leaf in place).
+    from gradclip.adaptive import AGC
+
+    rng = np.random.default_rng(0)
+    w = np.ones(shape, np.float32)
+    g = rng.standard_normal(shape, dtype=np.float32)
+    g[: shape[0] // 2] *= 1e-4  # within the bound: kept as they are
+    agc = AGC(clipping=0.01, layout=layout)
+    copy = g.copy()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        if inplace:
+            stats = agc.update_([g], agc.init([g]), params=[w])[1]
+            out = g
+        else:
+            (out,), _, stats = agc.update([g], agc.init([g]), params=[w])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    extra = 0 if inplace else g.nbytes
+    assert peak <= extra + LIMIT / 2, f"peak {peak / 2**20:.1f} MiB"
+    if not inplace:
+        np.testing.assert_array_equal(g, copy)  # the input as it was
+    # The same unit norms and products as the whole-leaf computation.
+    unit = (1,) if layout == "torch" and len(shape) == 2 else (0,) if len(shape) == 2 else None
+    gn = np.sqrt(np.sum(copy.astype(np.float64) ** 2, axis=unit, keepdims=True))
+    bound = 0.01 * np.sqrt(np.sum(w.astype(np.float64) ** 2, axis=unit, keepdims=True))
+    expect = np.where(gn < bound, copy, copy * (bound / gn))
+    np.testing.assert_allclose(out, expect, rtol=1e-5, atol=0)
+    assert bool(stats.clipped)

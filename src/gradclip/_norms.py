@@ -95,6 +95,24 @@ def parse_ord(ord: Any) -> float:
     return p
 
 
+def new_blockwise(xp: Any, x: Any, fn: Callable[[Any], Any], chunk: int | None, device: Any) -> Any:
+    """``fn(x)``, for an elementwise ``fn`` that keeps the dtype, written a block at a time.
+
+    (See :meth:`Plan.new_leaf`; ``chunk`` ``None``: one block, ``fn(x)``.)
+    """
+    if chunk is None or math.prod(x.shape) <= chunk:
+        return fn(x)
+    out = xp.empty(x.shape, dtype=x.dtype, device=device)
+    flat = xp.reshape(out, (-1,))
+    for block in _compat.blocks(xp, x, chunk):
+        new = fn(block.flat)
+        if block.target is x:  # rows of a strided leaf
+            out[block.index] = xp.reshape(new, block.shape)
+        else:  # a range of the flattened leaf
+            flat[block.index] = new
+    return out
+
+
 def root(xp: Any, value: Any, p: float) -> Any:
     """``value ** (1 / p)`` of a sum of powers (finite ``p > 0``), with derivative 0 at 0.
 
@@ -610,18 +628,7 @@ class Plan:
         float32 product, ``nonfinite="zero"``'s masks, a clamp's two steps)
         stay a block's, not the leaf's: several times its size otherwise.
         """
-        xp = self.xp
-        if self.chunk is None or math.prod(x.shape) <= self.chunk:
-            return fn(x)
-        out = xp.empty(x.shape, dtype=x.dtype, device=self.device)
-        flat = xp.reshape(out, (-1,))
-        for block in _compat.blocks(xp, x, self.chunk):
-            new = fn(block.flat)
-            if block.target is x:  # rows of a strided leaf
-                out[block.index] = xp.reshape(new, block.shape)
-            else:  # a range of the flattened leaf
-                flat[block.index] = new
-        return out
+        return new_blockwise(self.xp, x, fn, self.chunk, self.device)
 
     def leaf_norms(self, parts: list[Partial]) -> Any:
         """1-d array of per-leaf norms (result dtype)."""

@@ -52,7 +52,7 @@ import optree
 
 from . import _api, _compat, _core
 from ._flat import FlatTree, unit
-from ._norms import Plan, root
+from ._norms import Plan, new_blockwise, root
 from ._stats import ClipStats, PerExampleStats
 from ._tree import Flat, _materialise, flatten
 
@@ -774,14 +774,93 @@ def _unit_axes(x: Any, layout: str, axis: Any, name: str, fn: str) -> tuple[int,
     )
 
 
+def _pieces(x: Any, axes: tuple[int, ...] | None, chunk: int | None) -> list[Any] | None:
+    """How AGC reads and writes a leaf on an eager backend: index tuples.
+
+    Whole units (along the first axis not reduced) of about ``chunk``
+    entries apiece, so that the widened magnitudes, their squares and the
+    products stay a block's, not several times the leaf's. ``[...]``: the
+    leaf in one piece (JAX and dask fuse; a small leaf). ``None``: the leaf
+    is one unit larger than a block, read in flat blocks.
+    """
+    size = math.prod(x.shape)
+    if chunk is None or size <= chunk:
+        return [...]
+    kept = [] if axes is None else [a for a in range(len(x.shape)) if a not in axes]
+    if not kept:
+        return None
+    k, n = kept[0], x.shape[kept[0]]
+    step = max(1, chunk * n // size)
+    if step >= n:
+        return [...]
+    return [(slice(None),) * k + (slice(s, min(s + step, n)), ...) for s in range(0, n, step)]
+
+
+def _magnitudes(xp: Any, x: Any, dtype: Any) -> Any:
+    return xp.abs(xp.astype(x, dtype)) if not _is_complex(xp, x) else xp.astype(xp.abs(x), dtype)
+
+
 def _unit_norm(xp: Any, x: Any, axes: tuple[int, ...] | None, dtype: Any) -> Any:
     """Each unit's 2-norm (keepdims), scaled by the unit's max so it cannot overflow."""
-    a = xp.abs(xp.astype(x, dtype)) if not _is_complex(xp, x) else xp.astype(xp.abs(x), dtype)
+    a = _magnitudes(xp, x, dtype)
     m = xp.max(a, axis=axes, keepdims=True)
-    safe = xp.where(xp.isfinite(m) & (m > 0), m, xp.ones_like(m))
-    total = xp.sum((a / safe) ** 2, axis=axes, keepdims=True)
+    return _by_max(xp, m, lambda safe: xp.sum((a / safe) ** 2, axis=axes, keepdims=True))
+
+
+def _by_max(xp: Any, m: Any, squares: Callable[[Any], Any]) -> Any:
+    """The norm from the units' max ``m`` and ``squares(safe)``: the sums of ``(|x| / safe)**2``."""
+    live = xp.isfinite(m) & (m > 0)
+    safe = xp.where(live, m, xp.ones_like(m))
     # root, not sqrt: a zero unit's gradient through the clip stays finite.
-    return xp.where(xp.isfinite(m) & (m > 0), safe * root(xp, total, 2.0), m)
+    return xp.where(live, safe * root(xp, squares(safe), 2.0), m)
+
+
+def _unit_norms(
+    xp: Any, x: Any, axes: tuple[int, ...] | None, dtype: Any, pieces: list[Any] | None
+) -> Any:
+    """:func:`_unit_norm`, a piece at a time (see :func:`_pieces`)."""
+    if pieces is None:  # one unit: its max, then its sum of squares, block by block
+        chunk = _compat.chunk_elems(xp)
+        flats = [b.flat for b in _compat.blocks(xp, x, chunk)]
+        m = xp.max(xp.stack([xp.max(_magnitudes(xp, b, dtype)) for b in flats]))
+
+        def squares(safe: Any) -> Any:
+            sums = [xp.sum((_magnitudes(xp, b, dtype) / safe) ** 2) for b in flats]
+            return xp.sum(xp.stack(sums))
+
+        return xp.reshape(_by_max(xp, m, squares), (1,) * len(x.shape))
+    if len(pieces) == 1:
+        return _unit_norm(xp, x, axes, dtype)
+    norms = [_unit_norm(xp, x[i], axes, dtype) for i in pieces]
+    return xp.concat(norms, axis=len(pieces[0]) - 2)  # the axis before the ellipsis
+
+
+def _rescaled(
+    xp: Any, g: Any, pieces: list[Any] | None, keep: Any, factor: Any, wide: Any, inplace: bool
+) -> Any:
+    """``g`` with each unit not kept multiplied by its factor, a piece at a time.
+
+    In place, or a new array. (Called once every leaf's factors are known,
+    so an in-place call that raises has written nothing.)
+    """
+
+    def new(piece: Any, k: Any, f: Any) -> Any:
+        return _compat.where(xp, k, piece, xp.astype(xp.astype(piece, wide) * f, g.dtype))
+
+    if pieces is None:  # one unit: one factor, flat blocks
+        k, f = xp.reshape(keep, ()), xp.reshape(factor, ())
+        chunk = _compat.chunk_elems(xp)
+        if not inplace:
+            return new_blockwise(xp, g, lambda b: new(b, k, f), chunk, _compat.device_of(g))
+        for block in _compat.blocks(xp, g, chunk):
+            block.write(xp, new(block.flat, k, f))
+        return g
+    if not inplace and len(pieces) == 1:
+        return _compat.as_array(new(g, keep, factor))
+    out = g if inplace else xp.empty(g.shape, dtype=g.dtype, device=_compat.device_of(g))
+    for i in pieces:
+        out[i] = new(g[i], keep[i], factor[i])
+    return out
 
 
 def _is_complex(xp: Any, x: Any) -> bool:
@@ -885,7 +964,8 @@ class AGC(_Clipper):
         # graph into the clipped gradients (and forbid .numpy() on them).
         if backend == "torch":
             weights = [w.detach() for w in weights]
-        out, before, after, finite = [], [], [], []
+        chunk = _compat.chunk_elems(xp)
+        out, todo, before, after, finite = list(grads.leaves), [], [], [], []
         for i, (g, w) in enumerate(zip(grads.leaves, weights, strict=True)):
             name = grads.paths[i]
             if not _shapes_agree(g.shape, w.shape):
@@ -896,22 +976,19 @@ class AGC(_Clipper):
             if 0 in tuple(g.shape):
                 # No entries, no unit norm (the max has no identity): the leaf
                 # comes back as it is, as from optax.adaptive_grad_clip.
-                out.append(g)
                 continue
             info = _compat.dtype_info(xp, g.dtype)
             dtype = xp.float64 if info is not None and info.float64 else xp.float32
             axes = _unit_axes(g, self.layout or "", self.axis, name, fn)
-            g_norm = _unit_norm(xp, g, axes, dtype)
-            w_norm = _unit_norm(xp, w, axes, dtype)
+            pieces = _pieces(g, axes, chunk)
+            g_norm = _unit_norms(xp, g, axes, dtype, pieces)
+            w_norm = _unit_norms(xp, w, axes, dtype, pieces)
             device = _compat.device_of(g)  # array-api-strict has other devices than its default
             eps = _compat.asarray(xp, self.eps, dtype, device)
             max_norm = xp.maximum(w_norm, eps) * self.clipping
             factor = max_norm / xp.maximum(g_norm, _compat.asarray(xp, 1e-6, dtype, device))
             keep = g_norm < max_norm
-            new = _compat.where(
-                xp, keep, g, xp.astype(xp.astype(g, _wide(xp, g, dtype)) * factor, g.dtype)
-            )
-            out.append(_compat.as_array(new))
+            todo.append((i, pieces, keep, factor, _wide(xp, g, dtype)))
             wide = acc or dtype
             # Scaled by the largest unit norm: squared in float32 (JAX
             # without x64), unit norms past 1.8e19 made the norm inf.
@@ -940,13 +1017,10 @@ class AGC(_Clipper):
                 )
             )
         )
-        if not inplace:
-            return grads.unflatten(out), state, stats
-        with _compat.no_grad(xp):
-            for g, new in zip(grads.leaves, out, strict=True):
-                if new is not g:
-                    g[...] = new
-        return None, state, stats
+        with _compat.no_grad(xp) if inplace else contextlib.nullcontext():
+            for i, pieces, keep, factor, wide in todo:
+                out[i] = _rescaled(xp, out[i], pieces, keep, factor, wide, inplace)
+        return (None if inplace else grads.unflatten(out)), state, stats
 
     def state_dict(self, state: AGCState) -> dict[str, np.ndarray]:
         """AGC has no state: an empty dict."""
