@@ -471,13 +471,20 @@ def test_raise_names_the_leaf_and_writes_nothing(dev: cuda_emulator.EmuDevice, f
     _leaves_close(leaves, originals, exact=True)
 
 
+@pytest.mark.parametrize("inplace", [False, True])  # True: a FlatTree's copy
 @pytest.mark.parametrize("nonfinite", ["propagate", "zero", "skip"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_clip_by_block_rms(dev: cuda_emulator.EmuDevice, dtype: str, nonfinite: str) -> None:
+def test_clip_by_block_rms(
+    dev: cuda_emulator.EmuDevice, dtype: str, nonfinite: str, inplace: bool
+) -> None:
     leaves = _tree(dtype)
     leaves[4][0] = np.nan
-    fast, ref = _both(dev, "clip_by_block_rms", leaves, threshold=0.5, nonfinite=nonfinite)
+    kwargs = {"threshold": 0.5, "nonfinite": nonfinite, "inplace": inplace}
+    fast, ref = _both(dev, "clip_by_block_rms", leaves, **kwargs)
     _leaves_close(fast, ref, exact=False)
+    if inplace:
+        functional, _ = _both(dev, "clip_by_block_rms", leaves, **{**kwargs, "inplace": False})
+        _leaves_close(fast, functional, exact=True)
 
 
 def test_block_rms_where_the_norm_overflows_float32(dev: cuda_emulator.EmuDevice) -> None:

@@ -120,6 +120,7 @@ def test_functional_clips_allocate_their_outputs_and_blocks(fn, dtype, nonfinite
         ("clip_by_global_norm", {"ord": 0}),
         ("clip_by_global_norm", {"nonfinite": "raise"}),
         ("clip_by_value", {"nonfinite": "raise"}),
+        ("clip_by_block_rms", {}),
     ],
 )
 def test_functional_clips_of_a_flat_tree_hold_their_result_once(fn, kwargs):

@@ -879,12 +879,15 @@ def clip_by_block_rms(
     """
     threshold = _check_bound(threshold, "threshold")
     _check_nonfinite(nonfinite)
-    prep = _prepare(tree, "clip_by_block_rms")
+    copy = _working_copy(tree, threshold)
+    # (Only a FlatTree's copy is clipped in place; JAX leaves never are.)
+    inplace = {} if copy is None else {"inplace": True}
+    prep = _prepare(tree if copy is None else copy, "clip_by_block_rms", **inplace)
     if prep.xp is None:
         return prep.flat.unflatten([])
     _known_sizes(prep, "clip_by_block_rms")
-    leaves = _run(prep, fused, "clip_by_block_rms", threshold=threshold, nonfinite=nonfinite)
-    return prep.flat.unflatten(leaves)
+    kwargs = dict(threshold=threshold, nonfinite=nonfinite, **inplace)
+    return prep.flat.unflatten(_run(prep, fused, "clip_by_block_rms", **kwargs))
 
 
 # ---------------------------------------------------------------------- value clipping

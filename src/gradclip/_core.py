@@ -271,9 +271,13 @@ def clip_by_block_rms(
     *,
     threshold: Any,
     nonfinite: str,
+    inplace: bool = False,
     plan_cls: type[Plan] = Plan,
 ) -> list[Any]:
-    """Optax's ``clip_by_block_rms``: divide each leaf by ``max(1, rms / threshold)``."""
+    """Optax's ``clip_by_block_rms``: divide each leaf by ``max(1, rms / threshold)``.
+
+    ``inplace``: a FlatTree's copy (see ``_api._working_copy``).
+    """
     zero = nonfinite == "zero"
     plan = plan_cls(xp, 2.0, leaves, zero_nonfinite=zero)
     parts = _reduce(plan, names, nonfinite)
@@ -285,7 +289,10 @@ def clip_by_block_rms(
             scale = xp.where(plan.finite(part), scale, plan.const(1.0, plan.res))
         scales.append(scale)
     # As clip_by_norm's, so the NumPy path multiplies into the outputs; a list,
-    # indexed as the stacked norms are (torch's fake CUDA tensors cannot be).
+    # indexed as the stacked norms are (torch's fake CUDA tensors cannot be),
+    # but stacked in place, as clip_by_norm_'s are (torch's kernels take one array).
+    if inplace:
+        return plan.scale_leaves(xp.stack(scales), per_leaf=True, zero=zero, inplace=True)
     return plan.scale_leaves(scales, per_leaf=True, zero=zero, inplace=False)
 
 

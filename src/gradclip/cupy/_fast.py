@@ -213,15 +213,16 @@ def _clip_by_block_rms(
     *,
     threshold: Any,
     nonfinite: str,
+    inplace: bool = False,
 ) -> list[Any]:
-    """The ``clip_by_block_rms`` of optax: two launches, new arrays."""
+    """The ``clip_by_block_rms`` of optax: two launches (new arrays, or a FlatTree's copy)."""
     skip = nonfinite == "skip"
     bound = _max_norm(xp, threshold, _res(leaves))
     lay, out = _reduce(
         dev, leaves, names, p=2.0, nonfinite=nonfinite, mode="rms", skip=skip, max_norm=bound
     )
     return _scaled(
-        dev, xp, lay, out, leaves, per_leaf=True, zero=nonfinite == "zero", inplace=False
+        dev, xp, lay, out, leaves, per_leaf=True, zero=nonfinite == "zero", inplace=inplace
     )
 
 
