@@ -267,6 +267,13 @@ def test_agc_rejects_bad_hyperparameters():
             ValueError, match=r"AGC.update: axis -?\d is out of range for leaf \[0\]"
         ):
             AGC(axis=axis).update(g, (), params=w)
+    # An axis named twice: refused on a leaf that is one unit larger than a
+    # block too, which is reduced in flat blocks (it was clipped, in place).
+    for n in (6, 2**20 + 5):
+        g = [np.ones(n, np.float32)]
+        with pytest.raises(ValueError, match=r"AGC.update_: axis \(0, -1\) names an axis twice"):
+            AGC(axis=(0, -1)).update_(g, (), params=[np.full(n, 0.01, np.float32)])
+        np.testing.assert_array_equal(g[0], 1.0)
 
 
 def test_adagc_warmup_does_not_overflow(xp):

@@ -756,7 +756,15 @@ def _unit_axes(x: Any, layout: str, axis: Any, name: str, fn: str) -> tuple[int,
             raise ValueError(
                 f"{fn}: axis {bad[0]} is out of range for leaf {name} of shape {shape}"
             )
-        return tuple(a % ndim for a in axes)
+        unique = tuple(a % ndim for a in axes)
+        if len(set(unique)) != len(unique):
+            # The backends' reductions refuse them, but a leaf that is one
+            # unit larger than a block is reduced in flat blocks, unchecked.
+            shape = tuple(x.shape)
+            raise ValueError(
+                f"{fn}: axis {tuple(axes)} names an axis twice for leaf {name} of shape {shape}"
+            )
+        return unique
     if layout == "torch":  # timm: out x in weights, a unit per output row
         return None if ndim <= 1 else tuple(range(1, ndim))
     # optax: in x out weights (and HWIO kernels), a unit per output column
