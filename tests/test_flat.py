@@ -320,3 +320,33 @@ def test_rejections(xp):
             gc.FlatTree.from_tree(tree)
     with pytest.raises(TypeError, match="from_tree"):
         gc.FlatTree(tree)
+
+
+@pytest.mark.parametrize(
+    ("fn", "kwargs"),
+    [
+        ("clip_by_norm", {}),
+        ("clip_by_global_norm", {}),
+        ("clip_by_global_norm", {"ord": 0}),
+        ("clip_by_value", {"nonfinite": "raise"}),
+        ("clip_by_block_rms", {}),
+    ],
+)
+def test_a_gradient_through_a_functional_clip_of_a_flat_tree(fn, kwargs):
+    # New leaves were copied into the new FlatTree under no_grad: the
+    # gradient with respect to a learnable bound was silently 0. (And
+    # clip_by_block_rms's threshold warned of torch 2.13's asarray.)
+    torch = importorskip("torch")
+    tree = [torch.tensor([3.0, 4.0]), torch.tensor([1.0], dtype=torch.float64), torch.ones(2)]
+    flat = gc.FlatTree.from_tree(tree)
+    call = getattr(gc, fn)
+
+    def total(out):
+        out = out[0] if isinstance(out, tuple) else out
+        return sum(x.sum() for x in (out.tree if isinstance(out, gc.FlatTree) else out))
+
+    bound = torch.tensor(1.0, requires_grad=True)
+    (got,) = torch.autograd.grad(total(call(flat, bound, **kwargs)), bound)
+    (want,) = torch.autograd.grad(total(call(flat.tree, bound, **kwargs)), bound)
+    assert float(want) != 0.0
+    assert float(got) == pytest.approx(float(want), rel=1e-6)

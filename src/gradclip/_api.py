@@ -279,9 +279,9 @@ def _working_copy(tree: Any, *bounds: Any) -> FlatTree | None:
     Such a call's new leaves became a new FlatTree by a copy into new
     buffers: the result was held twice (512 MB for 256 MB of gradients). A
     copy clipped in place holds it once. ``None`` for any other tree, and
-    where a buffer requires grad (the in-place check takes such a tensor
-    for a parameter) or a bound does (left to the functional path, though
-    its FlatTree result, copied under ``no_grad``, is not differentiable).
+    where a buffer or a bound requires grad: the result must keep the
+    autograd graph (``FlatTree._from_leaves`` joins such leaves), and an
+    in-place clip does not.
     """
     if not isinstance(tree, FlatTree):
         return None

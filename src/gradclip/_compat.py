@@ -514,11 +514,17 @@ def asarray(xp: Any, value: Any, dtype: Any = None, device: Any = None) -> Any:
     a host sync. ``torch.full`` fills it on the device. (CuPy's ``asarray``
     stages the copy through pinned memory without waiting.)
     """
-    if isinstance(value, int | float) and aac.is_torch_namespace(xp):
-        try:
-            return sys.modules["torch"].full((), value, dtype=dtype, device=device)
-        except RuntimeError:  # past the dtype's range: asarray rounds it to inf
-            pass
+    if aac.is_torch_namespace(xp):
+        torch = sys.modules["torch"]
+        if isinstance(value, torch.Tensor):
+            # torch 2.13's asarray of a tensor that requires grad (a
+            # learnable bound) warns that it now keeps the graph; .to keeps it.
+            return value.to(dtype=dtype, device=device)
+        if isinstance(value, int | float):
+            try:
+                return torch.full((), value, dtype=dtype, device=device)
+            except RuntimeError:  # past the dtype's range: asarray rounds it to inf
+                pass
     return xp.asarray(value, dtype=dtype, device=device)
 
 

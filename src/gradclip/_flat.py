@@ -254,6 +254,22 @@ class FlatTree:
     def _from_leaves(self, leaves: Sequence[Any]) -> FlatTree:
         if all(new is old for new, old in zip(leaves, self._flat.leaves, strict=True)):
             return self
+        xp = self._xp
+        if any(getattr(x, "requires_grad", False) for x in leaves):
+            # Part of an autograd graph (a learnable bound): joined, so that
+            # the buffers and their views keep it; copied under no_grad, a
+            # gradient through the result was silently 0.
+            buffers = {
+                key: xp.concat(
+                    [
+                        xp.reshape(x, (-1,))
+                        for x, s in zip(leaves, self._slots, strict=True)
+                        if s.key == key
+                    ]
+                )
+                for key in self._buffers
+            }
+            return self._adopt(xp, buffers, self._slots, self._flat)
         with self._on_device():
             out = self._adopt(
                 self._xp,
