@@ -1013,7 +1013,9 @@ class AGC(_Clipper):
         norm = _hypot(xp, xp.stack(before))
         norm_after = _hypot(xp, xp.stack(after))
         one = xp.ones((), dtype=norm.dtype, device=device)
-        scale = xp.where(norm > 0, norm_after / xp.where(norm > 0, norm, one), one)
+        # 1 exactly where nothing was clipped: XLA on the GPU divides to within an ulp.
+        changed = (norm > 0) & (norm_after != norm)
+        scale = xp.where(changed, norm_after / xp.where(changed, norm, one), one)
         stats = ClipStats(
             *(
                 _compat.as_array(v)
