@@ -4,8 +4,9 @@
     python3 benchmarks/gpu_profile.py kernels # the kernels alone, by CUDA events
 
 ``host``: 30 calls of ``gradclip.clip_by_global_norm`` on the benchmark's
-small tree (2000 leaves) as CuPy arrays, and of ``gradclip.torch.clip_grad_norm_``
-on it as CUDA tensors, under cProfile: the functions with the most own time.
+small tree (2000 leaves) as CuPy arrays and as a FlatTree of them, and of
+``gradclip.torch.clip_grad_norm_`` on it as CUDA tensors: first their wall time
+per call, then under cProfile the functions with the most own time.
 
 ``kernels``: ``global_norm`` (the norm kernel), the in-place clip with no
 clip to do (norm kernel, then a scale kernel that writes nothing) and the
@@ -19,6 +20,7 @@ from __future__ import annotations
 import cProfile
 import pstats
 import sys
+import time
 
 import cupy as cp
 import numpy as np
@@ -39,7 +41,9 @@ def _host() -> None:
     torch_tree = [torch.tensor(h, device="cuda", requires_grad=True) for h in host]
     for p in torch_tree:
         p.grad = torch.ones_like(p)
+    flat = gc.FlatTree.from_tree(cupy_tree)
     calls = {
+        "cupy FlatTree clip_by_global_norm_": lambda: gc.clip_by_global_norm_(flat, 1.0),
         "cupy clip_by_global_norm": lambda: gc.clip_by_global_norm(cupy_tree, 1.0),
         "cupy clip_by_global_norm_": lambda: gc.clip_by_global_norm_(cupy_tree, 1e30),
         "torch clip_grad_norm_": lambda: gct.clip_grad_norm_(torch_tree, 1.0),
@@ -48,6 +52,11 @@ def _host() -> None:
         for _ in range(3):  # compile, cache the layout
             call()
         cp.cuda.Device().synchronize()
+        start = time.perf_counter()
+        for _ in range(30):
+            call()
+        cp.cuda.Device().synchronize()
+        print(f"\n===== {name}: {(time.perf_counter() - start) / 30 * 1e6:.0f} us per call")
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(30):
