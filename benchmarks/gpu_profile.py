@@ -2,11 +2,17 @@
 
     python3 benchmarks/gpu_profile.py host    # cProfile of the small tree's calls
     python3 benchmarks/gpu_profile.py kernels # the kernels alone, by CUDA events
+    python3 benchmarks/gpu_profile.py small   # the small tree's clip, split into its parts
 
 ``host``: 30 calls of ``gradclip.clip_by_global_norm`` on the benchmark's
 small tree (2000 leaves) as CuPy arrays and as a FlatTree of them, and of
 ``gradclip.torch.clip_grad_norm_`` on it as CUDA tensors: first their wall time
 per call, then under cProfile the functions with the most own time.
+
+``small``: the in-place clip of the small tree (2000 leaves), and of a
+FlatTree of it, by ``cupyx.profiler.benchmark`` (host and GPU time per call),
+beside the host steps it takes before its two launches. Run under ``ncu``
+(``gpu_session.sh profile-small``) for each kernel's own time.
 
 ``kernels``: ``global_norm`` (the norm kernel), the in-place clip with no
 clip to do (norm kernel, then a scale kernel that writes nothing) and the
@@ -67,6 +73,32 @@ def _host() -> None:
         pstats.Stats(prof).sort_stats("tottime").print_stats(18)
 
 
+def _small() -> None:
+    from cupyx.profiler import benchmark
+
+    from gradclip import _api
+    from gradclip.cupy import _fast, _launch
+
+    sizes = _bench.tree_sizes("small", gpu=True)
+    rng = np.random.default_rng(0)
+    tree = [cp.asarray(rng.standard_normal(n).astype(np.float32)) for n in sizes]
+    flat = gc.FlatTree.from_tree([cp.asarray(x) for x in tree])
+    dev = _fast._device(tree, None)
+    steps = {
+        "clip_by_global_norm_(tree)": lambda: gc.clip_by_global_norm_(tree, 1.0),
+        "clip_by_global_norm_(FlatTree)": lambda: gc.clip_by_global_norm_(flat, 1.0),
+        "global_norm(tree)": lambda: gc.global_norm(tree),
+        "  _api._plain": lambda: _api._plain(tree, True),
+        "  _launch.supported": lambda: _launch.supported(tree),
+        "  _launch.layout (cached)": lambda: _launch.layout(dev, tree),
+    }
+    print(f"===== small tree: {len(tree)} leaves, host and GPU time per call (median us)")
+    for name, fn in steps.items():
+        r = benchmark(fn, n_repeat=200, n_warmup=5)
+        cpu, gpu = (float(np.median(t)) * 1e6 for t in (r.cpu_times, r.gpu_times[0]))
+        print(f"  {name:34s} cpu {cpu:9.1f}  gpu {gpu:9.1f}")
+
+
 def _events(fn, reps: int = 20) -> float:
     """Median milliseconds of ``fn`` on the current stream."""
     fn()
@@ -105,4 +137,4 @@ def _kernels() -> None:
 
 
 if __name__ == "__main__":
-    {"host": _host, "kernels": _kernels}[sys.argv[1]]()
+    {"host": _host, "kernels": _kernels, "small": _small}[sys.argv[1]]()

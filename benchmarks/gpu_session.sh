@@ -165,6 +165,29 @@ for _ in range(2):
 cp.cuda.Device().synchronize()'
 }
 
+stage_profile_small() {  # the small tree's clip in parts, and each kernel's own time under ncu
+    run profile-small 120 "$PY" benchmarks/gpu_profile.py small
+    local ncu
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    if [ -z "$ncu" ]; then
+        echo "== profile-small: ncu skipped: no ncu on PATH or under /opt/nvidia/nsight-compute" |
+            tee -a "$LOG"
+        return
+    fi
+    run profile-small 240 "$ncu" --kernel-name regex:gc_ --launch-skip 2 --launch-count 8 \
+        --metrics gpu__time_duration.sum,dram__bytes.sum,launch__grid_size \
+        "$PY" -c 'import cupy as cp, numpy as np, gradclip as gc
+from gradclip import _bench
+rng = np.random.default_rng(0)
+tree = [cp.asarray(rng.standard_normal(n).astype(np.float32)) for n in _bench.tree_sizes("small", gpu=True)]
+flat = gc.FlatTree.from_tree(tree)
+for _ in range(3):
+    gc.clip_by_global_norm_(tree, 1.0)
+for _ in range(3):
+    gc.clip_by_global_norm_(flat, 1.0)
+cp.cuda.Device().synchronize()'
+}
+
 stage_probe_jax() {  # gradclip.jax against optax on llm, and its norm fallback three ways (about 70 s)
     local hlo=/tmp/gradclip-jax-hlo
     rm -rf "$hlo" && mkdir -p "$hlo"
@@ -176,7 +199,7 @@ stage_probe_jax() {  # gradclip.jax against optax on llm, and its norm fallback 
 # cost the device time of those before it.
 for stage in "$@"; do
     if ! declare -F "stage_${stage//-/_}" >/dev/null; then
-        echo "unknown stage $stage; stages: env tests-cupy tests-jax bench-cupy bench-torch bench-jax bench-jax-small bench-dp bench-small profile probe-jax" >&2
+        echo "unknown stage $stage; stages: env tests-cupy tests-jax bench-cupy bench-torch bench-jax bench-jax-small bench-dp bench-small profile profile-small probe-jax" >&2
         exit 2
     fi
 done

@@ -52,9 +52,14 @@ def kernels(emu, monkeypatch):
     """Route CPU tensors to the emulated kernels; the device's launches are recorded."""
 
     def route(leaves):
+        arrays = [_view(x) for x in leaves]  # views: the tensors keep the memory
         return _fast.Kernels(
             emu,
-            [_view(x) for x in leaves],
+            _fast.Leaves(
+                tuple(map(emu.ptr, arrays)),
+                tuple(a.size for a in arrays),
+                tuple(a.dtype for a in arrays),
+            ),
             contextlib.nullcontext,
             lambda a: torch.from_numpy(np.array(a)),
             lambda t: _view(t.contiguous()),

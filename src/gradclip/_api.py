@@ -187,7 +187,6 @@ def _check(flat: Flat, fn: str, *, inplace: bool = False, gradients: bool = Fals
 
 
 _dtype = operator.attrgetter("dtype")
-_contiguous = operator.attrgetter("flags.c_contiguous")
 _flag_bits = operator.attrgetter("flags.num")
 _WRITABLE_C = 0x0001 | 0x0400  # NumPy's NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_WRITEABLE
 
@@ -240,7 +239,7 @@ def _plain(leaves: list[Any], inplace: bool) -> str | None:
         if backend == "numpy":  # both flags from one flags object, which costs 0.1 us a leaf
             if any(bits & _WRITABLE_C != _WRITABLE_C for bits in set(map(_flag_bits, leaves))):
                 return None
-        elif not all(map(_contiguous, leaves)):
+        elif not _compat.cupy_c_contiguous(leaves):
             return None
     return backend
 

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import importlib
 import math
+import operator
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
@@ -406,6 +407,27 @@ def _row_blocks(xp: Any, x: Any, chunk: int, lead: tuple[int, ...]) -> Iterator[
         index = (*lead, slice(start, stop), ...)  # array-api-strict refuses a bare slice on 2-d+
         piece = x[index]
         yield Block(x, index, (stop - start, *shape[1:]), xp.reshape(piece, (-1,)))
+
+
+_C_CONTIGUOUS = operator.attrgetter("_c_contiguous")
+_FLAGS_C_CONTIGUOUS = operator.attrgetter("flags.c_contiguous")
+
+
+def cupy_c_contiguous(leaves: Sequence[Any]) -> bool:
+    """Whether every one of ``leaves``, CuPy arrays, is C-contiguous.
+
+    CuPy builds a ``Flags`` object on each ``x.flags``: 0.2 us a leaf, 0.4 ms
+    for 2000 leaves, read twice a clip. Its ndarray holds the bit itself as
+    ``_c_contiguous`` (a CuPy without it gets the flags).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> cupy_c_contiguous([np.zeros(3), np.zeros((3, 2)).T])  # NumPy has only the flags
+    False
+    """
+    get = _C_CONTIGUOUS if hasattr(leaves[0], "_c_contiguous") else _FLAGS_C_CONTIGUOUS
+    return all(map(get, leaves))
 
 
 def read_only(x: Any) -> bool:

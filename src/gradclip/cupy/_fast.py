@@ -54,13 +54,6 @@ def _kind(p: float) -> str:
     return "p"
 
 
-def _res(leaves: Sequence[Any]) -> Any:
-    """float64 when any leaf is float64 or complex128, else float32 (the contract)."""
-    # Over the distinct dtypes: a NumPy dtype's name costs microseconds, 2000 leaves 10 ms.
-    wide = any(d.name in ("float64", "complex128") for d in {x.dtype for x in leaves})
-    return np.float64 if wide else np.float32
-
-
 def _check(dev: Device, out: _launch.Outputs, names: Sequence[str]) -> None:
     """``nonfinite="raise"``: the one host sync, naming the first non-finite leaf."""
     flags = np.asarray(_host(out.leaf(dev, 3)))
@@ -79,11 +72,15 @@ def _reduce(
     *,
     p: float,
     nonfinite: str,
+    lay: _launch.Layout | None = None,
     **bound: Any,
 ) -> tuple[_launch.Layout, _launch.Outputs]:
-    """Launch the norm kernel; with ``nonfinite="raise"``, raise before anything is written."""
-    lay = _launch.layout(dev, leaves)
-    out = _launch.outputs(dev, len(leaves), _res(leaves))
+    """Launch the norm kernel; with ``nonfinite="raise"``, raise before anything is written.
+
+    ``lay``: the leaves' layout where the caller has it (a lookup reads every leaf).
+    """
+    lay = lay or _launch.layout(dev, leaves)
+    out = _launch.outputs(dev, len(leaves), lay.res)
     _launch.norm(dev, lay, out, kind=_kind(p), p=p, zero=nonfinite == "zero", **bound)
     if nonfinite == "raise":
         _check(dev, out, names)
@@ -172,7 +169,8 @@ def _clip(
 ) -> tuple[list[Any], ClipStats]:
     """clip_by_global_norm (mode "global") and clip_by_norm (mode "leaf")."""
     per_leaf = mode == "leaf"
-    res = _res(leaves)
+    lay = _launch.layout(dev, leaves)
+    res = lay.res
     bound = {
         "mode": mode,
         "skip": nonfinite == "skip",
@@ -180,9 +178,8 @@ def _clip(
         "eps": eps,
     }
     if norm is None:
-        lay, out = _reduce(dev, leaves, names, p=p, nonfinite=nonfinite, **bound)
+        _, out = _reduce(dev, leaves, names, p=p, nonfinite=nonfinite, lay=lay, **bound)
     else:
-        lay = _launch.layout(dev, leaves)
         out = _launch.outputs(dev, len(leaves), res)
         # A copy: the kernels read the norms packed from the array's start,
         # and a view (a column, a reversed or broadcast array) is not.
@@ -217,9 +214,18 @@ def _clip_by_block_rms(
 ) -> list[Any]:
     """The ``clip_by_block_rms`` of optax: two launches (new arrays, or a FlatTree's copy)."""
     skip = nonfinite == "skip"
-    bound = _max_norm(xp, threshold, _res(leaves))
-    lay, out = _reduce(
-        dev, leaves, names, p=2.0, nonfinite=nonfinite, mode="rms", skip=skip, max_norm=bound
+    lay = _launch.layout(dev, leaves)
+    bound = _max_norm(xp, threshold, lay.res)
+    _, out = _reduce(
+        dev,
+        leaves,
+        names,
+        p=2.0,
+        nonfinite=nonfinite,
+        lay=lay,
+        mode="rms",
+        skip=skip,
+        max_norm=bound,
     )
     return _scaled(
         dev, xp, lay, out, leaves, per_leaf=True, zero=nonfinite == "zero", inplace=inplace
@@ -247,7 +253,7 @@ def _clip_by_value(
     lay = _launch.layout(dev, leaves)
     finite = None
     if nonfinite in ("raise", "skip"):  # the finite flags come with an inf-norm pass
-        _, out = _reduce(dev, leaves, names, p=math.inf, nonfinite=nonfinite)
+        _, out = _reduce(dev, leaves, names, p=math.inf, nonfinite=nonfinite, lay=lay)
         finite = out.finite(dev) if nonfinite == "skip" else None
     buf, new = (None, list(leaves)) if inplace else _new_leaves(dev, lay, leaves)
     bf16 = next((d for d in {x.dtype for x in leaves} if d.name == "bfloat16"), None)

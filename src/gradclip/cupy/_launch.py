@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .. import _compat
 from .._numpy import spans_overlap
 
 __all__ = [
@@ -51,6 +52,7 @@ OPTIONS = ("-std=c++17", f"-DGC_THREADS={THREADS}")
 
 # dtype name -> GC_F16 ... GC_C128 in the source.
 CODES = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3, "complex64": 4, "complex128": 5}
+WIDE = (CODES["float64"], CODES["complex128"])  # their norms and stats are float64
 # (kind, p) -> the norm kernel compiled for it; p None: any p.
 _NORM_KERNELS = {
     ("p", 2.0): "gc_norm_p2",
@@ -65,7 +67,6 @@ _CACHE_SIZE = 16  # tree layouts kept per process
 
 _size = operator.attrgetter("size")
 _dtype = operator.attrgetter("dtype")
-_contiguous = operator.attrgetter("flags.c_contiguous")
 
 
 def source() -> str:
@@ -116,6 +117,8 @@ class Layout:
     work_f64: Any
     work_i32: Any  # its last entry is the last-block ticket, left at 0 by every launch
     overlap: bool  # two leaves share memory (one array given twice, overlapping views)
+    res: Any  # the result dtype: float64 when a leaf is float64 or complex128, else float32
+    key: Any = None  # its key in the cache
 
     def head(self) -> tuple[Any, ...]:
         """The kernels' first arguments: the table and its counts."""
@@ -156,6 +159,7 @@ def build(dev: Device, ptrs: Sequence[int], sizes: Sequence[int], dtypes: Sequen
         work_f64=dev.zeros(chunks + 1 + n, np.float64),
         work_i32=dev.zeros(2 * (chunks + 1) + 2 * n + 1, np.int32),
         overlap=spans_overlap(start[size > 0], (start + size * items)[size > 0]),
+        res=np.dtype(np.float64 if np.isin(code, WIDE).any() else np.float32),
     )
 
 
@@ -165,18 +169,41 @@ _layouts: collections.OrderedDict[Any, Layout] = collections.OrderedDict()
 _lock = threading.Lock()
 
 
+class _Key:
+    """A layout's cache key, which hashes its thousands of entries once, not per lookup."""
+
+    __slots__ = ("_hash", "parts")
+
+    def __init__(self, parts: tuple[Any, ...]) -> None:
+        self.parts = parts
+        self._hash = hash(parts)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Key) and self.parts == other.parts
+
+
 def layout(dev: Device, leaves: Sequence[Any]) -> Layout:
     """The cached layout of ``leaves`` (built on first sight)."""
-    ptrs = tuple(map(dev.ptr, leaves))
-    sizes = tuple(map(_size, leaves))
-    dtypes = tuple(map(_dtype, leaves))
-    key = (dev.key(), ptrs, sizes, dtypes)
+    return layout_of(
+        dev, tuple(map(dev.ptr, leaves)), tuple(map(_size, leaves)), tuple(map(_dtype, leaves))
+    )
+
+
+def layout_of(
+    dev: Device, ptrs: tuple[int, ...], sizes: tuple[int, ...], dtypes: tuple[Any, ...]
+) -> Layout:
+    """The cached layout of leaves at addresses ``ptrs`` of ``sizes`` and NumPy ``dtypes``."""
+    key = _Key((dev.key(), ptrs, sizes, dtypes))
     with _lock:
         found = _layouts.get(key)
         if found is not None:
-            _layouts.move_to_end(key)
+            _layouts.move_to_end(found.key)  # the stored key: found by identity
             return found
     made = build(dev, ptrs, sizes, dtypes)
+    made.key = key
     with _lock:
         made = _layouts.setdefault(key, made)
         while len(_layouts) > _CACHE_SIZE:
@@ -187,7 +214,7 @@ def layout(dev: Device, leaves: Sequence[Any]) -> Layout:
 def supported(leaves: Sequence[Any]) -> bool:
     """Whether the kernels take these leaves: C-contiguous, of a dtype they know."""
     names = {d.name for d in set(map(_dtype, leaves))}
-    return names <= CODES.keys() and all(map(_contiguous, leaves))
+    return names <= CODES.keys() and _compat.cupy_c_contiguous(leaves)
 
 
 # ------------------------------------------------------------------ the outputs
@@ -434,9 +461,9 @@ class CupyDevice:
         """The device and its current stream: a workspace is used by one stream at a time."""
         return stream_key(self.id, self.cp.cuda.get_current_stream(self.id).ptr)
 
-    def ptr(self, x: Any) -> int:
-        """``x.data.ptr``."""
-        return int(x.data.ptr)
+    # ``x.data.ptr``, read for every leaf of every call: an attrgetter costs
+    # 0.05 us a leaf, a method 0.13 (2000 leaves: 0.1 ms, not 0.26).
+    ptr = staticmethod(operator.attrgetter("data.ptr"))
 
     def upload(self, host: np.ndarray) -> Any:
         """Copy through pinned memory, so that the copy is asynchronous."""
