@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import cuda_emulator
-from conftest import ref_norm
+from conftest import importorskip, ref_norm
 from gradclip import NonFiniteError, _core
 from gradclip.cupy import _fast, _launch
 
@@ -764,6 +764,21 @@ def test_table_layout() -> None:
     assert t[4 * n + 5 : 4 * n + 9].tolist() == [0, 4, 8, 0]  # chunk -> start
     assert t[4 * n + 9 : 4 * n + 10].tolist() == [0]  # the leaf of 3 chunks > smallk
     assert lay.out_offsets == [0, 48, 48]  # 36 bytes rounded up to 48
+    assert lay.res == np.float64  # a complex128 leaf
+    narrow = _launch.build(Host(), [100, 200], [9, 4], [dtypes[0], dtypes[2]])  # type: ignore[arg-type]
+    assert narrow.res == np.float32
+
+
+def test_contiguity_is_read_off_cupy_arrays_without_a_device() -> None:
+    """CuPy's own contiguity bit, not a Flags object per leaf (views of host memory: no GPU)."""
+    cp = importorskip("cupy")
+    host = np.zeros(64, np.float32)
+    memory = cp.cuda.UnownedMemory(host.ctypes.data, host.nbytes, host, device_id=0)
+    base = cp.ndarray((8, 8), np.float32, memptr=cp.cuda.MemoryPointer(memory, 0))
+    assert _launch.supported([base, base[1:], base[2]])
+    for other in (base.T, base[:, ::2], base[:, 1:]):
+        assert not other.flags.c_contiguous
+        assert not _launch.supported([base, other])
 
 
 def test_stream_key_tells_per_thread_default_streams_apart() -> None:

@@ -425,7 +425,11 @@ def cupy_c_contiguous(leaves: Sequence[Any]) -> bool:
     >>> import numpy as np
     >>> cupy_c_contiguous([np.zeros(3), np.zeros((3, 2)).T])  # NumPy has only the flags
     False
+    >>> cupy_c_contiguous([])
+    True
     """
+    if not leaves:
+        return True
     get = _C_CONTIGUOUS if hasattr(leaves[0], "_c_contiguous") else _FLAGS_C_CONTIGUOUS
     return all(map(get, leaves))
 
