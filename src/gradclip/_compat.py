@@ -434,6 +434,24 @@ def cupy_c_contiguous(leaves: Sequence[Any]) -> bool:
     return all(map(get, leaves))
 
 
+def ratio_or_one(xp: Any, num: Any, den: Any) -> Any:
+    """``num / den``, and exactly 1 where they are equal or ``den`` is 0 (0-d or elementwise).
+
+    A scale reported from a norm or an extreme before and after a clip: XLA
+    on the GPU divides to within an ulp, and gave 0.99999994 for ``x / x``
+    where nothing was clipped (an H100).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> ratio_or_one(np, np.array([1.0, 3.0, 2.0]), np.array([2.0, 3.0, 0.0]))
+    array([0.5, 1. , 1. ])
+    """
+    one = xp.ones_like(den)
+    changed = (den > 0) & (num != den)
+    return xp.where(changed, num / xp.where(changed, den, one), one)
+
+
 def read_only(x: Any) -> bool:
     """Whether ``x`` refuses writes: a NumPy array with ``flags.writeable`` False, or JAX's."""
     return not aac.is_writeable_array(x)

@@ -1012,10 +1012,7 @@ class AGC(_Clipper):
             before, after, finite = [zero], [zero], [xp.isfinite(zero)]
         norm = _hypot(xp, xp.stack(before))
         norm_after = _hypot(xp, xp.stack(after))
-        one = xp.ones((), dtype=norm.dtype, device=device)
-        # 1 exactly where nothing was clipped: XLA on the GPU divides to within an ulp.
-        changed = (norm > 0) & (norm_after != norm)
-        scale = xp.where(changed, norm_after / xp.where(changed, norm, one), one)
+        scale = _compat.ratio_or_one(xp, norm_after, norm)
         stats = ClipStats(
             *(
                 _compat.as_array(v)

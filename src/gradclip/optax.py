@@ -525,10 +525,7 @@ def _value_stats(leaves: list[Any], lo: Any, hi: Any, policy: str) -> ClipStats:
     before = jnp.where(seen, jnp.maximum(jnp.abs(top), jnp.abs(bot)), jnp.zeros((), res))
     after = jnp.where(seen, jnp.maximum(jnp.abs(top_after), jnp.abs(bot_after)), jnp.zeros((), res))
     one = jnp.ones((), res)
-    # Equal extremes give 1 exactly: XLA on the GPU divides to within an ulp,
-    # and scaled 0.99999994 where nothing was clamped (an H100).
-    changed = (before > 0) & (after != before)
-    scale = jnp.where(changed, after / jnp.where(changed, before, one), one)
+    scale = _compat.ratio_or_one(jnp, after, before)
     norm = jnp.where(nan, jnp.array(jnp.nan, res), before)
     if policy == "skip":
         # gradclip leaves a non-finite tree unchanged: nothing was clamped.
