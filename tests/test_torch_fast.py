@@ -202,6 +202,81 @@ def test_functional_clip_is_differentiable(fused):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
 
 
+def _small_tree(seed, shapes, dtypes):
+    rng = np.random.default_rng(seed)
+    return [
+        torch.from_numpy(rng.standard_normal(s, dtype=np.float64)).to(d)
+        for s, d in zip(shapes, dtypes, strict=True)
+    ]
+
+
+def test_small_leaves_gathered_by_torch_sum_as_numpys_gather():
+    # Small CPU tensors are copied into scratch by torch._foreach_copy_ in the
+    # groups NumPy's path gathers (several here: 6M elements of leaves under
+    # 16K), and dotted the same way: the same norm, bit for bit.
+    from gradclip import _numpy
+
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, _numpy._SMALL, 800)
+    assert sum(sizes) > 4 * _numpy._GROUP
+    shapes = [(int(n),) if i % 3 else (1, int(n)) for i, n in enumerate(sizes)]
+    for dtypes in ([torch.float32], [torch.float64], [torch.float16, torch.float32]):
+        tree = _small_tree(1, shapes, [dtypes[i % len(dtypes)] for i in range(len(shapes))])
+        got = gc.global_norm(tree)
+        assert got.dtype == (torch.float64 if dtypes == [torch.float64] else torch.float32)
+        as_numpy = gc.global_norm([t.numpy() for t in tree])
+        assert float(got) == float(as_numpy), dtypes
+        want = ref_norm([t.numpy() for t in tree], 2.0)
+        assert float(got) == pytest.approx(want, rel=1e-6)
+
+
+def test_gather_scratch_follows_the_shapes_of_the_leaves():
+    # The scratch is kept per layout of sizes; leaves of the same sizes and
+    # other shapes (and other values) get theirs, not the last layout's views.
+    for shapes in ([(4, 8), (3,)], [(8, 4), (3,)], [(32,), (1, 3)], [(2, 16), (3, 1)]):
+        tree = _small_tree(len(shapes[0]), shapes, [torch.float32] * 2)
+        want = ref_norm([t.numpy() for t in tree], 2.0)
+        assert float(gc.global_norm(tree)) == pytest.approx(want, rel=1e-6), shapes
+        gc.clip_by_global_norm_(tree, 0.5 * want, eps=0.0)
+        assert ref_norm([t.numpy() for t in tree], 2.0) == pytest.approx(0.5 * want, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("value", "dtype"),
+    [(1e30, "float32"), (1e-30, "float32"), (1e200, "float64"), (1e-200, "float64")],
+)
+def test_small_leaves_past_their_squares_range_are_redone(value, dtype):
+    # A gathered group whose dot overflowed (1e200**2) or lost its squares to
+    # underflow (1e-200**2 is 0) is reduced again by the overflow-safe path.
+    dtype = getattr(torch, dtype)
+    tree = [torch.full((n,), value, dtype=dtype) for n in (100, 15, 7)]
+    want = value * math.sqrt(122.0)
+    assert float(gc.global_norm(tree)) == pytest.approx(want, rel=1e-6, abs=0)
+    stats = gc.clip_by_global_norm_(tree, 0.5 * want, eps=0.0)
+    assert float(stats.norm) == pytest.approx(want, rel=1e-6, abs=0)
+    assert float(tree[0][0]) == pytest.approx(0.5 * value, rel=1e-6, abs=0)
+
+
+def test_threads_gather_into_their_own_scratch():
+    # Two threads clipping trees of one layout at once: each gathers into its
+    # own scratch, so neither reads the other's values.
+    from concurrent.futures import ThreadPoolExecutor
+
+    shapes = [(n,) for n in range(50, 1050, 5)]
+    trees = [_small_tree(seed, shapes, [torch.float32] * len(shapes)) for seed in (1, 2)]
+    trees[1] = [t * 100.0 for t in trees[1]]
+    wants = [float(gc.global_norm(t, fused=False)) for t in trees]
+
+    def norms(k):
+        return {float(gc.global_norm(trees[k])) for _ in range(200)}
+
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(norms, [0, 1]))
+    for found, want in zip(got, wants, strict=True):
+        assert len(found) == 1
+        assert found.pop() == pytest.approx(want, rel=1e-6)
+
+
 def test_views_of_one_tensor_share_memory():
     # Their NumPy views have different bases (x and x.view(-1)): the scale
     # of in-place leaves that alias must still run them one after the other.

@@ -271,6 +271,22 @@ def _sums(
     return {i: _fsum(values) for i, values in pieces.items()}
 
 
+def gather_groups(sizes: list[int]) -> list[tuple[int, int]]:
+    """Ranges ``[a, b)`` of small leaves gathered into one buffer and dotted together.
+
+    A group ends at the last leaf that ends within the next multiple of
+    ``_GROUP`` elements, so a gather stays in L2 (below ``_GROUP + _SMALL``
+    elements), and the same leaves always make the same groups, whoever
+    gathers them (the NumPy path and the torch one agree bit for bit).
+    """
+    if sum(sizes) <= _GROUP:  # one group: no cut points
+        return [(0, len(sizes))]
+    ends = np.cumsum(sizes)
+    cuts = np.searchsorted(ends, np.arange(_GROUP, ends[-1], _GROUP), side="right")
+    bounds = [0, *np.unique(cuts).tolist(), len(sizes)]
+    return [(a, b) for a, b in itertools.pairwise(bounds) if a < b]
+
+
 def _sumsq_gathered(arrays: list[np.ndarray], work: np.dtype, direct: bool) -> float:
     """Sum of squares of ``arrays`` gathered into one buffer of dtype ``work``.
 
@@ -445,16 +461,9 @@ class NumpyPlan(Plan):
                 arrays = list(map(self.leaves.__getitem__, members))
                 sizes = list(map(self._sizes.__getitem__, members))
             direct = set(self._dtype_infos if one_dtype else map(_dtype, arrays)) == {work}
-            if sum(sizes) <= _GROUP:  # one group: no cut points
-                out.append((work, _sumsq_gathered(arrays, work, direct), members))
-                continue
-            ends = np.cumsum(sizes)
-            cuts = np.searchsorted(ends, np.arange(_GROUP, ends[-1], _GROUP), side="right")
-            bounds = [0, *np.unique(cuts).tolist(), len(members)]
-            for a, b in itertools.pairwise(bounds):
-                if a < b:
-                    value = _sumsq_gathered(arrays[a:b], work, direct)
-                    out.append((work, value, members[a:b]))
+            for a, b in gather_groups(sizes):
+                value = _sumsq_gathered(arrays[a:b], work, direct)
+                out.append((work, value, members[a:b]))
 
     def global_parts(self) -> list[Partial]:
         """Partials for the global norm: one for every sum BLAS got right, plus redone leaves."""

@@ -5,12 +5,13 @@ drop-ins of :mod:`gradclip.torch`. Results are the generic path's (the same
 :class:`~gradclip._norms.Plan` arithmetic and ``ClipStats``); what changes is
 how the passes over memory are made:
 
-- **CPU tensors** are reduced through zero-copy NumPy views by the NumPy fast
-  path (:class:`gradclip._numpy.NumpyPlan`): threaded BLAS dots summed in
-  float64, small leaves gathered, so the norm is overflow-safe and one read
-  of memory. torch's own float32 CPU norm overflows at 1e19 and costs a
-  dispatch per tensor. bfloat16 tensors are viewed through ``ml_dtypes``
-  when it is installed.
+- **CPU tensors**: the NumPy fast path's arithmetic
+  (:class:`gradclip._numpy.NumpyPlan`), BLAS dots summed in float64, so the
+  norm is overflow-safe and one read of memory. Small tensors are gathered
+  into scratch by ``torch._foreach_copy_`` and dotted in NumPy's groups;
+  large float32 ones by torch's row norms; the rest through zero-copy NumPy
+  views (bfloat16 ones through ``ml_dtypes`` when it is installed). torch's
+  own float32 CPU norm overflows at 1e19 and costs a dispatch per tensor.
 - **CUDA tensors, with CuPy installed**: gradclip's own kernels
   (:mod:`gradclip.cupy`), on the tensors' memory (their addresses, no
   DLPack per tensor) and on torch's current stream: one launch for every
@@ -41,6 +42,8 @@ import importlib.util
 import math
 import operator
 import sys
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -49,7 +52,7 @@ import numpy as np
 
 from .. import _blas, _core
 from .._norms import Partial, Plan
-from .._numpy import NumpyPlan, _sumsq, _work_dtype
+from .._numpy import _SMALL, NumpyPlan, _fsum, _sumsq, _trusted, _work_dtype, gather_groups
 
 __all__ = [
     "USE_NUMPY_VIEWS",
@@ -290,6 +293,95 @@ def _rows_sumsqs(xs: list[Any]) -> list[float | None]:
     return out
 
 
+def _cpu_work(dtype: Any) -> np.dtype | None:
+    """The dtype small CPU leaves of a torch dtype are gathered and dotted in, or ``None``.
+
+    :func:`gradclip._numpy._work_dtype`'s: float32 itself where BLAS has
+    ``dsdot``, float64 for the rest of the real dtypes; complex leaves are
+    reduced through their NumPy views.
+    """
+    torch = _torch()
+    if dtype == torch.float32:
+        return _work_dtype(np.dtype(np.float32))
+    if dtype in (torch.float64, torch.float16, torch.bfloat16):
+        return np.dtype(np.float64)
+    return None
+
+
+class _Scratch(NamedTuple):
+    """Where a layout of small CPU tensors is gathered, group by group."""
+
+    buf: np.ndarray  # the scratch tensor's memory
+    groups: list[tuple[int, int, int, list[Any]]]  # leaves [a, b), elements, views of buf
+
+
+_scratch = threading.local()  # each thread gathers into its own scratch
+_LAYOUTS = 8  # layouts a thread keeps scratch for: a model's parameter groups, say
+
+
+def _scratch_for(work: np.dtype, tensors: list[Any], sizes: list[int], fresh: bool) -> _Scratch:
+    """The scratch for tensors of these sizes: views shaped as theirs, made once per layout.
+
+    Keyed by sizes, not shapes (reading 2000 shapes costs 0.25 ms): tensors
+    of the same sizes and other shapes make ``_foreach_copy_`` raise, and
+    ``fresh`` remakes the views. Where it does not raise, a view differs
+    from its tensor by leading 1s at most, which copy broadcasts over
+    without reordering anything.
+    """
+    layouts: OrderedDict[Any, _Scratch] | None = getattr(_scratch, "layouts", None)
+    if layouts is None:
+        layouts = _scratch.layouts = OrderedDict()
+    key = (work, tuple(sizes))
+    found = None if fresh else layouts.get(key)
+    if found is not None:
+        layouts.move_to_end(key)
+        return found
+    torch = _torch()
+    spans = gather_groups(sizes)
+    longest = max(sum(sizes[a:b]) for a, b in spans)
+    memory = torch.empty(longest, dtype=torch.float32 if work == np.float32 else torch.float64)
+    groups = []
+    for a, b in spans:
+        views, at = [], 0
+        for x, n in zip(tensors[a:b], sizes[a:b], strict=True):
+            views.append(memory[at : at + n].view(x.shape))
+            at += n
+        groups.append((a, b, at, views))
+    found = layouts[key] = _Scratch(memory.numpy(), groups)
+    if len(layouts) > _LAYOUTS:
+        layouts.popitem(last=False)
+    return found
+
+
+def _gathered(
+    work: np.dtype, tensors: list[Any], sizes: list[int]
+) -> list[tuple[tuple[int, int], float | None]]:
+    """Sums of squares of small CPU tensors, per group ``[a, b)`` of :func:`gather_groups`.
+
+    Each group is copied into scratch of dtype ``work`` by one
+    ``torch._foreach_copy_`` and dotted there by NumPy (:func:`_sumsq`),
+    exactly as :class:`NumpyPlan` dots the groups it gathers. ``None``
+    where the sum may have overflowed or lost entries to underflow.
+    """
+    torch = _torch()
+    for fresh in (False, True):
+        scratch = _scratch_for(work, tensors, sizes, fresh)
+        out: list[tuple[tuple[int, int], float | None]] = []
+        try:
+            for a, b, n, views in scratch.groups:
+                torch._foreach_copy_(views, tensors[a:b])
+                gathered = scratch.buf[:n]
+                with np.errstate(all="ignore"):  # an overflow is seen and redone
+                    value = _sumsq(gathered)
+                out.append(((a, b), value if _trusted(work, value, [gathered]) else None))
+        except RuntimeError:
+            if fresh:
+                raise
+            continue  # tensors of these sizes, other shapes
+        return out
+    raise AssertionError("unreachable")
+
+
 class TorchPlan(Plan):
     """:class:`Plan` whose passes over memory are NumPy views (CPU), the kernels or foreach ops."""
 
@@ -416,48 +508,105 @@ class TorchPlan(Plan):
 
     def global_parts(self) -> list[Partial]:
         """Partials whose merge is the global reduction."""
-        if self._host is not None:
+        if self._gathers():
             return self._cpu_global_parts()
+        if self._host is not None:
+            return self._from_host(self._host.global_parts)
         if self._kernels is not None:
             return self._kernel_parts(per_leaf=False)
         return self.leaf_parts()
 
-    def _cpu_global_parts(self) -> list[Partial]:
-        """Large float32 leaves by torch's row norms, the rest by the NumPy views.
+    def _gathers(self) -> bool:
+        """Whether :meth:`_cpu_global_parts` takes the norm (its copies would lose a graph)."""
+        return (
+            self._on_host
+            and self.kind == "p"
+            and self.p == 2
+            and not self.zero_nonfinite
+            and (not _torch().is_grad_enabled() or not any(map(_requires_grad, self.leaves)))
+        )
 
-        NumPy's threads compete with torch's OpenMP workers, which spin for a
-        while after every torch op (the backward pass, here): a 64M-element
-        norm took 12.3 ms on NumPy's threads after a torch copy, 9.9 ms after
-        a NumPy one. ``torch.linalg.vector_norm`` of 128-element rows runs on
-        torch's own workers with float32 sums short enough to stay within
-        1e-6 (:func:`_rows_accurate`); the rows' squares are added in
-        float64.
+    def _cpu_global_parts(self) -> list[Partial]:
+        """The 2-norm of CPU leaves: small ones gathered by torch, large ones by rows or NumPy.
+
+        - Leaves below ``_numpy._SMALL`` elements are copied by one
+          ``torch._foreach_copy_`` per group (:func:`_gathered`) into scratch
+          of their work dtype, and each group is dotted in float64, as
+          :class:`NumpyPlan` gathers and dots them (the same groups, so the
+          same sums). That copy costs 0.5 us a tensor here, where a NumPy
+          view of each (``Tensor.numpy``) cost 0.75 and ``bytes.join`` 0.4
+          more: 2.3 ms of a 2000-leaf tree.
+        - Large float32 leaves are reduced by torch's row norms. NumPy's
+          threads compete with torch's OpenMP workers, which spin for a
+          while after every torch op (the backward pass, here): a
+          64M-element norm took 12.3 ms on NumPy's threads after a torch
+          copy, 9.9 ms after a NumPy one. ``torch.linalg.vector_norm`` of
+          128-element rows runs on torch's own workers with float32 sums
+          short enough to stay within 1e-6 (:func:`_rows_accurate`); the
+          rows' squares are added in float64.
+        - The rest (other large leaves, complex ones) through their NumPy
+          views; a sum that overflowed or may have lost entries to
+          underflow is redone by the overflow-safe generic reduction.
         """
-        host = self._host
-        assert host is not None
         torch = _torch()
-        big = []
-        if self.kind == "p" and self.p == 2 and not self.zero_nonfinite and _rows_accurate():
+        leaves, sizes = self.leaves, self._sizes
+        works = {d: _cpu_work(d) for d in self._dtype_infos}
+        small: dict[Any, list[int]] = {}
+        large: list[int] = []
+        if len(works) == 1 and max(sizes) < _SMALL:  # all small: no per-leaf lookup
+            (work,) = works.values()
+            if work is None:
+                large = list(range(len(leaves)))
+            else:
+                small[work] = list(range(len(leaves)))
+        else:
+            for i, (x, n) in enumerate(zip(leaves, sizes, strict=True)):
+                work = works[x.dtype]
+                if n < _SMALL and work is not None:
+                    small.setdefault(work, []).append(i)
+                else:
+                    large.append(i)
+        sums: list[float] = []
+        owners: list[int] = []
+        redo: list[int] = []
+        for work, members in small.items():
+            if len(members) == len(leaves):
+                part, part_sizes = leaves, sizes
+            else:
+                part, part_sizes = [leaves[i] for i in members], [sizes[i] for i in members]
+            for (a, b), value in _gathered(work, part, part_sizes):
+                if value is None:
+                    redo.extend(members[a:b])
+                else:
+                    sums.append(value)
+                    owners.extend(members[a:b])
+        if large and _rows_accurate():
             # Rows need a flat view: strided and channels_last leaves have
             # none and are reduced through their NumPy views.
-            big = [
-                i
-                for i in host._large
-                if self.leaves[i].dtype == torch.float32 and self.leaves[i].is_contiguous()
+            rows = [
+                i for i in large if leaves[i].dtype == torch.float32 and leaves[i].is_contiguous()
             ]
-        if not big:
-            return self._from_host(host.global_parts)
-        totals = _rows_sumsqs([self.leaves[i] for i in big])
-        sums = [total for total in totals if total is not None]
-        redo = [i for i, total in zip(big, totals, strict=True) if total is None]
-        taken = set(big) - set(redo)
-        rest = [i for i in range(len(self.leaves)) if i not in taken]
-        parts = [Partial(self.const(math.fsum(sums)), None, None)] if sums else []
-        if rest:
-            views = [host.leaves[i] for i in rest]
-            sub = NumpyPlan(np, self.p, views, zero_nonfinite=self.zero_nonfinite)
-            parts += self._from_host(sub.global_parts)
-        return parts
+            taken = set()
+            for i, total in zip(rows, _rows_sumsqs([leaves[i] for i in rows]), strict=True):
+                if total is not None:
+                    sums.append(total)
+                    owners.append(i)
+                    taken.add(i)
+            large = [i for i in large if i not in taken]
+        total = _fsum(sums)
+        if math.isinf(total):  # float64 sums that overflow only when added
+            redo.extend(owners)
+            sums = []
+        parts = [Partial(self.const(total), None, None)] if sums else []
+        if large:
+            views = _numpy_views([leaves[i] for i in large], {leaves[i].dtype for i in large})
+            if views is None:
+                redo.extend(large)
+            else:
+                sub = NumpyPlan(np, self.p, views)
+                parts += self._from_host(sub.global_parts)
+        parts += [self.leaf(i) for i in sorted(redo)]
+        return parts or [self.identity()]
 
     def _foreach_parts(self) -> dict[int, Partial]:
         """Partials of the leaves ``torch._foreach_norm`` reduces exactly, by index.
@@ -494,11 +643,13 @@ class TorchPlan(Plan):
             groups.setdefault(x.dtype, []).append(i)
         return groups
 
+    @functools.cached_property
+    def _sizes(self) -> list[int]:
+        return list(map(_torch().Tensor.numel, self.leaves))
+
     def size(self) -> int:
         """Elements in all leaves."""
-        if self._host is not None:
-            return self._host.size()
-        return sum(map(_torch().Tensor.numel, self.leaves))
+        return sum(self._sizes)
 
     # -- scaling -------------------------------------------------------------------
     def scale_leaves(self, scales: Any, *, per_leaf: bool, zero: bool, inplace: bool) -> list[Any]:
