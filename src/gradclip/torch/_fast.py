@@ -707,7 +707,7 @@ class TorchPlan(Plan):
                 # float32 for float16/bfloat16 too: torch multiplies those in
                 # float32 and rounds once (see Plan.factor_dtype).
                 factor = scales.to(self.factor_dtype(dtype))
-                tensors = [out[i] for i in members]
+                tensors = out if len(members) == len(out) else [out[i] for i in members]
                 factors: Any = factor
                 if factor.dtype != dtype and self.device.type != "cpu":
                     # CUDA's foreach multiply by a 0-d tensor rounds it to the
