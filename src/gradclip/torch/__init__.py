@@ -443,9 +443,10 @@ def get_total_norm(
         the tensor if any value is NaN or inf; the same as
         ``nonfinite="raise"``.
     foreach : bool or None, default None
-        ``None`` or ``True``: the grouped fast path (NumPy views on the CPU,
-        ``torch._foreach_*`` elsewhere); ``False``: the generic per-tensor
-        path.
+        ``None`` or ``True``: the grouped fast path (BLAS dots and
+        ``torch._foreach_*`` ops on the CPU, gradclip's kernels on CUDA with
+        CuPy, ``torch._foreach_*`` elsewhere); ``False``: the generic
+        per-tensor path.
     nonfinite : {"propagate", "raise", "zero"}, optional
         As for :func:`gradclip.global_norm`; ``"zero"`` leaves NaN/inf out of
         the norm.
