@@ -241,6 +241,16 @@ def test_gather_scratch_follows_the_shapes_of_the_leaves():
         assert ref_norm([t.numpy() for t in tree], 2.0) == pytest.approx(0.5 * want, rel=1e-6)
 
 
+def test_gather_scratch_made_in_inference_mode_is_remade_outside():
+    # Scratch made under torch.inference_mode() is an inference tensor,
+    # which torch refuses to write outside it: the norm there makes new scratch.
+    tree = _small_tree(5, [(40,), (6, 7)], [torch.float32] * 2)
+    want = ref_norm([t.numpy() for t in tree], 2.0)
+    with torch.inference_mode():
+        assert float(gc.global_norm(tree)) == pytest.approx(want, rel=1e-6)
+    assert float(gc.global_norm(tree)) == pytest.approx(want, rel=1e-6)
+
+
 @pytest.mark.parametrize(
     ("value", "dtype"),
     [(1e30, "float32"), (1e-30, "float32"), (1e200, "float64"), (1e-200, "float64")],
