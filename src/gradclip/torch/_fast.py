@@ -323,7 +323,8 @@ def _scratch_for(work: np.dtype, tensors: list[Any], sizes: list[int], fresh: bo
     """The scratch for tensors of these sizes: views shaped as theirs, made once per layout.
 
     Keyed by sizes, not shapes (reading 2000 shapes costs 0.25 ms): tensors
-    of the same sizes and other shapes make ``_foreach_copy_`` raise, and
+    of the same sizes and other shapes make ``_foreach_copy_`` raise (as
+    does scratch made under ``torch.inference_mode()``, outside it), and
     ``fresh`` remakes the views. Where it does not raise, a view differs
     from its tensor by leading 1s at most, which copy broadcasts over
     without reordering anything.
@@ -377,7 +378,7 @@ def _gathered(
         except RuntimeError:
             if fresh:
                 raise
-            continue  # tensors of these sizes, other shapes
+            continue  # tensors of these sizes, other shapes (see _scratch_for)
         return out
     raise AssertionError("unreachable")
 
