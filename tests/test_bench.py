@@ -141,7 +141,10 @@ def test_every_timed_call_starts_fresh_and_clips(backend, hide):
 
 
 def test_rows_are_timed_in_turns_until_each_has_its_calls(monkeypatch):
-    """One call of each row a round, so a drift in the machine's speed reaches every row alike."""
+    """One call of each row a round, so a drift in the machine's speed reaches every row alike.
+
+    Each round starts one row further on: no row always follows the same one.
+    """
     log: list[str] = []
     clock = [0.0]  # seconds, advanced only by the calls: no timing in the test
     monkeypatch.setattr(_bench.time, "perf_counter", lambda: clock[0])
@@ -156,7 +159,8 @@ def test_rows_are_timed_in_turns_until_each_has_its_calls(monkeypatch):
         return _bench._Timed(fresh=fresh, call=call, done=lambda out: None, result=list)
 
     (a_times, a_out), (b_times, b_out) = _bench._time([row("a"), row("b")], reps=3, budget=0.0)
-    assert log == ["fresh a", "a", "fresh b", "b"] * 3
+    ab, ba = ["fresh a", "a", "fresh b", "b"], ["fresh b", "b", "fresh a", "a"]
+    assert log == ab + ba + ab
     assert (len(a_times), len(b_times), a_out, b_out) == (3, 3, "a", "b")
     # Past reps, a row goes on until it has run for the budget (fresh()
     # included), 20 times reps at most; the others go on without it.
@@ -164,7 +168,8 @@ def test_rows_are_timed_in_turns_until_each_has_its_calls(monkeypatch):
     timings = _bench._time([row("slow", 2.0), row("fast", 0.001)], reps=2, budget=5.0)
     assert [len(times) for times, _ in timings] == [3, 40]
     calls = [entry for entry in log if not entry.startswith("fresh")]
-    assert calls[:6] == ["slow", "fast"] * 3 and set(calls[6:]) == {"fast"}
+    assert calls[:6] == ["slow", "fast", "fast", "slow", "slow", "fast"]
+    assert set(calls[6:]) == {"fast"}
     assert timings[0][0] == pytest.approx([2.0] * 3)
 
 
