@@ -233,8 +233,10 @@ def test_small_leaves_gathered_by_torch_sum_as_numpys_gather():
 def test_gather_scratch_follows_the_shapes_of_the_leaves():
     # The scratch is kept per layout of sizes; leaves of the same sizes and
     # other shapes (and other values) get theirs, not the last layout's views.
-    for shapes in ([(4, 8), (3,)], [(8, 4), (3,)], [(32,), (1, 3)], [(2, 16), (3, 1)]):
-        tree = _small_tree(len(shapes[0]), shapes, [torch.float32] * 2)
+    # (3,) after (1, 3) is copied into the (1, 3) view: the same order.
+    layouts = [[(4, 8), (3,)], [(8, 4), (3,)], [(32,), (1, 3)], [(32,), (3,)], [(2, 16), (3, 1)]]
+    for seed, shapes in enumerate(layouts):
+        tree = _small_tree(seed, shapes, [torch.float32] * 2)
         want = ref_norm([t.numpy() for t in tree], 2.0)
         assert float(gc.global_norm(tree)) == pytest.approx(want, rel=1e-6), shapes
         gc.clip_by_global_norm_(tree, 0.5 * want, eps=0.0)
