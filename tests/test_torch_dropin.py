@@ -1152,3 +1152,122 @@ def test_inv_scale_equals_unscale_then_clip(route, dtype, scale, foreach):
         exact = g.double() * factor
         assert bool(((a.double() - exact).abs() <= _ulp(a)).all())
         assert bool(((a.double() - b.double()).abs() <= 3 * _ulp(b)).all())
+
+
+# ----------------------------------------------------------------------------- FlatTree .grad
+
+
+def _flat_grad_model():
+    """A model whose .grad are a FlatTree's views, a copy with its own .grad, and the FlatTree.
+
+    The FlatTree must be kept: its views alone do not keep it alive.
+    """
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    twin = copy.deepcopy(model)
+    flat = gc.FlatTree.zeros_like([p.detach() for p in model.parameters()])
+    for p, view in zip(model.parameters(), flat.tree, strict=True):
+        p.grad = view
+    for m in (model, twin):
+        (m(torch.ones(5, 8)) * 40.0).square().sum().backward()
+    assert all(p.grad is v for p, v in zip(model.parameters(), flat.tree, strict=True))
+    return model, twin, flat
+
+
+@pytest.fixture
+def planned(monkeypatch):
+    """How many tensors each drop-in call's plan held (a FlatTree's buffers, or every .grad)."""
+    seen = []
+    real = gct._plan
+
+    def spy(prep, *args, **kwargs):
+        seen.append(len(prep.flat.leaves))
+        return real(prep, *args, **kwargs)
+
+    monkeypatch.setattr(gct, "_plan", spy)
+    return seen
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
+def test_grads_that_are_a_flattrees_views_are_clipped_through_its_buffers(planned, norm_type):
+    # .grad set to a FlatTree's views (kept by zero_grad(set_to_none=False)):
+    # one pass over the buffer, torch's results.
+    model, twin, _owner = _flat_grad_model()
+    got = clip_grad_norm_(model.parameters(), 1.0, norm_type)
+    want = torch.nn.utils.clip_grad_norm_(twin.parameters(), 1.0, norm_type)
+    assert planned == [1]
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+    assert float(get_total_norm([p.grad for p in model.parameters()], norm_type)) == pytest.approx(
+        float(torch.nn.utils.get_total_norm([q.grad for q in twin.parameters()], norm_type)),
+        rel=1e-6,
+    )
+    clip_grads_with_norm_(model.parameters(), 0.5, got)
+    torch.nn.utils.clip_grads_with_norm_(twin.parameters(), 0.5, want)
+    clip_grad_value_(model.parameters(), 1e-3)
+    torch.nn.utils.clip_grad_value_(twin.parameters(), 1e-3)
+    assert planned == [1, 1, 1]  # clip_grad_value_ makes no plan
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+
+
+def test_flattree_grads_of_two_dtypes_use_both_buffers(planned):
+    rng = np.random.default_rng(0)
+    values = [rng.standard_normal(n) for n in (5, 7, 3)]
+    dtypes = [torch.float32, torch.float64, torch.float32]
+    params = [
+        torch.nn.Parameter(torch.zeros(len(v), dtype=d))
+        for v, d in zip(values, dtypes, strict=True)
+    ]
+    flat = gc.FlatTree.zeros_like([p.detach() for p in params])
+    for p, view, v in zip(params, flat.tree, values, strict=True):
+        p.grad = view
+        view.copy_(torch.from_numpy(v))
+    assert len(flat.buffers) == 2
+    got = clip_grad_norm_(params, 1.0)
+    assert planned == [2] and got.dtype == torch.float64
+    want = ref_norm(
+        [
+            np.asarray(v, dtype=np.float32 if d == torch.float32 else np.float64)
+            for v, d in zip(values, dtypes, strict=True)
+        ],
+        2.0,
+    )
+    assert float(got) == pytest.approx(want, rel=1e-6)
+    assert float(get_total_norm([p.grad for p in params])) == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("case", ["subset", "reordered", "foreach_false", "ord0", "dead_owner"])
+def test_flattree_grads_take_the_per_tensor_route_where_they_must(planned, case):
+    # Only all of a FlatTree's views, in its order, make its buffers stand in;
+    # ord=0 counts tensors and foreach=False is the per-tensor reference.
+    model, twin, flat = _flat_grad_model()
+    params, others = list(model.parameters()), list(twin.parameters())
+    kwargs = {}
+    if case == "subset":
+        params, others = params[1:], others[1:]
+    elif case == "reordered":
+        params, others = params[::-1], others[::-1]
+    elif case == "foreach_false":
+        kwargs = {"foreach": False}
+    elif case == "ord0":
+        kwargs = {"norm_type": 0.0}
+    else:
+        del flat  # the views keep the buffer alive, not the FlatTree
+        import gc as pygc
+
+        pygc.collect()
+    got = clip_grad_norm_(params, 1.0, **kwargs)
+    want = torch.nn.utils.clip_grad_norm_(others, 1.0, **kwargs)
+    assert planned == [len(params)]
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+
+
+def test_flattree_grads_that_are_not_finite_are_named_by_parameter():
+    model, _, _owner = _flat_grad_model()
+    model[2].weight.grad[1, 1] = math.nan
+    with pytest.raises(gc.NonFiniteError, match=r"parameters\[2\]\.grad"):
+        clip_grad_norm_(model.parameters(), 1.0, error_if_nonfinite=True)
+    stats = clip_grad_norm_(model.parameters(), 1.0, nonfinite="skip", return_stats=True)
+    assert not bool(stats.finite) and torch.isnan(model[2].weight.grad[1, 1])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,31 @@ __all__ = ["FlatTree"]
 # Backends whose slices are views that can be written through. JAX and dask
 # arrays are immutable, and array-api-strict does not promise views.
 _BACKENDS = ("numpy", "cupy", "torch")
+
+# The torch buffers of live FlatTrees, by id: the drop-ins of gradclip.torch
+# find the FlatTree of gradients set to its views through their ``._base``.
+_owners: dict[int, tuple[weakref.ref[Any], weakref.ref[FlatTree]]] = {}
+
+
+def _register(flat: FlatTree) -> None:
+    """Record ``flat`` as the owner of its torch buffers (the first owner stays: copies share)."""
+    for buffer in flat._buffers.values():
+        key = id(buffer)
+        if owner_of(buffer) is not None:
+            continue
+
+        def forget(_: Any, key: int = key) -> None:
+            _owners.pop(key, None)
+
+        _owners[key] = (weakref.ref(buffer, forget), weakref.ref(flat))
+
+
+def owner_of(buffer: Any) -> FlatTree | None:
+    """The live FlatTree whose buffer ``buffer`` (a torch tensor) is, if there is one."""
+    known = _owners.get(id(buffer))
+    if known is None or known[0]() is not buffer:
+        return None
+    return known[1]()
 
 
 @dataclass(frozen=True)
@@ -46,9 +72,11 @@ class FlatTree:
     it to the code that writes the gradients), and ``.buffers`` is the flat
     storage. The top-level gradclip functions, the adaptive clippers and
     :class:`~gradclip.monitor.GradMonitor` accept a ``FlatTree`` in place of
-    a tree (the drop-ins of :mod:`gradclip.torch`, which take parameters,
-    do not): norms and scales run over the buffers, one pass each, and the
-    functional forms return a new ``FlatTree``. NumPy, CuPy and torch arrays.
+    a tree: norms and scales run over the buffers, one pass each, and the
+    functional forms return a new ``FlatTree``. The drop-ins of
+    :mod:`gradclip.torch` take parameters; where their ``.grad`` are all of
+    a live FlatTree's views, in its order, they clip its buffers the same
+    way. NumPy, CuPy and torch arrays.
 
     Examples
     --------
@@ -66,7 +94,7 @@ class FlatTree:
            [0.29999995, 0.29999995]], dtype=float32)
     """
 
-    __slots__ = ("_buffers", "_flat", "_slots", "_xp")
+    __slots__ = ("__weakref__", "_buffers", "_flat", "_slots", "_xp")
     _xp: Any  # the array namespace; None for a tree with no arrays
     _buffers: dict[Any, Any]
     _slots: list[_Slot]
@@ -154,6 +182,8 @@ class FlatTree:
         self = object.__new__(cls)
         self._xp, self._buffers, self._slots = xp, buffers, slots
         self._flat = Flat(_views(xp, buffers, slots), like.paths, like.unflatten)
+        if buffers and _compat.backend_name(xp) == "torch":
+            _register(self)
         return self
 
     # -- accessors ---------------------------------------------------------------

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from .. import _api, _compat, _core
+from .._flat import owner_of
 from .._norms import Partial, Plan, parse_ord
 from .._stats import NonFiniteError
 from .._tree import Flat, Paths
@@ -206,6 +207,31 @@ def _replicated(replicated: Any, owners: list[Any], fn: str) -> Callable[[int], 
             f"{fn}: replicated= must be a predicate on parameters or an iterable of parameters"
         ) from None
     return lambda i: id(owners[i]) in ids
+
+
+def _whole(flat: Flat, foreach: bool | None, *, per_leaf: bool = False, group: Any = None) -> Flat:
+    """The buffers of the :class:`~gradclip.FlatTree` whose views the gradients are; else ``flat``.
+
+    Gradients set to a FlatTree's views (``p.grad = view``, kept by
+    ``optimizer.zero_grad(set_to_none=False)``, as apex and DeepSpeed keep
+    their contiguous gradient buffers) are clipped as the top-level
+    functions clip a FlatTree: one pass over each buffer. Only where the
+    gradients are all of its views, in its order: one ``._base`` read and
+    an identity check. Not for results that are per tensor (``norm_type=0``
+    counts tensors; ``"raise"`` names one), not for ``foreach=False`` (the
+    per-tensor reference), and not with a process group or ``replicated=``.
+    """
+    leaves = flat.leaves
+    if not leaves or foreach is False or per_leaf or group is not None:
+        return flat
+    base = leaves[0]._base
+    owner = None if base is None else owner_of(base)
+    if owner is None:
+        return flat
+    views = owner._flat.leaves
+    if len(views) != len(leaves) or not all(map(operator.is_, leaves, views)):
+        return flat
+    return owner._unit(whole=True)
 
 
 def _tensors(tensors: _Tensors, fn: str) -> Flat:
@@ -483,6 +509,8 @@ def get_total_norm(
     pred = None
     if replicated is not None:
         pred = _replicated(replicated, flat.leaves, fn)
+    else:
+        flat = _whole(flat, foreach, per_leaf=p == 0 or policy == "raise", group=process_group)
     prep, scopes = _prepared(flat, fn, False, process_group, pred)
     plan = _plan(prep, p, policy, foreach, flat.leaves, process_group)
     norm = _total(plan, prep.flat.paths, policy, scopes, None)[0]
@@ -596,6 +624,8 @@ def clip_grad_norm_(
     eps = _api._check_eps(eps)
     inv_scale = _check_inv_scale(inv_scale, fn)
     flat, owners, pred = _grads(parameters, fn, replicated, warn_empty=True)
+    if pred is None:
+        flat = _whole(flat, foreach, per_leaf=p == 0 or policy == "raise", group=process_group)
     prep, scopes = _prepared(flat, fn, True, process_group, pred)
     plan = _plan(prep, p, policy, foreach, owners, process_group, bound=max_norm)
     norm, finite = _total(plan, prep.flat.paths, policy, scopes, inv_scale)
@@ -654,6 +684,7 @@ def clip_grads_with_norm_(
     eps = _api._check_eps(eps)
     inv_scale = _check_inv_scale(inv_scale, fn)
     flat, owners, _ = _grads(parameters, fn)
+    flat = _whole(flat, foreach)
     # DTensor gradients are scaled through their local shards, as clip_grad_norm_
     # does: DTensor arithmetic refuses plain tensors beside them, or two meshes.
     prep, _ = _prepared(flat, fn, True, None, None)
@@ -698,7 +729,7 @@ def clip_grad_value_(parameters: _Tensors, clip_value: float, foreach: bool | No
     foreach = _fused(foreach)
     low, high = _api._value_bounds(clip_value, None, None)
     flat, _, _ = _grads(parameters, fn)
-    prep = _api._check(flat, fn, inplace=True, gradients=True)
+    prep = _api._check(_whole(flat, foreach), fn, inplace=True, gradients=True)
     _api._clip_value_checked(fn, prep, low, high, "propagate", foreach, True)
 
 
