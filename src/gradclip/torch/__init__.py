@@ -209,7 +209,9 @@ def _replicated(replicated: Any, owners: list[Any], fn: str) -> Callable[[int], 
     return lambda i: id(owners[i]) in ids
 
 
-def _whole(flat: Flat, foreach: bool | None, *, per_leaf: bool = False, group: Any = None) -> Flat:
+def _whole(
+    flat: Flat, foreach: bool | None, p: float = 2.0, policy: str = "propagate", group: Any = None
+) -> Flat:
     """The buffers of the :class:`~gradclip.FlatTree` whose views the gradients are; else ``flat``.
 
     Gradients set to a FlatTree's views (``p.grad = view``, kept by
@@ -222,7 +224,7 @@ def _whole(flat: Flat, foreach: bool | None, *, per_leaf: bool = False, group: A
     per-tensor reference), and not with a process group or ``replicated=``.
     """
     leaves = flat.leaves
-    if not leaves or foreach is False or per_leaf or group is not None:
+    if not leaves or foreach is False or p == 0 or policy == "raise" or group is not None:
         return flat
     base = leaves[0]._base
     owner = None if base is None else owner_of(base)
@@ -510,7 +512,7 @@ def get_total_norm(
     if replicated is not None:
         pred = _replicated(replicated, flat.leaves, fn)
     else:
-        flat = _whole(flat, foreach, per_leaf=p == 0 or policy == "raise", group=process_group)
+        flat = _whole(flat, foreach, p, policy, process_group)
     prep, scopes = _prepared(flat, fn, False, process_group, pred)
     plan = _plan(prep, p, policy, foreach, flat.leaves, process_group)
     norm = _total(plan, prep.flat.paths, policy, scopes, None)[0]
@@ -625,7 +627,7 @@ def clip_grad_norm_(
     inv_scale = _check_inv_scale(inv_scale, fn)
     flat, owners, pred = _grads(parameters, fn, replicated, warn_empty=True)
     if pred is None:
-        flat = _whole(flat, foreach, per_leaf=p == 0 or policy == "raise", group=process_group)
+        flat = _whole(flat, foreach, p, policy, process_group)
     prep, scopes = _prepared(flat, fn, True, process_group, pred)
     plan = _plan(prep, p, policy, foreach, owners, process_group, bound=max_norm)
     norm, finite = _total(plan, prep.flat.paths, policy, scopes, inv_scale)
