@@ -9,6 +9,8 @@ the generic path (``fused=False``) and a float64 reference.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -211,41 +213,70 @@ def _small_tree(seed, shapes, dtypes):
 
 
 def test_small_leaves_gathered_by_torch_sum_as_numpys_gather():
-    # Small CPU tensors are copied into scratch by torch._foreach_copy_ in the
-    # groups NumPy's path gathers (several here: 6M elements of leaves under
-    # 16K), and dotted the same way: the same norm, bit for bit.
+    # Small CPU tensors are gathered by torch in the groups NumPy's path
+    # gathers (several here: 6M elements of leaves under 16K), and dotted the
+    # same way: the same norm, bit for bit, where they have one ndim.
     from gradclip import _numpy
 
     rng = np.random.default_rng(0)
     sizes = rng.integers(1, _numpy._SMALL, 800)
     assert sum(sizes) > 4 * _numpy._GROUP
-    shapes = [(int(n),) if i % 3 else (1, int(n)) for i, n in enumerate(sizes)]
-    for dtypes in ([torch.float32], [torch.float64], [torch.float16, torch.float32]):
-        tree = _small_tree(1, shapes, [dtypes[i % len(dtypes)] for i in range(len(shapes))])
-        got = gc.global_norm(tree)
-        assert got.dtype == (torch.float64 if dtypes == [torch.float64] else torch.float32)
-        as_numpy = gc.global_norm([t.numpy() for t in tree])
-        assert float(got) == float(as_numpy), dtypes
-        want = ref_norm([t.numpy() for t in tree], 2.0)
-        assert float(got) == pytest.approx(want, rel=1e-6)
+    for ndims in ([1], [2], [1, 2]):
+        shapes = [
+            (int(n),) if ndims[i % len(ndims)] == 1 else (1, int(n)) for i, n in enumerate(sizes)
+        ]
+        for dtypes in ([torch.float32], [torch.float64], [torch.float16, torch.float32]):
+            tree = _small_tree(1, shapes, [dtypes[i % len(dtypes)] for i in range(len(shapes))])
+            got = gc.global_norm(tree)
+            assert got.dtype == (torch.float64 if dtypes == [torch.float64] else torch.float32)
+            as_numpy = gc.global_norm([t.numpy() for t in tree])
+            want = ref_norm([t.numpy() for t in tree], 2.0)
+            assert float(got) == pytest.approx(want, rel=1e-6)
+            if len(ndims) == 1:
+                assert float(got) == float(as_numpy), dtypes
+            else:  # gathered an ndim at a time: the dots' sums can differ in the last bits
+                assert float(got) == pytest.approx(float(as_numpy), rel=1e-12), dtypes
+                assert float(gc.global_norm(tree)) == float(got)  # the layout's split, learnt
 
 
-def test_gather_scratch_follows_the_shapes_of_the_leaves():
-    # The scratch is kept per layout of sizes; leaves of the same sizes and
-    # other shapes (and other values) get theirs, not the last layout's views.
-    # (3,) after (1, 3) is copied into the (1, 3) view: the same order.
-    layouts = [[(4, 8), (3,)], [(8, 4), (3,)], [(32,), (1, 3)], [(32,), (3,)], [(2, 16), (3, 1)]]
+def test_small_leaves_of_one_work_dtype_are_gathered_a_dtype_at_a_time():
+    # torch's gather casts every tensor to the first one's dtype: float64
+    # and float16 leaves (both dotted in float64) must not be gathered together.
+    tree = [
+        torch.full((5,), 1 / 3, dtype=torch.float16),
+        torch.full((7,), 1 / 3, dtype=torch.float64),
+    ]
+    want = ref_norm([t.numpy() for t in tree], 2.0)
+    for order in (tree, tree[::-1]):
+        assert float(gc.global_norm(order)) == pytest.approx(want, rel=1e-12)
+
+
+def test_gather_follows_the_ndims_of_the_leaves():
+    # torch's gather takes tensors of one ndim: a group of several is
+    # gathered an ndim at a time, whatever the sizes and shapes before.
+    layouts = [
+        [(4, 8), (3,)],
+        [(8, 4), (3,)],
+        [(32,), (1, 3)],
+        [(32,), (3,)],
+        [(2, 16), (3, 1)],
+        [(2, 2, 8), (3,)],
+        [(32,), (1, 1, 3)],
+        [(32,), (3,), (1, 5)],
+        [(32,), (1, 3), (5,)],
+        [(1, 32), (1, 3), (5,)],
+    ]
     for seed, shapes in enumerate(layouts):
-        tree = _small_tree(seed, shapes, [torch.float32] * 2)
+        tree = _small_tree(seed, shapes, [torch.float32] * len(shapes))
         want = ref_norm([t.numpy() for t in tree], 2.0)
         assert float(gc.global_norm(tree)) == pytest.approx(want, rel=1e-6), shapes
         gc.clip_by_global_norm_(tree, 0.5 * want, eps=0.0)
         assert ref_norm([t.numpy() for t in tree], 2.0) == pytest.approx(0.5 * want, rel=1e-6)
 
 
-def test_gather_scratch_made_in_inference_mode_is_remade_outside():
-    # Scratch made under torch.inference_mode() is an inference tensor,
-    # which torch refuses to write outside it: the norm there makes new scratch.
+def test_small_leaves_gathered_in_inference_mode():
+    # What is gathered under torch.inference_mode() is an inference tensor,
+    # and the same layout is gathered again outside it.
     tree = _small_tree(5, [(40,), (6, 7)], [torch.float32] * 2)
     want = ref_norm([t.numpy() for t in tree], 2.0)
     with torch.inference_mode():
@@ -269,13 +300,54 @@ def test_small_leaves_past_their_squares_range_are_redone(value, dtype):
     assert float(tree[0][0]) == pytest.approx(0.5 * value, rel=1e-6, abs=0)
 
 
-def test_threads_gather_into_their_own_scratch():
-    # Two threads clipping trees of one layout at once: each gathers into its
-    # own scratch, so neither reads the other's values.
+def test_the_gathers_prototype_warning_is_not_the_callers():
+    # torch warns once per process that nested tensors are a prototype; the
+    # first clip in a process where warnings are errors must not raise it.
+    code = (
+        "import warnings; warnings.simplefilter('error')\n"
+        "import torch, gradclip as gc\n"
+        "tree = [torch.ones(3), torch.ones(2, 2)]\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    warnings.simplefilter('always')\n"
+        "    print(float(gc.global_norm(tree)), len(seen))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(float(np.float32(math.sqrt(7.0)))), "0"], out.stderr
+
+
+def test_small_leaves_without_torchs_gather_take_numpy_views(monkeypatch):
+    # A torch without the nested-tensor gather: small leaves are reduced
+    # through their NumPy views, as large ones are.
+    monkeypatch.setattr(_fast, "_nested", lambda: None)
+    gathered = []
+    monkeypatch.setattr(_fast, "_gathered", lambda *a: gathered.append(a))
+    tree = _small_tree(3, [(40,), (6, 7), (5,)], [torch.float32, torch.float64, torch.float16])
+    want = ref_norm([t.numpy() for t in tree], 2.0)
+    assert float(gc.global_norm(tree)) == pytest.approx(want, rel=1e-6)
+    assert not gathered
+
+
+def test_a_norm_does_not_depend_on_the_trees_before_it():
+    # Leaves of one ndim are dotted in one gather, whatever trees of the
+    # same sizes and other ndims were gathered before: the same bits.
+    # One square of 1e16 among many of 0.49, which the order of adding rounds.
+    sizes = np.random.default_rng(7).integers(1, 300, 400)
+    flat = [torch.full((1,), 1e8, dtype=torch.float64)]
+    flat += [torch.full((int(n),), 0.7, dtype=torch.float64) for n in sizes]
+    mixed = [t.view(1, -1) if i % 3 == 1 else t for i, t in enumerate(flat)]
+    alone = float(gc.global_norm(flat))
+    assert float(gc.global_norm(mixed)) == pytest.approx(alone, rel=1e-12)
+    assert float(gc.global_norm(flat)) == alone
+
+
+def test_threads_gather_trees_of_one_size_and_other_ndims():
+    # Two threads clipping trees of the same sizes at once, one of them of
+    # mixed ndims: each is gathered by its own leaves' ndims.
     from concurrent.futures import ThreadPoolExecutor
 
-    shapes = [(n,) for n in range(50, 1050, 5)]
-    trees = [_small_tree(seed, shapes, [torch.float32] * len(shapes)) for seed in (1, 2)]
+    sizes = range(50, 1050, 5)
+    layouts = [[(n,) for n in sizes], [(n,) if i % 2 else (1, n) for i, n in enumerate(sizes)]]
+    trees = [_small_tree(seed, s, [torch.float32] * len(s)) for seed, s in enumerate(layouts)]
     trees[1] = [t * 100.0 for t in trees[1]]
     wants = [float(gc.global_norm(t, fused=False)) for t in trees]
 
