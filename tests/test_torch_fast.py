@@ -483,6 +483,26 @@ def test_top_level_functions_run_eagerly_under_torch_compile(name):
         torch.testing.assert_close(compiled(grads()), want, rtol=0, atol=0)
 
 
+def test_compiled_calls_read_no_sys_modules(monkeypatch):
+    # Dynamo wraps a dict it reads item by item: with sys.modules, a module
+    # imported meanwhile failed the compile ("dictionary changed size during
+    # iteration", seen after test_validation and test_torch_dropin had run).
+    from gradclip import _api
+
+    gc.global_norm([torch.ones(3)])  # eager, with Dynamo loaded (by gradclip.torch)
+
+    class Unreadable(dict):
+        def get(self, *args):
+            raise AssertionError("sys.modules read")
+
+        def __getitem__(self, key):
+            raise AssertionError("sys.modules read")
+
+    monkeypatch.setattr(_api, "_modules", Unreadable())
+    compiled = torch.compile(lambda gs: gc.leaf_norms(gs)[0] + 1, backend="eager")
+    assert float(compiled([torch.full((4,), 0.5)])) == 2.0
+
+
 @pytest.mark.parametrize(
     "clipper",
     [ZClip(), AutoClip(), AdaGC(), AGC(layout="torch")],

@@ -52,6 +52,20 @@ _FAST_PATHS: dict[str, str] = {
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _modules = sys.modules
+_disable: Any = None  # torch.compiler.disable, once Dynamo is seen loaded
+
+
+def _dynamo_disable() -> Any:
+    """``torch.compiler.disable`` where Dynamo is loaded, else ``None``; kept once found.
+
+    Kept so that traced calls read no ``sys.modules``: Dynamo wraps a dict
+    it reads item by item, and a module imported meanwhile (``dictionary
+    changed size during iteration``) failed the compile.
+    """
+    global _disable
+    if _disable is None and _modules.get("torch._dynamo") is not None:
+        _disable = _modules["torch"].compiler.disable
+    return _disable
 
 
 def _eager(fn: _F) -> _F:
@@ -69,10 +83,11 @@ def _eager(fn: _F) -> _F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         nonlocal disabled
-        if _modules.get("torch._dynamo") is None:
-            return fn(*args, **kwargs)
         if disabled is None:
-            disabled = _modules["torch"].compiler.disable(fn)
+            disable = _disable or _dynamo_disable()
+            if disable is None:
+                return fn(*args, **kwargs)
+            disabled = disable(fn)
         return disabled(*args, **kwargs)
 
     return cast(_F, wrapper)
