@@ -119,7 +119,7 @@ def _check(flat: Flat, fn: str, *, inplace: bool = False, gradients: bool = Fals
     ``gradients``: the leaves are ``.grad`` tensors (gradclip.torch), which
     may require grad (a double backward) without being parameters.
     """
-    backend = _plain(flat.leaves, inplace) if flat.leaves else None
+    backend = _plain(flat.leaves, inplace, gradients) if flat.leaves else None
     if backend is not None:
         return _Prepared(flat, _compat.namespace(flat.leaves[0]), backend)
     paths = flat.paths  # computed only if an error message needs them
@@ -209,16 +209,18 @@ _WRITABLE_C = 0x0001 | 0x0400  # NumPy's NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_WRIT
 _device_id = operator.attrgetter("data.device_id")
 _requires_grad = operator.attrgetter("requires_grad")
 _device = operator.attrgetter("device")
+_is_cpu = operator.attrgetter("is_cpu")
 _layout = operator.attrgetter("layout")
 
 
-def _plain(leaves: list[Any], inplace: bool) -> str | None:
+def _plain(leaves: list[Any], inplace: bool, gradients: bool = False) -> str | None:
     """``"numpy"``, ``"cupy"`` or ``"torch"`` if every leaf is a valid array of it (no loop).
 
     Trees of thousands of small leaves are common and cheap to clip, so the
     per-leaf checks below would cost more than the clipping. ``None`` sends
     the tree through them, and they name the leaf at fault if there is one.
     A C-contiguous array has no zero strides, so it can be written in place.
+    Each pass over 2000 tensors costs about 0.1 ms here.
     """
     kinds = set(map(type, leaves))
     if len(kinds) != 1:
@@ -239,14 +241,15 @@ def _plain(leaves: list[Any], inplace: bool) -> str | None:
         return None
     if backend == "torch":
         tensor: Any = kind
-        if len(set(map(_device, leaves))) != 1 or {*map(_layout, leaves)} != {
-            _compat.torch_strided()
-        }:
+        # (is_cpu first: reading .device makes a torch.device, twice the cost)
+        one_device = all(map(_is_cpu, leaves)) or len(set(map(_device, leaves))) == 1
+        if not one_device or {*map(_layout, leaves)} != {_compat.torch_strided()}:
             return None
         if inplace and (
             not all(map(tensor.is_contiguous, leaves))
             or any(map(tensor.is_inference, leaves))
-            or any(map(_requires_grad, leaves))  # parameters? (see _check)
+            # parameters, where gradients belong? (see _check)
+            or (not gradients and any(map(_requires_grad, leaves)))
         ):
             return None
         return backend
