@@ -277,10 +277,17 @@ def gather_groups(sizes: list[int]) -> list[tuple[int, int]]:
     A group ends at the last leaf that ends within the next multiple of
     ``_GROUP`` elements, so a gather stays in L2 (below ``_GROUP + _SMALL``
     elements), and the same leaves always make the same groups, whoever
-    gathers them (the NumPy path and the torch one agree bit for bit).
+    gathers them (the NumPy path and the torch one agree bit for bit). The
+    result is shared: the caller must not change it.
     """
     if sum(sizes) <= _GROUP:  # one group: no cut points
         return [(0, len(sizes))]
+    return _cut(tuple(sizes))
+
+
+@functools.lru_cache(maxsize=8)  # layouts: a model's parameter groups, say
+def _cut(sizes: tuple[int, ...]) -> list[tuple[int, int]]:
+    """:func:`gather_groups` past one group: 60 us on 2000 leaves here, so kept per layout."""
     ends = np.cumsum(sizes)
     cuts = np.searchsorted(ends, np.arange(_GROUP, ends[-1], _GROUP), side="right")
     bounds = [0, *np.unique(cuts).tolist(), len(sizes)]

@@ -342,11 +342,6 @@ def _nested() -> Callable[[list[Any]], Any] | None:
     return gather if got.shape == want.shape and torch.equal(got, want) else None
 
 
-@functools.lru_cache(maxsize=8)  # layouts: a model's parameter groups, say
-def _layout(sizes: tuple[int, ...]) -> list[tuple[int, int]]:
-    return gather_groups(list(sizes))
-
-
 @functools.lru_cache(maxsize=64)
 def _by_ndim(ndims: tuple[int, ...]) -> list[list[int]] | None:
     """Indices of the leaves of each ndim, or ``None`` where they have one (the gather's rule)."""
@@ -377,7 +372,7 @@ def _gathered(
     wide = torch.float32 if work == np.float32 else torch.float64
     ndims = tuple(map(torch.Tensor.dim, tensors))
     out: list[tuple[tuple[int, int], float | None]] = []
-    for a, b in _layout(tuple(sizes)):
+    for a, b in gather_groups(sizes):
         part, classes = tensors[a:b], _by_ndim(ndims[a:b])
         if classes is None:
             bufs = [gather(part)]
