@@ -236,7 +236,7 @@ def test_small_leaves_gathered_by_torch_sum_as_numpys_gather():
                 assert float(got) == float(as_numpy), dtypes
             else:  # gathered an ndim at a time: the dots' sums can differ in the last bits
                 assert float(got) == pytest.approx(float(as_numpy), rel=1e-12), dtypes
-                assert float(gc.global_norm(tree)) == float(got)  # the layout's split, learnt
+                assert float(gc.global_norm(tree)) == float(got)  # and the same bits again
 
 
 def test_small_leaves_of_one_work_dtype_are_gathered_a_dtype_at_a_time():
