@@ -84,7 +84,7 @@ def _eager(fn: _F) -> _F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         nonlocal disabled
         if disabled is None:
-            disable = _disable or _dynamo_disable()
+            disable = _dynamo_disable()
             if disable is None:
                 return fn(*args, **kwargs)
             disabled = disable(fn)
