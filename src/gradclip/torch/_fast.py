@@ -43,7 +43,6 @@ import importlib.util
 import math
 import operator
 import sys
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -298,12 +297,9 @@ def _cpu_work(dtype: Any) -> np.dtype | None:
 
     :func:`gradclip._numpy._work_dtype`'s: float32 itself where BLAS has
     ``dsdot``, float64 for the rest of the real dtypes. Complex leaves are
-    reduced through their NumPy views, as are all where this torch has no
-    :func:`_nested` gather.
+    reduced through their NumPy views.
     """
     torch = _torch()
-    if _nested() is None:
-        return None
     if dtype == torch.float32:
         return _work_dtype(np.dtype(np.float32))
     if dtype in (torch.float64, torch.float16, torch.bfloat16):
@@ -311,77 +307,65 @@ def _cpu_work(dtype: Any) -> np.dtype | None:
     return None
 
 
-@functools.cache
-def _nested() -> Callable[[list[Any]], Any] | None:
-    """A gather of tensors into one new buffer by torch, or ``None`` where this torch has none.
+# torch's GRAIN_SIZE: a CPU op on fewer elements runs on the calling thread.
+_SERIAL = 1 << 15
 
-    ``torch._nested_tensor_from_tensor_list`` copies tensors of one ``ndim``
-    (any shapes and strides) into one contiguous buffer, in order, in one
-    C++ call: 0.2 us a tensor here, where ``torch._foreach_copy_`` into
-    views of scratch costs 0.65 and ``Tensor.numpy`` 0.7. Its buffer is the
-    nested tensor's ``values()``. torch warns once per process that nested
-    tensors are a prototype: that warning is spent here, on a probe that
-    also checks the buffer is the tensors' entries in order.
+_Copies = list[tuple[int, int, int, int]]  # (first leaf, end, buffer start, buffer end)
+
+
+@functools.lru_cache(maxsize=8)  # layouts, as gather_groups keeps them
+def _gathers(sizes: tuple[int, ...]) -> list[tuple[tuple[int, int], int, _Copies]]:
+    """Each :func:`gather_groups` group ``[a, b)``, its size and its ``torch.cat`` calls.
+
+    A call copies a run of leaves of fewer than ``_SERIAL`` elements in all
+    (or one leaf) to its place in the group's buffer.
     """
-    torch = _torch()
-    make = getattr(torch, "_nested_tensor_from_tensor_list", None)
-    if make is None:
-        return None
-
-    def gather(tensors: list[Any]) -> Any:
-        return make(tensors).values()
-
-    probe = [torch.arange(6.0).view(2, 3).t(), torch.arange(6.0, 8.0).view(1, 2)]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            got = gather(probe)
-    except (AttributeError, RuntimeError, TypeError, NotImplementedError):
-        return None
-    want = torch.cat([t.reshape(-1) for t in probe])
-    return gather if got.shape == want.shape and torch.equal(got, want) else None
-
-
-@functools.lru_cache(maxsize=64)
-def _by_ndim(ndims: tuple[int, ...]) -> list[list[int]] | None:
-    """Indices of the leaves of each ndim, or ``None`` where they have one (the gather's rule)."""
-    if len(set(ndims)) == 1:
-        return None
-    classes: dict[int, list[int]] = {}
-    for i, ndim in enumerate(ndims):
-        classes.setdefault(ndim, []).append(i)
-    return list(classes.values())
+    out = []
+    for a, b in gather_groups(list(sizes)):
+        copies: _Copies = []
+        start, at, held = a, 0, 0
+        for i in range(a, b):
+            if i > start and held + sizes[i] >= _SERIAL:
+                copies.append((start, i, at, at + held))
+                start, at, held = i, at + held, 0
+            held += sizes[i]
+        copies.append((start, b, at, at + held))
+        out.append(((a, b), at + held, copies))
+    return out
 
 
 def _gathered(
     work: np.dtype, tensors: list[Any], sizes: list[int]
 ) -> list[tuple[tuple[int, int], float | None]]:
-    """Sums of squares of small CPU tensors, per group ``[a, b)`` of :func:`gather_groups`.
+    """Sums of squares of small CPU tensors of one dtype, per :func:`gather_groups` group.
 
-    Each group is gathered by :func:`_nested` (in its dtype, then cast to
+    Each group is copied into a new buffer by ``torch.cat`` (then cast to
     ``work``) and dotted by NumPy (:func:`_sumsq`), as :class:`NumpyPlan`
-    gathers and dots it: the same sum, bit for bit, where the group's
-    leaves have one ``ndim``. Leaves of several are gathered one ``ndim``
-    at a time and their dots added, which can differ from NumPy's in the
-    last bits. ``None`` where the sum may have overflowed or lost entries
-    to underflow.
+    gathers and dots it: the same sum, bit for bit. ``None`` where the sum
+    may have overflowed or lost entries to underflow.
+
+    ``cat`` copies a run of fewer than ``_SERIAL`` elements with its serial
+    kernel, on the calling thread: 0.2 to 0.5 us a tensor here; a larger cat
+    copies tensor by tensor, at twice that. torch's nested-tensor
+    constructor copied as fast on an idle machine, but on every thread of
+    torch's pool (a parallel loop over the tensors): where the other cores
+    were busy (data loader workers, say), each call waited for a thread to
+    be scheduled, and a 2000-tensor clip took 68 ms against torch's 7 to 17.
     """
-    gather = _nested()
-    assert gather is not None  # _cpu_work sends no leaves here without it
     torch = _torch()
     wide = torch.float32 if work == np.float32 else torch.float64
-    ndims = tuple(map(torch.Tensor.dim, tensors))
+    ndims = list(map(torch.Tensor.dim, tensors))
+    if ndims.count(1) != len(ndims):  # cat takes 1-d tensors
+        tensors = [t if n == 1 else t.reshape(-1) for t, n in zip(tensors, ndims, strict=True)]
     out: list[tuple[tuple[int, int], float | None]] = []
-    for a, b in gather_groups(sizes):
-        part, classes = tensors[a:b], _by_ndim(ndims[a:b])
-        if classes is None:
-            bufs = [gather(part)]
-        else:
-            bufs = [gather([part[i] for i in members]) for members in classes]
-        arrays = [(x if x.dtype == wide else x.to(wide)).numpy() for x in bufs]
+    for group, size, copies in _gathers(tuple(sizes)):
+        buf = torch.empty(size, dtype=tensors[0].dtype)
+        for a, b, start, stop in copies:
+            torch.cat(tensors[a:b], out=buf[start:stop])
+        array = (buf if buf.dtype == wide else buf.to(wide)).numpy()
         with np.errstate(all="ignore"):  # an overflow is seen and redone
-            value = _fsum(map(_sumsq, arrays)) if len(arrays) > 1 else _sumsq(arrays[0])
-        out.append(((a, b), value if _trusted(work, value, arrays) else None))
+            value = _sumsq(array)
+        out.append((group, value if _trusted(work, value, [array]) else None))
     return out
 
 
