@@ -295,6 +295,22 @@ def test_clip_by_value(xp, dtype):
 
 
 @pytest.mark.parametrize("fused", [None, False])
+def test_a_number_bound_is_rounded_once_to_float16(xp, fused):
+    # 1 + 2**-11 + 2**-40 is 1.001 in float16 (NumPy's rounding), but 1.0
+    # through float32 (its tie then goes to even): torch rounded it so.
+    need(xp, "float16")
+    bound = 1 + 2.0**-11 + 2.0**-40
+    host = np.array([-3.0, 0.5, 9.0])
+    want = np.clip(host.astype(np.float16), -np.float16(bound), np.float16(bound))
+    assert want[2] == np.float16(1.001)
+    x = xp.array(host, "float16")
+    np.testing.assert_array_equal(xp.numpy(gc.clip_by_value([x], bound, fused=fused)[0]), want)
+    if xp.mutable:
+        gc.clip_by_value_([x], lo=-bound, hi=bound, fused=fused)
+        np.testing.assert_array_equal(xp.numpy(x), want)
+
+
+@pytest.mark.parametrize("fused", [None, False])
 def test_bounds_may_be_0d_arrays(xp, fused):
     # A schedule's value (optax.inject_hyperparams) arrives as a 0-d array.
     host = np.array([-3.0, -0.25, 0.0, 0.5, 9.0])

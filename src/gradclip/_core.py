@@ -157,14 +157,15 @@ def _scale_from_norm(plan: Plan, norm: Any, max_norm: Any, eps: float) -> Any:
     one = plan.const(1.0, plan.res)
     denom = norm + eps
     over = denom > max_norm
-    scale = xp.where(over, _compat.divide(xp, max_norm, xp.where(over, denom, one)), one)
+    quotient = _compat.divide(xp, max_norm, _compat.where(xp, over, denom, one))
+    scale = _compat.where(xp, over, quotient, one)
     # NaN where either is (both are >= 0 or NaN); a Python bound was checked.
     python = isinstance(max_norm, int | float)
     nan = denom if python else denom + max_norm
     if not python or _infinite_in(plan, max_norm):
         both = xp.isinf(denom) if python else xp.isinf(denom) & xp.isinf(max_norm)
-        nan = xp.where(both, plan.const(math.nan, plan.res), nan)
-    return xp.where(xp.isnan(nan), nan, scale)
+        nan = _compat.where(xp, both, plan.const(math.nan, plan.res), nan)
+    return _compat.where(xp, xp.isnan(nan), nan, scale)
 
 
 def clip_by_global_norm(
@@ -192,7 +193,7 @@ def clip_by_global_norm(
             check_given(xp, norm, names)
     scale = _scale_from_norm(plan, norm, max_norm, eps)
     if nonfinite == "skip":
-        scale = xp.where(finite, scale, plan.const(1.0, plan.res))
+        scale = _compat.where(xp, finite, scale, plan.const(1.0, plan.res))
     new = plan.scale_leaves(scale, per_leaf=False, zero=zero, inplace=inplace)
     return new, _stats(norm, scale, finite)
 
@@ -233,7 +234,7 @@ def clip_by_norm(
             check_given(xp, norms, names)
     scales = _scale_from_norm(plan, norms, max_norm, eps)
     if nonfinite == "skip":
-        scales = xp.where(finite, scales, plan.const(1.0, plan.res))
+        scales = _compat.where(xp, finite, scales, plan.const(1.0, plan.res))
     new = plan.scale_leaves(scales, per_leaf=True, zero=zero, inplace=inplace)
     return new, _stats(norms, scales, finite)
 

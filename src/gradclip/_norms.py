@@ -123,8 +123,8 @@ def root(xp: Any, value: Any, p: float) -> Any:
     if p == 1:
         return value
     live = value > 0  # False for NaN, which passes through
-    safe = xp.where(live, value, xp.ones_like(value))
-    return xp.where(live, xp.sqrt(safe) if p == 2 else safe ** (1.0 / p), value)
+    safe = _compat.where(xp, live, value, xp.ones_like(value))
+    return _compat.where(xp, live, xp.sqrt(safe) if p == 2 else safe ** (1.0 / p), value)
 
 
 class Partial(NamedTuple):
