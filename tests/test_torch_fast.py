@@ -288,12 +288,14 @@ def test_gather_copies_on_the_calling_thread(monkeypatch):
         return cat(tensors, out=out)
 
     monkeypatch.setattr(torch, "cat", counted)
-    sizes = np.random.default_rng(2).integers(1, 16384, 600)
+    rng = np.random.default_rng(2)
+    sizes = [*rng.integers(1, 16384, 600), *rng.integers(16384, _fast._GATHER, 20)]
+    rng.shuffle(sizes)
     tree = [torch.ones(int(n)) if i % 2 else torch.ones(1, int(n)) for i, n in enumerate(sizes)]
     assert float(gc.global_norm(tree)) == pytest.approx(math.sqrt(sum(sizes)), rel=1e-6)
-    assert sum(n for _, n in calls) == sum(sizes)
+    assert sum(n for _, n in calls) == sum(sizes)  # every leaf is gathered
     assert all(n < _fast._SERIAL or k == 1 for k, n in calls)
-    assert len(calls) < 2 * sum(sizes) / _fast._SERIAL + 10  # and not one a tensor
+    assert len(calls) < 2 * sum(sizes) / _fast._SERIAL + 40  # and not one a tensor
 
 
 def test_small_leaves_gathered_in_inference_mode():
