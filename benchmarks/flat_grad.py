@@ -11,7 +11,6 @@ start, with fresh gradients copied in, untimed, before every call.
 from __future__ import annotations
 
 import platform
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,13 +20,6 @@ import torch
 import gradclip as gc
 import gradclip.torch as gct
 from gradclip import _bench
-
-
-def _params(grads: list[Any]) -> list[Any]:
-    params = [torch.nn.Parameter(torch.empty_like(g)) for g in grads]
-    for p, g in zip(params, grads, strict=True):
-        p.grad = g
-    return params
 
 
 def main() -> None:
@@ -40,28 +32,22 @@ def main() -> None:
     flat = gc.FlatTree.zeros_like(src)  # kept alive: the drop-in finds it from the views
     rows: dict[str, tuple[list[Any], Callable[[list[Any]], Any]]] = {
         "drop-in, .grad = FlatTree views": (
-            _params(list(flat._flat.leaves)),
+            _bench.torch_params(list(flat._flat.leaves)),
             lambda ps: gct.clip_grad_norm_(ps, 1.0),
         ),
         "drop-in, separate .grad": (
-            _params([s.clone() for s in src]),
+            _bench.torch_params([s.clone() for s in src]),
             lambda ps: gct.clip_grad_norm_(ps, 1.0),
         ),
         "torch clip_grad_norm_(foreach=True)": (
-            _params([s.clone() for s in src]),
+            _bench.torch_params([s.clone() for s in src]),
             lambda ps: torch.nn.utils.clip_grad_norm_(ps, 1.0, foreach=True),
         ),
     }
     names = list(rows)
-    times: dict[str, list[float]] = {k: [] for k in names}
-    for turn in range(100):
-        first = turn % len(names)
-        for k in names[first:] + names[:first]:
-            params, call = rows[k]
-            torch._foreach_copy_([p.grad for p in params], src)
-            start = time.perf_counter()
-            call(params)
-            times[k].append(time.perf_counter() - start)
+    times = _bench.take_turns(
+        {k: _bench.torch_turn(params, src, call) for k, (params, call) in rows.items()}, turns=100
+    )
     ref = float(np.median(times[names[-1]]))
     print(
         f"{platform.machine()}, {torch.get_num_threads()} torch threads, "

@@ -23,7 +23,6 @@ import multiprocessing
 import os
 import statistics
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -37,13 +36,6 @@ from gradclip import _bench
 def _spin(stop: Any) -> None:
     while not stop.is_set():
         sum(range(10_000))
-
-
-def _params(grads: list[Any]) -> list[Any]:
-    params = [torch.nn.Parameter(torch.empty_like(g)) for g in grads]
-    for p, g in zip(params, grads, strict=True):
-        p.grad = g.clone()
-    return params
 
 
 def _trees() -> dict[str, list[Any]]:
@@ -61,24 +53,17 @@ def _trees() -> dict[str, list[Any]]:
 
 
 def _time(src: list[Any], turns: int) -> dict[str, list[float]]:
-    rows: dict[str, tuple[list[Any], Callable[[list[Any]], Any]]] = {
-        "gradclip.torch.clip_grad_norm_": (_params(src), lambda ps: gct.clip_grad_norm_(ps, 1.0)),
-        "torch clip_grad_norm_(foreach=True)": (
-            _params(src),
-            lambda ps: torch.nn.utils.clip_grad_norm_(ps, 1.0, foreach=True),
+    calls = {
+        "gradclip.torch.clip_grad_norm_": lambda ps: gct.clip_grad_norm_(ps, 1.0),
+        "torch clip_grad_norm_(foreach=True)": lambda ps: torch.nn.utils.clip_grad_norm_(
+            ps, 1.0, foreach=True
         ),
     }
-    names = list(rows)
-    times: dict[str, list[float]] = {k: [] for k in names}
-    for turn in range(turns):
-        first = turn % len(names)
-        for k in names[first:] + names[:first]:
-            params, call = rows[k]
-            torch._foreach_copy_([p.grad for p in params], src)
-            start = time.perf_counter()
-            call(params)
-            times[k].append(time.perf_counter() - start)
-    return times
+    rows = {
+        k: _bench.torch_turn(_bench.torch_params([g.clone() for g in src]), src, call)
+        for k, call in calls.items()
+    }
+    return _bench.take_turns(rows, turns)
 
 
 def main() -> None:

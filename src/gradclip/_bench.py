@@ -313,6 +313,45 @@ def _build(
     return [make((max(1, int(s) // size_factor),)) for s in sizes]
 
 
+def take_turns(
+    rows: dict[str, tuple[Callable[[], Any], Callable[[], Any]]], turns: int
+) -> dict[str, list[float]]:
+    """Seconds per call of each row's ``(prepare, call)``, the rows taking turns.
+
+    Each turn starts from the next row (no row always follows another) and
+    runs every row's ``prepare`` untimed (fresh gradients, say), then its
+    timed ``call``. For the scripts in ``benchmarks/``.
+    """
+    names = list(rows)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for turn in range(turns):
+        first = turn % len(names)
+        for k in names[first:] + names[:first]:
+            prepare, call = rows[k]
+            prepare()
+            start = time.perf_counter()
+            call()
+            times[k].append(time.perf_counter() - start)
+    return times
+
+
+def torch_params(grads: list[Any]) -> list[Any]:
+    """Parameters whose ``.grad`` are ``grads`` (for the drop-in's scripts)."""
+    torch = _torch()
+    params = [torch.nn.Parameter(torch.empty_like(g)) for g in grads]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    return params
+
+
+def torch_turn(
+    params: list[Any], src: list[Any], call: Callable[[list[Any]], Any]
+) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """A :func:`take_turns` row: ``src`` copied into the ``.grad``, then ``call(params)``."""
+    grads = [p.grad for p in params]
+    return (lambda: _torch()._foreach_copy_(grads, src)), (lambda: call(params))
+
+
 def tree_sizes(name: str, size_factor: int = 1, *, gpu: bool = False) -> Tree:
     """The element count of every leaf of a benchmark tree, without allocating it.
 
