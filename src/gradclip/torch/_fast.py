@@ -66,13 +66,14 @@ __all__ = [
 ]
 
 USE_NUMPY_VIEWS = True
-# CPU leaves below this many elements are gathered for the norm (see
-# _cpu_global_parts): more than NumPy's _SMALL, as torch's rows cost about
-# 8 us a tensor in calls, a copy of 64K elements less.
-_GATHER = 1 << 16
 # Larger float32 leaves are reduced by torch in rows of _ROW elements (see
 # _rows_accurate).
 _ROW = 128
+# Smaller ones, from _numpy._SMALL up, by one dsdot each on their memory
+# (see _dsdots). Rows cost 8 us a tensor in calls, a dot 2; but on the llm
+# tree's 786K-element leaves the dots (OpenBLAS's threads beside torch's
+# spinning workers) were 1-2% slower than rows.
+_DIRECT = 1 << 18
 _KERNEL_DTYPES = ("float16", "bfloat16", "float32", "float64", "complex64", "complex128")
 
 
@@ -258,6 +259,27 @@ def _rows_accurate() -> bool:
         return math.nan if total is None else total
 
     return _blas.accurate(sumsq, _ROW)
+
+
+def _dsdots(xs: list[Any]) -> list[float | None]:
+    """Sums of squares of contiguous float32 CPU tensors below ``_DIRECT`` elements.
+
+    One ``dsdot`` a tensor, on its memory: the call :class:`NumpyPlan`
+    makes for a leaf shorter than its pieces (``_blas.PIECE``), so the same
+    sum, bit for bit, kept or redone as NumPy's is (``None``: redone). 2 us
+    a tensor in calls, where torch's row norms cost about 8, and NumPy views
+    with NumPy's plan around them more: a 20-tensor MLP of 128x128 layers
+    took 280 us a clip with rows, 200 with these.
+    """
+    dsdot = _blas.dsdot()
+    assert dsdot is not None  # (the caller's check)
+    work = np.dtype(np.float32)
+    out: list[float | None] = []
+    for x in xs:
+        at, n = x.data_ptr(), x.numel()
+        total = dsdot(n, at, 1, at, 1)
+        out.append(total if _trusted(work, total, [x]) else None)
+    return out
 
 
 def _rows_sumsqs(xs: list[Any]) -> list[float | None]:
@@ -519,16 +541,16 @@ class TorchPlan(Plan):
     def _cpu_global_parts(self) -> list[Partial]:
         """The 2-norm of CPU leaves: small ones gathered by torch, large ones by rows or NumPy.
 
-        - Leaves below ``_GATHER`` elements are gathered by torch, a dtype
-          at a time (:func:`_gathered`), and each group is dotted in float64
-          as :class:`NumpyPlan` gathers and dots its own small leaves (below
-          ``_numpy._SMALL``): the same groups, so the same sums where every
-          leaf of a work dtype is that small and of one dtype. That gather
-          costs 0.2 to 0.5 us a tensor here, where a NumPy view of each
-          (``Tensor.numpy``) cost 0.75 and ``bytes.join`` 0.4 more: 2.3 ms
-          of a 2000-leaf tree. A 20-tensor MLP of 128x128 layers took 280 us
-          with its weights reduced by rows, 227 gathered.
-        - Large float32 leaves are reduced by torch's row norms. NumPy's
+        - Leaves below ``_numpy._SMALL`` elements are gathered by torch, a
+          dtype at a time (:func:`_gathered`), and each group is dotted in
+          float64 as :class:`NumpyPlan` gathers and dots it: the same
+          groups, so the same sums where the leaves of a work dtype have
+          one dtype. That gather costs 0.2 to 0.5 us a tensor here, where a
+          NumPy view of each (``Tensor.numpy``) cost 0.75 and ``bytes.join``
+          0.4 more: 2.3 ms of a 2000-leaf tree.
+        - Contiguous float32 leaves below ``_DIRECT`` elements are dotted
+          where they are (:func:`_dsdots`), as NumPy dots them.
+        - Larger float32 leaves are reduced by torch's row norms. NumPy's
           threads compete with torch's OpenMP workers, which spin for a
           while after every torch op (the backward pass, here): a
           64M-element norm took 12.3 ms on NumPy's threads after a torch
@@ -545,7 +567,7 @@ class TorchPlan(Plan):
         works = {d: _cpu_work(d) for d in self._dtype_infos}
         small: dict[Any, list[int]] = {}  # by torch dtype: the gather casts to the first's
         large: list[int] = []
-        if len(works) == 1 and max(sizes) < _GATHER:  # all small: no per-leaf lookup
+        if len(works) == 1 and max(sizes) < _SMALL:  # all small: no per-leaf lookup
             ((dtype, work),) = works.items()
             if work is None:
                 large = list(range(len(leaves)))
@@ -553,7 +575,7 @@ class TorchPlan(Plan):
                 small[dtype] = list(range(len(leaves)))
         else:
             for i, (x, n) in enumerate(zip(leaves, sizes, strict=True)):
-                if n < _GATHER and works[x.dtype] is not None:
+                if n < _SMALL and works[x.dtype] is not None:
                     small.setdefault(x.dtype, []).append(i)
                 else:
                     large.append(i)
@@ -573,14 +595,17 @@ class TorchPlan(Plan):
                 else:
                     sums.append(value)
                     owners.extend(members[a:b])
-        if large and _rows_accurate():
-            # Rows need a flat view: strided and channels_last leaves have
-            # none and are reduced through their NumPy views.
-            rows = [
-                i for i in large if leaves[i].dtype == torch.float32 and leaves[i].is_contiguous()
-            ]
+        # Dots and rows need a flat view: strided and channels_last leaves
+        # have none and are reduced through their NumPy views.
+        flat = [i for i in large if leaves[i].dtype == torch.float32 and leaves[i].is_contiguous()]
+        if flat:
+            direct = [i for i in flat if sizes[i] < _DIRECT] if _blas.dsdot() else []
+            rows = [i for i in flat if sizes[i] >= _DIRECT] if _rows_accurate() else []
             taken = set()
-            for i, total in zip(rows, _rows_sumsqs([leaves[i] for i in rows]), strict=True):
+            for i, total in [
+                *zip(direct, _dsdots([leaves[i] for i in direct]), strict=True),
+                *zip(rows, _rows_sumsqs([leaves[i] for i in rows]), strict=True),
+            ]:
                 if total is not None:
                     sums.append(total)
                     owners.append(i)
