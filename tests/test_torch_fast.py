@@ -210,6 +210,11 @@ def _small_tree(seed, shapes, dtypes):
     ]
 
 
+def _shape(ndim, n):
+    """``(1, ..., 1, n)`` of ``ndim`` dimensions; ``()`` (one entry) for 0."""
+    return (1,) * (ndim - 1) + (n,) if ndim else ()
+
+
 def test_small_leaves_gathered_by_torch_sum_as_numpys_gather():
     # Small CPU tensors are gathered by torch in the groups NumPy's path
     # gathers (several here: 6M elements of leaves under 16K), and dotted the
@@ -220,14 +225,7 @@ def test_small_leaves_gathered_by_torch_sum_as_numpys_gather():
     sizes = rng.integers(1, _numpy._SMALL, 800)
     assert sum(sizes) > 4 * _numpy._GROUP
     for ndims in ([1], [2], [1, 2], [0, 1, 3]):
-        shapes = [
-            (int(n),)
-            if ndims[i % len(ndims)] == 1
-            else ()
-            if ndims[i % len(ndims)] == 0
-            else (1,) * (ndims[i % len(ndims)] - 1) + (int(n),)
-            for i, n in enumerate(sizes)
-        ]
+        shapes = [_shape(ndims[i % len(ndims)], int(n)) for i, n in enumerate(sizes)]
         for dtypes in ([torch.float32], [torch.float64], [torch.float16, torch.float32]):
             tree = _small_tree(1, shapes, [dtypes[i % len(dtypes)] for i in range(len(shapes))])
             got = gc.global_norm(tree)
@@ -260,8 +258,8 @@ def test_mid_sized_leaves_are_dotted_as_numpy_dots_them():
 
 def test_small_leaves_of_one_work_dtype_are_gathered_a_dtype_at_a_time():
     # float64 and float16 leaves (both dotted in float64) are gathered
-    # apart: a buffer holds one dtype, and float64 must not be rounded to
-    # float16 on the way (nor float16 widened where NumPy does not).
+    # apart, a buffer per torch dtype: one buffer in the first leaf's dtype
+    # would round the float64 leaf to float16.
     tree = [
         torch.full((5,), 1 / 3, dtype=torch.float16),
         torch.full((7,), 1 / 3, dtype=torch.float64),
