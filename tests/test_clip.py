@@ -401,6 +401,33 @@ def test_raise_names_leaf_and_modifies_nothing(xp, bad):
         np.testing.assert_array_equal(xp.numpy(tree["poisoned"]), [1.0, bad, 2.0])
 
 
+@pytest.mark.parametrize("fused", [None, False])
+def test_raise_refuses_a_norm_that_overflows_and_modifies_nothing(xp, fused):
+    # Every entry is finite, but the float32 norm of entries near 1e38 is
+    # inf: a clip's scale of 0 would zero the gradients. "raise" raises, as
+    # torch's error_if_nonfinite does on such a norm.
+    host = {"big": np.full(8, 2e38), "small": np.array([3.0, 4.0])}
+    tree = {k: xp.array(v, "float32") for k, v in host.items()}
+    with pytest.raises(gc.NonFiniteError, match="norm overflows float32"):
+        gc.clip_by_global_norm(tree, 1.0, nonfinite="raise", fused=fused)
+    with pytest.raises(gc.NonFiniteError, match="norm overflows float32"):
+        gc.global_norm(tree, nonfinite="raise", fused=fused)
+    with pytest.raises(gc.NonFiniteError, match=r"norm of leaf \['big'\] overflows float32"):
+        gc.clip_by_norm(tree, 1.0, nonfinite="raise", fused=fused)
+    with pytest.raises(gc.NonFiniteError, match=r"norm of leaf \['big'\] overflows float32"):
+        gc.leaf_norms(tree, nonfinite="raise", fused=fused)
+    small = {"small": tree["small"]}  # and a norm in range passes
+    norms = xp.numpy(gc.clip_by_norm(small, 1.0, nonfinite="raise", fused=fused)[1].norm)
+    np.testing.assert_allclose(norms, [5.0], rtol=1e-6)
+    if xp.mutable:
+        with pytest.raises(gc.NonFiniteError):
+            gc.clip_by_global_norm_(tree, 1.0, nonfinite="raise", fused=fused)
+        with pytest.raises(gc.NonFiniteError):
+            gc.clip_by_norm_(tree, 1.0, nonfinite="raise", fused=fused)
+        for k, v in host.items():
+            np.testing.assert_array_equal(xp.numpy(tree[k]), v.astype(np.float32))
+
+
 def test_raise_passes_finite_trees(xp):
     leaves, _ = _leaves(xp)
     _, stats = gc.clip_by_global_norm(leaves, 1.0, nonfinite="raise")

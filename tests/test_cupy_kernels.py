@@ -471,6 +471,23 @@ def test_raise_names_the_leaf_and_writes_nothing(dev: cuda_emulator.EmuDevice, f
     _leaves_close(leaves, originals, exact=True)
 
 
+@pytest.mark.parametrize("fn", ["global_norm", "leaf_norms", "clip_by_global_norm", "clip_by_norm"])
+def test_raise_refuses_a_norm_that_overflows(dev: cuda_emulator.EmuDevice, fn: str) -> None:
+    # Finite entries whose float32 norm is inf: a scale of 0 would zero them.
+    leaves = _tree("float32")
+    leaves[5][:] = 2e38
+    originals = _copy(leaves)
+    names = ["a", "b", "c", "d", "e", "weights['f']", "g", "h"]
+    kwargs: dict[str, object] = {"p": 2.0, "nonfinite": "raise"}
+    if fn.startswith("clip"):
+        kwargs |= {"max_norm": 1.0, "eps": 1e-6, "norm": None, "inplace": True}
+    per_leaf = fn in ("leaf_norms", "clip_by_norm")
+    message = r"norm of leaf weights\['f'\] overflows" if per_leaf else "norm overflows"
+    with pytest.raises(NonFiniteError, match=message):
+        getattr(_fast, fn)(xp, leaves, names, device=dev, **kwargs)
+    _leaves_close(leaves, originals, exact=True)
+
+
 @pytest.mark.parametrize("inplace", [False, True])  # True: a FlatTree's copy
 @pytest.mark.parametrize("nonfinite", ["propagate", "zero", "skip"])
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -434,6 +434,19 @@ def test_raise_under_jit_says_why_and_what_to_use(fn, args, fused):
     call("raise")(tree)  # outside a transform it checks and returns
 
 
+@pytest.mark.parametrize("fn", ["clip_by_global_norm", "clip_by_norm"])
+def test_raise_refuses_an_overflowing_norm_before_the_donated_program(fn):
+    # The leaves are finite, the float32 norm is inf: the norm is checked
+    # by a pass of its own, before the program that would donate them runs.
+    tree = {"big": jnp.full(8, 2e38, jnp.float32), "small": jnp.ones(3, jnp.float32)}
+    with pytest.raises(gc.NonFiniteError, match="overflows float32"):
+        getattr(gcj, fn)(tree, 1.0, nonfinite="raise", donate=True)
+    assert not tree["big"].is_deleted()
+    np.testing.assert_array_equal(np.asarray(tree["big"]), np.full(8, 2e38, np.float32))
+    _, stats = getattr(gcj, fn)({"small": tree["small"]}, 1.0, nonfinite="raise", donate=True)
+    np.testing.assert_allclose(np.asarray(stats.norm), math.sqrt(3.0), rtol=1e-6)
+
+
 def test_a_number_bound_of_a_half_precision_leaf_is_rounded_once():
     # Passed to the compiled program, the bound became a float32 that the
     # clamp rounded again: 1 + 2**-11 + 2**-40 gave float16 1.0 there and

@@ -474,7 +474,8 @@ def global_norm(
     nonfinite : {"propagate", "raise", "zero"}, default "propagate"
         ``"propagate"`` lets NaN/inf through the arithmetic; ``"raise"`` raises
         :class:`~gradclip.NonFiniteError` naming the leaf (one host sync, so
-        not under ``jax.jit``);
+        not under ``jax.jit``), or where every value is finite but the norm
+        overflows its dtype (float32 gradients near 1e38);
         ``"zero"`` treats NaN/inf entries as 0.
     fused : bool or None, default None
         ``None`` uses a backend fast path when there is one, ``True`` requires
@@ -633,8 +634,10 @@ _NORM_CLIP_PARAMS = """
     nonfinite : {"propagate", "raise", "zero", "skip"}, default "propagate"
         ``"propagate"``: torch's arithmetic (a NaN norm makes NaN gradients).
         ``"raise"``: raise :class:`~gradclip.NonFiniteError` naming the leaf
-        before anything is modified (one host sync, so not under ``jax.jit``). ``"zero"``: NaN/inf
-        entries become 0 before the norm. ``"skip"``: if anything is
+        before anything is modified (one host sync, so not under ``jax.jit``),
+        also where the norm overflows though every value is finite (its scale
+        of 0 would zero the gradients). ``"zero"``: NaN/inf entries become 0
+        before the norm. ``"skip"``: if anything is
         non-finite, leaves are left unchanged and ``stats.finite`` is False;
         no sync (:func:`clip_by_norm` decides it per leaf).
     norm : array or float, optional

@@ -56,6 +56,30 @@ def raise_nonfinite(names: Sequence[str], bad: Sequence[int], fn: str = "") -> N
     )
 
 
+def check_overflow(xp: Any, norm: Any, names: Sequence[str]) -> None:
+    """``nonfinite="raise"``, the leaves found finite: a norm past its dtype raises.
+
+    Every entry is finite, but a norm past the result dtype's range (float32
+    gradients near 1e38) is inf: a clip's scale would be 0 and zero the
+    gradients, which ``"raise"`` is there to prevent (torch's
+    ``error_if_nonfinite`` raises on such a norm too). A 1-d ``norm`` holds
+    one norm per leaf.
+    """
+    finite = xp.isfinite(norm)
+    if bool(xp.all(finite)):
+        return
+    where = ""
+    if norm.ndim:
+        first = next(i for i in range(norm.shape[0]) if not bool(finite[i]))
+        where = f" of leaf {names[first]}"
+    dtype = str(norm.dtype).rsplit(".", 1)[-1]  # torch.float32 too
+    raise NonFiniteError(
+        f"the norm{where} overflows {dtype}, though every gradient value is finite: a clip's "
+        "scale would be 0 and zero the gradients; nothing was modified. Use float64 "
+        "gradients, or scale the loss down"
+    )
+
+
 def check_given(xp: Any, norm: Any, names: Sequence[str]) -> None:
     """``nonfinite="raise"`` with a given norm: the norm is checked, not the leaves.
 
@@ -70,15 +94,36 @@ def check_given(xp: Any, norm: Any, names: Sequence[str]) -> None:
 
 
 def _reduce(
-    plan: Plan, names: Sequence[str], nonfinite: str, *, per_leaf: bool = True
+    plan: Plan, names: Sequence[str], nonfinite: str, *, per_leaf: bool = True, check: bool = True
 ) -> list[Partial]:
-    """Reduce the leaves; ``nonfinite="raise"`` needs one partial per leaf to name it."""
+    """Reduce the leaves; ``nonfinite="raise"`` needs one partial per leaf to name it.
+
+    ``check=False``: the caller checks them with the norms (:func:`_checked`).
+    """
     if not per_leaf and nonfinite != "raise":
         return plan.global_parts()
     parts = plan.leaf_parts()
-    if nonfinite == "raise":
+    if nonfinite == "raise" and check:
         _check_finite(plan.xp, [plan.finite(q) for q in parts], names)
     return parts
+
+
+def _checked(plan: Plan, parts: list[Partial], names: Sequence[str], norms: Any) -> None:
+    """``nonfinite="raise"``: every entry finite, and the norms too, in one host sync.
+
+    Only where something is not does it look again, to name a leaf with a
+    NaN or an infinity (:func:`_check_finite`), or else the norm that
+    overflowed (:func:`check_overflow`).
+    """
+    xp = plan.xp
+    flags = [plan.finite(q) for q in parts]
+    ok = xp.all(xp.isfinite(norms))
+    if flags:
+        ok = ok & xp.all(xp.stack(flags))
+    if bool(ok):
+        return
+    _check_finite(xp, flags, names)
+    check_overflow(xp, norms, names)
 
 
 def _stats(norm: Any, scale: Any, finite: Any) -> ClipStats:
@@ -97,8 +142,11 @@ def global_norm(
 ) -> Any:
     """The norm of all leaves taken together (0-d, result dtype)."""
     plan = plan_cls(xp, p, leaves, zero_nonfinite=nonfinite == "zero")
-    parts = _reduce(plan, names, nonfinite, per_leaf=False)
-    return _compat.as_array(plan.total(parts)[0])
+    parts = _reduce(plan, names, nonfinite, per_leaf=False, check=False)
+    norm = plan.total(parts)[0]
+    if nonfinite == "raise":
+        _checked(plan, parts, names, norm)
+    return _compat.as_array(norm)
 
 
 def leaf_norms(
@@ -112,7 +160,11 @@ def leaf_norms(
 ) -> Any:
     """One norm per leaf (1-d, result dtype)."""
     plan = plan_cls(xp, p, leaves, zero_nonfinite=nonfinite == "zero")
-    return plan.leaf_norms(_reduce(plan, names, nonfinite))
+    parts = _reduce(plan, names, nonfinite, check=False)
+    norms = plan.leaf_norms(parts)
+    if nonfinite == "raise":
+        _checked(plan, parts, names, norms)
+    return norms
 
 
 def _bound(plan: Plan, value: Any) -> Any:
@@ -185,7 +237,10 @@ def clip_by_global_norm(
     zero = nonfinite == "zero"
     plan = plan_cls(xp, p, leaves, zero_nonfinite=zero)
     if norm is None:
-        norm, finite = plan.total(_reduce(plan, names, nonfinite, per_leaf=False))
+        parts = _reduce(plan, names, nonfinite, per_leaf=False, check=False)
+        norm, finite = plan.total(parts)
+        if nonfinite == "raise":
+            _checked(plan, parts, names, norm)
     else:
         norm = _compat.asarray(xp, norm, plan.res, plan.device)
         finite = xp.isfinite(norm)
@@ -215,8 +270,10 @@ def clip_by_norm(
     zero = nonfinite == "zero"
     plan = plan_cls(xp, p, leaves, zero_nonfinite=zero)
     if norm is None:
-        parts = _reduce(plan, names, nonfinite)
+        parts = _reduce(plan, names, nonfinite, check=False)
         norms = plan.leaf_norms(parts)
+        if nonfinite == "raise":
+            _checked(plan, parts, names, norms)
         finite = (
             xp.stack([plan.finite(q) for q in parts])
             if parts

@@ -88,7 +88,9 @@ class NonFiniteError(FloatingPointError, RuntimeError):
     """Raised by ``nonfinite="raise"`` before any gradient is modified.
 
     The message names the first leaf (by pytree path) that holds a NaN or an
-    infinity. Checking needs one device-to-host transfer, which is why
+    infinity; where every value is finite, the norm that overflowed its
+    dtype (float32 gradients near 1e38, whose clip would zero them). Checking
+    needs one device-to-host transfer, which is why
     ``"raise"`` is not the default policy. It is a ``RuntimeError`` too, as
     torch's ``clip_grad_norm_(error_if_nonfinite=True)`` raises.
 

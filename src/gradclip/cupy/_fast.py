@@ -54,10 +54,18 @@ def _kind(p: float) -> str:
     return "p"
 
 
-def _check(dev: Device, out: _launch.Outputs, names: Sequence[str]) -> None:
-    """``nonfinite="raise"``: the one host sync, naming the first non-finite leaf."""
+def _check(dev: Device, out: _launch.Outputs, names: Sequence[str], norms: str | None) -> None:
+    """``nonfinite="raise"``: the host sync, naming the first non-finite leaf.
+
+    ``norms``: ``"global"`` or ``"leaf"``, the norms the call returns or
+    clips by, which raise where they overflowed though every entry is
+    finite (:func:`gradclip._core.check_overflow`); ``None``, no norms.
+    """
     flags = np.asarray(_host(out.leaf(dev, 3)))
     _core.raise_nonfinite(names, np.flatnonzero(~flags).tolist())
+    if norms is not None:
+        got = _host(out.norm(dev) if norms == "global" else out.leaf(dev, 0))
+        _core.check_overflow(np, np.asarray(got), names)
 
 
 def _host(x: Any) -> Any:
@@ -73,17 +81,19 @@ def _reduce(
     p: float,
     nonfinite: str,
     lay: _launch.Layout | None = None,
+    norms: str | None = None,
     **bound: Any,
 ) -> tuple[_launch.Layout, _launch.Outputs]:
     """Launch the norm kernel; with ``nonfinite="raise"``, raise before anything is written.
 
-    ``lay``: the leaves' layout where the caller has it (a lookup reads every leaf).
+    ``lay``: the leaves' layout where the caller has it (a lookup reads every
+    leaf). ``norms``: as for :func:`_check`.
     """
     lay = lay or _launch.layout(dev, leaves)
     out = _launch.outputs(dev, len(leaves), lay.res)
     _launch.norm(dev, lay, out, kind=_kind(p), p=p, zero=nonfinite == "zero", **bound)
     if nonfinite == "raise":
-        _check(dev, out, names)
+        _check(dev, out, names, norms)
     return lay, out
 
 
@@ -145,12 +155,12 @@ def _entry(generic: Any, body: Any) -> Any:
 
 def _global_norm(dev: Device, xp: Any, leaves: list[Any], names: Sequence[str], **kw: Any) -> Any:
     """The norm of all leaves (0-d, result dtype), one launch."""
-    return _reduce(dev, leaves, names, **kw)[1].norm(dev)
+    return _reduce(dev, leaves, names, norms="global", **kw)[1].norm(dev)
 
 
 def _leaf_norms(dev: Device, xp: Any, leaves: list[Any], names: Sequence[str], **kw: Any) -> Any:
     """One norm per leaf (1-d, result dtype), one launch."""
-    return _reduce(dev, leaves, names, **kw)[1].leaf(dev, 0)
+    return _reduce(dev, leaves, names, norms="leaf", **kw)[1].leaf(dev, 0)
 
 
 def _clip(
@@ -178,7 +188,7 @@ def _clip(
         "eps": eps,
     }
     if norm is None:
-        _, out = _reduce(dev, leaves, names, p=p, nonfinite=nonfinite, lay=lay, **bound)
+        _, out = _reduce(dev, leaves, names, p=p, nonfinite=nonfinite, lay=lay, norms=mode, **bound)
     else:
         out = _launch.outputs(dev, len(leaves), res)
         # A copy: the kernels read the norms packed from the array's start,

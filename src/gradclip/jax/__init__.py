@@ -218,16 +218,16 @@ def _call(body: str, donate: bool, dynamic: tuple[Any, ...], **static: Any) -> A
         _refuse_donating_twice(tree, fn)
     if "eps" in static:  # a float: a key of the programs' cache (an array is not hashable)
         static["eps"] = _api._check_eps(static["eps"])
+    if "ord" in static:  # a float, hashable for the programs' cache (a jnp 2.0 is not)
+        static["ord"] = parse_ord(static["ord"])
     if static.get("nonfinite") == "raise":
         # Naming the leaf that holds a NaN needs its value on the host: the
         # leaves (or a given norm) are checked first, then the program runs,
         # compiled and donated like any other, with nothing left to raise.
         flat = _api._prepare(tree, f"gradclip.jax.{fn}").flat
         given = rest[1] if body.startswith("clip") else None
-        _fast.check_finite(fn, flat.leaves, flat.paths, given)
+        _fast.check_raise(fn, flat.leaves, flat.paths, given, static.get("ord", 2.0))
         static["nonfinite"] = "propagate"
-    if "ord" in static:  # a float, hashable for the programs' cache (a jnp 2.0 is not)
-        static["ord"] = parse_ord(static["ord"])
     make = functools.partial(_program, body, donate, tuple(sorted(static.items())))
     try:
         with _compat.quiet(None):  # a Python bound past float32 is rounded to inf, unwarned

@@ -546,6 +546,31 @@ def check_finite(fn: str, leaves: Sequence[Any], names: Sequence[str], norm: Any
         _core.raise_nonfinite(names, _nonfinite_leaves(leaves), fn)
 
 
+# What nonfinite="raise" checks besides the leaves: the norm each function takes.
+_MEASURED = {
+    "global_norm": "global",
+    "clip_by_global_norm": "global",
+    "leaf_norms": "leaf",
+    "clip_by_norm": "leaf",
+}
+
+
+def check_raise(
+    fn: str, leaves: Sequence[Any], names: Sequence[str], norm: Any = None, p: float = 2.0
+) -> None:
+    """``nonfinite="raise"``: :func:`check_finite`, then the norms (unless given).
+
+    A norm past its dtype raises (:func:`gradclip._core.check_overflow`):
+    a clip's scale would zero the gradients, and a donated program cannot
+    raise after it has run. One more compiled pass, for the norms alone.
+    """
+    check_finite(fn, leaves, names, norm)
+    if norm is None and leaves and fn in _MEASURED:
+        measure = global_norm if _MEASURED[fn] == "global" else leaf_norms
+        norms = measure(jnp, list(leaves), names, p=p, nonfinite="propagate")
+        _core.check_overflow(jnp, norms, names)
+
+
 # Arguments that may be arrays (a schedule's value): passed to the compiled
 # program, not baked into it, so a new value compiles nothing.
 _DYNAMIC = ("max_norm", "norm", "threshold", "lo", "hi")
@@ -573,7 +598,9 @@ def baked_bounds(leaves: Sequence[Any], **bounds: Any) -> dict[str, float]:
 
 def _call_generic(fn: str, leaves: list[Any], names: Sequence[str], **kwargs: Any) -> Any:
     """``_core.<fn>`` on the leaves, compiled (``nonfinite="raise"`` checked first)."""
-    kwargs["nonfinite"] = _raise_first(fn, leaves, names, kwargs["nonfinite"], kwargs.get("norm"))
+    kwargs["nonfinite"] = _raise_first(
+        fn, leaves, names, kwargs["nonfinite"], kwargs.get("norm"), None, kwargs.get("p", 2.0)
+    )
     baked = baked_bounds(leaves, **{k: kwargs[k] for k in ("lo", "hi") if k in kwargs})
     dynamic = {k: kwargs.pop(k) for k in _DYNAMIC if k in kwargs and k not in baked}
     make = functools.partial(_generic, fn, tuple(sorted(kwargs.items())))
@@ -656,11 +683,11 @@ def _raise_first(
     axes: Axes = None,
     p: float = 2.0,
 ) -> str:
-    """``nonfinite="raise"`` checked now (:func:`check_finite`); the policy the program runs."""
+    """``nonfinite="raise"`` checked now (:func:`check_raise`); the policy the program runs."""
     if nonfinite != "raise":
         return nonfinite
     _no_axes(axes, p, nonfinite)
-    check_finite(fn, leaves, names, norm)
+    check_raise(fn, leaves, names, norm, p)
     return "propagate"
 
 
