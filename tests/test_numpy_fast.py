@@ -13,7 +13,8 @@ import pytest
 
 import gradclip as gc
 from conftest import _make_numpy, importorskip, np_dtype, ref_norm
-from gradclip import _blas, _numpy
+from gradclip import _blas, _core, _numpy
+from gradclip._norms import Partial, Plan
 from test_norms import test_accuracy_with_a_wide_range_of_squares as _wide_range_accuracy
 
 TASK = _numpy._TASK
@@ -334,6 +335,35 @@ def test_one_buffer_lane_is_the_plan_bit_for_bit(dtype, size, kind, max_norm):
         for got, ref in zip(stats, want_stats, strict=True):
             assert type(got) is np.ndarray and (got.dtype, got.shape) == (ref.dtype, ())
             assert got.tobytes() == ref.tobytes()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_host_norm_and_scale_are_the_generic_arithmetic_bit_for_bit(dtype):
+    """The norm and scale from a float sum of squares: what Plan.norm and _scale_from_norm give."""
+    dtype = np.dtype(dtype)
+    top = float(np.finfo(dtype).max) / 2
+    plan = Plan(np, 2.0, [np.zeros(1, dtype)])
+    sums = [0.0, 5e-324, 1e-300, 2.0**-149, 0.3, 1.0, 1.0 + 2.0**-40, 2.0, 1e6, 3.0**40, 1e76]
+    bounds = [0.0, 1e-45, 1e-6, 0.5, 1.0, 1.0 - 2.0**-30, 1e3, 1e38, 1e300]
+    # and random ones, where rounding each operand into dtype first shows
+    rng = np.random.default_rng(0)
+    ranges = ((-8, 8), (-3, 3), (-8, 0))  # sums, bounds, eps: powers of ten
+    drawn = zip(*((10.0 ** rng.uniform(lo, hi, 3000)).tolist() for lo, hi in ranges), strict=True)
+    taken = 0
+    for sumsq, max_norm, eps in [*itertools.product(sums, bounds, [0.0, 1e-6, 5.0]), *drawn]:
+        norm = _numpy.host_norm(sumsq, dtype)
+        scale = None if norm is None else _numpy.host_scale(norm, max_norm, eps)
+        if scale is None:  # only near the top of the range
+            assert max(math.sqrt(sumsq), max_norm) >= top
+            continue
+        taken += 1
+        want_norm = plan.norm(Partial(np.float64(sumsq), None, None), 1)
+        want_scale = _core._scale_from_norm(plan, want_norm, max_norm, eps)
+        for got, want in ((norm, want_norm), (scale, want_scale)):
+            assert (got.dtype, got.tobytes()) == (want.dtype, want.tobytes()), (sumsq, max_norm)
+    assert taken > 3000
+    for sumsq in (math.nan, math.inf):  # NaN gradients, an overflowed sum: the generic path
+        assert _numpy.host_norm(sumsq, dtype) is None
 
 
 def test_one_buffer_lane_skips_the_plan(monkeypatch):
