@@ -329,8 +329,11 @@ def _total(
     policy: str,
     scopes: list[_dist.Scope] | None,
     inv_scale: Any,
+    parts: list[Partial] | None = None,
 ) -> tuple[Any, Any]:
     """The global norm (result dtype, unscaled by ``inv_scale``) and the finite flag.
+
+    ``parts``: the plan's global partials, where the caller has them already.
 
     With ``policy="raise"`` (torch's ``error_if_nonfinite``) a norm that is
     not finite raises, as in torch, though every value is: one past the
@@ -341,7 +344,9 @@ def _total(
     if scopes is None and (inv_scale is None or plan.kind == "zero" or not plan.leaves):
         # (The count of nonzero gradients, ord=0, does not change with a scale,
         # and no gradients have the norm 0.)
-        norm, finite = plan.total(_core._reduce(plan, names, policy, per_leaf=False))
+        if parts is None:
+            parts = _core._reduce(plan, names, policy, per_leaf=False)
+        norm, finite = plan.total(parts)
     else:
         if scopes is None:
             merged = plan.merge(_core._reduce(plan, names, policy, per_leaf=False))
@@ -630,8 +635,19 @@ def clip_grad_norm_(
         flat = _whole(flat, foreach, p, policy, process_group)
     prep, scopes = _prepared(flat, fn, True, process_group, pred)
     plan = _plan(prep, p, policy, foreach, owners, process_group, bound=max_norm)
-    norm, finite = _total(plan, prep.flat.paths, policy, scopes, inv_scale)
-    scale = _scale_grads(plan, norm, finite, max_norm, policy, inv_scale, eps)
+    parts = quick = None
+    if scopes is None and inv_scale is None and policy in ("propagate", "skip"):
+        parts = plan.global_parts()  # (what _core._reduce gives for these policies)
+        if isinstance(plan, _fast.TorchPlan):
+            quick = plan.host_clip(max_norm, eps)
+    if quick is not None:  # every value finite: "skip" keeps the scale
+        norm, scale, unit = quick
+        finite = plan.const(True, torch.bool)
+        if not unit:
+            plan.scale_leaves(scale, per_leaf=False, zero=False, inplace=True)
+    else:
+        norm, finite = _total(plan, prep.flat.paths, policy, scopes, inv_scale, parts)
+        scale = _scale_grads(plan, norm, finite, max_norm, policy, inv_scale, eps)
     if return_stats:
         return _core._stats(norm, scale, finite)
     return norm if scopes is None else _dist.replicate_like(norm, flat.leaves)
