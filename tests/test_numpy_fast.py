@@ -14,7 +14,7 @@ import pytest
 import gradclip as gc
 from conftest import _make_numpy, importorskip, np_dtype, ref_norm
 from gradclip import _blas, _core, _numpy
-from gradclip._norms import Partial, Plan
+from gradclip._norms import Partial, Plan, host_norm, host_scale
 from test_norms import test_accuracy_with_a_wide_range_of_squares as _wide_range_accuracy
 
 TASK = _numpy._TASK
@@ -351,8 +351,8 @@ def test_host_norm_and_scale_are_the_generic_arithmetic_bit_for_bit(dtype):
     drawn = zip(*((10.0 ** rng.uniform(lo, hi, 3000)).tolist() for lo, hi in ranges), strict=True)
     taken = 0
     for sumsq, max_norm, eps in [*itertools.product(sums, bounds, [0.0, 1e-6, 5.0]), *drawn]:
-        norm = _numpy.host_norm(sumsq, dtype)
-        scale = None if norm is None else _numpy.host_scale(norm, max_norm, eps)
+        norm = host_norm(sumsq, dtype)
+        scale = None if norm is None else host_scale(norm, max_norm, eps)
         if scale is None:  # only near the top of the range
             assert max(math.sqrt(sumsq), max_norm) >= top
             continue
@@ -363,7 +363,54 @@ def test_host_norm_and_scale_are_the_generic_arithmetic_bit_for_bit(dtype):
             assert (got.dtype, got.tobytes()) == (want.dtype, want.tobytes()), (sumsq, max_norm)
     assert taken > 3000
     for sumsq in (math.nan, math.inf):  # NaN gradients, an overflowed sum: the generic path
-        assert _numpy.host_norm(sumsq, dtype) is None
+        assert host_norm(sumsq, dtype) is None
+
+
+@pytest.mark.parametrize("dtypes", [["float32"], ["float64"], ["float16", "float32"]])
+@pytest.mark.parametrize("nonfinite", ["propagate", "skip"])
+def test_the_host_tail_is_the_array_tail_bit_for_bit(monkeypatch, dtypes, nonfinite):
+    # Where the fast path's dots give one float sum, the norm and scale come
+    # from it in NumPy scalars: the bits of the 0-d array arithmetic.
+    sizes = [3, 700, 5000, 20_000, 70_000]  # gathered, and dotted in pieces
+    rng = np.random.default_rng(5)
+    tree = [rng.standard_normal(n).astype(dtypes[i % len(dtypes)]) for i, n in enumerate(sizes)]
+    norm = float(gc.global_norm(tree))
+    calls = []
+    tail = _core._scale_from_norm
+    monkeypatch.setattr(_core, "_scale_from_norm", lambda *a: calls.append(1) or tail(*a))
+
+    def clip(quick, max_norm, eps):
+        grads = [x.copy() for x in tree]
+        with monkeypatch.context() as m:
+            if not quick:
+                m.setattr(_numpy.NumpyPlan, "host_clip", lambda *a: None)
+            stats = gc.clip_by_global_norm_(grads, max_norm, eps=eps, nonfinite=nonfinite)
+        return stats, grads
+
+    for max_norm in (1e-30, 0.1, norm / 3, norm, norm * (1 + 1e-7), 2 * norm, 1e300):
+        for eps in (0.0, 1e-6):
+            calls.clear()
+            (stats, grads), (want, want_grads) = (
+                clip(True, max_norm, eps),
+                clip(False, max_norm, eps),
+            )
+            top = float(np.finfo(want.norm.dtype).max) / 2  # past it, the generic tail decides
+            assert len(calls) == 1 + (max_norm >= top)  # the host tail, where it can
+            for got, ref in zip(stats, want, strict=True):
+                assert type(got) is np.ndarray and got.shape == ()
+                assert (got.dtype, got.tobytes()) == (ref.dtype, ref.tobytes())
+            for got, ref in zip(grads, want_grads, strict=True):
+                assert got.tobytes() == ref.tobytes()
+
+
+def test_addresses_of_writable_read_only_and_empty_arrays():
+    x = np.arange(20_000, dtype=np.float32)
+    frozen = x.copy()
+    frozen.flags.writeable = False
+    for a in (x, x[5:], frozen, frozen[7:], x[:0], np.frombuffer(x.tobytes(), np.float32)):
+        assert _numpy._address(a) == a.ctypes.data
+    # a read-only leaf is dotted where it is, too
+    assert float(gc.global_norm(frozen)) == pytest.approx(ref_norm([x], 2.0), rel=1e-6)
 
 
 def test_one_buffer_lane_skips_the_plan(monkeypatch):

@@ -30,8 +30,9 @@ import numpy as np
 
 __all__ = ["PIECE", "Dsdot", "accurate", "dsdot", "short_sdot"]
 
-# (n, x address, x stride, y address, y stride) -> the float64 sum of x * y
-Dsdot = Callable[[int, int, int, int, int], float]
+# (n, x, x stride, y, y stride) -> the float64 sum of x * y; x and y are
+# addresses, or bytes (ctypes passes their own).
+Dsdot = Callable[[int, int | bytes, int, int | bytes, int], float]
 
 # NumPy's wheels link scipy-openblas (ILP64 symbols with a suffix); MKL's
 # ILP64 interface has the _64 suffix.

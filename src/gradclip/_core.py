@@ -236,9 +236,16 @@ def clip_by_global_norm(
     """Scale every leaf by ``min(1, max_norm / (norm + eps))``."""
     zero = nonfinite == "zero"
     plan = plan_cls(xp, p, leaves, zero_nonfinite=zero)
+    quick = None
     if norm is None:
         parts = _reduce(plan, names, nonfinite, per_leaf=False, check=False)
-        norm, finite = plan.total(parts)
+        if nonfinite in ("propagate", "skip"):
+            quick = plan.host_clip(max_norm, eps)
+        if quick is not None:  # every value finite: "skip" keeps the scale
+            norm, scale, _ = quick
+            finite = plan.const(True, xp.bool)
+        else:
+            norm, finite = plan.total(parts)
         if nonfinite == "raise":
             _checked(plan, parts, names, norm)
     else:
@@ -246,9 +253,10 @@ def clip_by_global_norm(
         finite = xp.isfinite(norm)
         if nonfinite == "raise":
             check_given(xp, norm, names)
-    scale = _scale_from_norm(plan, norm, max_norm, eps)
-    if nonfinite == "skip":
-        scale = _compat.where(xp, finite, scale, plan.const(1.0, plan.res))
+    if quick is None:
+        scale = _scale_from_norm(plan, norm, max_norm, eps)
+        if nonfinite == "skip":
+            scale = _compat.where(xp, finite, scale, plan.const(1.0, plan.res))
     new = plan.scale_leaves(scale, per_leaf=False, zero=zero, inplace=inplace)
     return new, _stats(norm, scale, finite)
 

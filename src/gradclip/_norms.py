@@ -127,6 +127,43 @@ def root(xp: Any, value: Any, p: float) -> Any:
     return _compat.where(xp, live, xp.sqrt(safe) if p == 2 else safe ** (1.0 / p), value)
 
 
+_HALF_MAX = {np.dtype(d): float(np.finfo(d).max) / 2 for d in (np.float32, np.float64)}
+
+
+def host_norm(sumsq: float, dtype: np.dtype) -> np.floating | None:
+    """The 2-norm from a sum of squares held as a float, as :meth:`Plan.norm` gives it.
+
+    The root in float64, rounded once into ``dtype`` (the result dtype,
+    float32 or float64), bit for bit what the generic code computes in 0-d
+    arrays, at a few microseconds less an operation: in 0-d torch tensors
+    the norm and scale cost 40 of a 20-tensor model's 200 per clip. ``None``
+    for a sum that is not finite (NaN gradients) or a norm near the top of
+    ``dtype``'s range: the generic arithmetic decides those.
+    """
+    if not 0.0 <= sumsq < math.inf:
+        return None
+    root = math.sqrt(sumsq)
+    return dtype.type(root) if root < _HALF_MAX[dtype] else None
+
+
+def host_scale(norm: np.floating, max_norm: float, eps: float) -> np.floating | None:
+    """``min(1, max_norm / (norm + eps))`` for a :func:`host_norm`, as ``_core._scale_from_norm``.
+
+    Each operand is rounded into the norm's dtype first, and the sum, the
+    comparison and the quotient are taken there, bit for bit the generic
+    arithmetic for a Python bound. ``None`` for a bound or ``eps`` near the
+    top of the range (1e39 is inf in float32): the generic code decides.
+    """
+    kind = norm.dtype.type
+    top = _HALF_MAX[norm.dtype]  # no sum below it overflows
+    if not (max_norm < top and eps < top):
+        return None
+    denom = norm + kind(eps)
+    bound = kind(max_norm)
+    scale: np.floating = bound / denom if denom > bound else kind(1.0)
+    return scale
+
+
 class Partial(NamedTuple):
     """A reduction of some leaves that has not been turned into a norm yet.
 
@@ -157,6 +194,9 @@ class Plan:
     _acc_info: Any = field(init=False)
     _dtype_infos: dict[Any, Any] = field(init=False)
     _warns_later: bool = field(init=False)
+    # The global sum of squares as a Python float, where a fast path's
+    # global_parts reduced every leaf into it (see host_clip); else None.
+    host_sumsq: float | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         xp = self.xp
@@ -171,6 +211,26 @@ class Plan:
         self._acc_info = _compat.dtype_info(xp, self.acc)
         self._dtype_infos = by_dtype
         self.by_max = by_max(self.p, self._acc_info.max_exp2)
+
+    def host_clip(self, max_norm: Any, eps: float) -> tuple[Any, Any, bool] | None:
+        """The norm and scale (0-d arrays) of a global clip, from :attr:`host_sumsq`.
+
+        Computed on the host in NumPy scalars (:func:`host_norm`,
+        :func:`host_scale`), bit for bit what :meth:`total` and
+        ``_core._scale_from_norm`` compute in 0-d arrays, at 2 to 5 us an op
+        in torch: 40 us of a 20-tensor model's 200 per clip. The flag says
+        the scale is 1. ``None`` unless :meth:`global_parts` gave every leaf
+        to one float sum, for a bound given as a Python float, and where the
+        host arithmetic leaves a value to the generic code.
+        """
+        if self.host_sumsq is None or type(max_norm) is not float:
+            return None
+        dtype = np.dtype(np.float64 if self.res == self.xp.float64 else np.float32)
+        norm = host_norm(self.host_sumsq, dtype)
+        scale = None if norm is None else host_scale(norm, max_norm, eps)
+        if norm is None or scale is None:
+            return None
+        return self.const(float(norm), self.res), self.const(float(scale), self.res), scale == 1
 
     # -- small helpers ---------------------------------------------------------
     def info(self, index: int) -> Any:

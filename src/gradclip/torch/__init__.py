@@ -638,8 +638,7 @@ def clip_grad_norm_(
     parts = quick = None
     if scopes is None and inv_scale is None and policy in ("propagate", "skip"):
         parts = plan.global_parts()  # (what _core._reduce gives for these policies)
-        if isinstance(plan, _fast.TorchPlan):
-            quick = plan.host_clip(max_norm, eps)
+        quick = plan.host_clip(max_norm, eps)
     if quick is not None:  # every value finite: "skip" keeps the scale
         norm, scale, unit = quick
         finite = plan.const(True, torch.bool)

@@ -59,8 +59,6 @@ from .._numpy import (
     _trusted,
     _work_dtype,
     gather_groups,
-    host_norm,
-    host_scale,
 )
 
 __all__ = [
@@ -414,15 +412,11 @@ class TorchPlan(Plan):
 
     _kernels: Kernels | None
     _reduced: tuple[Any, Any] | None  # the kernels' layout and outputs, once launched
-    # The global sum of squares as a float, where :meth:`_cpu_global_parts`
-    # reduced every leaf into it (see :meth:`host_clip`).
-    host_sumsq: float | None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._kernels = None
         self._reduced = None
-        self.host_sumsq = None
         if self.leaves and not self._on_host and not self.by_max:
             # the kernels scale by powers of two only (see _norms)
             self._kernels = kernel_route(self.leaves)
@@ -648,25 +642,6 @@ class TorchPlan(Plan):
         whole = bool(sums) and not large and not redo
         self.host_sumsq = total if whole else None
         return parts or [self.identity()]
-
-    def host_clip(self, max_norm: Any, eps: float) -> tuple[Any, Any, bool] | None:
-        """The norm and scale (0-d tensors) of a global clip, from :attr:`host_sumsq`.
-
-        Computed on the host in NumPy scalars (:func:`~gradclip._numpy.host_norm`,
-        :func:`~gradclip._numpy.host_scale`), bit for bit what the generic
-        code computes in 0-d tensors at 2 to 5 us an op: 40 us of a
-        20-tensor model's 200 per clip. The flag says the scale is 1.
-        ``None`` unless :meth:`global_parts` reduced every leaf into one
-        float sum, for a bound given as a Python float; and where the host
-        arithmetic leaves a value to the generic code.
-        """
-        if self.host_sumsq is None or type(max_norm) is not float:
-            return None
-        norm = host_norm(self.host_sumsq, np.dtype(self._res_np()))
-        scale = None if norm is None else host_scale(norm, max_norm, eps)
-        if norm is None or scale is None:
-            return None
-        return self.const(float(norm), self.res), self.const(float(scale), self.res), scale == 1
 
     def _foreach_parts(self) -> dict[int, Partial]:
         """Partials of the leaves ``torch._foreach_norm`` reduces exactly, by index.
