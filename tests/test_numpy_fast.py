@@ -374,7 +374,14 @@ def test_the_host_tail_is_the_array_tail_bit_for_bit(monkeypatch, dtypes, nonfin
     sizes = [3, 700, 5000, 20_000, 70_000]  # gathered, and dotted in pieces
     rng = np.random.default_rng(5)
     tree = [rng.standard_normal(n).astype(dtypes[i % len(dtypes)]) for i, n in enumerate(sizes)]
-    norm = float(gc.global_norm(tree))
+    with monkeypatch.context() as m:
+        m.setattr(_numpy.NumpyPlan, "total", lambda *a: pytest.fail("the array tail ran"))
+        quick = gc.global_norm(tree)
+    with monkeypatch.context() as m:
+        m.setattr(_numpy.NumpyPlan, "host_total", lambda *a: None)
+        want = gc.global_norm(tree)
+    assert (quick.dtype, quick.tobytes()) == (want.dtype, want.tobytes())
+    norm = float(quick)
     calls = []
     tail = _core._scale_from_norm
     monkeypatch.setattr(_core, "_scale_from_norm", lambda *a: calls.append(1) or tail(*a))

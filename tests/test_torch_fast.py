@@ -283,7 +283,14 @@ def test_the_host_tail_is_the_tensor_tail_bit_for_bit(monkeypatch, dtypes, polic
     if torch.float32 in kinds:  # float32 leaves dotted where they are, and by rows
         sizes, each = [*sizes, 20_000, _fast._DIRECT + 5], [*each, torch.float32, torch.float32]
     tree = _small_tree(5, [(n,) for n in sizes], each)
-    norm = float(gct.get_total_norm(tree))
+    with monkeypatch.context() as m:
+        m.setattr(_fast.TorchPlan, "total", lambda *a: pytest.fail("the array tail ran"))
+        quick = gct.get_total_norm(tree)
+    with monkeypatch.context() as m:
+        m.setattr(_fast.TorchPlan, "host_total", lambda *a: None)
+        want = gct.get_total_norm(tree)
+    assert (quick.dtype, quick.numpy().tobytes()) == (want.dtype, want.numpy().tobytes())
+    norm = float(quick)
     calls = []
     tail = _core._scale_from_norm
     monkeypatch.setattr(_core, "_scale_from_norm", lambda *a: calls.append(1) or tail(*a))

@@ -143,7 +143,8 @@ def global_norm(
     """The norm of all leaves taken together (0-d, result dtype)."""
     plan = plan_cls(xp, p, leaves, zero_nonfinite=nonfinite == "zero")
     parts = _reduce(plan, names, nonfinite, per_leaf=False, check=False)
-    norm = plan.total(parts)[0]
+    quick = plan.host_total()
+    norm = (quick or plan.total(parts))[0]
     if nonfinite == "raise":
         _checked(plan, parts, names, norm)
     return _compat.as_array(norm)

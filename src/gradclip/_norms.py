@@ -194,8 +194,8 @@ class Plan:
     _acc_info: Any = field(init=False)
     _dtype_infos: dict[Any, Any] = field(init=False)
     _warns_later: bool = field(init=False)
-    # The global sum of squares as a Python float, where a fast path's
-    # global_parts reduced every leaf into it (see host_clip); else None.
+    # The 2-norm's global sum of squares as a Python float, where a fast
+    # path's global_parts reduced every leaf into it (see host_clip); else None.
     host_sumsq: float | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -212,6 +212,19 @@ class Plan:
         self._dtype_infos = by_dtype
         self.by_max = by_max(self.p, self._acc_info.max_exp2)
 
+    def _host_norm(self) -> np.floating | None:
+        if self.host_sumsq is None:
+            return None
+        dtype = np.dtype(np.float64 if self.res == self.xp.float64 else np.float32)
+        return host_norm(self.host_sumsq, dtype)
+
+    def host_total(self) -> tuple[Any, Any] | None:
+        """:meth:`total` from :attr:`host_sumsq`, computed on the host (see :meth:`host_clip`)."""
+        norm = self._host_norm()
+        if norm is None:
+            return None
+        return self.const(float(norm), self.res), self.const(True, self.xp.bool)
+
     def host_clip(self, max_norm: Any, eps: float) -> tuple[Any, Any, bool] | None:
         """The norm and scale (0-d arrays) of a global clip, from :attr:`host_sumsq`.
 
@@ -221,12 +234,10 @@ class Plan:
         in torch: 40 us of a 20-tensor model's 200 per clip. The flag says
         the scale is 1. ``None`` unless :meth:`global_parts` gave every leaf
         to one float sum, for a bound given as a Python float, and where the
-        host arithmetic leaves a value to the generic code.
+        host arithmetic leaves a value to the generic code. Every value was
+        finite then: the finite flag is True.
         """
-        if self.host_sumsq is None or type(max_norm) is not float:
-            return None
-        dtype = np.dtype(np.float64 if self.res == self.xp.float64 else np.float32)
-        norm = host_norm(self.host_sumsq, dtype)
+        norm = self._host_norm() if type(max_norm) is float else None
         scale = None if norm is None else host_scale(norm, max_norm, eps)
         if norm is None or scale is None:
             return None

@@ -346,7 +346,7 @@ def _total(
         # and no gradients have the norm 0.)
         if parts is None:
             parts = _core._reduce(plan, names, policy, per_leaf=False)
-        norm, finite = plan.total(parts)
+        norm, finite = plan.host_total() or plan.total(parts)
     else:
         if scopes is None:
             merged = plan.merge(_core._reduce(plan, names, policy, per_leaf=False))
