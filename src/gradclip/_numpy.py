@@ -421,7 +421,7 @@ class NumpyPlan(Plan):
     """:class:`Plan` with BLAS reductions and threaded in-place scaling."""
 
     _sizes: list[int]
-    _small: list[int]
+    _small: Sequence[int]  # a range where every leaf is small
     _large: list[int]
 
     def __post_init__(self) -> None:
@@ -431,7 +431,7 @@ class NumpyPlan(Plan):
         # calling thread.
         self._sizes = sizes = list(map(_size, self.leaves))
         if sizes and max(sizes) < _SMALL:  # all small: no index lists to compute
-            self._small, self._large = list(range(len(sizes))), []
+            self._small, self._large = range(len(sizes)), []
         elif len(sizes) < 256:
             self._small = [i for i, n in enumerate(sizes) if n < _SMALL]
             self._large = [i for i, n in enumerate(sizes) if n >= _SMALL]
@@ -475,7 +475,7 @@ class NumpyPlan(Plan):
         return parts
 
     def _gather(
-        self, small: dict[np.dtype, list[int]], out: list[tuple[Any, float, list[int]]]
+        self, small: dict[np.dtype, Sequence[int]], out: list[tuple[Any, float, Sequence[int]]]
     ) -> None:
         """Sums of squares of small leaves, one gather and one dot per ``_GROUP`` elements."""
         one_dtype = len(self._dtype_infos) == 1
@@ -494,7 +494,7 @@ class NumpyPlan(Plan):
         """Partials for the global norm: one for every sum BLAS got right, plus redone leaves."""
         if not self._fast():
             return super().global_parts()
-        small: dict[np.dtype, list[int]] = {}
+        small: dict[np.dtype, Sequence[int]] = {}
         big = list(self._large)
         if len(self._dtype_infos) == 1:  # the common case, without a per-leaf dtype lookup
             work = _work_dtype(self.leaves[0].dtype)
@@ -503,14 +503,16 @@ class NumpyPlan(Plan):
             else:
                 big = list(range(len(self.leaves)))
         else:
+            by_work: dict[np.dtype, list[int]] = {}
             for i in self._small:
                 work = _work_dtype(self.leaves[i].dtype)
                 if work is not None:
-                    small.setdefault(work, []).append(i)
+                    by_work.setdefault(work, []).append(i)
                 else:
                     big.append(i)
+            small.update(by_work)
         small = {work: members for work, members in small.items() if members}
-        groups: list[tuple[Any, float, list[int]]] = []
+        groups: list[tuple[Any, float, Sequence[int]]] = []
         sums = self._dots(big, local=functools.partial(self._gather, small, groups))
         for i, value in sums.items():
             groups.append((_work_dtype(self.leaves[i].dtype), value, [i]))
@@ -651,7 +653,7 @@ def _scale_run(
 def _multiply_each(
     leaves: list[np.ndarray],
     outs: list[np.ndarray],
-    indices: list[int],
+    indices: Sequence[int],
     factors: list[np.ndarray],
     imul: bool,
 ) -> None:
