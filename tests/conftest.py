@@ -251,3 +251,42 @@ def importorskip(name: str) -> Any:
     if not _installed(name):
         pytest.skip(f"{name} is not installed", allow_module_level=True)
     return importlib.import_module(name)
+
+
+def assert_host_tail_is_array_tail(monkeypatch, plan_cls, norm_of, clip, as_bytes) -> None:
+    """The host tail (``Plan.host_total``, ``Plan.host_clip``) has the 0-d array tail's bits.
+
+    Where a fast path's plan reduced every leaf into one float sum, the norm,
+    and a clip's norm and scale, come from it in NumPy scalars. ``norm_of()``
+    is the tree's global norm; ``clip(max_norm, eps)`` clips fresh copies in
+    place and returns ``(stats, grads)``; ``as_bytes`` gives an array's bits.
+    Bounds either side of the norm and at it, with and without eps.
+    """
+    from gradclip import _core
+
+    with monkeypatch.context() as m:
+        m.setattr(plan_cls, "total", lambda *a: pytest.fail("the array tail ran"))
+        quick = norm_of()
+    with monkeypatch.context() as m:
+        m.setattr(plan_cls, "host_total", lambda *a: None)
+        want = norm_of()
+    assert (quick.dtype, as_bytes(quick)) == (want.dtype, as_bytes(want))
+    norm = float(quick)
+    top = float(np.finfo(np.float64 if "64" in str(quick.dtype) else np.float32).max) / 2
+    calls = []
+    tail = _core._scale_from_norm
+    monkeypatch.setattr(_core, "_scale_from_norm", lambda *a: calls.append(1) or tail(*a))
+    for max_norm in (1e-30, 0.1, norm / 3, norm, norm * (1 + 1e-7), 2 * norm, 1e300):
+        for eps in (0.0, 1e-6):
+            calls.clear()
+            stats, grads = clip(max_norm, eps)
+            with monkeypatch.context() as m:
+                m.setattr(plan_cls, "host_clip", lambda *a: None)
+                want_stats, want_grads = clip(max_norm, eps)
+            assert len(calls) == 1 + (max_norm >= top)  # the host tail, where it can
+            for got, ref in zip(stats, want_stats, strict=True):
+                assert got.shape == ()
+                assert (got.dtype, as_bytes(got)) == (ref.dtype, as_bytes(ref)), (max_norm, eps)
+            assert list(map(as_bytes, grads)) == list(map(as_bytes, want_grads))
+            if max_norm <= norm / 3 or max_norm >= 2 * norm:  # well away from the norm
+                assert bool(stats.clipped) == (max_norm <= norm / 3)
