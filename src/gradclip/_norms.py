@@ -134,11 +134,10 @@ def host_norm(sumsq: float, dtype: np.dtype) -> np.floating | None:
     """The 2-norm from a sum of squares held as a float, as :meth:`Plan.norm` gives it.
 
     The root in float64, rounded once into ``dtype`` (the result dtype,
-    float32 or float64), bit for bit what the generic code computes in 0-d
-    arrays, at a few microseconds less an operation: in 0-d torch tensors
-    the norm and scale cost 40 of a 20-tensor model's 200 per clip. ``None``
-    for a sum that is not finite (NaN gradients) or a norm near the top of
-    ``dtype``'s range: the generic arithmetic decides those.
+    float32 or float64): bit for bit what the generic code computes in 0-d
+    arrays (see :meth:`Plan.host_clip`). ``None`` for a sum that is not
+    finite (NaN gradients) or a norm near the top of ``dtype``'s range: the
+    generic arithmetic decides those.
     """
     if not 0.0 <= sumsq < math.inf:
         return None

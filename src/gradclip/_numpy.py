@@ -673,10 +673,10 @@ def clip_buffer_(x: np.ndarray, max_norm: float, eps: float) -> ClipStats | None
 
     What :class:`NumpyPlan` computes, bit for bit: the same BLAS pieces and
     exactly rounded sum, the host arithmetic of :func:`host_norm` and
-    :func:`host_scale`, the same
-    threaded multiply. It skips the plan's machinery, which a FlatTree's
-    buffer does not need: on a 2000-leaf model's 8 MB buffer, its caches
-    cold from the gradients' own traffic, that Python took 0.4 ms of 0.9.
+    :func:`host_scale`, the same threaded multiply. It skips the plan's
+    machinery, which a FlatTree's buffer does not need: on a 2000-leaf
+    model's 8 MB buffer, its caches cold from the gradients' own traffic,
+    that Python took 0.4 ms of 0.9.
     ``None`` (nothing written) where the plan must do it: other dtypes and
     layouts, a buffer small enough to be gathered (its sum would come from
     a copy), a sum that may have overflowed or lost entries, a norm or a
