@@ -130,10 +130,13 @@ def root(xp: Any, value: Any, p: float) -> Any:
 _HALF_MAX = {np.dtype(d): float(np.finfo(d).max) / 2 for d in (np.float32, np.float64)}
 
 
-def host_norm(sumsq: float, dtype: np.dtype) -> np.floating | None:
+def host_norm(
+    sumsq: float, dtype: np.dtype, sqrt: Callable[[float], float] = math.sqrt
+) -> np.floating | None:
     """The 2-norm from a sum of squares held as a float, as :meth:`Plan.norm` gives it.
 
-    The root in float64, rounded once into ``dtype`` (the result dtype,
+    The root in float64 (``sqrt``: the library's own where it is not
+    correctly rounded), rounded once into ``dtype`` (the result dtype,
     float32 or float64): bit for bit what the generic code computes in 0-d
     arrays (see :meth:`Plan.host_clip`). ``None`` for a sum that is not
     finite (NaN gradients) or a norm near the top of ``dtype``'s range: the
@@ -141,7 +144,7 @@ def host_norm(sumsq: float, dtype: np.dtype) -> np.floating | None:
     """
     if not 0.0 <= sumsq < math.inf:
         return None
-    root = math.sqrt(sumsq)
+    root = sqrt(sumsq)
     return dtype.type(root) if root < _HALF_MAX[dtype] else None
 
 
@@ -215,7 +218,11 @@ class Plan:
         if self.host_sumsq is None:
             return None
         dtype = np.dtype(np.float64 if self.res == self.xp.float64 else np.float32)
-        return host_norm(self.host_sumsq, dtype)
+        return host_norm(self.host_sumsq, dtype, self.host_sqrt)
+
+    def host_sqrt(self, value: float) -> float:
+        """The float64 root the library's ``sqrt`` takes of a 0-d array (:func:`host_norm`)."""
+        return math.sqrt(value)  # correctly rounded, as NumPy's (and IEEE's) sqrt
 
     def host_total(self) -> tuple[Any, Any] | None:
         """:meth:`total` from :attr:`host_sumsq`, computed on the host (see :meth:`host_clip`)."""
