@@ -253,14 +253,21 @@ def test_runs_cover_every_leaf_once_in_fixed_pieces(monkeypatch, sizes):
         assert len(runs) >= 2 and max(totals) - min(totals) <= slack
 
 
-def test_float64_sums_that_overflow_only_when_added():
+@pytest.mark.parametrize("size", [5, 2 * _numpy._SMALL])  # gathered, or dotted alone
+@pytest.mark.parametrize("nonfinite", ["propagate", "raise"])  # summed by group or by leaf
+def test_float64_sums_that_overflow_only_when_added(size, nonfinite):
     """Each leaf's sum of squares is finite, their total is not: the leaves are redone scaled."""
-    leaves = [np.zeros(2 * _numpy._SMALL) for _ in range(2)]
+    leaves = [np.zeros(size) for _ in range(2)]
     for x in leaves:
         x[:2] = 9e153  # 2 * 8.1e307 fits in float64; 4 * 8.1e307 does not
     want = 9e153 * 2
-    assert float(gc.global_norm(leaves)) == pytest.approx(want, rel=1e-12)
-    assert float(gc.global_norm(leaves, fused=False)) == pytest.approx(want, rel=1e-12)
+    for fused in (None, False):
+        norm = gc.global_norm(leaves, nonfinite=nonfinite, fused=fused)
+        assert float(norm) == pytest.approx(want, rel=1e-12)
+    _, stats = gc.clip_by_global_norm(leaves, 1.0, nonfinite=nonfinite)
+    assert float(stats.norm) == pytest.approx(want, rel=1e-12) and bool(stats.finite)
+    batch = [x.reshape(1, -1) for x in leaves]  # one example: per-example sums, added
+    assert float(gc.per_example_clip(batch, 1.0)[1].norm[0]) == pytest.approx(want, rel=1e-12)
 
 
 def test_accuracy_matches_contract():

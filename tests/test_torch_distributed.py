@@ -114,6 +114,9 @@ SHARDED = {
     "f64-tiny-p2-empty-first": _sharded(
         "float64", 2.0, scale=1e-300, bounds=EMPTY_FIRST, max_norm=1.0, torch_ok=False
     ),
+    # Each rank's float64 sum of squares is finite (up to 1.4e308), their SUM
+    # is not: such sums are redone scaled on each rank (see _numpy._HUGE).
+    "f64-sums-overflow-p2": _sharded("float64", 2.0, scale=1.69e153, max_norm=1.0, torch_ok=False),
     "f64-spread-huge-p2": _sharded("float64", 2.0, scale=SPREAD * 1e250, torch_ok=False),
     "f64-spread-tiny-p3": _sharded("float64", 3.0, scale=SPREAD * 1e-250, torch_ok=False),
     "f64-spread-p1": _sharded("float64", 1.0, scale=SPREAD),

@@ -16,7 +16,7 @@ import pytest
 
 import gradclip as gc
 from conftest import assert_host_tail_is_array_tail, importorskip, ref_norm
-from gradclip import _blas
+from gradclip import _blas, _numpy
 from gradclip.adaptive import AGC, AdaGC, AutoClip, QuantileBound, ZClip
 from gradclip.monitor import GradMonitor
 
@@ -312,6 +312,24 @@ def test_the_host_tail_takes_torchs_float64_sqrt(monkeypatch):
                 m.setattr(_fast.TorchPlan, "total", lambda *a: pytest.fail("the tensor tail ran"))
             norms.append(gct.clip_grad_norm_([p], 0.3, eps=0.0).item().hex())
     assert norms == [torch.sqrt((g * g).sum()).item().hex()] * 3
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"error_if_nonfinite": True}, {"nonfinite": "skip"}])
+def test_float64_sums_that_overflow_only_when_added(kwargs):
+    # A gathered leaf's float64 sum of squares and a NumPy view's are each
+    # finite, their total is not: they are redone scaled, not added to inf
+    # (which zeroed the gradients, or raised, or skipped the step).
+    v = 1.2e153
+    small = torch.full((100,), v, dtype=torch.float64)  # 1.44e308
+    large = torch.zeros(2 * _numpy._SMALL, dtype=torch.float64)
+    large[:70] = v  # 1.01e308
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in (small, large)]
+    for p, g in zip(params, (small, large), strict=True):
+        p.grad = g.clone()
+    stats = gct.clip_grad_norm_(params, 1.0, return_stats=True, **kwargs)
+    want = math.sqrt(170) * v
+    assert float(stats.norm) == pytest.approx(want, rel=1e-12) and bool(stats.finite)
+    assert float(params[0].grad[0]) == pytest.approx(1 / math.sqrt(170), rel=1e-12)
 
 
 def test_small_leaves_of_one_work_dtype_are_gathered_a_dtype_at_a_time():

@@ -77,6 +77,11 @@ _SHORT = 1 << 8
 # Squared sums below these may have lost entries to underflow in the leaf's
 # own precision (float32: squares below ~1e-38; float64: below ~1e-308).
 _TINY = {np.dtype(np.float32): 2.0**-100, np.dtype(np.float64): 2.0**-900}
+# Squared sums above this are redone by the generic reduction, which scales
+# them: they are added unscaled (a tree's leaves, a group's ranks, the
+# per-leaf sums "raise" merges), and such sums stay below float64's top for
+# up to 2**123 of them. Only float64 leaves of 1e135 and more get here.
+_HUGE = 2.0**900
 
 _size = operator.attrgetter("size")
 _dtype = operator.attrgetter("dtype")
@@ -349,10 +354,11 @@ def _address(x: np.ndarray) -> int:
 def _trusted(work: np.dtype, sumsq: float, arrays: Iterable[np.ndarray]) -> bool:
     """Whether a dot-based sum of squares over ``arrays`` is exact enough to keep.
 
-    An infinite sum overflowed; a tiny one, or a zero one over nonzero input,
+    An infinite sum overflowed, and a huge one may overflow when added to
+    others (see ``_HUGE``); a tiny one, or a zero one over nonzero input,
     lost entries to underflow. NaN is kept: it propagates either way.
     """
-    if math.isinf(sumsq):
+    if sumsq > _HUGE:
         return False
     if sumsq == 0.0:
         return not any(a.any() for a in arrays)
@@ -399,11 +405,11 @@ def _example_sums(x: np.ndarray, batch: int) -> np.ndarray | None:
                 block = rows[r : r + group, c : c + _CHUNK].astype(_F64)
                 total[r : r + group] += np.einsum("ij,ij->i", block, block)
     with np.errstate(invalid="ignore"):
-        doubtful = np.isinf(total) | (total < tiny)  # NaN stays: it propagates
+        doubtful = (total > _HUGE) | (total < tiny)  # NaN stays: it propagates
     if doubtful.any():
         # A sum of 0 is right only where the example is all zeros (padding).
         suspects = np.flatnonzero(doubtful)
-        if np.isinf(total[suspects]).any() or total[suspects].any():
+        if total[suspects].any():
             return None
         # Read a block of rows at a time: rows[suspects] copies them all (the
         # whole leaf, where every example is zeros).
@@ -517,18 +523,13 @@ class NumpyPlan(Plan):
         for i, value in sums.items():
             groups.append((_work_dtype(self.leaves[i].dtype), value, [i]))
         kept: list[float] = []
-        owners: list[int] = []
         redo = [i for i in big if i not in sums]  # complex or strided
         for work, value, members in groups:
             if _trusted(work, value, (self.leaves[i] for i in members)):
                 kept.append(value)
-                owners.extend(members)
             else:
                 redo.extend(members)
-        total = _fsum(kept)
-        if math.isinf(total):  # float64 sums that overflow only when added
-            redo.extend(owners)
-            kept = []
+        total = _fsum(kept)  # finite: no sum kept is huge (see _HUGE)
         self.host_sumsq = total if kept and not redo else None
         parts = [self.leaf(i) for i in sorted(redo)]
         if kept:

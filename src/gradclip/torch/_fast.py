@@ -593,7 +593,6 @@ class TorchPlan(Plan):
                 else:
                     large.append(i)
         sums: list[float] = []
-        owners: list[int] = []
         redo: list[int] = []
         for dtype, members in small.items():
             work = works[dtype]
@@ -607,7 +606,6 @@ class TorchPlan(Plan):
                     redo.extend(members[a:b])
                 else:
                     sums.append(value)
-                    owners.extend(members[a:b])
         # Dots and rows need a flat view: strided and channels_last leaves
         # have none and are reduced through their NumPy views.
         flat = [i for i in large if leaves[i].dtype == torch.float32 and leaves[i].is_contiguous()]
@@ -623,13 +621,9 @@ class TorchPlan(Plan):
             for i, total in found:
                 if total is not None:
                     sums.append(total)
-                    owners.append(i)
                     taken.add(i)
             large = [i for i in large if i not in taken]
-        total = _fsum(sums)
-        if math.isinf(total):  # float64 sums that overflow only when added
-            redo.extend(owners)
-            sums = []
+        total = _fsum(sums)  # finite: no sum kept is huge (see _numpy._HUGE)
         parts = [Partial(self.const(total), None, None)] if sums else []
         if large:
             views = _numpy_views([leaves[i] for i in large], {leaves[i].dtype for i in large})
