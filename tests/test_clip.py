@@ -295,19 +295,80 @@ def test_clip_by_value(xp, dtype):
 
 
 @pytest.mark.parametrize("fused", [None, False])
-def test_a_number_bound_is_rounded_once_to_float16(xp, fused):
-    # 1 + 2**-11 + 2**-40 is 1.001 in float16 (NumPy's rounding), but 1.0
-    # through float32 (its tie then goes to even): torch rounded it so.
-    need(xp, "float16")
-    bound = 1 + 2.0**-11 + 2.0**-40
+@pytest.mark.parametrize("array", [False, True], ids=["number", "float64-array"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_bound_is_rounded_once_to_a_narrow_dtype(xp, dtype, array, fused):
+    # A bound just past a midpoint of the narrow dtype's values rounds up,
+    # 1 + 2**-11 + 2**-40 to 1.001 in float16 (NumPy's float16 rounding),
+    # but through float32 (as torch, XLA and ml_dtypes convert float64) it
+    # falls on the midpoint, whose tie goes to even: 1.0.
+    need(xp, dtype, *(["float64"] if array else []))
+    digits = {"float16": 11, "bfloat16": 8}[dtype]
+    bound = 1 + 2.0**-digits + 2.0**-40
+    rounded = 1 + 2.0 ** (1 - digits)  # rounded once
     host = np.array([-3.0, 0.5, 9.0])
-    want = np.clip(host.astype(np.float16), -np.float16(bound), np.float16(bound))
-    assert want[2] == np.float16(1.001)
-    x = xp.array(host, "float16")
-    np.testing.assert_array_equal(xp.numpy(gc.clip_by_value([x], bound, fused=fused)[0]), want)
+    want = np.array([-rounded, 0.5, rounded])
+    lo, hi = -bound, bound
+    if array:
+        lo, hi = xp.array(np.array(lo), "float64"), xp.array(np.array(hi), "float64")
+    x = xp.array(host, dtype)
+
+    def check(got):
+        np.testing.assert_array_equal(xp.numpy(got).astype(np.float64), want)
+
+    check(gc.clip_by_value([x], lo=lo, hi=hi, fused=fused)[0])
     if xp.mutable:
-        gc.clip_by_value_([x], lo=-bound, hi=bound, fused=fused)
-        np.testing.assert_array_equal(xp.numpy(x), want)
+        gc.clip_by_value_([x], lo=lo, hi=hi, fused=fused)
+        check(x)
+
+
+def _nearest_even(value: float, narrow: np.dtype) -> float:
+    """The value of ``narrow`` nearest ``value``, a tie to the even one: by exact fractions."""
+    from fractions import Fraction
+
+    top = np.nextafter(narrow.type(np.inf), narrow.type(0))  # the largest finite value
+    if not math.isfinite(value):
+        return value
+    # at or past the midpoint of the largest value and the next power of two: inf
+    if abs(value) >= float(top) + (float(top) - float(np.nextafter(top, -top))) / 2:
+        return math.copysign(math.inf, value)
+    cast = np.asarray(value).astype(narrow)  # at most one value off
+    cands = [cast, np.nextafter(cast, top), np.nextafter(cast, -top)]
+
+    def key(c):
+        bits = int(np.asarray(c).view(np.uint16))
+        return (abs(Fraction(float(c)) - Fraction(value)), bits & 1)
+
+    return float(min(cands, key=key))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_narrow_rounding_is_to_the_nearest_even_value(xp, dtype):
+    # Numbers on the host and float64 arrays on the backend round once.
+    need(xp, dtype, "float64")
+    from gradclip import _compat
+
+    narrow = np.dtype(np_dtype(dtype))
+    top = np.nextafter(narrow.type(np.inf), narrow.type(0))
+    rng = np.random.default_rng(11)
+    grid = np.concatenate([rng.standard_normal(300), 10.0 ** rng.uniform(-9, 38, 300)])
+    with np.errstate(over="ignore"):  # past float16: inf, dropped below
+        grid = grid.astype(narrow)
+    grid = grid[np.isfinite(grid)]
+    ups = np.nextafter(grid, top).astype(np.float64)
+    grid = grid.astype(np.float64)
+    mids = (grid + ups) / 2  # midpoints, exact in float64
+    values = np.concatenate([grid, mids, mids * (1 + 2.0**-40), mids * (1 - 2.0**-40), -mids])
+    edges = [0.0, -0.0, 2.0**-30, 6e-8, 65504.0, 65519.9, 65520.0, 3.39e38, 3.4e38, 1e39]
+    values = np.concatenate([values, edges, [math.inf, -math.inf, math.nan]])
+    want = np.array([_nearest_even(v, narrow) for v in values.tolist()])
+    info = _compat.dtype_info(np, narrow)
+    host = np.array([_compat._round_once_host(v, info) for v in values.tolist()])
+    np.testing.assert_array_equal(host, want)
+    a = xp.array(values, "float64")
+    with np.errstate(over="ignore"):  # the cast of 1e38 to float16, as under gradclip's own
+        got = xp.numpy(_compat.round_once(xp.ns, a, xp.array([1.0], dtype).dtype))
+    np.testing.assert_array_equal(got.astype(np.float64), want)
 
 
 @pytest.mark.parametrize("fused", [None, False])

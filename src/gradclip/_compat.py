@@ -575,6 +575,10 @@ def asarray(xp: Any, value: Any, dtype: Any = None, device: Any = None) -> Any:
     a host sync. ``torch.full`` fills it on the device. (CuPy's ``asarray``
     stages the copy through pinned memory without waiting.)
     """
+    if isinstance(value, float) and dtype is not None:
+        info = dtype_info(xp, dtype)
+        if info is not None and info.narrow:
+            value = _round_once_host(value, info)  # then exact in dtype
     if aac.is_torch_namespace(xp):
         torch = sys.modules["torch"]
         if isinstance(value, torch.Tensor):
@@ -582,17 +586,62 @@ def asarray(xp: Any, value: Any, dtype: Any = None, device: Any = None) -> Any:
             # learnable bound) warns that it now keeps the graph; .to keeps it.
             return value.to(dtype=dtype, device=device)
         if isinstance(value, int | float):
-            if dtype == torch.float16 and isinstance(value, float):
-                # torch rounds a number to float16 through float32, twice:
-                # 1 + 2**-11 + 2**-40 became 1.0, where NumPy and XLA round
-                # it once, to 1.001 (a clip_by_value bound).
-                with np.errstate(over="ignore"):  # past float16: inf, as torch has it
-                    value = float(np.float16(value))
             try:
                 return torch.full((), value, dtype=dtype, device=device)
             except RuntimeError:  # past the dtype's range: asarray rounds it to inf
                 pass
     return xp.asarray(value, dtype=dtype, device=device)
+
+
+def _round_once_host(value: float, info: DtypeInfo) -> float:
+    """A number rounded once, to nearest even, into a narrow dtype (float16, bfloat16).
+
+    torch, XLA and ml_dtypes convert a float64 to these through float32,
+    rounding twice: 1 + 2**-11 + 2**-40 became 1.0 in float16, not 1.001 (a
+    clip_by_value bound just past a midpoint), and 1 + 2**-8 + 2**-40 became
+    1.0 in bfloat16. Here the quotient by the value's quantum (a power of
+    two, so exact) is rounded by ``round``, which ties to even.
+    """
+    if not math.isfinite(value) or value == 0.0:
+        return value
+    digits = info.normal_exp2 - info.tiny_exp2 + 1  # significand bits, the implicit one too
+    quantum = 2.0 ** max(math.frexp(value)[1] - digits, info.tiny_exp2)
+    out = round(value / quantum) * quantum
+    return out if abs(out) <= 2.0**info.max_exp2 else math.copysign(math.inf, value)
+
+
+def round_once(xp: Any, value: Any, dtype: Any) -> Any:
+    """A float64 array rounded once into a narrow dtype (see :func:`_round_once_host`).
+
+    Of the library's cast and its neighbour toward ``value``, the nearer
+    wins; a tie keeps the cast, which rounded the exact midpoint (a float32
+    then) to even. Infinity stands for ``2**emax`` there, where the range
+    ends. No value is read: this runs on a device and under ``jax.jit``.
+    """
+    info = dtype_info(xp, dtype)
+    assert info is not None  # a narrow float dtype
+    device = device_of(value)
+    wide_dtype = value.dtype
+
+    def const(v: float, of: Any = wide_dtype) -> Any:
+        return asarray(xp, v, of, device)
+
+    out = xp.astype(value, dtype)
+    finite = xp.isfinite(value)
+    # Non-finite values become 0 before any arithmetic: dask would warn of
+    # inf - inf in the caller's compute().
+    v = where(xp, finite, value, const(0.0))
+    wide = xp.astype(out, wide_dtype)
+    edge = const(2.0 ** math.ceil(info.max_exp2))
+    wide = where(xp, xp.isinf(wide), xp.sign(wide) * edge, wide)
+    wide = where(xp, finite, wide, const(0.0))
+    # Toward the largest finite value, not inf: nextafter(max, inf) would
+    # overflow, and inf is never the nearer (or the cast already).
+    top = float(2.0**info.max_exp2)
+    toward = where(xp, v > wide, const(top, dtype), const(-top, dtype))
+    other = xp.nextafter(out, toward)
+    nearer = xp.abs(v - xp.astype(other, wide_dtype)) < xp.abs(v - wide)
+    return where(xp, finite & nearer, other, out)
 
 
 def to_numpy(x: Any) -> np.ndarray:

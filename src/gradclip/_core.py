@@ -385,10 +385,17 @@ def clip_by_value(
         elif flags:
             keep = xp.logical_not(xp.all(xp.stack(flags)))
 
-    def bound(v: Any, dtype: Any) -> Any:
-        if _compat.is_array(v):  # a 0-d bound: dask would warn of 1e300 in compute()
-            return plan.cast(v, dtype)
-        return _compat.asarray(xp, v, dtype, plan.device)
+    made: dict[tuple[bool, Any], Any] = {}  # the bounds in each dtype, made once
+
+    def bound(upper: bool, dtype: Any) -> Any:
+        key = (upper, dtype)
+        if key not in made:
+            v = hi if upper else lo
+            if _compat.is_array(v):  # a 0-d bound: dask would warn of 1e300 in compute()
+                made[key] = plan.cast(v, dtype)
+            else:
+                made[key] = _compat.asarray(xp, v, dtype, plan.device)
+        return made[key]
 
     def clamp(block: Any) -> Any:
         dtype = block.dtype
@@ -396,9 +403,9 @@ def clip_by_value(
         if zero:
             out = _compat.where(xp, xp.isfinite(out), out, xp.zeros_like(out))
         if lo is not None:
-            out = xp.maximum(out, bound(lo, dtype))
+            out = xp.maximum(out, bound(False, dtype))
         if hi is not None:
-            out = xp.minimum(out, bound(hi, dtype))
+            out = xp.minimum(out, bound(True, dtype))
         if keep is not None:
             out = _compat.where(xp, keep, block, out)
         return _compat.as_array(out)

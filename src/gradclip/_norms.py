@@ -596,6 +596,9 @@ class Plan:
                 top = (float(to.max) + 2.0**to.maxexp) / 2  # from here on, it rounds to inf
                 inf = self.const(math.inf, value.dtype)
                 value = xp.where(value >= top, inf, xp.where(value <= -top, -inf, value))
+        info = _compat.dtype_info(xp, dtype)
+        if info is not None and info.narrow and value.dtype == xp.float64:
+            return _compat.round_once(xp, value, dtype)  # not through float32
         return xp.astype(value, dtype)
 
     def finite(self, part: Partial) -> Any:
