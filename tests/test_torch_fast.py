@@ -332,6 +332,52 @@ def test_float64_sums_that_overflow_only_when_added(kwargs):
     assert float(params[0].grad[0]) == pytest.approx(1 / math.sqrt(170), rel=1e-12)
 
 
+@pytest.mark.parametrize("inplace", [True, False])
+def test_value_clipping_by_foreach_clamps_is_the_generic_clamp(monkeypatch, inplace):
+    # Number bounds, "propagate": torch's foreach clamps, a dtype at a time,
+    # with each bound rounded once into the dtype first; the same bits as the
+    # generic path (NaN kept, float16 and bfloat16 bounds past a midpoint).
+    from gradclip import _core
+
+    rng = np.random.default_rng(3)
+    dtypes = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+    tree = [
+        torch.from_numpy(rng.standard_normal(n) * 3).to(dtypes[i % 4])
+        for i, n in enumerate([5, 300, 7, 1000, 0, 64, 3, 9])
+    ]
+    tree[1][4] = math.nan
+    bounds = [
+        {"clip_value": 1 + 2.0**-11 + 2.0**-40},  # past float16's midpoint above 1
+        {"lo": -1 - 2.0**-8 - 2.0**-40, "hi": 2.5},  # past bfloat16's below -1
+        {"hi": 0.1},
+        {"lo": -0.3},
+    ]
+    fn = gc.clip_by_value_ if inplace else gc.clip_by_value
+
+    def run(fused, kwargs):
+        grads = [t.clone() for t in tree]
+        out = fn(grads, fused=fused, **kwargs)
+        return grads if inplace else out
+
+    tail = _core.clip_by_value
+    for kwargs in bounds:
+        want = run(False, kwargs)
+        with monkeypatch.context() as m:
+            m.setattr(_core, "clip_by_value", lambda *a, **k: pytest.fail("the generic clamp ran"))
+            got = run(None, kwargs)
+        for g, w, t in zip(got, want, tree, strict=True):
+            assert (g.dtype, g.shape) == (w.dtype, w.shape)
+            if t.numel():  # bits, NaN too; a functional clamp's are new tensors
+                assert torch.equal(g.view(torch.uint8), w.view(torch.uint8)), kwargs
+                assert inplace or g.data_ptr() != t.data_ptr()
+    # Array bounds and the other policies take the generic clamp.
+    calls = []
+    monkeypatch.setattr(_core, "clip_by_value", lambda *a, **k: calls.append(1) or tail(*a, **k))
+    run(None, {"clip_value": torch.tensor(0.5)})
+    run(None, {"clip_value": 0.5, "nonfinite": "zero"})
+    assert len(calls) == 2
+
+
 def test_small_leaves_of_one_work_dtype_are_gathered_a_dtype_at_a_time():
     # float64 and float16 leaves (both dotted in float64) are gathered
     # apart, a buffer per torch dtype: one buffer in the first leaf's dtype

@@ -976,14 +976,17 @@ def _clip_value_checked(
     """:func:`_clip_value` on checked leaves (``gradclip.torch`` names them after parameters)."""
     if prep.xp is None:
         return prep.flat.unflatten([])
-    xp = prep.xp
-    for i, x in enumerate(prep.flat.leaves):
-        info = _compat.dtype_info(xp, x.dtype)
-        if info is not None and info.complex:
-            path = prep.flat.paths[i]
-            raise TypeError(
-                f"{fn}: leaf {path} is complex; complex values have no order to clip by"
-            )
+    leaves = prep.flat.leaves
+
+    def is_complex(dtype: Any) -> bool:
+        info = _compat.dtype_info(prep.xp, dtype)
+        return info is not None and info.complex
+
+    if any(map(is_complex, set(map(_dtype, leaves)))):  # a dtype at a time, not a leaf
+        i = next(i for i, x in enumerate(leaves) if is_complex(x.dtype))
+        raise TypeError(
+            f"{fn}: leaf {prep.flat.paths[i]} is complex; complex values have no order to clip by"
+        )
     leaves = _run(
         prep, fused, "clip_by_value", lo=low, hi=high, nonfinite=nonfinite, inplace=inplace
     )
