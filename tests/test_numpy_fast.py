@@ -411,6 +411,43 @@ def test_addresses_of_writable_read_only_and_empty_arrays():
     assert float(gc.global_norm(frozen)) == pytest.approx(ref_norm([x], 2.0), rel=1e-6)
 
 
+def test_value_clipping_in_place_is_the_generic_clamp(monkeypatch):
+    # In place, number bounds, "propagate": one np.maximum/np.minimum a leaf,
+    # the bound made once per dtype; the same bits as the generic clamp.
+    rng = np.random.default_rng(9)
+    dtypes = ["float16", "bfloat16", "float32", "float64"]
+    tree = [
+        (rng.standard_normal(n) * 3).astype(np_dtype(dtypes[i % 4]))
+        for i, n in enumerate([5, 300, 7, 900, 0, 40])
+    ]
+    tree[1][4] = np.nan
+    tree.append(np.asarray(-7.0))  # 0-d
+    tree.append((rng.standard_normal((6, 8)) * 3)[:, ::2])  # strided
+    tree.append((rng.standard_normal(9) * 3).astype(">f4"))  # big-endian
+    for kwargs in (
+        {"clip_value": 1 + 2.0**-11 + 2.0**-40},  # past float16's midpoint above 1
+        {"lo": -1 - 2.0**-8 - 2.0**-40, "hi": 2.5},  # past bfloat16's below -1
+        {"hi": 0.1},
+        {"lo": -3},
+    ):
+        want = [x.copy() for x in tree]
+        gc.clip_by_value_(want, fused=False, **kwargs)
+        got = [x.copy() for x in tree]
+        with monkeypatch.context() as m:
+            m.setattr(_core, "clip_by_value", lambda *a, **k: pytest.fail("the generic clamp ran"))
+            gc.clip_by_value_(got, **kwargs)
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == w.dtype and g.tobytes() == w.tobytes(), kwargs
+    # A functional clamp and the other policies: the generic one. (A NumPy
+    # 0-d bound is read as a number.)
+    calls = []
+    tail = _core.clip_by_value
+    monkeypatch.setattr(_core, "clip_by_value", lambda *a, **k: calls.append(1) or tail(*a, **k))
+    gc.clip_by_value(tree, 0.5)
+    gc.clip_by_value_([x.copy() for x in tree], 0.5, nonfinite="zero")
+    assert len(calls) == 2
+
+
 def test_one_buffer_lane_skips_the_plan(monkeypatch):
     def plan_used(*args, **kwargs):
         raise AssertionError("the plan ran")

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _blas, _core
+from . import _blas, _compat, _core
 from ._norms import Partial, Plan, host_norm, host_scale
 from ._stats import ClipStats
 
@@ -710,5 +710,36 @@ leaf_norms = _fast(_core.leaf_norms)
 clip_by_global_norm = _fast(_core.clip_by_global_norm)
 clip_by_norm = _fast(_core.clip_by_norm)
 clip_by_block_rms = _fast(_core.clip_by_block_rms)
-clip_by_value = _core.clip_by_value
 per_example_clip = _fast(_core.per_example_clip)
+
+
+def clip_by_value(
+    xp: Any,
+    leaves: list[np.ndarray],
+    names: Any,
+    *,
+    lo: Any,
+    hi: Any,
+    nonfinite: str,
+    inplace: bool,
+    plan_cls: type[Plan] = NumpyPlan,
+) -> list[Any]:
+    """In place, for number bounds and ``"propagate"``: one ``np.maximum`` (``np.minimum``) a leaf.
+
+    Each call writes its leaf (``out=``), the bound made once per dtype
+    (rounded once into it); the generic clamp's blocks cost 5 us a leaf,
+    11 ms of a 2000-leaf tree. A functional clamp, array bounds and the
+    other policies take the generic path, whose results keep each leaf's
+    layout rules.
+    """
+    numbers = all(b is None or isinstance(b, int | float) for b in (lo, hi))
+    if not inplace or nonfinite != "propagate" or not numbers:
+        return _core.clip_by_value(
+            xp, leaves, names, lo=lo, hi=hi, nonfinite=nonfinite, inplace=inplace
+        )
+    for bound, op in ((lo, np.maximum), (hi, np.minimum)):
+        if bound is not None:
+            made = {d: _compat.asarray(np, bound, d) for d in set(map(_dtype, leaves))}
+            for x in leaves:  # out= as a keyword: 0.8 us a call, positional 1.9
+                op(x, made[x.dtype], out=x)
+    return list(leaves)
