@@ -529,7 +529,7 @@ class NumpyPlan(Plan):
                 kept.append(value)
             else:
                 redo.extend(members)
-        total = _fsum(kept)  # finite: no sum kept is huge (see _HUGE)
+        total = _fsum(kept)  # no kept sum is huge: their total does not overflow (_HUGE)
         self.host_sumsq = total if kept and not redo else None
         parts = [self.leaf(i) for i in sorted(redo)]
         if kept:

@@ -623,7 +623,7 @@ class TorchPlan(Plan):
                     sums.append(total)
                     taken.add(i)
             large = [i for i in large if i not in taken]
-        total = _fsum(sums)  # finite: no sum kept is huge (see _numpy._HUGE)
+        total = _fsum(sums)  # no kept sum is huge: their total does not overflow (_HUGE)
         parts = [Partial(self.const(total), None, None)] if sums else []
         if large:
             views = _numpy_views([leaves[i] for i in large], {leaves[i].dtype for i in large})
