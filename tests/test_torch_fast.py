@@ -257,19 +257,6 @@ def test_mid_sized_leaves_are_dotted_as_numpy_dots_them():
     assert float(stats.norm) == got
 
 
-@pytest.mark.parametrize("fused", [False, None])
-def test_the_scale_has_numpys_bits(fused):
-    # torch takes a number over a tensor as the tensor's reciprocal times
-    # the number, 1 ulp off the quotient a quarter of the time; the bound is
-    # made a tensor first, so max_norm / (norm + eps) is NumPy's, and XLA's.
-    rng = np.random.default_rng(7)
-    x = rng.standard_normal(1000).astype(np.float32)  # a norm near 32
-    for max_norm in (10.0 ** rng.uniform(-2, 1.5, 200)).tolist():
-        want = gc.clip_by_global_norm(x, max_norm, fused=False)[1].scale
-        got = gc.clip_by_global_norm(torch.from_numpy(x), max_norm, fused=fused)[1].scale
-        assert got.numpy().tobytes() == want.tobytes(), max_norm
-
-
 @pytest.mark.parametrize("dtypes", [["float32"], ["float64"], ["bfloat16"], ["float16", "float32"]])
 @pytest.mark.parametrize("policy", ["propagate", "skip"])
 def test_the_host_tail_is_the_tensor_tail_bit_for_bit(monkeypatch, dtypes, policy):

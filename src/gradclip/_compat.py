@@ -107,18 +107,11 @@ def divide(xp: Any, a: Any, b: Any) -> Any:
     for ``b`` above 2**64 (a clip's norm of 1e20): ``jax.grad`` then drops
     the path through the norm, silently. Here the tangent is
     ``da / b - (a / b) * (db / b)``, whose transpose (``jax.grad``) takes
-    each factor in range.
-
-    torch takes a number over a tensor as the tensor's reciprocal times the
-    number: two roundings, a quotient 1 ulp off a quarter of the time. The
-    number is made a tensor of ``b``'s dtype first, as NumPy rounds it
-    (NEP 50), so a clip's scale has the same bits on every library.
-    Other libraries divide as they do.
+    each factor in range. Other libraries divide as they do: torch takes a
+    number over a tensor as the tensor's reciprocal times the number, as its
+    own ``clip_grad_norm_`` does (see ``Plan.host_reciprocal``).
     """
-    name = backend_name(xp)
-    if name == "torch" and isinstance(a, int | float):
-        a = asarray(xp, a, b.dtype, b.device)
-    if name != "jax":
+    if backend_name(xp) != "jax":
         return a / b
     return _jax_divide()(a, b)
 

@@ -148,13 +148,17 @@ def host_norm(
     return dtype.type(root) if root < _HALF_MAX[dtype] else None
 
 
-def host_scale(norm: np.floating, max_norm: float, eps: float) -> np.floating | None:
+def host_scale(
+    norm: np.floating, max_norm: float, eps: float, reciprocal: bool = False
+) -> np.floating | None:
     """``min(1, max_norm / (norm + eps))`` for a :func:`host_norm`, as ``_core._scale_from_norm``.
 
     Each operand is rounded into the norm's dtype first, and the sum, the
     comparison and the quotient are taken there, bit for bit the generic
-    arithmetic for a Python bound. ``None`` for a bound or ``eps`` near the
-    top of the range (1e39 is inf in float32): the generic code decides.
+    arithmetic for a Python bound; with ``reciprocal``, the quotient is
+    ``max_norm`` times the rounded ``1 / (norm + eps)``, as torch divides a
+    number by a tensor. ``None`` for a bound or ``eps`` near the top of the
+    range (1e39 is inf in float32): the generic code decides.
     """
     kind = norm.dtype.type
     top = _HALF_MAX[norm.dtype]  # no sum below it overflows
@@ -162,7 +166,10 @@ def host_scale(norm: np.floating, max_norm: float, eps: float) -> np.floating | 
         return None
     denom = norm + kind(eps)
     bound = kind(max_norm)
-    scale: np.floating = bound / denom if denom > bound else kind(1.0)
+    one: np.floating = kind(1.0)
+    if not denom > bound:
+        return one
+    scale: np.floating = bound * (one / denom) if reciprocal else bound / denom
     return scale
 
 
@@ -224,6 +231,10 @@ class Plan:
         """The float64 root the library's ``sqrt`` takes of a 0-d array (:func:`host_norm`)."""
         return math.sqrt(value)  # correctly rounded, as NumPy's (and IEEE's) sqrt
 
+    # Whether the library divides a number by an array as the array's
+    # reciprocal times the number (:func:`host_scale`): torch does.
+    host_reciprocal = False
+
     def host_total(self) -> tuple[Any, Any] | None:
         """:meth:`total` from :attr:`host_sumsq`, computed on the host (see :meth:`host_clip`)."""
         norm = self._host_norm()
@@ -244,7 +255,7 @@ class Plan:
         finite then: the finite flag is True.
         """
         norm = self._host_norm() if type(max_norm) is float else None
-        scale = None if norm is None else host_scale(norm, max_norm, eps)
+        scale = None if norm is None else host_scale(norm, max_norm, eps, self.host_reciprocal)
         if norm is None or scale is None:
             return None
         return self.const(float(norm), self.res), self.const(float(scale), self.res), scale == 1

@@ -637,6 +637,8 @@ class TorchPlan(Plan):
         self.host_sumsq = total if whole else None
         return parts or [self.identity()]
 
+    host_reciprocal = True  # number / tensor is tensor.reciprocal() * number in torch
+
     def host_sqrt(self, value: float) -> float:
         """The float64 root of torch's ``sqrt`` (SLEEF's): 1 ulp off IEEE's for 1% of values."""
         torch = _torch()
