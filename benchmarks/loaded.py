@@ -1,6 +1,6 @@
 """The torch drop-in against torch's foreach clip, on an idle machine and on a busy one.
 
-Usage: ``python benchmarks/loaded.py [--busy N] [--turns T] [--json PATH]``.
+Usage: ``python benchmarks/loaded.py [--clip norm|value] [--busy N] [--turns T] [--json PATH]``.
 
 A training process rarely has the CPU to itself: data loader workers keep
 the other cores busy. A CPU op that splits its work over torch's (or
@@ -13,6 +13,8 @@ processes (default: one a core) spinning in pure Python. Rows take turns
 from a rotating start, with fresh gradients copied in, untimed, before
 every call. It prints the medians, the means (where the stalls show) and
 the ratios, and writes them to ``--json`` with the machine description.
+``--clip value`` times ``clip_grad_value_`` (0.5) against torch's instead;
+``--busy 0`` runs the idle machine only.
 """
 
 from __future__ import annotations
@@ -52,13 +54,24 @@ def _trees() -> dict[str, list[Any]]:
     }
 
 
-def _time(src: list[Any], turns: int) -> dict[str, list[float]]:
-    calls = {
+CALLS = {
+    "norm": {
         "gradclip.torch.clip_grad_norm_": lambda ps: gct.clip_grad_norm_(ps, 1.0),
         "torch clip_grad_norm_(foreach=True)": lambda ps: torch.nn.utils.clip_grad_norm_(
             ps, 1.0, foreach=True
         ),
-    }
+    },
+    "value": {
+        "gradclip.torch.clip_grad_value_": lambda ps: gct.clip_grad_value_(ps, 0.5),
+        "torch clip_grad_value_(foreach=True)": lambda ps: torch.nn.utils.clip_grad_value_(
+            ps, 0.5, foreach=True
+        ),
+    },
+}
+
+
+def _time(src: list[Any], turns: int, clip: str) -> dict[str, list[float]]:
+    calls = CALLS[clip]
     rows = {
         k: _bench.torch_turn(_bench.torch_params([g.clone() for g in src]), src, call)
         for k, call in calls.items()
@@ -68,13 +81,14 @@ def _time(src: list[Any], turns: int) -> dict[str, list[float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--clip", choices=list(CALLS), default="norm")
     parser.add_argument("--busy", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--turns", type=int, default=200)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     trees = _trees()
     results: list[dict[str, Any]] = []
-    for busy in (0, args.busy):
+    for busy in dict.fromkeys((0, args.busy)):
         stop = multiprocessing.Event()
         hogs = [multiprocessing.Process(target=_spin, args=(stop,)) for _ in range(busy)]
         for hog in hogs:
@@ -82,8 +96,8 @@ def main() -> None:
         try:
             time.sleep(0.5 if busy else 0.0)
             for tree, src in trees.items():
-                times = _time(src, args.turns)
-                ref = times["torch clip_grad_norm_(foreach=True)"]
+                times = _time(src, args.turns, args.clip)
+                ref = times[list(CALLS[args.clip])[1]]  # torch's
                 print(f"\n{tree}, {busy} busy processes, {torch.get_num_threads()} torch threads")
                 for row, ts in times.items():
                     median, mean = statistics.median(ts), statistics.fmean(ts)
