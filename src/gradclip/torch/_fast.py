@@ -51,15 +51,7 @@ import numpy as np
 
 from .. import _blas, _compat, _core
 from .._norms import Partial, Plan
-from .._numpy import (
-    _SMALL,
-    NumpyPlan,
-    _fsum,
-    _sumsq,
-    _trusted,
-    _work_dtype,
-    gather_groups,
-)
+from .._numpy import _SMALL, NumpyPlan, _fsum, _sumsq, _trusted, _work_dtype, gather_groups
 
 __all__ = [
     "USE_NUMPY_VIEWS",
