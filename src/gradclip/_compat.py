@@ -569,9 +569,7 @@ def asarray(xp: Any, value: Any, dtype: Any = None, device: Any = None) -> Any:
     stages the copy through pinned memory without waiting.)
     """
     if isinstance(value, float) and dtype is not None:
-        info = dtype_info(xp, dtype)
-        if info is not None and info.narrow:
-            value = _round_once_host(value, info)  # then exact in dtype
+        value = number_in(xp, value, dtype)  # then exact in a narrow dtype
     if aac.is_torch_namespace(xp):
         torch = sys.modules["torch"]
         if isinstance(value, torch.Tensor):
@@ -584,6 +582,16 @@ def asarray(xp: Any, value: Any, dtype: Any = None, device: Any = None) -> Any:
             except RuntimeError:  # past the dtype's range: asarray rounds it to inf
                 pass
     return xp.asarray(value, dtype=dtype, device=device)
+
+
+def number_in(xp: Any, value: float, dtype: Any) -> float:
+    """``value`` rounded once into ``dtype`` where that is narrow (float16, bfloat16), else as is.
+
+    The result is exact in ``dtype``: a library's own conversion of it
+    rounds nothing (see :func:`_round_once_host`).
+    """
+    info = dtype_info(xp, dtype)
+    return _round_once_host(value, info) if info is not None and info.narrow else value
 
 
 def _round_once_host(value: float, info: DtypeInfo) -> float:

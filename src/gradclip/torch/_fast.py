@@ -808,7 +808,7 @@ def clip_by_value(
     15 us each (31 ms for 2000 tensors, where torch's ``clip_grad_value_``
     takes 2). For number bounds and ``"propagate"`` (clamp keeps NaN, as
     ``maximum`` does); each bound is rounded once into the dtype first
-    (:func:`gradclip._compat._round_once_host`), so that the op, which
+    (:func:`gradclip._compat.number_in`), so that the op, which
     takes it through float32 for float16 and bfloat16, rounds nothing.
     Array bounds, the other policies and a functional clamp to
     differentiate through take the generic path.
@@ -827,14 +827,11 @@ def clip_by_value(
         if len(dtypes) > 1:
             members = [i for i, x in enumerate(leaves) if x.dtype == dtype]
         tensors = [out[i] for i in members]
-        info = _compat.dtype_info(xp, dtype)
-        assert info is not None  # a real floating dtype (complex ones were refused)
         new = inplace
         for bound, op in ((lo, "clamp_min"), (hi, "clamp_max")):
             if bound is None:
                 continue
-            if info.narrow:
-                bound = _compat._round_once_host(float(bound), info)
+            bound = _compat.number_in(xp, bound, dtype)
             if new:
                 getattr(torch, f"_foreach_{op}_")(tensors, bound)
             else:  # the first op of a functional clamp makes the new tensors
